@@ -1,0 +1,1 @@
+"""volgen's command line (installed as the package ``volgen.cli``)."""

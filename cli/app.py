@@ -1,0 +1,93 @@
+"""The ``volgen`` command: thin Typer commands that parse, call one library function and render.
+
+Heavy imports (torch, diffusers, SimpleITK) happen inside the commands so ``volgen --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from volgen import __version__
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="volgen",
+    help="Generate 3D medical image volumes (CT, MRI) from 3D segmentations.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+class _State:
+    debug = False
+
+
+state = _State()
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"volgen {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    """Generate 3D medical image volumes (CT, MRI) from 3D segmentations."""
+    state.debug = debug
+
+
+def handle_errors(func: F) -> F:
+    """Turn a :class:`volgen.errors.VolgenError` into one readable line on stderr and exit code 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from volgen.errors import VolgenError
+
+        try:
+            return func(*args, **kwargs)
+        except VolgenError as e:
+            if state.debug:
+                raise
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err_console.print("[bold red]interrupted[/]")
+            raise typer.Exit(130) from None
+        except MemoryError:
+            if state.debug:
+                raise
+            err_console.print("[bold red]error:[/] out of memory", highlight=False)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _register() -> None:
+    from volgen.cli import commands  # noqa: F401  (registers the commands on `app`)
+
+
+def main() -> None:
+    """Entry point of the ``volgen`` console script."""
+    _register()
+    app(prog_name="volgen")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+    sys.exit(0)

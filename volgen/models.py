@@ -1,0 +1,290 @@
+"""Slice models: build a ``diffusers.UNet2DModel`` from a preset, save and load volgen model folders.
+
+A model folder is diffusers' ``save_pretrained`` layout of :class:`volgen.pipeline.SegmentationToVolumePipeline`
+(``model_index.json``, ``unet/``, ``scheduler/``) plus ``volgen.json``: the label map, the encoding, the
+2.5D context, the slice size and axis, the intensity mapping and the training provenance
+(:class:`ModelMetadata`). Weights are read from safetensors only; a folder holding pickle weights is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from volgen.config import StrictModel, load_yaml, preset_path, validate
+from volgen.errors import ModelError
+from volgen.labels import LabelMap
+from volgen.types import Encoding, PathLike
+
+logger = logging.getLogger(__name__)
+
+METADATA_FILE = "volgen.json"
+FORMAT_VERSION = 1
+#: File endings of pickle-based weights: loading one can run arbitrary code, so volgen refuses them.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+SLICE_AXES = ("axial", "coronal", "sagittal")
+
+
+class UNetConfig(StrictModel):
+    """Architecture of the slice UNet (``diffusers.UNet2DModel`` arguments); presets in ``configs/models``."""
+
+    sample_size: int = Field(64, ge=8, le=1024)
+    block_out_channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 128], min_length=1)
+    layers_per_block: int = Field(1, ge=1, le=4)
+    down_block_types: list[str] = Field(
+        default_factory=lambda: ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"]
+    )
+    up_block_types: list[str] = Field(
+        default_factory=lambda: ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"]
+    )
+    norm_num_groups: int = Field(8, ge=1)
+    attention_head_dim: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> UNetConfig:
+        n = len(self.block_out_channels)
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ValueError("block_out_channels, down_block_types and up_block_types need the same length")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError("every block_out_channels entry must be divisible by norm_num_groups")
+        if self.sample_size % 2 ** (n - 1):
+            raise ValueError(f"sample_size must be divisible by {2 ** (n - 1)} for {n} blocks")
+        return self
+
+    @classmethod
+    def preset(cls, name: str) -> UNetConfig:
+        """A preset from ``configs/models`` (``tiny``, ``small``, ``paper``)."""
+        return load_yaml(preset_path("models", name), cls)
+
+
+class IntensityMapping(StrictModel):
+    """How physical intensities map to model space [-1, 1] and back.
+
+    CT: the Hounsfield window ``low..high`` maps linearly to ``-1..1`` (clipped); written back as int16 HU.
+    MR: each volume's ``percentiles`` map to ``-1..1`` (clipped); written back as float32, where ``low..high``
+    are the typical physical values of those percentiles in the training data.
+    """
+
+    modality: Literal["CT", "MR"] = "MR"
+    low: float = 0.0
+    high: float = 1.0
+    percentiles: tuple[float, float] | None = (0.5, 99.5)
+
+    @model_validator(mode="after")
+    def _check(self) -> IntensityMapping:
+        if not self.high > self.low:
+            raise ValueError(f"intensity high ({self.high}) must be greater than low ({self.low})")
+        if self.percentiles is not None and not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
+            raise ValueError("percentiles must satisfy 0 <= low < high <= 100")
+        return self
+
+    @classmethod
+    def ct(cls, low: float = -1000.0, high: float = 1000.0) -> IntensityMapping:
+        return cls(modality="CT", low=low, high=high, percentiles=None)
+
+    def window(self, values: np.ndarray) -> tuple[float, float]:
+        """The physical values that map to -1 and 1 for this volume (MR: its own percentiles)."""
+        if self.modality == "CT" or self.percentiles is None:
+            return self.low, self.high
+        lo, hi = np.percentile(np.asarray(values, dtype=np.float64), self.percentiles)
+        if hi <= lo:
+            hi = lo + 1.0
+        return float(lo), float(hi)
+
+    def to_model(self, values: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
+        """Physical intensities -> model space [-1, 1] (float32, clipped)."""
+        lo, hi = window if window is not None else self.window(values)
+        x = (np.asarray(values, dtype=np.float32) - lo) / (hi - lo) * 2.0 - 1.0
+        return np.clip(x, -1.0, 1.0).astype(np.float32)
+
+    def from_model(self, x: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
+        """Model space -> physical intensities (CT: int16 HU, MR: float32)."""
+        lo, hi = window if window is not None else (self.low, self.high)
+        values = (np.clip(np.asarray(x, dtype=np.float32), -1.0, 1.0) + 1.0) / 2.0 * (hi - lo) + lo
+        if self.modality == "CT":
+            return np.round(values).clip(-32768, 32767).astype(np.int16)
+        return values.astype(np.float32)
+
+
+class ModelMetadata(StrictModel):
+    """What ``volgen.json`` says about a model beyond its UNet and scheduler."""
+
+    format_version: int = FORMAT_VERSION
+    name: str = "volgen-model"
+    description: str = ""
+    label_map: LabelMap
+    encoding: Encoding = "onehot"
+    context_slices: int = Field(1, ge=0, le=8)
+    slice_size: int = Field(64, ge=8, le=1024)
+    slice_axis: Literal["axial", "coronal", "sagittal"] = "axial"
+    intensity: IntensityMapping = Field(default_factory=IntensityMapping)
+    trained_on: str = ""
+    training: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return self.label_map.num_classes
+
+    @property
+    def condition_channels(self) -> int:
+        from volgen.conditioning import condition_channels
+
+        return condition_channels(self.num_classes, self.encoding, self.context_slices)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelMetadata:
+        if self.encoding == "seed" and self.num_classes > 256:
+            raise ValueError("the seed encoding holds at most 255 foreground classes")
+        return self
+
+
+def build_unet(config: UNetConfig, metadata: ModelMetadata):
+    """A fresh ``UNet2DModel``: ``in_channels = 1 + conditioning channels``, ``out_channels = 1``."""
+    from diffusers import UNet2DModel
+
+    if config.sample_size != metadata.slice_size:
+        raise ModelError(None, f"UNet sample_size {config.sample_size} != slice_size {metadata.slice_size}")
+    return UNet2DModel(
+        in_channels=1 + metadata.condition_channels,
+        out_channels=1,
+        **config.model_dump(),
+    )
+
+
+def build_training_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "linear"):
+    """The training noise schedule: DDPM, T = 1000, diffusers' default linear betas."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
+
+
+@dataclass
+class LoadedModel:
+    """A model folder in memory."""
+
+    unet: Any
+    scheduler: Any
+    metadata: ModelMetadata
+    path: Path
+    weights_sha256: str
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.metadata.name}@{self.weights_sha256[:12]}"
+
+
+def check_safe_folder(folder: PathLike) -> None:
+    """Refuse a folder holding pickle weights (``.bin``, ``.pt``, ``.ckpt`` ...): loading one runs code."""
+    folder = Path(folder)
+    pickles = sorted(p for p in folder.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        names = ", ".join(str(p.relative_to(folder)) for p in pickles[:3])
+        raise ModelError(
+            folder,
+            f"holds pickle weights ({names}); volgen loads safetensors only because loading a pickle can run "
+            "arbitrary code. Convert them to safetensors in a trusted environment first",
+        )
+
+
+def read_metadata(folder: PathLike) -> ModelMetadata:
+    """Read and validate ``volgen.json`` of a model folder."""
+    path = Path(folder) / METADATA_FILE
+    if not path.is_file():
+        raise ModelError(folder, f"not a volgen model folder (no {METADATA_FILE})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(path, f"not valid JSON: {e}") from None
+    metadata = validate(data, ModelMetadata, source=path)
+    if metadata.format_version > FORMAT_VERSION:
+        raise ModelError(path, f"format_version {metadata.format_version} is newer than this volgen reads")
+    return metadata
+
+
+def weights_hash(folder: PathLike) -> str:
+    """SHA-256 of the UNet's safetensors file (the model's identity in sidecars)."""
+    path = Path(folder) / "unet" / "diffusion_pytorch_model.safetensors"
+    if not path.is_file():
+        raise ModelError(folder, "no unet/diffusion_pytorch_model.safetensors (safetensors weights)")
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model(folder: PathLike) -> LoadedModel:
+    """Load a model folder: UNet (float32), its training scheduler and metadata, checked for consistency.
+
+    Raises:
+        ModelError: missing files, pickle weights, or a ``volgen.json`` that disagrees with the UNet.
+    """
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelError(folder, "model folder not found" if not folder.exists() else "not a folder")
+    check_safe_folder(folder)
+    metadata = read_metadata(folder)
+    digest = weights_hash(folder)
+    try:
+        unet = UNet2DModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
+        scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(folder, f"cannot load the UNet or scheduler: {first}") from None
+    unet = unet.float().eval()
+    expected = 1 + metadata.condition_channels
+    if unet.config.in_channels != expected:
+        raise ModelError(
+            folder,
+            f"volgen.json ({metadata.num_classes} classes, {metadata.encoding}, context {metadata.context_slices})"
+            f" needs a UNet with {expected} input channels, but unet/ has {unet.config.in_channels}",
+        )
+    if unet.config.out_channels != 1:
+        raise ModelError(folder, f"the UNet must output 1 channel, it has {unet.config.out_channels}")
+    if unet.config.sample_size != metadata.slice_size:
+        raise ModelError(
+            folder, f"volgen.json slice_size {metadata.slice_size} != UNet sample_size {unet.config.sample_size}"
+        )
+    return LoadedModel(unet=unet, scheduler=scheduler, metadata=metadata, path=folder, weights_sha256=digest)
+
+
+def save_model(folder: PathLike, unet: Any, scheduler: Any, metadata: ModelMetadata, *, overwrite: bool = False,
+               dtype: Any = None) -> Path:
+    """Write a model folder atomically: the pipeline's ``save_pretrained`` layout plus ``volgen.json``.
+
+    Args:
+        folder: Target folder; refused if it exists unless ``overwrite``.
+        unet: The ``UNet2DModel``.
+        scheduler: The training scheduler (its config is the model's noise schedule).
+        metadata: What goes into ``volgen.json``.
+        dtype: Store weights in this dtype (e.g. ``torch.float16`` to halve the size); loading upcasts.
+    """
+    import copy
+
+    from volgen.io import atomic_write
+    from volgen.pipeline import SegmentationToVolumePipeline
+
+    unet = copy.deepcopy(unet).to("cpu")
+    if dtype is not None:
+        unet = unet.to(dtype)
+    pipeline = SegmentationToVolumePipeline(
+        unet=unet,
+        scheduler=scheduler,
+        encoding=metadata.encoding,
+        context_slices=metadata.context_slices,
+        num_classes=metadata.num_classes,
+        slice_axis=metadata.slice_axis,
+    )
+    with atomic_write(folder, overwrite=overwrite) as tmp:
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+        Path(tmp, METADATA_FILE).write_text(json.dumps(metadata.model_dump(mode="json"), indent=2) + "\n")
+    return Path(folder)
