@@ -85,7 +85,10 @@ def save_yaml(config: BaseModel, path: PathLike) -> None:
 
 def configs_root() -> Path:
     """The folder of bundled YAML presets (``configs/`` in the source tree, ``volgen/configs`` installed)."""
-    return Path(str(resources.files("volgen.configs")))
+    try:
+        return Path(str(resources.files("volgen.configs")))
+    except ModuleNotFoundError:  # running from a source tree that is not installed
+        return Path(__file__).resolve().parents[1] / "configs"
 
 
 def preset_path(kind: str, name: str) -> Path:

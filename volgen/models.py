@@ -270,7 +270,7 @@ def save_model(folder: PathLike, unet: Any, scheduler: Any, metadata: ModelMetad
     """
     import copy
 
-    from volgen.io import atomic_write
+    from volgen.io.atomic import atomic_directory
     from volgen.pipeline import SegmentationToVolumePipeline
 
     unet = copy.deepcopy(unet).to("cpu")
@@ -284,7 +284,7 @@ def save_model(folder: PathLike, unet: Any, scheduler: Any, metadata: ModelMetad
         num_classes=metadata.num_classes,
         slice_axis=metadata.slice_axis,
     )
-    with atomic_write(folder, overwrite=overwrite) as tmp:
+    with atomic_directory(folder, overwrite=overwrite) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)
         Path(tmp, METADATA_FILE).write_text(json.dumps(metadata.model_dump(mode="json"), indent=2) + "\n")
     return Path(folder)

@@ -65,7 +65,7 @@ def fill_holes_axial(mask: sitk.Image) -> sitk.Image:
 
 
 def head_mask(t1: sitk.Image, threshold: float, closing_radius: int = 2) -> sitk.Image:
-    """Binary mask of the whole head: threshold, largest component, closing, 3D and slice-wise hole filling."""
+    """Whole-head mask: threshold, largest component, closing, 3D and axial slice-wise hole filling."""
     mask = sitk.Cast(t1 > threshold, sitk.sitkUInt8)
     mask = largest_component(mask)
     if closing_radius > 0:
@@ -75,7 +75,7 @@ def head_mask(t1: sitk.Image, threshold: float, closing_radius: int = 2) -> sitk
 
 
 def brain_mask(bet: sitk.Image, opening_radius: int = 1) -> sitk.Image:
-    """Binary brain mask from the skull-stripped image: nonzero, cleaned (largest component, holes, opening)."""
+    """Brain mask from the skull-stripped image: nonzero, largest component, holes filled, opened."""
     mask = largest_component(sitk.Cast(bet > 0, sitk.sitkUInt8))
     mask = sitk.BinaryFillhole(mask)
     if opening_radius > 0:
@@ -156,7 +156,8 @@ def summarize(labels: np.ndarray, title: str) -> str:
     lines = [title, f"{'label':>5} {'class':<13} {'voxels':>10} {'volume %':>9} {'brain %':>8}"]
     for value, name in CLASS_NAMES.items():
         of_brain = f"{100 * counts[value] / brain:8.2f}" if value in (CSF, GM, WM) else f"{'':>8}"
-        lines.append(f"{value:>5} {name:<13} {counts[value]:>10d} {100 * counts[value] / labels.size:9.2f} {of_brain}")
+        of_volume = 100 * counts[value] / labels.size
+        lines.append(f"{value:>5} {name:<13} {counts[value]:>10d} {of_volume:9.2f} {of_brain}".rstrip())
     return "\n".join(lines)
 
 
@@ -190,17 +191,18 @@ def main(argv: list[str] | None = None) -> None:
     init = np.percentile(values, [10, 50, 90])
     centres = kmeans_1d(values, init)
     thresholds = (centres[1:] + centres[:-1]) / 2
+    print(f"k-means init (10/50/90th pct): {np.round(init, 2).tolist()}")
+    print(f"k-means centres CSF/GM/WM:     {np.round(centres, 2).tolist()}")
+    print(f"thresholds CSF|GM, GM|WM:      {np.round(thresholds, 2).tolist()}")
     tissue = (CSF + np.searchsorted(thresholds, t1_array.astype(np.float64))).astype(np.uint8)
 
     labels = np.zeros(t1_array.shape, dtype=np.uint8)
     labels[head] = HEAD
     labels[brain] = tissue[brain]
     if not args.no_smoothing:
-        labels = majority_filter(labels, brain, (CSF, GM, WM))
-
-    print(f"k-means init (10/50/90th pct): {np.round(init, 2).tolist()}")
-    print(f"k-means centres CSF/GM/WM:     {np.round(centres, 2).tolist()}")
-    print(f"thresholds CSF|GM, GM|WM:      {np.round(thresholds, 2).tolist()}")
+        smoothed = majority_filter(labels, brain, (CSF, GM, WM))
+        print(f"majority filter relabelled {int(np.count_nonzero(smoothed != labels))} brain voxels")
+        labels = smoothed
 
     label_image = sitk.GetImageFromArray(labels)
     label_image.CopyInformation(t1)
@@ -218,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {path}  size={image.GetSize()} spacing={image.GetSpacing()} origin={image.GetOrigin()}")
 
     print(summarize(labels, f"labels {label_image.GetSize()} @ {label_image.GetSpacing()} mm"))
-    print(summarize(sitk.GetArrayFromImage(example), f"example {example.GetSize()} @ {example.GetSpacing()} mm"))
+    example_title = f"example {example.GetSize()} @ {example.GetSpacing()} mm"
+    print(summarize(sitk.GetArrayFromImage(example), example_title))
 
 
 if __name__ == "__main__":

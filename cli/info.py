@@ -1,0 +1,111 @@
+"""``volgen info``: what a volume or a model folder holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from volgen.cli.app import app, console, handle_errors
+
+
+def _fmt(values, digits: int = 4) -> str:
+    return "(" + ", ".join(f"{float(v):.{digits}g}" for v in values) + ")"
+
+
+@app.command()
+@handle_errors
+def info(
+    path: Annotated[Path, typer.Argument(help="A volume (NIfTI, NRRD, MHA, DICOM folder, DICOM SEG) or a model folder.")],
+    labels: Annotated[Path | None, typer.Option(help="Label map YAML (or preset name) to name the classes.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Show a volume's format, geometry, value range and labels, or a model folder's metadata."""
+    from volgen.models import METADATA_FILE
+
+    if path.is_dir() and (path / METADATA_FILE).is_file():
+        _model_info(path, as_json)
+    else:
+        _volume_info(path, labels, as_json)
+
+
+def _volume_info(path: Path, labels: Path | None, as_json: bool) -> None:
+    from volgen.io import describe
+    from volgen.labels import load_label_map
+
+    label_map = load_label_map(labels) if labels is not None else None
+    info = describe(path)
+    names: dict[int, str] = dict(info.label_names)
+    if label_map is not None:
+        for value, index in label_map.value_to_class().items():
+            names[value] = label_map.class_names[index]
+    if as_json:
+        data = info.to_dict()
+        if names:
+            data["label_names"] = {str(k): v for k, v in names.items()}
+        console.print_json(json.dumps(data))
+        return
+    g = info.geometry
+    table = Table(title=str(path), show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("format", info.format)
+    table.add_row("size (x, y, z)", " x ".join(map(str, g.size)))
+    table.add_row("spacing (mm)", _fmt(g.spacing))
+    table.add_row("origin (mm, LPS)", _fmt(g.origin))
+    table.add_row("direction", _fmt(g.direction, 3))
+    table.add_row("dtype", info.dtype)
+    table.add_row("value range", f"{info.min:g} .. {info.max:g}")
+    table.add_row("kind", "segmentation" if info.is_label else "image")
+    console.print(table)
+    if info.is_label:
+        counts = Table(title="labels", title_justify="left")
+        for column in ("value", "name", "voxels", "volume (ml)"):
+            counts.add_column(column, justify="right" if column != "name" else "left")
+        for value, count in sorted(info.label_counts.items()):
+            name = names.get(value, "background" if value == 0 else "")
+            if label_map is not None and value not in label_map.value_to_class():
+                name = "[red]unknown to the label map[/]"
+            counts.add_row(str(value), name, f"{count:,}", f"{info.volume_ml(value):.2f}")
+        console.print(counts)
+
+
+def _model_info(path: Path, as_json: bool) -> None:
+    from volgen.models import load_model
+
+    loaded = load_model(path)
+    meta = loaded.metadata
+    unet = loaded.unet.config
+    params = sum(p.numel() for p in loaded.unet.parameters())
+    if as_json:
+        data = meta.model_dump(mode="json")
+        data.update(model_id=loaded.model_id, parameters=params, weights_sha256=loaded.weights_sha256)
+        console.print_json(json.dumps(data))
+        return
+    table = Table(title=f"model {path}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("name", meta.name),
+        ("id", loaded.model_id),
+        ("description", meta.description),
+        ("trained on", meta.trained_on),
+        ("classes", ", ".join(f"{i}={n}" for i, n in enumerate(meta.label_map.class_names))),
+        ("encoding", meta.encoding),
+        ("context slices", str(meta.context_slices)),
+        ("slice", f"{meta.slice_size} x {meta.slice_size} px, {meta.slice_axis}"),
+        ("intensity", f"{meta.intensity.modality} {meta.intensity.low:g} .. {meta.intensity.high:g}"
+         + (f" (percentiles {meta.intensity.percentiles})" if meta.intensity.modality == "MR" else " HU")),
+        ("UNet", f"{params:,} parameters, blocks {tuple(unet.block_out_channels)}, in {unet.in_channels} ch"),
+        ("schedule", f"DDPM T={loaded.scheduler.config.num_train_timesteps}, "
+         f"{loaded.scheduler.config.beta_schedule} betas"),
+    ]
+    for key, value in meta.training.items():
+        if isinstance(value, str | int | float):
+            rows.append((f"training.{key}", str(value)))
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)

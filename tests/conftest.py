@@ -1,0 +1,29 @@
+"""Shared fixtures: a tiny model folder and small synthetic volumes made at test time."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """An untrained tiny model folder (3 foreground classes, onehot, context 1, 16 px, MR)."""
+    from volgen.labels import LabelMap
+    from volgen.models import ModelMetadata, UNetConfig, build_training_scheduler, build_unet, save_model
+
+    torch.manual_seed(0)
+    label_map = LabelMap(name="test", classes={"liver": [1], "kidney": [2, 5], "spleen": [3]})
+    metadata = ModelMetadata(
+        name="tiny-test", label_map=label_map, slice_size=16, context_slices=1, trained_on="nothing (random)"
+    )
+    unet = build_unet(UNetConfig.preset("tiny"), metadata)
+    folder = tmp_path_factory.mktemp("models") / "tiny"
+    save_model(folder, unet, build_training_scheduler(), metadata)
+    return folder

@@ -1,0 +1,190 @@
+"""Training data: pairs of image and segmentation volumes, served as 2D slices with their mask context.
+
+Cases come from a manifest (CSV with columns ``image,label[,case]`` or YAML ``cases: [{image, label, case}]``;
+relative paths are relative to the manifest) or from a folder convention (``images/NAME.nii.gz`` +
+``labels/NAME.nii.gz``). Each pair is read with :mod:`volgen.io`, its labels remapped to class indices with
+the label map, brought to the slicing frame (:mod:`volgen.frames`, TorchIO) and its intensities mapped to
+[-1, 1] with the model's :class:`~volgen.models.IntensityMapping`.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from volgen.conditioning import context_stack
+from volgen.config import read_yaml
+from volgen.errors import ConfigError, InputError
+from volgen.frames import to_slice_frame
+from volgen.labels import LabelMap
+from volgen.models import IntensityMapping
+from volgen.types import PathLike, UnknownLabels
+
+logger = logging.getLogger(__name__)
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+
+@dataclass(frozen=True)
+class TrainingCase:
+    """One image/segmentation pair on disk."""
+
+    case: str
+    image: Path
+    label: Path
+
+
+def _strip_suffix(name: str) -> str:
+    for suffix in VOLUME_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def find_cases(source: PathLike) -> list[TrainingCase]:
+    """Cases from a manifest file (``.csv``, ``.yaml``/``.yml``) or a folder with ``images/`` and ``labels/``.
+
+    Raises:
+        ConfigError: a manifest that is malformed or names missing files; a folder without pairs.
+    """
+    source = Path(source)
+    if source.is_dir():
+        return _cases_from_folder(source)
+    if not source.exists():
+        raise ConfigError(source, "training data not found")
+    if source.suffix.lower() == ".csv":
+        rows = _read_csv(source)
+    elif source.suffix.lower() in (".yaml", ".yml"):
+        data = read_yaml(source)
+        rows = data.get("cases") if isinstance(data, dict) else None
+        if not isinstance(rows, list):
+            raise ConfigError(source, "a YAML manifest needs a 'cases' list of {image, label[, case]}")
+    else:
+        raise ConfigError(source, "unknown manifest type; use .csv, .yaml or a folder with images/ and labels/")
+    cases = []
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict) or not row.get("image") or not row.get("label"):
+            raise ConfigError(source, f"entry {number} needs 'image' and 'label'")
+        unknown = set(row) - {"image", "label", "case"}
+        if unknown:
+            raise ConfigError(source, f"entry {number}: unknown key '{sorted(unknown)[0]}'")
+        image, label = (source.parent / str(row[k]) for k in ("image", "label"))
+        for path in (image, label):
+            if not path.is_file():
+                raise ConfigError(source, f"entry {number}: file not found: {path}")
+        case = str(row.get("case") or _strip_suffix(image.name))
+        cases.append(TrainingCase(case=case, image=image, label=label))
+    if not cases:
+        raise ConfigError(source, "the manifest lists no cases")
+    duplicates = {c.case for c in cases if sum(d.case == c.case for d in cases) > 1}
+    if duplicates:
+        raise ConfigError(source, f"duplicate case ids: {', '.join(sorted(duplicates))}")
+    return cases
+
+
+def _read_csv(path: Path) -> list[dict]:
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            return [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in csv.DictReader(f)]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ConfigError(path, f"not a readable CSV manifest: {e}") from None
+
+
+def _cases_from_folder(folder: Path) -> list[TrainingCase]:
+    images, labels = folder / "images", folder / "labels"
+    if not images.is_dir() or not labels.is_dir():
+        raise ConfigError(folder, "a training folder needs images/ and labels/ subfolders")
+    cases = []
+    for image in sorted(images.iterdir()):
+        name = _strip_suffix(image.name)
+        if name == image.name:
+            continue
+        matches = [labels / (name + s) for s in VOLUME_SUFFIXES if (labels / (name + s)).is_file()]
+        if not matches:
+            raise ConfigError(folder, f"image {image.name} has no segmentation in labels/")
+        cases.append(TrainingCase(case=name, image=image, label=matches[0]))
+    if not cases:
+        raise ConfigError(folder, "no image volumes in images/")
+    return cases
+
+
+@dataclass
+class PreparedVolume:
+    """A training volume in the slicing frame: ``image`` ``(N, H, W)`` in [-1, 1], ``labels`` class indices."""
+
+    case: str
+    image: Tensor
+    labels: Tensor
+    window: tuple[float, float]
+
+
+def prepare_case(
+    case: TrainingCase,
+    *,
+    label_map: LabelMap,
+    intensity: IntensityMapping,
+    slice_size: int,
+    slice_axis: str,
+    unknown_labels: UnknownLabels = "error",
+) -> PreparedVolume:
+    """Read, check, remap and resample one pair into the slicing frame (see module docs)."""
+    from volgen.io import Geometry, read_image, read_label
+
+    image = read_image(case.image)
+    label = read_label(case.label)
+    if not Geometry.of(image).close_to(Geometry.of(label), atol=1e-3):
+        raise InputError(
+            case.image, f"geometry differs from its segmentation {case.label} (size, spacing, origin or direction)"
+        )
+    classes = label_map.remap(sitk.GetArrayViewFromImage(label), unknown=unknown_labels, source=case.label)
+    class_image = sitk.GetImageFromArray(classes)
+    class_image.CopyInformation(label)
+    values = sitk.GetArrayViewFromImage(image)
+    window = intensity.window(values)
+    frame = to_slice_frame(class_image, image, slice_size=slice_size, slice_axis=slice_axis)
+    model_space = torch.from_numpy(intensity.to_model(frame.image.numpy(), window))
+    return PreparedVolume(case=case.case, image=model_space, labels=frame.labels, window=window)
+
+
+class SliceDataset(Dataset):
+    """2D training samples from prepared volumes.
+
+    Item ``i`` is a dict with ``image``: ``(1, H, W)`` float32 in [-1, 1] and ``context``: ``(2K+1, H, W)``
+    uint8 class indices of slices ``z-K .. z+K`` (background outside the volume). Mask ablation and encoding
+    happen per batch in the training loop (:mod:`volgen.conditioning`), the same code sampling uses.
+    """
+
+    def __init__(self, volumes: Sequence[PreparedVolume], context_slices: int) -> None:
+        if not volumes:
+            raise ValueError("no training volumes")
+        self.volumes = list(volumes)
+        self.context_slices = context_slices
+        self.index = [(v, z) for v in range(len(self.volumes)) for z in range(self.volumes[v].labels.shape[0])]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        v, z = self.index[i]
+        volume = self.volumes[v]
+        context = context_stack(volume.labels, [z], self.context_slices)[0]
+        return {"image": volume.image[z][None], "context": context}
+
+    def sampling_weights(self, foreground_weight: float) -> Tensor:
+        """Per-sample weights: 1 for every slice plus ``foreground_weight`` x its foreground fraction x 100.
+
+        ``foreground_weight = 0`` is uniform sampling; larger values draw slices with anatomy more often.
+        """
+        fractions = np.array(
+            [float((self.volumes[v].labels[z] > 0).float().mean()) for v, z in self.index], dtype=np.float64
+        )
+        return torch.as_tensor(1.0 + foreground_weight * 100.0 * fractions)

@@ -1,0 +1,1 @@
+"""The embedded default model (a volgen model folder; see its volgen.json)."""

@@ -1,0 +1,55 @@
+"""volgen's I/O layer: the only code that knows file formats.
+
+Reads segmentations and images (NIfTI, NRRD, Slicer ``.seg.nrrd``, MetaImage, DICOM series folders,
+DICOM SEG) into 3D SimpleITK images with their geometry (LPS, mm, indices ``(x, y, z)``), checks them
+and writes volumes back (NIfTI, NRRD, MetaImage, synthetic DICOM series) atomically with the same
+geometry. Problems with inputs raise :class:`~volgen.errors.InputError`, problems with outputs
+:class:`~volgen.errors.OutputError`; both name the path and give one short reason.
+"""
+
+from __future__ import annotations
+
+from volgen.io.atomic import atomic_directory, atomic_write, check_output_path
+from volgen.io.dicom import (
+    PATIENT_INFO_KEYS,
+    SYNTHETIC_STATEMENT,
+    DicomSeries,
+    list_dicom_series,
+    write_dicom_series,
+)
+from volgen.io.geometry import Geometry
+from volgen.io.torchio_bridge import from_torchio, to_torchio
+from volgen.io.volumes import (
+    INPUT_EXTENSIONS,
+    OUTPUT_EXTENSIONS,
+    VolumeInfo,
+    describe,
+    output_format,
+    read_image,
+    read_label,
+    read_volume,
+    write_volume,
+)
+
+__all__ = [
+    "INPUT_EXTENSIONS",
+    "OUTPUT_EXTENSIONS",
+    "PATIENT_INFO_KEYS",
+    "SYNTHETIC_STATEMENT",
+    "DicomSeries",
+    "Geometry",
+    "VolumeInfo",
+    "atomic_directory",
+    "atomic_write",
+    "check_output_path",
+    "describe",
+    "from_torchio",
+    "list_dicom_series",
+    "output_format",
+    "read_image",
+    "read_label",
+    "read_volume",
+    "to_torchio",
+    "write_dicom_series",
+    "write_volume",
+]

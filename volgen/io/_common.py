@@ -1,0 +1,92 @@
+"""Internals shared by the readers: the raw read result and the checks every input goes through."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from volgen.errors import InputError
+
+logger = logging.getLogger("volgen.io")
+
+#: Inputs whose header claims more voxels than this are refused before any data is read.
+MAX_VOXELS = 2**31
+
+#: Human-readable format names, as :class:`volgen.io.VolumeInfo` reports them.
+NIFTI = "NIfTI"
+NRRD = "NRRD"
+METAIMAGE = "MetaImage"
+DICOM_SERIES = "DICOM series"
+DICOM_SEG = "DICOM SEG"
+SLICER_SEG = "Slicer segmentation"
+
+
+@dataclass
+class Loaded:
+    """What a reader returns before the label/image rules are applied.
+
+    Attributes:
+        image: A 3D single-component image with its geometry; metadata cleared.
+        format: One of the format names above.
+        is_segmentation: True when the format itself says the volume is a segmentation (DICOM SEG,
+            Slicer ``.seg.nrrd``).
+        label_names: Names of label values where the file gives them (segment names).
+    """
+
+    image: sitk.Image
+    format: str
+    is_segmentation: bool = False
+    label_names: dict[int, str] = field(default_factory=dict)
+
+
+def clear_metadata(image: sitk.Image) -> sitk.Image:
+    """Remove every metadata entry (file headers may hold patient identifiers); return ``image``."""
+    for key in image.GetMetaDataKeys():
+        image.EraseMetaData(key)
+    return image
+
+
+def itk_reason(exc: BaseException) -> str:
+    """The last informative line of a SimpleITK/ITK exception message (for debug logs)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def check_voxel_count(path: Path, size: tuple[int, ...], components: int = 1) -> None:
+    """Refuse zero-size dimensions and absurd sizes before data is read.
+
+    Raises:
+        InputError: "empty image (a dimension has size 0)" or "header claims N voxels ...".
+    """
+    if any(int(s) <= 0 for s in size):
+        raise InputError(path, f"empty image (a dimension has size 0: {tuple(int(s) for s in size)})")
+    count = int(np.prod([int(s) for s in size], dtype=np.float64)) * max(1, components)
+    if count > MAX_VOXELS:
+        raise InputError(path, f"header claims {count} voxels, more than volgen reads ({MAX_VOXELS})")
+
+
+def check_shape(path: Path, dimension: int, size: tuple[int, ...], components: int) -> None:
+    """Check that a header describes a 3D single-component volume of sensible size.
+
+    Args:
+        path: The input, for messages.
+        dimension: Number of spatial dimensions.
+        size: Voxels per dimension.
+        components: Values per voxel.
+
+    Raises:
+        InputError: For 2D, 4D (or higher), multi-component and empty or oversized images.
+    """
+    check_voxel_count(path, size, components)
+    if dimension == 2:
+        raise InputError(path, "2D image; expected a 3D volume")
+    if dimension != 3:
+        raise InputError(path, f"{dimension}D image; expected a 3D volume")
+    if components != 1:
+        raise InputError(
+            path, f"multi-component image ({components} values per voxel, e.g. RGB); expected one value"
+        )

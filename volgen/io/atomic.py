@@ -1,0 +1,157 @@
+"""Atomic writes: a temporary name in the target's folder, renamed into place only on success.
+
+Use :func:`atomic_write` for a single file and :func:`atomic_directory` for a folder (a DICOM series, a
+saved model). Both check the usual output problems first (missing parent folder, existing output
+without ``overwrite``) and raise :class:`~volgen.errors.OutputError` for them. If the body of the
+``with`` block raises, the temporary file or folder is removed and the exception propagates; an
+existing output is left untouched. An interrupted process can leave a hidden ``.volgen-tmp-*`` entry
+behind, never a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from volgen.errors import OutputError
+from volgen.types import PathLike
+
+__all__ = ["TEMP_PREFIX", "atomic_directory", "atomic_write", "check_output_path"]
+
+logger = logging.getLogger(__name__)
+
+#: Prefix of the temporary names used while writing (hidden files in the output's folder).
+TEMP_PREFIX = ".volgen-tmp-"
+
+
+def check_output_path(path: PathLike, *, overwrite: bool, directory: bool = False) -> Path:
+    """Check that ``path`` can be written; return it as a :class:`~pathlib.Path`.
+
+    Args:
+        path: The output file or folder.
+        overwrite: Whether an existing output may be replaced.
+        directory: Whether the output is a folder. An existing *empty* folder may always be replaced.
+
+    Returns:
+        ``path`` as a Path.
+
+    Raises:
+        OutputError: If the parent folder does not exist, or the output exists and may not be replaced,
+            or the output exists with the wrong kind (a folder where a file is expected or the reverse).
+    """
+    path = Path(path)
+    parent = path.parent
+    if not parent.is_dir():
+        raise OutputError(path, f"output folder {parent} does not exist")
+    if path.exists() or path.is_symlink():
+        if directory:
+            if not path.is_dir():
+                raise OutputError(path, "exists and is a file, not a folder")
+            if not overwrite and any(path.iterdir()):
+                raise OutputError(path, "already exists (not empty); set overwrite to replace it")
+        else:
+            if path.is_dir():
+                raise OutputError(path, "exists and is a folder, not a file")
+            if not overwrite:
+                raise OutputError(path, "already exists; set overwrite to replace it")
+    return path
+
+
+def _temp_sibling(path: Path, tag: str = "") -> Path:
+    # The temporary name ends with the final name, so format detection by extension still works.
+    return path.parent / f"{TEMP_PREFIX}{secrets.token_hex(4)}{tag}.{path.name}"
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Write a file atomically.
+
+    Yields a temporary path in the same folder as ``path`` whose name ends with ``path``'s name (so the
+    extension, e.g. ``.nii.gz``, is kept). Write the file there; when the block ends without an exception
+    the temporary file is renamed to ``path`` with :func:`os.replace` (atomic on one filesystem). On an
+    exception the temporary file (and any sidecar a writer created next to it with the same temporary
+    prefix) is removed and the exception propagates.
+
+    Example::
+
+        with atomic_write(out, overwrite=True) as tmp:
+            sitk.WriteImage(image, str(tmp))
+
+    Args:
+        path: The final file name.
+        overwrite: Whether an existing file may be replaced.
+
+    Yields:
+        The temporary path to write to.
+
+    Raises:
+        OutputError: As :func:`check_output_path`, before the block runs; or if the block did not create
+            the temporary file.
+    """
+    path = check_output_path(path, overwrite=overwrite)
+    tmp = _temp_sibling(path)
+    stem = tmp.name[: -len(path.name)]
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise OutputError(path, "nothing was written")
+        os.replace(tmp, path)
+        logger.debug("wrote %s", path)
+    finally:
+        for leftover in path.parent.glob(f"{stem}*"):
+            _remove(leftover)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Write a folder atomically.
+
+    Yields an empty temporary folder next to ``path``. When the block ends without an exception it is
+    renamed to ``path``; an existing ``path`` (allowed with ``overwrite``, or when it is an empty folder)
+    is first renamed away and removed only after the new folder is in place. On an exception the
+    temporary folder is removed and an existing ``path`` is left as it was.
+
+    Args:
+        path: The final folder name.
+        overwrite: Whether an existing non-empty folder may be replaced.
+
+    Yields:
+        The temporary folder to fill.
+
+    Raises:
+        OutputError: As :func:`check_output_path`, before the block runs.
+    """
+    path = check_output_path(path, overwrite=overwrite, directory=True)
+    tmp = _temp_sibling(path)
+    tmp.mkdir()
+    old: Path | None = None
+    try:
+        yield tmp
+        if path.exists():
+            old = _temp_sibling(path, "-old")
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:  # put the previous output back
+                os.replace(old, path)
+                old = None
+            raise
+        logger.debug("wrote folder %s", path)
+    finally:
+        _remove(tmp)
+        if old is not None:
+            _remove(old)

@@ -1,0 +1,547 @@
+"""Reading, checking, describing and writing volumes (NIfTI, NRRD, MetaImage, DICOM).
+
+Every read goes through one path: find the format from the path, check the header (3D, one value per
+voxel, sensible size) before reading data, read, then apply the rules of the requested kind:
+
+- ``kind="label"``: finite, integer-valued, non-negative values. Integer images of an unsigned type
+  (``UInt8``, ``UInt16``, ``UInt32``) are returned as they are; any other type (signed integers, floats
+  whose values are all integers) is cast to ``UInt16`` when the maximum is below 65536, else ``UInt32``.
+- ``kind="image"``: finite values, returned as ``Float32``.
+
+Every problem with an input is an :class:`~volgen.errors.InputError` naming the path with one short
+reason; exceptions of SimpleITK, pydicom and highdicom never escape. Metadata read from headers is
+dropped (it can hold patient identifiers), so nothing from an input leaks into an output.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import shutil
+import struct
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import SimpleITK as sitk
+
+from volgen.errors import InputError, OutputError
+from volgen.io import dicom as _dicom
+from volgen.io._common import (
+    METAIMAGE,
+    NIFTI,
+    NRRD,
+    SLICER_SEG,
+    Loaded,
+    check_shape,
+    check_voxel_count,
+    clear_metadata,
+    itk_reason,
+)
+from volgen.io.atomic import TEMP_PREFIX, atomic_write, check_output_path
+from volgen.io.geometry import Geometry
+from volgen.io.slicer import is_slicer_segmentation, slicer_segmentation
+from volgen.types import Modality, PathLike, VolumeKind
+
+__all__ = [
+    "INPUT_EXTENSIONS",
+    "OUTPUT_EXTENSIONS",
+    "VolumeInfo",
+    "describe",
+    "output_format",
+    "read_image",
+    "read_label",
+    "read_volume",
+    "write_volume",
+]
+
+logger = logging.getLogger(__name__)
+
+#: File extensions volgen reads, with the format name each gives (a folder is read as DICOM).
+INPUT_EXTENSIONS: dict[str, str] = {
+    ".nii.gz": NIFTI,
+    ".nii": NIFTI,
+    ".seg.nrrd": SLICER_SEG,
+    ".nrrd": NRRD,
+    ".mha": METAIMAGE,
+    ".mhd": METAIMAGE,
+    ".dcm": "DICOM",
+}
+
+#: Output extensions and the format each selects.
+OUTPUT_EXTENSIONS: dict[str, str] = {
+    ".nii.gz": "nifti",
+    ".nii": "nifti",
+    ".nrrd": "nrrd",
+    ".mha": "mha",
+    ".mhd": "mha",
+}
+
+_OUTPUT_FORMATS = ("nifti", "nrrd", "mha", "dicom")
+_UNSIGNED_LABEL_TYPES = (sitk.sitkUInt8, sitk.sitkUInt16, sitk.sitkUInt32)
+
+
+def _extension(path: Path) -> str:
+    name = path.name.lower()
+    for ext in sorted(set(INPUT_EXTENSIONS) | set(OUTPUT_EXTENSIONS), key=len, reverse=True):
+        if name.endswith(ext):
+            return ext
+    return path.suffix.lower()
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def _read_raw(path: PathLike, *, series: str | None = None) -> Loaded:
+    """Read any supported input as a 3D single-component image (no label/image rules yet)."""
+    path = Path(path)
+    if path.is_dir():
+        return _dicom.read_dicom_folder(path, series=series)
+    if not path.exists():
+        raise InputError(path, "file not found")
+    if not path.is_file():
+        raise InputError(path, "not a regular file")
+    try:
+        nbytes = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(132)
+    except OSError as exc:
+        raise InputError(path, f"cannot open the file ({exc.strerror or exc})") from exc
+    if nbytes == 0:
+        raise InputError(path, "file is empty (0 bytes)")
+
+    ext = _extension(path)
+    if ext == ".dcm" or (ext not in INPUT_EXTENSIONS and head[128:132] == b"DICM"):
+        return _dicom.read_dicom_file(path)
+    if ext not in INPUT_EXTENSIONS:
+        known = ", ".join(e for e in INPUT_EXTENSIONS if e != ".dcm")
+        shown = ext or "no extension"
+        raise InputError(path, f"unknown file type ({shown}); expected {known}, a DICOM folder or DICOM SEG")
+    fmt = INPUT_EXTENSIONS[ext]
+    data_length = _gzip_length(path, head) if ext.endswith(".gz") else nbytes
+    if fmt == NIFTI:
+        _check_nifti(path, gz=ext.endswith(".gz"), data_length=data_length)
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        logger.debug("ITK could not read the header of %s: %s", path, itk_reason(exc))
+        raise InputError(
+            path, f"not a valid {_format_word(fmt)} file (corrupt header or wrong format)"
+        ) from exc
+    size = tuple(int(s) for s in reader.GetSize())
+    dimension = reader.GetDimension()
+    components = reader.GetNumberOfComponents()
+    keys = reader.GetMetaDataKeys()
+    slicer = fmt in (NRRD, SLICER_SEG) and is_slicer_segmentation(keys)
+    squeeze = dimension == 4 and size[3] == 1
+    if slicer:  # layers arrive as components
+        check_shape(path, dimension, size, 1)
+        check_voxel_count(path, size, components)
+    else:
+        check_shape(path, 3 if squeeze else dimension, size[:3] if squeeze else size, components)
+    pixel_type = reader.GetPixelID()
+    if pixel_type in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        raise InputError(path, "complex-valued image; expected real values")
+
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        logger.debug("ITK could not read the data of %s: %s", path, itk_reason(exc))
+        raise InputError(path, f"{_format_word(fmt)} image data is truncated or corrupt") from exc
+    if squeeze:
+        image = sitk.Extract(image, [*size[:3], 0], [0, 0, 0, 0])
+    if slicer:
+        return slicer_segmentation(path, image)
+    return Loaded(image=clear_metadata(image), format=NRRD if fmt == SLICER_SEG else fmt)
+
+
+def _format_word(fmt: str) -> str:
+    return "NRRD" if fmt == SLICER_SEG else fmt
+
+
+def _gzip_length(path: Path, head: bytes) -> int:
+    """Decompress a gzip file once to check it is complete and uncorrupted (ITK reads truncated gzip
+    data without complaint); return the decompressed length in bytes."""
+    if head[:2] != b"\x1f\x8b":
+        raise InputError(path, "corrupt gzip data (not gzip-compressed)")
+    length = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                length += len(chunk)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(path, "corrupt gzip data (damaged or truncated .gz file)") from exc
+    return length
+
+
+def _check_nifti(path: Path, *, gz: bool, data_length: int) -> None:
+    """Check a NIfTI header and that the file holds all the data it announces.
+
+    ITK's NIfTI reader fills missing data silently, so a truncated file must be caught here.
+
+    Args:
+        path: The file.
+        gz: Whether it is gzip-compressed (already checked by :func:`_gzip_length`).
+        data_length: The (decompressed) length of the file in bytes.
+    """
+    opener = gzip.open if gz else open
+    with opener(path, "rb") as f:
+        header = f.read(540)
+    parsed = _parse_nifti_header(header)
+    if parsed is None:
+        raise InputError(path, "not a valid NIfTI file (corrupt header)")
+    dims, bitpix, vox_offset, single_file = parsed
+    check_voxel_count(path, dims)
+    if not single_file:
+        return  # .hdr/.img pairs: ITK checks the data file
+    expected = vox_offset + int(np.prod(dims, dtype=np.int64)) * bitpix // 8
+    if data_length < expected:
+        raise InputError(path, f"NIfTI image data is truncated ({data_length} of {expected} bytes)")
+
+
+def _parse_nifti_header(header: bytes) -> tuple[tuple[int, ...], int, int, bool] | None:
+    """Return (dims, bitpix, vox_offset, single_file) of a NIfTI-1/2 header, or None if not NIfTI."""
+    if len(header) < 348:
+        return None
+    for endian in "<>":
+        sizeof_hdr = struct.unpack(f"{endian}i", header[:4])[0]
+        if sizeof_hdr == 348:
+            dim = struct.unpack(f"{endian}8h", header[40:56])
+            bitpix = struct.unpack(f"{endian}h", header[72:74])[0]
+            vox_offset = int(struct.unpack(f"{endian}f", header[108:112])[0])
+            magic = header[344:348]
+            single = magic[:3] == b"n+1"
+            if magic[:3] not in (b"n+1", b"ni1"):
+                return None
+            break
+        if sizeof_hdr == 540 and len(header) >= 540:
+            bitpix = struct.unpack(f"{endian}h", header[14:16])[0]
+            dim = struct.unpack(f"{endian}8q", header[16:80])
+            vox_offset = struct.unpack(f"{endian}q", header[168:176])[0]
+            single = header[4:7] == b"n+2"
+            break
+    else:
+        return None
+    ndim = dim[0]
+    if not 1 <= ndim <= 7 or bitpix <= 0:
+        return None
+    return tuple(int(d) for d in dim[1 : ndim + 1]), int(bitpix), int(vox_offset), single
+
+
+def _as_label(image: sitk.Image, source: PathLike | None) -> sitk.Image:
+    """Apply the label rules (module docstring) to a 3D scalar image."""
+    array = sitk.GetArrayViewFromImage(image)
+    if array.size == 0:
+        raise InputError(source, "empty image")
+    if np.issubdtype(array.dtype, np.floating):
+        finite = np.isfinite(array)
+        if not finite.all():
+            raise InputError(source, "NaN/Inf in segmentation")
+        fractional = np.mod(array, 1) != 0
+        if fractional.any():
+            example = float(array[fractional].flat[0])
+            raise InputError(source, f"float labels with non-integer values (e.g. {example:g})")
+    elif not np.issubdtype(array.dtype, np.integer):
+        raise InputError(source, f"voxel type {array.dtype} cannot hold labels")
+    low, high = array.min(), array.max()
+    if low < 0:
+        negatives = np.unique(array[array < 0])
+        shown = ", ".join(f"{v:g}" for v in negatives[:5]) + (", ..." if len(negatives) > 5 else "")
+        raise InputError(source, f"negative label values ({shown})")
+    if high >= 2**32:
+        raise InputError(source, f"label values too large (max {high:g}; at most {2**32 - 1})")
+    if image.GetPixelID() in _UNSIGNED_LABEL_TYPES:
+        return image
+    return sitk.Cast(image, sitk.sitkUInt16 if high < 65536 else sitk.sitkUInt32)
+
+
+def _as_image(image: sitk.Image, source: PathLike | None) -> sitk.Image:
+    if image.GetPixelID() != sitk.sitkFloat32:
+        image = sitk.Cast(image, sitk.sitkFloat32)
+    if not np.all(np.isfinite(sitk.GetArrayViewFromImage(image))):
+        raise InputError(source, "NaN/Inf values in image")
+    return image
+
+
+def read_volume(path: PathLike, *, kind: VolumeKind, series: str | None = None) -> sitk.Image:
+    """Read a 3D volume and check it against the rules of its kind.
+
+    Args:
+        path: ``.nii``, ``.nii.gz``, ``.nrrd``, ``.seg.nrrd``, ``.mha``, ``.mhd``, a folder holding one
+            DICOM series, or a DICOM SEG ``.dcm`` file.
+        kind: "label" (a segmentation) or "image" (intensities).
+        series: SeriesInstanceUID to pick when a DICOM folder holds several series.
+
+    Returns:
+        The image, indexed ``(x, y, z)`` with its geometry (LPS, mm). Labels: ``UInt8``/``UInt16``/
+        ``UInt32`` (see the module docstring; DICOM SEG: voxel value = segment number; layered
+        ``.seg.nrrd``: layers merged). Images: ``Float32`` (DICOM values after Rescale Slope/Intercept,
+        i.e. HU for CT). Header metadata is not kept.
+
+    Raises:
+        InputError: The path is missing, empty, corrupt, truncated, of unknown type, not 3D, has several
+            values per voxel, is too large, or breaks the rules of ``kind``.
+    """
+    if kind not in ("label", "image"):
+        raise ValueError(f"kind must be 'label' or 'image', got {kind!r}")
+    loaded = _read_raw(path, series=series)
+    if kind == "label":
+        return _as_label(loaded.image, path)
+    return _as_image(loaded.image, path)
+
+
+def read_label(path: PathLike, *, series: str | None = None) -> sitk.Image:
+    """Read a segmentation: :func:`read_volume` with ``kind="label"``."""
+    return read_volume(path, kind="label", series=series)
+
+
+def read_image(path: PathLike, *, series: str | None = None) -> sitk.Image:
+    """Read an intensity image as ``Float32``: :func:`read_volume` with ``kind="image"``."""
+    return read_volume(path, kind="image", series=series)
+
+
+# -------------------------------------------------------------------------------------------- describe
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    """What ``volgen info`` shows about a volume.
+
+    Attributes:
+        path: The input.
+        format: "NIfTI", "NRRD", "MetaImage", "DICOM series", "DICOM SEG" or "Slicer segmentation".
+        geometry: Size, spacing, origin, direction (LPS, mm).
+        dtype: numpy name of the voxel type as read (before label/image rules), e.g. "uint8", "int16".
+        min: Smallest voxel value.
+        max: Largest voxel value.
+        is_label: Whether the volume is treated as a segmentation.
+        label_counts: For labels, voxels per value, background (0) included; empty otherwise.
+        label_names: Segment names by label value, where the file gives them (Slicer, DICOM SEG).
+    """
+
+    path: Path
+    format: str
+    geometry: Geometry
+    dtype: str
+    min: float
+    max: float
+    is_label: bool
+    label_counts: dict[int, int] = field(default_factory=dict)
+    label_names: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def voxel_volume_mm3(self) -> float:
+        """Volume of one voxel in mm^3."""
+        return self.geometry.voxel_volume_mm3
+
+    def volume_ml(self, label: int) -> float:
+        """Volume of a label in millilitres (voxel count x voxel volume / 1000); 0 for absent labels."""
+        return self.label_counts.get(int(label), 0) * self.voxel_volume_mm3 / 1000.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict of all fields (label keys as strings), with ``volume_ml`` per label."""
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "geometry": self.geometry.to_dict(),
+            "dtype": self.dtype,
+            "min": self.min,
+            "max": self.max,
+            "is_label": self.is_label,
+            "label_counts": {str(k): v for k, v in self.label_counts.items()},
+            "label_volume_ml": {str(k): self.volume_ml(k) for k in self.label_counts},
+            "label_names": {str(k): v for k, v in self.label_names.items()},
+        }
+
+
+#: An integer volume with at most this many distinct values (and no negative ones) counts as a label.
+AUTO_LABEL_MAX_VALUES = 256
+
+
+def describe(
+    path: PathLike, *, kind: Literal["auto", "label", "image"] = "auto", series: str | None = None
+) -> VolumeInfo:
+    """Read a volume and summarise it.
+
+    Args:
+        path: Any input :func:`read_volume` accepts.
+        kind: "label" or "image" apply those rules (and their errors); "auto" treats the volume as a
+            label when the format is a segmentation (DICOM SEG, Slicer) or when the voxel type is an
+            integer type, no value is negative and there are at most 256 distinct values.
+        series: SeriesInstanceUID to pick when a DICOM folder holds several series.
+
+    Returns:
+        The summary; label counts are computed for labels only.
+
+    Raises:
+        InputError: As :func:`read_volume`.
+    """
+    loaded = _read_raw(path, series=series)
+    image = loaded.image
+    array = sitk.GetArrayViewFromImage(image)
+    dtype = str(array.dtype)
+    if kind == "auto":
+        is_label = loaded.is_segmentation
+        if not is_label and np.issubdtype(array.dtype, np.integer) and array.min() >= 0:
+            values = np.unique(array)
+            is_label = len(values) <= AUTO_LABEL_MAX_VALUES
+    else:
+        is_label = kind == "label"
+    if is_label:
+        image = _as_label(image, path)
+        values, counts = np.unique(sitk.GetArrayViewFromImage(image), return_counts=True)
+        label_counts = {int(v): int(c) for v, c in zip(values, counts, strict=True)}
+    else:
+        image = _as_image(image, path)
+        label_counts = {}
+    return VolumeInfo(
+        path=Path(path),
+        format=loaded.format,
+        geometry=Geometry.of(image),
+        dtype=dtype,
+        min=float(array.min()),
+        max=float(array.max()),
+        is_label=is_label,
+        label_counts=label_counts,
+        label_names=dict(loaded.label_names),
+    )
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+def output_format(path: PathLike, format: str | None = None) -> str:
+    """Decide the output format of ``path``.
+
+    Args:
+        path: The output file (or folder, for DICOM).
+        format: "nifti", "nrrd", "mha", "dicom" or None to use the extension (``.nii``/``.nii.gz`` ->
+            nifti, ``.nrrd`` (also ``.seg.nrrd``) -> nrrd, ``.mha``/``.mhd`` -> mha).
+
+    Returns:
+        "nifti", "nrrd", "mha" or "dicom".
+
+    Raises:
+        OutputError: Unknown format or extension, no extension without a format, or an extension that
+            contradicts ``format`` (e.g. ``out.nrrd`` with format "nifti", or a volume extension with
+            "dicom").
+    """
+    path = Path(path)
+    ext = _extension(path)
+    by_ext = OUTPUT_EXTENSIONS.get(ext)
+    if format is not None:
+        fmt = format.lower()
+        if fmt not in _OUTPUT_FORMATS:
+            raise OutputError(
+                path, f"unknown output format {format!r}; expected one of {', '.join(_OUTPUT_FORMATS)}"
+            )
+        if fmt == "dicom":
+            if by_ext is not None:
+                raise OutputError(path, f"a DICOM series is a folder; its name must not end with {ext}")
+            return fmt
+        if by_ext != fmt:
+            shown = ext or "no extension"
+            raise OutputError(path, f"file extension ({shown}) does not match format {fmt!r}")
+        return fmt
+    if by_ext is None:
+        if not ext:
+            raise OutputError(path, "no file extension; use .nii.gz, .nii, .nrrd, .mha or the dicom format")
+        raise OutputError(path, f"unknown output extension {ext}; use .nii.gz, .nii, .nrrd, .mha or .mhd")
+    return by_ext
+
+
+def write_volume(
+    image: sitk.Image,
+    path: PathLike,
+    *,
+    overwrite: bool = False,
+    format: str | None = None,
+    modality: Modality = "MR",
+    series_description: str | None = None,
+    patient_info: dict[str, Any] | None = None,
+) -> Path:
+    """Write a 3D volume atomically, keeping its geometry exactly.
+
+    NIfTI, NRRD and MetaImage are chosen by extension (:func:`output_format`) and written with SimpleITK
+    (NRRD and MetaImage gzip-compressed; ``.nii.gz`` compressed, ``.nii`` not); the pixel type is kept.
+    ``format="dicom"`` writes a folder with one file per slice (:func:`write_dicom_series`; ``modality``,
+    ``series_description`` and ``patient_info`` apply only to DICOM). Metadata attached to ``image`` is
+    not written.
+
+    Geometry precision: NRRD, MetaImage and DICOM keep spacing, origin and direction to ~1e-12; NIfTI
+    stores them as float32 (qform and sform), so they survive to ~1e-7 relative (1e-5 mm for origins
+    within +-250 mm).
+
+    Args:
+        image: A 3D single-component image.
+        path: The output file, or folder for DICOM.
+        overwrite: Whether an existing output may be replaced.
+        format: "nifti", "nrrd", "mha", "dicom" or None (by extension).
+        modality: DICOM only: "CT" or "MR".
+        series_description: DICOM only: SeriesDescription.
+        patient_info: DICOM only: patient/study attributes to set (nothing is copied otherwise).
+
+    Returns:
+        The written path.
+
+    Raises:
+        OutputError: The output exists (without ``overwrite``), its folder is missing, the format is
+            unknown, the image is not 3D scalar, or writing failed (nothing is left behind then).
+    """
+    path = Path(path)
+    fmt = output_format(path, format)
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise OutputError(
+            path,
+            f"expected a 3D single-component image, got {image.GetDimension()}D with "
+            f"{image.GetNumberOfComponentsPerPixel()} components",
+        )
+    if fmt == "dicom":
+        return _dicom.write_dicom_series(
+            image,
+            path,
+            modality=modality,
+            series_description=series_description,
+            patient_info=patient_info,
+            overwrite=overwrite,
+        )
+    if image.GetMetaDataKeys():
+        image = clear_metadata(sitk.Image(image))
+    compress = fmt != "nifti" or path.name.lower().endswith(".gz")
+    try:
+        if _extension(path) == ".mhd":
+            _write_mhd(image, path, overwrite=overwrite)
+        else:
+            with atomic_write(path, overwrite=overwrite) as tmp:
+                sitk.WriteImage(image, str(tmp), compress)
+    except RuntimeError as exc:
+        logger.debug("ITK could not write %s: %s", path, itk_reason(exc))
+        raise OutputError(path, f"could not write the {fmt} file") from exc
+    except OSError as exc:
+        raise OutputError(path, f"could not write the file ({exc.strerror or exc})") from exc
+    logger.info("wrote %s", path)
+    return path
+
+
+def _write_mhd(image: sitk.Image, path: Path, *, overwrite: bool) -> None:
+    """A ``.mhd`` header names its data file, so both are written in a temporary folder under their final
+    names, then moved next to each other: the data file first, the header last."""
+    check_output_path(path, overwrite=overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=path.parent))
+    try:
+        sitk.WriteImage(image, str(tmp / path.name), True)
+        parts = sorted(tmp.iterdir(), key=lambda p: p.name == path.name)  # header last
+        for part in parts:
+            if part.name != path.name:
+                check_output_path(path.parent / part.name, overwrite=overwrite)
+        for part in parts:
+            os.replace(part, path.parent / part.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
