@@ -70,7 +70,10 @@ def make_scheduler(name: str, config: dict):
     """An inference scheduler by name, built from the model's training schedule (same betas, same T).
 
     ``ddim`` runs with η = 0; ``dpmsolver++`` is the multistep DPM-Solver++ (order 2). Timesteps are spaced
-    "trailing" so the first step starts from pure noise at t = T-1 even with few steps.
+    "trailing" so the first step starts from pure noise at t = T-1 even with few steps. DDPM and DDIM clip
+    their x0 prediction to [-1, 1] (``clip_sample`` of the training schedule) and DPM-Solver++ thresholds it
+    the same way: with linear betas ᾱ_T ≈ 4e-5, so the x0 predicted at the first steps is ill-conditioned and
+    unclipped it turns a short schedule into noise. Euler has no such option; it needs a well-trained model.
     """
     base = {k: v for k, v in dict(config).items() if not k.startswith("_")}
     if name == "ddpm":
@@ -79,7 +82,12 @@ def make_scheduler(name: str, config: dict):
         return DDIMScheduler.from_config(base, timestep_spacing="trailing", set_alpha_to_one=True)
     if name == "dpmsolver++":
         return DPMSolverMultistepScheduler.from_config(
-            base, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing"
+            base,
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            timestep_spacing="trailing",
+            thresholding=True,  # clip x0 predictions to model space [-1, 1], like DDPM/DDIM's clip_sample
+            sample_max_value=1.0,
         )
     if name == "euler":
         return EulerDiscreteScheduler.from_config(base, timestep_spacing="trailing")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,12 +37,15 @@ class Loaded:
         is_segmentation: True when the format itself says the volume is a segmentation (DICOM SEG,
             Slicer ``.seg.nrrd``).
         label_names: Names of label values where the file gives them (segment names).
+        nonfinite: The file holds NaN/Inf values that the reader replaced (ITK's NIfTI reader reads them
+            as 0); the label and image rules refuse such inputs.
     """
 
     image: sitk.Image
     format: str
     is_segmentation: bool = False
     label_names: dict[int, str] = field(default_factory=dict)
+    nonfinite: bool = False
 
 
 def clear_metadata(image: sitk.Image) -> sitk.Image:
@@ -48,6 +53,21 @@ def clear_metadata(image: sitk.Image) -> sitk.Image:
     for key in image.GetMetaDataKeys():
         image.EraseMetaData(key)
     return image
+
+
+@contextlib.contextmanager
+def quiet_itk() -> Iterator[None]:
+    """Hide ITK's warnings (printed to stderr, e.g. GDCM's "No Series were found") while in the block.
+
+    Library code must not print; ITK's warnings cannot be routed to logging, and volgen checks what
+    they warn about itself. (ITK's warning switch is process-wide.)
+    """
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
 
 
 def itk_reason(exc: BaseException) -> str:

@@ -23,14 +23,24 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
+from volgen import __version__
 from volgen.errors import InputError, OutputError
-from volgen.io._common import DICOM_SEG, DICOM_SERIES, MAX_VOXELS, Loaded, clear_metadata, itk_reason
+from volgen.io._common import (
+    DICOM_SEG,
+    DICOM_SERIES,
+    MAX_VOXELS,
+    Loaded,
+    clear_metadata,
+    itk_reason,
+    quiet_itk,
+)
 from volgen.io.atomic import atomic_directory
 from volgen.types import Modality, PathLike
 
 __all__ = [
     "CT_IMAGE_STORAGE",
     "MR_IMAGE_STORAGE",
+    "PATIENT_INFO_KEYS",
     "SEGMENTATION_STORAGE",
     "SYNTHETIC_STATEMENT",
     "DicomSeries",
@@ -92,8 +102,8 @@ class DicomSeries:
     def summary(self) -> str:
         """One line: UID, description, modality and file count."""
         n = len(self.files)
-        what = f"{n} slice{'s' if n != 1 else ''}" if self.modality != "SEG" else f"{n} file{'s' * (n != 1)}"
-        return f'{self.uid} "{self.description}" ({self.modality or "?"}, {what})'
+        unit = "file" if self.modality == "SEG" else "slice"
+        return f'{self.uid} "{self.description}" ({self.modality or "?"}, {n} {unit}{"s" if n != 1 else ""})'
 
 
 def _header(path: Path) -> Dataset:
@@ -111,15 +121,20 @@ def list_dicom_series(folder: PathLike) -> list[DicomSeries]:
 
     Returns:
         The series, in GDCM's order; empty when the folder holds no DICOM files.
+
+    Raises:
+        InputError: The folder cannot be scanned or a header cannot be read.
     """
     folder = Path(folder)
     try:
-        uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        with quiet_itk():
+            uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+            names = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid) for uid in uids}
     except RuntimeError as exc:
         raise InputError(folder, "cannot scan the folder for DICOM files") from exc
     found = []
     for uid in uids:
-        files = tuple(Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+        files = tuple(Path(f) for f in names[uid])
         if not files:
             continue
         header = _header(files[0])
@@ -193,7 +208,8 @@ def read_dicom_folder(folder: PathLike, *, series: str | None = None) -> Loaded:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(f) for f in one.files])
     try:
-        image = reader.Execute()
+        with quiet_itk():
+            image = reader.Execute()
     except RuntimeError as exc:
         logger.debug("ITK could not read %s: %s", folder, itk_reason(exc))
         raise InputError(
@@ -326,25 +342,30 @@ def _ds(value: float) -> str:
     return format_number_as_ds(float(value))
 
 
-def _scaling(array: np.ndarray, modality: str) -> tuple[np.ndarray, float, float]:
-    """Choose int16 stored values and Rescale Slope/Intercept so that ``slope * stored + intercept``
-    reproduces ``array``.
+def _choose_scaling(array: np.ndarray, modality: str) -> tuple[float, float]:
+    """Choose Rescale Slope and Intercept so that ``slope * stored + intercept`` reproduces ``array``
+    with int16 stored values.
 
     Integer values that fit int16 (CT: any values in the int16 range, rounded to whole HU) are stored
-    directly with slope 1, intercept 0. Otherwise the value range is mapped linearly onto
-    [-32767, 32767] (precision: half a slope).
+    directly: slope 1, intercept 0. Otherwise the value range is mapped linearly onto [-32767, 32767]
+    (precision: half a slope). Both are rounded to what a DICOM decimal string holds.
     """
     lo, hi = float(array.min()), float(array.max())
     fits = lo >= -32768 and hi <= 32767
-    integral = bool(np.all(np.equal(np.mod(array, 1), 0)))
+    integral = np.issubdtype(array.dtype, np.integer) or all(np.all(np.mod(s, 1) == 0) for s in array)
     if fits and (integral or modality == "CT"):
         if not integral:
             logger.debug("CT values rounded to whole HU for int16 storage")
-        return np.rint(array).astype(np.int16), 1.0, 0.0
+        return 1.0, 0.0
     intercept = float(_ds((hi + lo) / 2))
     slope = float(_ds((hi - lo) / 65534)) if hi > lo else 1.0
-    stored = np.clip(np.rint((array - intercept) / slope), -32768, 32767).astype(np.int16)
-    return stored, slope, intercept
+    return slope, intercept
+
+
+def _stored(values: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """int16 stored values of one slice (little endian)."""
+    scaled = (values.astype(np.float64) - intercept) / slope
+    return np.clip(np.rint(scaled), -32768, 32767).astype("<i2")
 
 
 def _now() -> tuple[str, str]:
@@ -365,12 +386,12 @@ def write_dicom_series(
 
     The files are CT Image Storage (modality "CT") or MR Image Storage ("MR"), explicit VR little endian,
     int16 pixels with Rescale Slope/Intercept (CT: whole HU, slope 1, when the values fit int16), fresh
-    UIDs for study, series, frame of reference and every instance, ``ImageType`` DERIVED\\SECONDARY\\AXIAL
-    (CT) or DERIVED\\SECONDARY\\OTHER (MR) and a statement that the image is synthetic (ImageComments, DerivationDescription,
-    SeriesDescription by default). No identifiers are taken from anywhere: the patient is anonymous
-    (empty name, ID "VOLGEN") unless ``patient_info`` gives DICOM keywords from
-    :data:`PATIENT_INFO_KEYS` (e.g. the source's StudyInstanceUID and FrameOfReferenceUID, to have the
-    synthetic series show up registered with it).
+    UIDs for study, series, frame of reference and every instance, ``ImageType``
+    DERIVED\\SECONDARY\\AXIAL (CT) or DERIVED\\SECONDARY\\OTHER (MR), and a statement that the image is
+    synthetic (ImageComments, DerivationDescription; SeriesDescription by default). No identifiers are
+    taken from anywhere: the patient is anonymous (empty name, ID "VOLGEN") unless ``patient_info``
+    gives DICOM keywords from :data:`PATIENT_INFO_KEYS` (e.g. the source's StudyInstanceUID and
+    FrameOfReferenceUID, to have the synthetic series show up registered with it).
 
     The geometry is exact to the precision of DICOM decimal strings (16 characters). A left-handed
     direction (determinant -1) cannot be expressed in DICOM; the slices are then written in reverse
@@ -404,9 +425,13 @@ def write_dicom_series(
             folder, f"unknown patient_info keys {unknown}; allowed: {', '.join(PATIENT_INFO_KEYS)}"
         )
 
-    array = sitk.GetArrayViewFromImage(image).astype(np.float64)  # (z, y, x)
-    if not np.all(np.isfinite(array)):
+    array = sitk.GetArrayViewFromImage(image)  # (z, y, x), no copy
+    if np.issubdtype(array.dtype, np.floating) and not all(np.isfinite(s).all() for s in array):
         raise OutputError(folder, "image has NaN/Inf values")
+    slope, intercept = _choose_scaling(array, modality)
+    sample = array.ravel()[:: max(1, array.size // 1_000_000)].astype(np.float64)
+    lo, hi = np.percentile(sample, [1, 99])
+    center, width = (lo + hi) / 2, max(hi - lo, 1.0)
     spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
     origin = np.asarray(image.GetOrigin(), dtype=np.float64)
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
@@ -416,11 +441,6 @@ def write_dicom_series(
         origin = origin + (array.shape[0] - 1) * spacing[2] * direction[:, 2]
         direction = direction.copy()
         direction[:, 2] *= -1
-    stored, slope, intercept = _scaling(array, modality)
-
-    values = array.ravel()
-    lo, hi = np.percentile(values, [1, 99]) if values.size > 1 else (values[0], values[0] + 1)
-    center, width = (lo + hi) / 2, max(hi - lo, 1.0)
 
     date, time = _now()
     study_uid = str(info.pop("StudyInstanceUID", "") or generate_uid())
@@ -429,7 +449,6 @@ def write_dicom_series(
     description = (series_description or f"SYNTHETIC {modality} (volgen)")[:64]
     sop_class = CT_IMAGE_STORAGE if modality == "CT" else MR_IMAGE_STORAGE
     row_dir, col_dir, normal = direction[:, 0], direction[:, 1], direction[:, 2]
-    from volgen import __version__
 
     base = Dataset()
     base.SOPClassUID = sop_class
@@ -475,7 +494,7 @@ def write_dicom_series(
     # Image Pixel
     base.SamplesPerPixel = 1
     base.PhotometricInterpretation = "MONOCHROME2"
-    base.Rows, base.Columns = int(stored.shape[1]), int(stored.shape[2])
+    base.Rows, base.Columns = int(array.shape[1]), int(array.shape[2])
     base.BitsAllocated = 16
     base.BitsStored = 16
     base.HighBit = 15
@@ -501,9 +520,9 @@ def write_dicom_series(
     if any(isinstance(v, str) and not v.isascii() for v in info.values()):
         base.SpecificCharacterSet = "ISO_IR 192"
 
-    width_digits = max(4, len(str(stored.shape[0])))
+    width_digits = max(4, len(str(array.shape[0])))
     with atomic_directory(folder, overwrite=overwrite) as tmp:
-        for k in range(stored.shape[0]):
+        for k in range(array.shape[0]):
             ds = base.copy()
             sop_uid = generate_uid()
             ds.SOPInstanceUID = sop_uid
@@ -511,7 +530,7 @@ def write_dicom_series(
             position = origin + k * spacing[2] * normal
             ds.ImagePositionPatient = [_ds(v) for v in position]
             ds.SliceLocation = _ds(float(position @ normal))
-            ds.PixelData = np.ascontiguousarray(stored[k]).astype("<i2").tobytes()
+            ds.PixelData = _stored(array[k], slope, intercept).tobytes()
             meta = FileMetaDataset()
             meta.MediaStorageSOPClassUID = sop_class
             meta.MediaStorageSOPInstanceUID = sop_uid
@@ -521,5 +540,5 @@ def write_dicom_series(
                 ds.save_as(tmp / f"IM{k + 1:0{width_digits}d}.dcm", enforce_file_format=True)
             except OSError as exc:
                 raise OutputError(folder, f"could not write DICOM files: {exc.strerror or exc}") from exc
-    logger.info("wrote %d %s slices to %s", stored.shape[0], modality, folder)
+    logger.info("wrote %d %s slices to %s", array.shape[0], modality, folder)
     return folder

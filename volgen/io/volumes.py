@@ -15,13 +15,10 @@ dropped (it can hold patient identifiers), so nothing from an input leaks into a
 
 from __future__ import annotations
 
-import gzip
 import logging
 import os
 import shutil
-import struct
 import tempfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +39,7 @@ from volgen.io._common import (
     clear_metadata,
     itk_reason,
 )
+from volgen.io._nifti import check_nifti
 from volgen.io.atomic import TEMP_PREFIX, atomic_write, check_output_path
 from volgen.io.geometry import Geometry
 from volgen.io.slicer import is_slicer_segmentation, slicer_segmentation
@@ -76,6 +74,7 @@ INPUT_EXTENSIONS: dict[str, str] = {
 OUTPUT_EXTENSIONS: dict[str, str] = {
     ".nii.gz": "nifti",
     ".nii": "nifti",
+    ".seg.nrrd": "nrrd",
     ".nrrd": "nrrd",
     ".mha": "mha",
     ".mhd": "mha",
@@ -122,9 +121,14 @@ def _read_raw(path: PathLike, *, series: str | None = None) -> Loaded:
         shown = ext or "no extension"
         raise InputError(path, f"unknown file type ({shown}); expected {known}, a DICOM folder or DICOM SEG")
     fmt = INPUT_EXTENSIONS[ext]
-    data_length = _gzip_length(path, head) if ext.endswith(".gz") else nbytes
+    nonfinite = False
     if fmt == NIFTI:
-        _check_nifti(path, gz=ext.endswith(".gz"), data_length=data_length)
+        gz = ext.endswith(".gz")
+        if gz and head[:2] != b"\x1f\x8b":
+            raise InputError(path, "corrupt gzip data (not gzip-compressed)")
+        nonfinite = check_nifti(path, gz=gz)
+    if ext == ".mhd":
+        _check_mhd_data_file(path)
 
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
@@ -154,92 +158,47 @@ def _read_raw(path: PathLike, *, series: str | None = None) -> Loaded:
         image = reader.Execute()
     except RuntimeError as exc:
         logger.debug("ITK could not read the data of %s: %s", path, itk_reason(exc))
-        raise InputError(path, f"{_format_word(fmt)} image data is truncated or corrupt") from exc
+        problem = f"{_format_word(fmt)} image data is truncated or corrupt"
+        if ext == ".mhd":
+            problem += " (or the data file the .mhd names is missing)"
+        raise InputError(path, problem) from exc
     if squeeze:
         image = sitk.Extract(image, [*size[:3], 0], [0, 0, 0, 0])
     if slicer:
         return slicer_segmentation(path, image)
-    return Loaded(image=clear_metadata(image), format=NRRD if fmt == SLICER_SEG else fmt)
+    return Loaded(image=clear_metadata(image), format=NRRD if fmt == SLICER_SEG else fmt, nonfinite=nonfinite)
+
+
+def _check_mhd_data_file(path: Path) -> None:
+    """Check that the data file a ``.mhd`` header names exists (MetaIO prints to stderr otherwise)."""
+    try:
+        text = path.read_bytes()[:65536].decode("latin-1")
+    except OSError as exc:
+        raise InputError(path, f"cannot open the file ({exc.strerror or exc})") from exc
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "ElementDataFile":
+            name = value.strip()
+            single = name and name.upper() not in ("LOCAL", "LIST") and "%" not in name and " " not in name
+            if single and not (path.parent / name).is_file():
+                raise InputError(path, f"the data file the .mhd names is missing ({name})")
+            return
 
 
 def _format_word(fmt: str) -> str:
     return "NRRD" if fmt == SLICER_SEG else fmt
 
 
-def _gzip_length(path: Path, head: bytes) -> int:
-    """Decompress a gzip file once to check it is complete and uncorrupted (ITK reads truncated gzip
-    data without complaint); return the decompressed length in bytes."""
-    if head[:2] != b"\x1f\x8b":
-        raise InputError(path, "corrupt gzip data (not gzip-compressed)")
-    length = 0
-    try:
-        with gzip.open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                length += len(chunk)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise InputError(path, "corrupt gzip data (damaged or truncated .gz file)") from exc
-    return length
+def _as_label(image: sitk.Image, source: PathLike | None, *, nonfinite: bool = False) -> sitk.Image:
+    """Apply the label rules (module docstring) to a 3D scalar image.
 
-
-def _check_nifti(path: Path, *, gz: bool, data_length: int) -> None:
-    """Check a NIfTI header and that the file holds all the data it announces.
-
-    ITK's NIfTI reader fills missing data silently, so a truncated file must be caught here.
-
-    Args:
-        path: The file.
-        gz: Whether it is gzip-compressed (already checked by :func:`_gzip_length`).
-        data_length: The (decompressed) length of the file in bytes.
+    ``nonfinite`` reports NaN/Inf found in the file that the reader replaced (ITK's NIfTI reader).
     """
-    opener = gzip.open if gz else open
-    with opener(path, "rb") as f:
-        header = f.read(540)
-    parsed = _parse_nifti_header(header)
-    if parsed is None:
-        raise InputError(path, "not a valid NIfTI file (corrupt header)")
-    dims, bitpix, vox_offset, single_file = parsed
-    check_voxel_count(path, dims)
-    if not single_file:
-        return  # .hdr/.img pairs: ITK checks the data file
-    expected = vox_offset + int(np.prod(dims, dtype=np.int64)) * bitpix // 8
-    if data_length < expected:
-        raise InputError(path, f"NIfTI image data is truncated ({data_length} of {expected} bytes)")
-
-
-def _parse_nifti_header(header: bytes) -> tuple[tuple[int, ...], int, int, bool] | None:
-    """Return (dims, bitpix, vox_offset, single_file) of a NIfTI-1/2 header, or None if not NIfTI."""
-    if len(header) < 348:
-        return None
-    for endian in "<>":
-        sizeof_hdr = struct.unpack(f"{endian}i", header[:4])[0]
-        if sizeof_hdr == 348:
-            dim = struct.unpack(f"{endian}8h", header[40:56])
-            bitpix = struct.unpack(f"{endian}h", header[72:74])[0]
-            vox_offset = int(struct.unpack(f"{endian}f", header[108:112])[0])
-            magic = header[344:348]
-            single = magic[:3] == b"n+1"
-            if magic[:3] not in (b"n+1", b"ni1"):
-                return None
-            break
-        if sizeof_hdr == 540 and len(header) >= 540:
-            bitpix = struct.unpack(f"{endian}h", header[14:16])[0]
-            dim = struct.unpack(f"{endian}8q", header[16:80])
-            vox_offset = struct.unpack(f"{endian}q", header[168:176])[0]
-            single = header[4:7] == b"n+2"
-            break
-    else:
-        return None
-    ndim = dim[0]
-    if not 1 <= ndim <= 7 or bitpix <= 0:
-        return None
-    return tuple(int(d) for d in dim[1 : ndim + 1]), int(bitpix), int(vox_offset), single
-
-
-def _as_label(image: sitk.Image, source: PathLike | None) -> sitk.Image:
-    """Apply the label rules (module docstring) to a 3D scalar image."""
     array = sitk.GetArrayViewFromImage(image)
     if array.size == 0:
         raise InputError(source, "empty image")
+    if nonfinite:
+        raise InputError(source, "NaN/Inf in segmentation")
     if np.issubdtype(array.dtype, np.floating):
         finite = np.isfinite(array)
         if not finite.all():
@@ -262,10 +221,14 @@ def _as_label(image: sitk.Image, source: PathLike | None) -> sitk.Image:
     return sitk.Cast(image, sitk.sitkUInt16 if high < 65536 else sitk.sitkUInt32)
 
 
-def _as_image(image: sitk.Image, source: PathLike | None) -> sitk.Image:
+def _as_image(image: sitk.Image, source: PathLike | None, *, nonfinite: bool = False) -> sitk.Image:
+    """Apply the image rules (module docstring): ``Float32``, finite values."""
+    if nonfinite:
+        raise InputError(source, "NaN/Inf values in image")
+    was_float = image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64)
     if image.GetPixelID() != sitk.sitkFloat32:
         image = sitk.Cast(image, sitk.sitkFloat32)
-    if not np.all(np.isfinite(sitk.GetArrayViewFromImage(image))):
+    if was_float and not np.all(np.isfinite(sitk.GetArrayViewFromImage(image))):
         raise InputError(source, "NaN/Inf values in image")
     return image
 
@@ -293,8 +256,8 @@ def read_volume(path: PathLike, *, kind: VolumeKind, series: str | None = None) 
         raise ValueError(f"kind must be 'label' or 'image', got {kind!r}")
     loaded = _read_raw(path, series=series)
     if kind == "label":
-        return _as_label(loaded.image, path)
-    return _as_image(loaded.image, path)
+        return _as_label(loaded.image, path, nonfinite=loaded.nonfinite)
+    return _as_image(loaded.image, path, nonfinite=loaded.nonfinite)
 
 
 def read_label(path: PathLike, *, series: str | None = None) -> sitk.Image:
@@ -387,19 +350,19 @@ def describe(
     image = loaded.image
     array = sitk.GetArrayViewFromImage(image)
     dtype = str(array.dtype)
+    counts: dict[int, int] | None = None
     if kind == "auto":
         is_label = loaded.is_segmentation
         if not is_label and np.issubdtype(array.dtype, np.integer) and array.min() >= 0:
-            values = np.unique(array)
-            is_label = len(values) <= AUTO_LABEL_MAX_VALUES
+            counts = _value_counts(array)
+            is_label = len(counts) <= AUTO_LABEL_MAX_VALUES
     else:
         is_label = kind == "label"
     if is_label:
-        image = _as_label(image, path)
-        values, counts = np.unique(sitk.GetArrayViewFromImage(image), return_counts=True)
-        label_counts = {int(v): int(c) for v, c in zip(values, counts, strict=True)}
+        image = _as_label(image, path, nonfinite=loaded.nonfinite)
+        label_counts = counts if counts is not None else _value_counts(sitk.GetArrayViewFromImage(image))
     else:
-        image = _as_image(image, path)
+        image = _as_image(image, path, nonfinite=loaded.nonfinite)
         label_counts = {}
     return VolumeInfo(
         path=Path(path),
@@ -412,6 +375,17 @@ def describe(
         label_counts=label_counts,
         label_names=dict(loaded.label_names),
     )
+
+
+def _value_counts(array: np.ndarray) -> dict[int, int]:
+    """Voxels per value of a non-negative integer array (slab-wise bincount when values are small)."""
+    if array.size and array.max() < 2**16:
+        total = np.zeros(int(array.max()) + 1, dtype=np.int64)
+        for slab in array.reshape(array.shape[0], -1):
+            total += np.bincount(slab, minlength=total.size)
+        return {int(v): int(total[v]) for v in np.flatnonzero(total)}
+    values, counts = np.unique(array, return_counts=True)
+    return {int(v): int(c) for v, c in zip(values, counts, strict=True)}
 
 
 # --------------------------------------------------------------------------------------------- writing

@@ -1,0 +1,294 @@
+"""Training: export, exact resume, two processes, early stop and clear errors for bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import yaml
+from safetensors.torch import load_file
+from volumes import rotation
+
+SPACING = (0.8, 1.1, 2.5)
+ORIGIN = (12.0, -30.5, 7.25)
+LABELS_YAML = "name: shapes\nclasses:\n  ball: 1\n  box: [2, 7]\n"
+
+
+def make_case(folder: Path, name: str, *, seed: int, size=(22, 18, 9), spacing=SPACING, label_spacing=None) -> None:
+    """A ball (label 1) and a box (labels 2 and 7) in an oblique, anisotropic grid; intensity by class + noise."""
+    rng = np.random.default_rng(seed)
+    nx, ny, nz = size
+    z, y, x = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")
+    labels = np.zeros((nz, ny, nx), np.uint8)
+    cx, cy = 9 + seed % 3, 8
+    labels[((x - cx) / 6.0) ** 2 + ((y - cy) / 5.5) ** 2 + ((z - nz / 2) / 3.5) ** 2 < 1] = 1
+    labels[2:7, 3:8, 14:20] = 2
+    labels[2:4, 3:5, 14:16] = 7
+    image = 100.0 + 300.0 * (labels == 1) + 650.0 * (labels >= 2) + rng.normal(0.0, 25.0, labels.shape)
+    for array, sub, sp in ((image.astype(np.float32), "images", spacing), (labels, "labels", label_spacing or spacing)):
+        volume = sitk.GetImageFromArray(array)
+        volume.SetSpacing(sp)
+        volume.SetOrigin(ORIGIN)
+        volume.SetDirection(rotation())
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(volume, str(folder / sub / f"{name}.nii.gz"))
+
+
+def write_config(folder: Path, *, source="data", label_map="labels.yaml", output_dir="run", **training) -> Path:
+    settings = dict(max_steps=7, batch_size=4, learning_rate=1e-3, warmup_steps=2, ema_decay=0.9,
+                    checkpoint_every=3, preview_every=3, preview_steps=2, log_every=2)
+    settings.update(training)
+    config = {
+        "output_dir": output_dir,
+        "data": {"source": source, "label_map": label_map, "percentiles": [1, 99]},
+        "model": {"preset": "tiny", "context_slices": 1, "name": "tiny-trained", "description": "test"},
+        "training": settings,
+    }
+    path = folder / f"{output_dir.replace('/', '_')}.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("training")
+    make_case(folder / "data", "case0", seed=0)
+    make_case(folder / "data", "case1", seed=1)
+    (folder / "labels.yaml").write_text(LABELS_YAML, encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference_run(workdir):
+    """An uninterrupted 7-step run (checkpoints at 3, 6 and 7; previews at 3, 6 and 7)."""
+    from volgen.training import TrainConfig, train
+
+    config = TrainConfig.from_yaml(write_config(workdir, output_dir="reference"))
+    calls = []
+    result = train(config, progress=lambda *args: calls.append(args))
+    return config, result, calls
+
+
+def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_train_exports_a_loadable_model(reference_run, workdir):
+    from volgen.data import find_cases
+    from volgen.labels import LabelMap
+    from volgen.models import load_model
+    from volgen.training import TrainConfig, list_checkpoints, read_losses
+
+    config, result, calls = reference_run
+    out = config.output_dir
+    assert result.steps == 7 and len(result.losses) == 7 and not result.stopped_early
+    assert all(np.isfinite(result.losses))
+    assert [c[0] for c in calls] == list(range(1, 8)) and all(c[1] == 7 for c in calls)
+    assert read_losses(result.losses_csv) == result.losses
+
+    model = load_model(result.model_dir)
+    meta = model.metadata
+    assert meta.name == "tiny-trained" and meta.encoding == "onehot" and meta.context_slices == 1
+    assert meta.slice_size == 16 and meta.slice_axis == "axial"
+    assert meta.label_map == LabelMap.from_yaml(workdir / "labels.yaml")
+    assert meta.intensity.modality == "MR" and meta.intensity.percentiles == (1.0, 99.0)
+    windows = [np.percentile(sitk.GetArrayFromImage(sitk.ReadImage(str(workdir / "data" / "images" / f"case{i}.nii.gz"))),
+                             (1, 99)) for i in (0, 1)]
+    np.testing.assert_allclose((meta.intensity.low, meta.intensity.high), np.mean(windows, axis=0), rtol=1e-6)
+    assert meta.training["steps"] == 7 and meta.training["num_processes"] == 1
+    assert "2 case(s)" in meta.trained_on
+    assert model.unet.config.in_channels == 1 + 3 * 2
+    assert len(find_cases(workdir / "data")) == 2
+
+    # the resolved config round-trips and the old checkpoints are pruned
+    assert TrainConfig.from_yaml(result.config_path) == config
+    assert [p.name for p in list_checkpoints(out)] == ["step-000006", "step-000007"]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert sorted(p.name for p in (out / "previews").iterdir()) == [
+        "step-000003.png", "step-000006.png", "step-000007.png"
+    ]
+    assert (out / "previews" / "step-000007.png").read_bytes()[:4] == b"\x89PNG"
+
+    # the exported folder runs in the real pipeline
+    from volgen.pipeline import SegmentationToVolumePipeline
+
+    pipe = SegmentationToVolumePipeline(
+        model.unet, model.scheduler, encoding=meta.encoding, context_slices=meta.context_slices,
+        num_classes=meta.num_classes,
+    )
+    labels = torch.zeros(3, 16, 16, dtype=torch.long)
+    labels[:, 4:10, 4:10] = 1
+    volume = pipe(labels, num_inference_steps=2, seed=0, scheduler="ddim").volume
+    assert volume.shape == (3, 16, 16) and torch.isfinite(volume).all()
+
+
+def test_resume_matches_an_uninterrupted_run(reference_run, workdir):
+    from volgen.training import TrainConfig, train
+
+    _, reference, _ = reference_run
+    config = TrainConfig.from_yaml(write_config(workdir, output_dir="interrupted"))
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_four(step, total, loss, lr):
+        if step == 4:  # after the checkpoint at step 3, before the one at step 6
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(config, progress=stop_at_four)
+    resumed = train(config, resume=True)
+
+    assert resumed.steps == 7
+    np.testing.assert_allclose(resumed.losses, reference.losses, rtol=0, atol=1e-6)
+    a, b = _weights(reference.model_dir), _weights(resumed.model_dir)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c, d = (load_file(str(r.checkpoint / "model.safetensors")) for r in (reference, resumed))
+    assert all(torch.equal(c[k], d[k]) for k in c)
+
+
+def test_resume_refuses_a_changed_config_and_a_fresh_run_refuses_an_old_one(reference_run):
+    from volgen.errors import ConfigError, OutputError
+    from volgen.training import train
+
+    config, _, _ = reference_run
+    with pytest.raises(OutputError, match="--resume"):
+        train(config)
+    changed = config.model_copy(deep=True)
+    changed.training.ablation_p = 0.25
+    with pytest.raises(ConfigError, match="training.ablation_p"):
+        train(changed, resume=True)
+
+
+def test_max_minutes_stops_early_with_checkpoint_and_export(workdir):
+    from volgen.models import load_model
+    from volgen.training import TrainConfig, list_checkpoints, train
+
+    config = TrainConfig.from_yaml(write_config(workdir, output_dir="budget", max_minutes=1e-6, preview_every=0))
+    result = train(config)
+    assert result.stopped_early and result.steps == 1
+    assert [p.name for p in list_checkpoints(config.output_dir)] == ["step-000001"]
+    assert load_model(result.model_dir).metadata.training["steps"] == 1
+    assert [p.name for p in result.previews] == ["step-000001.png"]
+
+
+def test_step_batches_partition_between_ranks_and_cover_each_epoch():
+    from volgen.training import StepBatchSampler
+
+    n, batch = 10, 4
+    single = StepBatchSampler(n, batch, seed=3, start_step=0, end_step=5)
+    ranks = [StepBatchSampler(n, batch, seed=3, start_step=0, end_step=5, rank=r, world_size=2) for r in (0, 1)]
+    for step_single, step0, step1 in zip(single, *ranks, strict=True):
+        assert step0 + step1 == step_single
+    flat = [i for b in StepBatchSampler(n, batch, seed=3, start_step=0, end_step=5) for i in b]
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+    resumed = list(StepBatchSampler(n, batch, seed=3, start_step=2, end_step=5))
+    assert resumed == list(single)[2:]
+    weights = torch.tensor([0.0] * 9 + [1.0])
+    weighted = StepBatchSampler(n, batch, seed=3, start_step=0, end_step=3, weights=weights)
+    assert {i for b in weighted for i in b} == {9}
+    with pytest.raises(Exception, match="divisible"):
+        StepBatchSampler(n, 5, seed=0, start_step=0, end_step=1, world_size=2)
+
+
+def test_shipped_train_configs_validate():
+    from volgen.training import TrainConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "train"
+    small = TrainConfig.from_yaml(root / "colin27-small.yaml")
+    assert small.model.unet_config().sample_size == 64 and small.data.label_map == "colin27"
+    assert small.data.source == (root / "../../data/colin27").resolve()
+    tiny = TrainConfig.from_yaml(root / "tiny-test.yaml")
+    assert tiny.model.unet_config().sample_size == 16
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_two_processes_train_one_consistent_model(reference_run, workdir):
+    from volgen.models import load_model
+    from volgen.training import read_losses
+
+    _, reference, _ = reference_run
+    cfg = write_config(workdir, output_dir="ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "volgen", "train", str(cfg)]
+    done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = workdir / "ddp"
+    model = load_model(out / "model")
+    assert model.metadata.training["num_processes"] == 2 and model.metadata.training["steps"] == 7
+    losses = read_losses(out / "losses.csv")
+    # the same global batches, split over two ranks: the same losses up to summation order
+    np.testing.assert_allclose(losses, reference.losses, rtol=0, atol=1e-4)
+    a, b = _weights(reference.model_dir), _weights(out / "model")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-2
+    assert done.stdout.count("model: ") == 1  # only rank 0 reports
+    assert not [p for p in out.rglob("*") if p.name.startswith(".volgen-tmp") or p.name.startswith(".tmp-")]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Command line: bad input gives one readable line and a non-zero exit
+
+
+def _invoke(*args: str):
+    from typer.testing import CliRunner
+
+    import volgen.cli.app as cli
+
+    cli._register()
+    return CliRunner().invoke(cli.app, list(args))
+
+
+def _one_line_error(result) -> str:
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_cli_trains_and_prints_the_model_path(workdir):
+    cfg = write_config(workdir, output_dir="cli", max_steps=2, preview_every=0)
+    result = _invoke("train", str(cfg), "--max-steps", "1", "--output-dir", str(workdir / "cli-override"))
+    assert result.exit_code == 0, result.output
+    assert f"model: {workdir / 'cli-override' / 'model'}" in result.output
+    assert (workdir / "cli-override" / "model" / "volgen.json").is_file()
+    assert not (workdir / "cli").exists()
+
+
+def test_cli_manifest_with_missing_files(workdir):
+    (workdir / "missing.csv").write_text("image,label\ndata/images/case0.nii.gz,data/labels/nope.nii.gz\n")
+    line = _one_line_error(_invoke("train", str(write_config(workdir, source="missing.csv", output_dir="m"))))
+    assert "missing.csv" in line and "nope.nii.gz" in line and "not found" in line
+
+
+def test_cli_geometry_mismatch_names_both_files(workdir, tmp_path):
+    make_case(tmp_path / "data", "bad", seed=0, label_spacing=(0.8, 1.1, 3.0))
+    (tmp_path / "labels.yaml").write_text(LABELS_YAML)
+    line = _one_line_error(_invoke("train", str(write_config(tmp_path))))
+    assert "images/bad.nii.gz" in line and "labels/bad.nii.gz" in line and "geometry" in line
+
+
+def test_cli_label_map_that_does_not_match_the_data(workdir):
+    (workdir / "wrong.yaml").write_text("name: wrong\nclasses:\n  ball: 1\n  box: 2\n")  # no 7
+    line = _one_line_error(_invoke("train", str(write_config(workdir, label_map="wrong.yaml", output_dir="w"))))
+    assert "7" in line and "unknown" in line and "labels/case0.nii.gz" in line
+
+
+def test_cli_config_with_an_unknown_key(workdir):
+    cfg = write_config(workdir, output_dir="k", learning_rte=1e-3)
+    line = _one_line_error(_invoke("train", str(cfg)))
+    assert "unknown key 'training.learning_rte'" in line and cfg.name in line
+
+
+def test_cli_config_value_out_of_range(workdir):
+    line = _one_line_error(_invoke("train", str(write_config(workdir, output_dir="r", ablation_p=1.5))))
+    assert "training.ablation_p" in line
