@@ -9,7 +9,7 @@ Usage::
     python benchmarks/train_small.py --minutes 10 [--output-dir runs/bench-train-small] [--max-steps N]
     torchrun --nproc_per_node 2 benchmarks/train_small.py --minutes 10      # the same, on two processes
 
-Writes ``loss_per_100_steps.csv`` and ``benchmark.json`` next to the run's ``losses.csv`` in the output folder.
+Writes ``loss_per_100_steps.csv`` and ``benchmark.json`` next to the run's ``losses.csv`` (output folder).
 """
 
 from __future__ import annotations
@@ -43,8 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=10.0, help="time budget for the training loop")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--max-steps", type=int, default=None, help="override training.max_steps")
-    parser.add_argument("--output-dir", type=Path, default=None,
-                        help="default: runs/bench-train-small-<date-time> (must not hold a run)")
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="default: runs/bench-train-small-<date-time> (must not hold a run)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="override training.seed")
     args = parser.parse_args(argv)
 
@@ -89,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         "steps_per_second": round(result.steps / elapsed, 3),
         "final_loss_last_100": round(result.final_loss, 5),
         "batch_size": config.training.batch_size,
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
+        "device": torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"CPU ({os.cpu_count()} cores)",
         "torch_threads": torch.get_num_threads(),
         "processes": int(os.environ.get("WORLD_SIZE", "1")),
         "torch": torch.__version__,

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
 from volgen.cli.app import app, console, err_console, handle_errors
 
 
@@ -38,8 +37,18 @@ def train(
     max_minutes: Annotated[
         float | None, typer.Option(min=0.0, help="Stop after this many minutes (checkpoint and export).")
     ] = None,
-    output_dir: Annotated[Path | None, typer.Option("--output-dir", "-o", help="Override output_dir.")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log checkpoints, previews and losses.")] = False,
+    output_dir: Annotated[
+        Path | None, typer.Option("--output-dir", "-o", help="Override output_dir.")
+    ] = None,
+    unknown_labels: Annotated[
+        str | None,
+        typer.Option(
+            help="Override data.unknown_labels: 'error' or 'background' for values the label map lacks."
+        ),
+    ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log checkpoints, previews and losses.")
+    ] = False,
 ) -> None:
     """Train a segmentation-guided slice model; the result is a model folder for `volgen generate --model`.
 
@@ -47,6 +56,9 @@ def train(
 
     or: accelerate launch -m volgen train CONFIG (training.batch_size is the global batch).
     """
+    from pydantic import ValidationError
+
+    from volgen.config import describe_validation_error
     from volgen.errors import ConfigError
     from volgen.training import TrainConfig
     from volgen.training import train as run_train
@@ -57,8 +69,10 @@ def train(
             cfg.training.max_steps = max_steps
         if max_minutes is not None:
             cfg.training.max_minutes = max_minutes if max_minutes > 0 else None
-    except ValueError as e:  # pydantic validation of an override
-        raise ConfigError(config, str(e).splitlines()[0]) from None
+        if unknown_labels is not None:
+            cfg.data.unknown_labels = unknown_labels
+    except ValidationError as e:  # an override out of range
+        raise ConfigError(config, describe_validation_error(e)) from None
     if output_dir is not None:
         cfg.output_dir = output_dir.resolve()
 
@@ -67,6 +81,8 @@ def train(
     if not main:
         run_train(cfg, resume=resume)
         return
+
+    from collections import deque
 
     from rich.progress import (
         BarColumn,
@@ -89,6 +105,7 @@ def train(
     with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
         task = bar.add_task("train", total=cfg.training.max_steps, loss=float("nan"), lr=0.0, rate=0.0)
         state = {"first": None}
+        recent: deque[float] = deque(maxlen=50)
 
         def report(step: int, total: int, loss: float, lr: float) -> None:
             import time
@@ -98,7 +115,9 @@ def train(
                 state["first"] = (step, now)
             first_step, first_time = state["first"]
             rate = (step - first_step) / (now - first_time) if now > first_time else 0.0
-            bar.update(task, completed=step, total=total, loss=loss, lr=lr, rate=rate)
+            recent.append(loss)
+            smoothed = sum(recent) / len(recent)  # the mean of the last 50 steps: one step's loss is noisy
+            bar.update(task, completed=step, total=total, loss=smoothed, lr=lr, rate=rate)
 
         result = run_train(cfg, resume=resume, progress=report)
 
@@ -128,8 +147,12 @@ def _parse_window(text: str | None) -> tuple[float, float] | None:
 @app.command("import-checkpoint")
 @handle_errors
 def import_checkpoint(
-    source: Annotated[Path, typer.Argument(help="A mazurowski-lab/segmentation-guided-diffusion model folder.")],
-    labels: Annotated[Path, typer.Option("--labels", help="Label map YAML (or preset name) of the checkpoint.")],
+    source: Annotated[
+        Path, typer.Argument(help="A mazurowski-lab/segmentation-guided-diffusion model folder.")
+    ],
+    labels: Annotated[
+        Path, typer.Option("--labels", help="Label map YAML (or preset name) of the checkpoint.")
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="The volgen model folder to write.")],
     modality: Annotated[str, typer.Option(help="MR or CT: how to map intensities back.")] = "MR",
     ct_window: Annotated[
@@ -138,7 +161,7 @@ def import_checkpoint(
     name: Annotated[str | None, typer.Option(help="Model name (default: the source folder's name).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
-    """Turn a reference-implementation checkpoint (seed mask encoding) into a volgen model, without retraining.
+    """Turn a reference-implementation checkpoint (seed mask encoding) into a volgen model, no retraining.
 
     Example: volgen import-checkpoint ddpm-breast_mri-256-segguided --labels breast.yaml -o models/breast
     """
@@ -149,7 +172,12 @@ def import_checkpoint(
     if modality not in ("MR", "CT"):
         raise VolgenError(f"--modality must be MR or CT, got {modality!r}")
     folder = run_import(
-        source, labels, output, modality=modality, ct_window=_parse_window(ct_window), name=name,
+        source,
+        labels,
+        output,
+        modality=modality,
+        ct_window=_parse_window(ct_window),
+        name=name,
         overwrite=overwrite,
     )
     console.print(f"model: {folder}", highlight=False)

@@ -109,7 +109,9 @@ def test_seed_encoding_is_class_over_255():
 
 
 def test_context_at_volume_edges_is_background():
-    volume = torch.arange(1, 6, dtype=torch.uint8)[:, None, None].expand(5, 3, 3).contiguous()  # slice z = z + 1
+    volume = (
+        torch.arange(1, 6, dtype=torch.uint8)[:, None, None].expand(5, 3, 3).contiguous()
+    )  # slice z = z + 1
     stack = context_stack(volume, [0, 2, 4], 2)
     assert stack.shape == (3, 5, 3, 3) and stack.dtype == volume.dtype
     values = stack[:, :, 0, 0].tolist()
@@ -135,8 +137,12 @@ def test_keep_and_drop_selection_sets_dropped_classes_to_background():
     assert label_map.selection() == [1, 2, 3]
     removed = selection_to_removed(keep, label_map.num_classes)
     assert removed.tolist() == [False, True, False, True]
-    volume = torch.tensor([0, 1, 2, 3])[None, :, None].expand(3, 4, 2).contiguous()  # every class in every slice
-    cond = condition_slices(volume, [0, 1, 2], num_classes=4, encoding="seed", context_slices=1, removed=removed)
+    volume = (
+        torch.tensor([0, 1, 2, 3])[None, :, None].expand(3, 4, 2).contiguous()
+    )  # every class in every slice
+    cond = condition_slices(
+        volume, [0, 1, 2], num_classes=4, encoding="seed", context_slices=1, removed=removed
+    )
     kept_values = set((cond * 255).round().long().unique().tolist())
     assert kept_values == {0, 2}
     stack = remove_classes(context_stack(volume, [1], 1), removed)

@@ -14,24 +14,35 @@ from volgen.errors import ModelError, OutputError
 LABELS = "name: breast\nclasses:\n  breast: 1\n  vessels: 2\n  tissue: 3\n"
 
 
-def make_reference_checkpoint(folder: Path, *, in_channels: int = 2, scheduler: str | None = "ddim",
-                              pickle: bool = False) -> Path:
+def make_reference_checkpoint(
+    folder: Path, *, in_channels: int = 2, scheduler: str | None = "ddim", pickle: bool = False
+) -> Path:
     """A tiny stand-in for a reference checkpoint: its pipeline's save_pretrained layout."""
     from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
     torch.manual_seed(0)
     unet = UNet2DModel(
-        sample_size=16, in_channels=in_channels, out_channels=1, layers_per_block=1, block_out_channels=(4, 8),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4, attention_head_dim=4,
+        sample_size=16,
+        in_channels=in_channels,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(4, 8),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=4,
     )
     unet.save_pretrained(folder / "unet", safe_serialization=not pickle)
     if scheduler == "ddim":
         DDIMScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
     elif scheduler == "ddpm":
         DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
-    index = {"_class_name": "SegGuidedDDIMPipeline", "_diffusers_version": "0.21.4",
-             "scheduler": ["diffusers", "DDIMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+    index = {
+        "_class_name": "SegGuidedDDIMPipeline",
+        "_diffusers_version": "0.21.4",
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "unet": ["diffusers", "UNet2DModel"],
+    }
     (folder / "model_index.json").write_text(json.dumps(index))
     return folder
 
@@ -61,7 +72,10 @@ def test_import_then_load_and_generate_with_the_seed_encoding(tmp_path, labels_y
     assert (meta.intensity.low, meta.intensity.high) == (0.0, 255.0)
     assert meta.trained_on.startswith("imported from ") and str(source.resolve()) in meta.trained_on
     assert meta.name == "ddim-breast_mri-16-segguided"
-    assert model.scheduler.config.num_train_timesteps == 1000 and model.scheduler.config.beta_schedule == "linear"
+    assert (
+        model.scheduler.config.num_train_timesteps == 1000
+        and model.scheduler.config.beta_schedule == "linear"
+    )
 
     original = UNet2DModel.from_pretrained(source, subfolder="unet", use_safetensors=True).state_dict()
     assert all(torch.equal(original[k], v) for k, v in model.unet.state_dict().items())
@@ -69,7 +83,10 @@ def test_import_then_load_and_generate_with_the_seed_encoding(tmp_path, labels_y
     seen = []
     model.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0][:, 1].clone()))
     pipe = SegmentationToVolumePipeline(
-        model.unet, model.scheduler, encoding=meta.encoding, context_slices=meta.context_slices,
+        model.unet,
+        model.scheduler,
+        encoding=meta.encoding,
+        context_slices=meta.context_slices,
         num_classes=meta.num_classes,
     )
     labels = torch.zeros(3, 16, 16, dtype=torch.long)
@@ -89,7 +106,11 @@ def test_missing_scheduler_means_ddpm_1000_linear(tmp_path, labels_yaml):
     model = load_model(import_checkpoint(source, labels_yaml, tmp_path / "out", name="breast"))
     assert model.metadata.name == "breast"
     config = model.scheduler.config
-    assert (config.num_train_timesteps, config.beta_schedule, config.prediction_type) == (1000, "linear", "epsilon")
+    assert (config.num_train_timesteps, config.beta_schedule, config.prediction_type) == (
+        1000,
+        "linear",
+        "epsilon",
+    )
 
 
 def test_ct_window(tmp_path, labels_yaml):
@@ -142,9 +163,8 @@ def test_too_many_classes_and_bad_folders_are_refused(tmp_path, labels_yaml):
 
 
 def _invoke(*args: str):
-    from typer.testing import CliRunner
-
     import volgen.cli.app as cli
+    from typer.testing import CliRunner
 
     cli._register()
     return CliRunner().invoke(cli.app, list(args))
@@ -155,17 +175,39 @@ def test_cli_import_checkpoint(tmp_path, labels_yaml):
 
     source = make_reference_checkpoint(tmp_path / "src")
     out = tmp_path / "cli-model"
-    result = _invoke("import-checkpoint", str(source), "--labels", str(labels_yaml), "-o", str(out),
-                     "--modality", "CT", "--ct-window", "-1000,1000")
+    result = _invoke(
+        "import-checkpoint",
+        str(source),
+        "--labels",
+        str(labels_yaml),
+        "-o",
+        str(out),
+        "--modality",
+        "CT",
+        "--ct-window",
+        "-1000,1000",
+    )
     assert result.exit_code == 0, result.output
     assert f"model: {out}" in result.output
     assert load_model(out).metadata.intensity.modality == "CT"
 
-    bad = _invoke("import-checkpoint", str(source), "--labels", str(labels_yaml), "-o", str(tmp_path / "x"),
-                  "--modality", "CT", "--ct-window", "1000")
+    bad = _invoke(
+        "import-checkpoint",
+        str(source),
+        "--labels",
+        str(labels_yaml),
+        "-o",
+        str(tmp_path / "x"),
+        "--modality",
+        "CT",
+        "--ct-window",
+        "1000",
+    )
     assert bad.exit_code == 1 and "--ct-window" in bad.output
     assert len(bad.output.strip().splitlines()) == 1
 
     shutil.rmtree(source / "unet")
-    missing = _invoke("import-checkpoint", str(source), "--labels", str(labels_yaml), "-o", str(tmp_path / "y"))
+    missing = _invoke(
+        "import-checkpoint", str(source), "--labels", str(labels_yaml), "-o", str(tmp_path / "y")
+    )
     assert missing.exit_code == 1 and "unet/config.json" in missing.output

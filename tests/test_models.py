@@ -125,7 +125,9 @@ def test_paper_preset_is_the_reference_architecture():
     paper = UNetConfig.preset("paper")
     assert tuple(paper.block_out_channels) == (128, 128, 256, 256, 512, 512)
     assert paper.layers_per_block == 2 and paper.sample_size == 256
-    assert [i for i, b in enumerate(paper.down_block_types) if b.startswith("Attn")] == [4]  # the 5th down block
+    assert [i for i, b in enumerate(paper.down_block_types) if b.startswith("Attn")] == [
+        4
+    ]  # the 5th down block
     assert [i for i, b in enumerate(paper.up_block_types) if b.startswith("Attn")] == [1]  # the 2nd up block
     metadata = ModelMetadata(
         label_map=LabelMap.from_names(["a", "b"]), encoding="seed", context_slices=0, slice_size=256
@@ -149,8 +151,11 @@ def test_paper_preset_is_the_reference_architecture():
 def test_unet_config_validation(changes):
     base = UNetConfig.preset("tiny").model_dump()
     if "sample_size" in changes:
-        base.update(block_out_channels=[4, 8, 16], down_block_types=["DownBlock2D"] * 3,
-                    up_block_types=["UpBlock2D"] * 3)
+        base.update(
+            block_out_channels=[4, 8, 16],
+            down_block_types=["DownBlock2D"] * 3,
+            up_block_types=["UpBlock2D"] * 3,
+        )
     base.update(changes)
     with pytest.raises(ValueError):
         UNetConfig(**base)

@@ -20,8 +20,10 @@ ORIGIN = (12.0, -30.5, 7.25)
 LABELS_YAML = "name: shapes\nclasses:\n  ball: 1\n  box: [2, 7]\n"
 
 
-def make_case(folder: Path, name: str, *, seed: int, size=(22, 18, 9), spacing=SPACING, label_spacing=None) -> None:
-    """A ball (label 1) and a box (labels 2 and 7) in an oblique, anisotropic grid; intensity by class + noise."""
+def make_case(
+    folder: Path, name: str, *, seed: int, size=(22, 18, 9), spacing=SPACING, label_spacing=None
+) -> None:
+    """A ball (label 1), a box (labels 2, 7) in an oblique, anisotropic grid; intensity by class + noise."""
     rng = np.random.default_rng(seed)
     nx, ny, nz = size
     z, y, x = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")
@@ -31,7 +33,10 @@ def make_case(folder: Path, name: str, *, seed: int, size=(22, 18, 9), spacing=S
     labels[2:7, 3:8, 14:20] = 2
     labels[2:4, 3:5, 14:16] = 7
     image = 100.0 + 300.0 * (labels == 1) + 650.0 * (labels >= 2) + rng.normal(0.0, 25.0, labels.shape)
-    for array, sub, sp in ((image.astype(np.float32), "images", spacing), (labels, "labels", label_spacing or spacing)):
+    for array, sub, sp in (
+        (image.astype(np.float32), "images", spacing),
+        (labels, "labels", label_spacing or spacing),
+    ):
         volume = sitk.GetImageFromArray(array)
         volume.SetSpacing(sp)
         volume.SetOrigin(ORIGIN)
@@ -40,9 +45,20 @@ def make_case(folder: Path, name: str, *, seed: int, size=(22, 18, 9), spacing=S
         sitk.WriteImage(volume, str(folder / sub / f"{name}.nii.gz"))
 
 
-def write_config(folder: Path, *, source="data", label_map="labels.yaml", output_dir="run", **training) -> Path:
-    settings = dict(max_steps=7, batch_size=4, learning_rate=1e-3, warmup_steps=2, ema_decay=0.9,
-                    checkpoint_every=3, preview_every=3, preview_steps=2, log_every=2)
+def write_config(
+    folder: Path, *, source="data", label_map="labels.yaml", output_dir="run", **training
+) -> Path:
+    settings = dict(
+        max_steps=7,
+        batch_size=4,
+        learning_rate=1e-3,
+        warmup_steps=2,
+        ema_decay=0.9,
+        checkpoint_every=3,
+        preview_every=3,
+        preview_steps=2,
+        log_every=2,
+    )
     settings.update(training)
     config = {
         "output_dir": output_dir,
@@ -98,8 +114,13 @@ def test_train_exports_a_loadable_model(reference_run, workdir):
     assert meta.slice_size == 16 and meta.slice_axis == "axial"
     assert meta.label_map == LabelMap.from_yaml(workdir / "labels.yaml")
     assert meta.intensity.modality == "MR" and meta.intensity.percentiles == (1.0, 99.0)
-    windows = [np.percentile(sitk.GetArrayFromImage(sitk.ReadImage(str(workdir / "data" / "images" / f"case{i}.nii.gz"))),
-                             (1, 99)) for i in (0, 1)]
+    windows = [
+        np.percentile(
+            sitk.GetArrayFromImage(sitk.ReadImage(str(workdir / "data" / "images" / f"case{i}.nii.gz"))),
+            (1, 99),
+        )
+        for i in (0, 1)
+    ]
     np.testing.assert_allclose((meta.intensity.low, meta.intensity.high), np.mean(windows, axis=0), rtol=1e-6)
     assert meta.training["steps"] == 7 and meta.training["num_processes"] == 1
     assert "2 case(s)" in meta.trained_on
@@ -111,7 +132,9 @@ def test_train_exports_a_loadable_model(reference_run, workdir):
     assert [p.name for p in list_checkpoints(out)] == ["step-000006", "step-000007"]
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
     assert sorted(p.name for p in (out / "previews").iterdir()) == [
-        "step-000003.png", "step-000006.png", "step-000007.png"
+        "step-000003.png",
+        "step-000006.png",
+        "step-000007.png",
     ]
     assert (out / "previews" / "step-000007.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -119,7 +142,10 @@ def test_train_exports_a_loadable_model(reference_run, workdir):
     from volgen.pipeline import SegmentationToVolumePipeline
 
     pipe = SegmentationToVolumePipeline(
-        model.unet, model.scheduler, encoding=meta.encoding, context_slices=meta.context_slices,
+        model.unet,
+        model.scheduler,
+        encoding=meta.encoding,
+        context_slices=meta.context_slices,
         num_classes=meta.num_classes,
     )
     labels = torch.zeros(3, 16, 16, dtype=torch.long)
@@ -171,7 +197,9 @@ def test_max_minutes_stops_early_with_checkpoint_and_export(workdir):
     from volgen.models import load_model
     from volgen.training import TrainConfig, list_checkpoints, train
 
-    config = TrainConfig.from_yaml(write_config(workdir, output_dir="budget", max_minutes=1e-6, preview_every=0))
+    config = TrainConfig.from_yaml(
+        write_config(workdir, output_dir="budget", max_minutes=1e-6, preview_every=0)
+    )
     result = train(config)
     assert result.stopped_early and result.steps == 1
     assert [p.name for p in list_checkpoints(config.output_dir)] == ["step-000001"]
@@ -184,7 +212,9 @@ def test_step_batches_partition_between_ranks_and_cover_each_epoch():
 
     n, batch = 10, 4
     single = StepBatchSampler(n, batch, seed=3, start_step=0, end_step=5)
-    ranks = [StepBatchSampler(n, batch, seed=3, start_step=0, end_step=5, rank=r, world_size=2) for r in (0, 1)]
+    ranks = [
+        StepBatchSampler(n, batch, seed=3, start_step=0, end_step=5, rank=r, world_size=2) for r in (0, 1)
+    ]
     for step_single, step0, step1 in zip(single, *ranks, strict=True):
         assert step0 + step1 == step_single
     flat = [i for b in StepBatchSampler(n, batch, seed=3, start_step=0, end_step=5) for i in b]
@@ -217,8 +247,18 @@ def test_two_processes_train_one_consistent_model(reference_run, workdir):
     _, reference, _ = reference_run
     cfg = write_config(workdir, output_dir="ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "volgen", "train", str(cfg)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "volgen",
+        "train",
+        str(cfg),
+    ]
     done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = workdir / "ddp"
@@ -238,9 +278,8 @@ def test_two_processes_train_one_consistent_model(reference_run, workdir):
 
 
 def _invoke(*args: str):
-    from typer.testing import CliRunner
-
     import volgen.cli.app as cli
+    from typer.testing import CliRunner
 
     cli._register()
     return CliRunner().invoke(cli.app, list(args))
@@ -279,7 +318,9 @@ def test_cli_geometry_mismatch_names_both_files(workdir, tmp_path):
 
 def test_cli_label_map_that_does_not_match_the_data(workdir):
     (workdir / "wrong.yaml").write_text("name: wrong\nclasses:\n  ball: 1\n  box: 2\n")  # no 7
-    line = _one_line_error(_invoke("train", str(write_config(workdir, label_map="wrong.yaml", output_dir="w"))))
+    line = _one_line_error(
+        _invoke("train", str(write_config(workdir, label_map="wrong.yaml", output_dir="w")))
+    )
     assert "7" in line and "unknown" in line and "labels/case0.nii.gz" in line
 
 

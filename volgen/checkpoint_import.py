@@ -65,7 +65,9 @@ def _training_scheduler(source: Path):
     config = _read_json(path)
     class_name = config.get("_class_name", "DDPMScheduler")
     if class_name not in SUPPORTED_SCHEDULERS:
-        raise ModelError(path, f"scheduler {class_name} is not supported; expected one of {SUPPORTED_SCHEDULERS}")
+        raise ModelError(
+            path, f"scheduler {class_name} is not supported; expected one of {SUPPORTED_SCHEDULERS}"
+        )
     prediction = config.get("prediction_type", "epsilon")
     if prediction != "epsilon":
         raise ModelError(path, f"prediction_type {prediction!r}; volgen models predict the noise ('epsilon')")
@@ -90,7 +92,7 @@ def import_checkpoint(
     Args:
         source_dir: The checkpoint: a diffusers folder with ``unet/`` (safetensors weights) and optionally
             ``scheduler/``.
-        labels_yaml: The label map (YAML path or preset name): class ``k`` of the map is PNG label value ``k``.
+        labels_yaml: The label map (YAML path or preset name); class ``k`` is the PNG label value ``k``.
         output_dir: The model folder to write.
         modality: ``MR``: intensities map back to the 8-bit range 0..255 of the training PNGs (each volume's
             min..max maps to -1..1 going in); ``CT``: the Hounsfield window the PNGs were made with.
@@ -127,19 +129,22 @@ def import_checkpoint(
     if in_channels != 2:
         raise ModelError(
             config_path,
-            f"the UNet has in_channels={in_channels}; a segmentation-guided reference checkpoint has 2 (image + one "
-            "mask channel, segmentation_channel_mode 'single'); unconditional or multi-channel models are not "
-            "supported",
+            f"the UNet has in_channels={in_channels}; a segmentation-guided reference checkpoint has 2 "
+            "(image + one mask channel, segmentation_channel_mode 'single'); unconditional or multi-channel "
+            "models are not supported",
         )
     if out_channels != 1:
-        raise ModelError(config_path, f"the UNet has out_channels={out_channels}; volgen generates 1-channel images")
+        raise ModelError(
+            config_path, f"the UNet has out_channels={out_channels}; volgen generates 1-channel images"
+        )
     slice_size = _sample_size(config, config_path)
 
     label_map = load_label_map(labels_yaml)
     if label_map.num_classes - 1 > 255:
         raise ModelError(
-            labels_yaml, f"the label map has {label_map.num_classes - 1} foreground classes; the seed encoding "
-            "(class / 255) holds at most 255"
+            labels_yaml,
+            f"the label map has {label_map.num_classes - 1} foreground classes; the seed encoding "
+            "(class / 255) holds at most 255",
         )
     if modality == "CT":
         intensity = IntensityMapping.ct(*(ct_window or (-1000.0, 1000.0)))

@@ -20,10 +20,15 @@ Running on several processes (one machine or many; accelerate honours torchrun's
 
     torchrun --nproc_per_node N -m volgen train CONFIG.yaml
     accelerate launch -m volgen train CONFIG.yaml          # after `accelerate config`
-    torchrun --nnodes M --nproc_per_node N --rdzv-backend c10d --rdzv-endpoint HOST:PORT -m volgen train CONFIG.yaml
+    torchrun --nnodes M --nproc_per_node N --rdzv-backend c10d --rdzv-endpoint HOST:PORT \
+        -m volgen train CONFIG.yaml
 
 ``training.batch_size`` is the global batch and must be divisible by the number of processes. Only the main
-process writes files (checkpoints, previews, the exported model); every process reads the training data.
+process writes files (checkpoints, previews, the exported model); every process reads the training data, and
+``output_dir`` must be on a filesystem all processes share (each writes its RNG state into the checkpoint).
+A checkpoint can be resumed with another number of processes; resuming with a larger ``max_steps`` extends a
+finished run on the cosine schedule of the new ``max_steps``. ``max_minutes`` counts the training loop of
+this call (not data preparation, not earlier calls).
 
 On disk, under ``output_dir``::
 
@@ -79,7 +84,7 @@ _STREAM_NOISE = 1
 _STREAM_ABLATION = 2
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Config
 
 
@@ -111,7 +116,9 @@ class DataConfig(StrictModel):
             return IntensityMapping(modality="MR", percentiles=self.percentiles)
         low = float(np.mean([w[0] for w in windows]))
         high = float(np.mean([w[1] for w in windows]))
-        return IntensityMapping(modality="MR", percentiles=self.percentiles, low=low, high=max(high, low + 1e-3))
+        return IntensityMapping(
+            modality="MR", percentiles=self.percentiles, low=low, high=max(high, low + 1e-3)
+        )
 
 
 class ModelSection(StrictModel):
@@ -196,8 +203,17 @@ def _resume_relevant(config: TrainConfig) -> dict[str, Any]:
     dump = config.model_dump(mode="json")
     training = {
         k: dump["training"][k]
-        for k in ("batch_size", "learning_rate", "warmup_steps", "weight_decay", "grad_clip", "ema_decay",
-                  "ablation_p", "seed", "mixed_precision")
+        for k in (
+            "batch_size",
+            "learning_rate",
+            "warmup_steps",
+            "weight_decay",
+            "grad_clip",
+            "ema_decay",
+            "ablation_p",
+            "seed",
+            "mixed_precision",
+        )
     }
     return {"data": dump["data"], "model": dump["model"], "training": training}
 
@@ -212,7 +228,7 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
     return None if a == b else prefix.rstrip(".")
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Per-step randomness
 
 
@@ -252,7 +268,9 @@ class StepBatchSampler(torch.utils.data.Sampler):
         world_size: int = 1,
     ) -> None:
         if batch_size % world_size:
-            raise ConfigError(None, f"training.batch_size {batch_size} must be divisible by {world_size} processes")
+            raise ConfigError(
+                None, f"training.batch_size {batch_size} must be divisible by {world_size} processes"
+            )
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.seed = seed
@@ -292,7 +310,13 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
 
 def step_noise(
-    step: int, *, seed: int, batch_size: int, shape: tuple[int, ...], num_train_timesteps: int, num_classes: int,
+    step: int,
+    *,
+    seed: int,
+    batch_size: int,
+    shape: tuple[int, ...],
+    num_train_timesteps: int,
+    num_classes: int,
     ablation_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The global batch's noise ``(B, *shape)``, timesteps ``(B,)`` and ablation ``(B, C)`` of one step."""
@@ -301,11 +325,13 @@ def step_noise(
     gen = _generator(seed, _STREAM_NOISE, step)
     timesteps = torch.randint(0, num_train_timesteps, (batch_size,), generator=gen)
     noise = torch.randn((batch_size, *shape), generator=gen)
-    removed = draw_ablation(batch_size, num_classes, ablation_p, generator=_generator(seed, _STREAM_ABLATION, step))
+    removed = draw_ablation(
+        batch_size, num_classes, ablation_p, generator=_generator(seed, _STREAM_ABLATION, step)
+    )
     return noise, timesteps, removed
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Data
 
 
@@ -347,11 +373,13 @@ def prepare_training_data(config: TrainConfig) -> TrainingData:
     intensity = data.intensity_mapping([v.window for v in volumes])
     names = ", ".join(c.case for c in cases[:5]) + (" ..." if len(cases) > 5 else "")
     description = f"{len(cases)} case(s) from {data.source} ({names})"
-    logger.info("prepared %s: %d slices of %d px", description, sum(v.labels.shape[0] for v in volumes), slice_size)
+    logger.info(
+        "prepared %s: %d slices of %d px", description, sum(v.labels.shape[0] for v in volumes), slice_size
+    )
     return TrainingData(volumes=volumes, label_map=label_map, intensity=intensity, description=description)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Checkpoints
 
 
@@ -360,9 +388,15 @@ def list_checkpoints(output_dir: PathLike) -> list[Path]:
     root = Path(output_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / TRAINER_STATE).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir()
+        and p.name.startswith(CHECKPOINT_PREFIX)
+        and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+        and (p / TRAINER_STATE).is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
 def _read_trainer_state(checkpoint: Path) -> dict[str, Any]:
@@ -375,9 +409,10 @@ def _read_trainer_state(checkpoint: Path) -> dict[str, Any]:
         raise ConfigError(path, f"not valid JSON: {e}") from None
 
 
-def _save_checkpoint(accelerator, ema, output_dir: Path, step: int, history: dict[str, list[float]],
-                     config: TrainConfig) -> Path:
-    """Write a checkpoint atomically (temporary folder, then rename) and keep the last ``KEEP_CHECKPOINTS``."""
+def _save_checkpoint(
+    accelerator, ema, output_dir: Path, step: int, history: dict[str, list[float]], config: TrainConfig
+) -> Path:
+    """Write a checkpoint atomically (temporary folder, then rename); keep the last ``KEEP_CHECKPOINTS``."""
     from safetensors.torch import save_file
 
     root = output_dir / CHECKPOINTS
@@ -394,7 +429,9 @@ def _save_checkpoint(accelerator, ema, output_dir: Path, step: int, history: dic
     if accelerator.is_main_process:
         state = ema.state_dict()
         shadow = state.pop("shadow_params")
-        save_file({f"{i:05d}": p.detach().cpu().contiguous() for i, p in enumerate(shadow)}, str(tmp / EMA_WEIGHTS))
+        save_file(
+            {f"{i:05d}": p.detach().cpu().contiguous() for i, p in enumerate(shadow)}, str(tmp / EMA_WEIGHTS)
+        )
         trainer_state = {
             "step": step,
             "ema": state,
@@ -428,7 +465,7 @@ def _load_checkpoint(accelerator, ema, checkpoint: Path, device) -> dict[str, An
     return trainer_state
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Preview and export
 
 
@@ -451,8 +488,19 @@ def _ema_unet(accelerator, model, ema):
     return unet.float().eval()
 
 
-def write_preview(path: Path, unet, scheduler, volume, *, num_classes: int, encoding: str, context_slices: int,
-                  steps: int, seed: int, title: str = "") -> Path:
+def write_preview(
+    path: Path,
+    unet,
+    scheduler,
+    volume,
+    *,
+    num_classes: int,
+    encoding: str,
+    context_slices: int,
+    steps: int,
+    seed: int,
+    title: str = "",
+) -> Path:
     """Generate a few slices of ``volume`` with DDIM and save a PNG grid (mask | real | generated).
 
     Each picked slice is generated inside a block of its ``2K+1`` context slices (the others are only there to
@@ -469,17 +517,28 @@ def write_preview(path: Path, unet, scheduler, volume, *, num_classes: int, enco
     s = 2 * context_slices + 1
     blocks = context_stack(volume.labels, zs, context_slices).reshape(-1, *volume.labels.shape[1:])
     pipe = SegmentationToVolumePipeline(
-        unet=unet, scheduler=scheduler, encoding=encoding, context_slices=context_slices, num_classes=num_classes
+        unet=unet,
+        scheduler=scheduler,
+        encoding=encoding,
+        context_slices=context_slices,
+        num_classes=num_classes,
     )
     out = pipe(blocks.long(), num_inference_steps=steps, seed=seed, scheduler="ddim", noise_correlation=0.0)
     generated = out.volume[context_slices::s]
 
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
+
+    palette = colormaps["tab10"].colors
+    class_colours = ListedColormap(
+        ["black", *(palette[i % len(palette)] for i in range(max(num_classes - 1, 1)))]
+    )
     fig = Figure(figsize=(6.0, 2.0 * len(zs) + 0.4))
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(zs), 3, squeeze=False)
     for row, z in enumerate(zs):
         panels = [
-            (volume.labels[z].numpy(), {"cmap": "tab10", "vmin": 0, "vmax": max(num_classes - 1, 1)}),
+            (volume.labels[z].numpy(), {"cmap": class_colours, "vmin": -0.5, "vmax": class_colours.N - 0.5}),
             (volume.image[z].numpy(), {"cmap": "gray", "vmin": -1, "vmax": 1}),
             (generated[row].numpy(), {"cmap": "gray", "vmin": -1, "vmax": 1}),
         ]
@@ -520,7 +579,7 @@ def read_losses(path: PathLike) -> list[float]:
         return [float(row["loss"]) for row in csv.DictReader(f)]
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -556,7 +615,8 @@ def _resolve_resume(config: TrainConfig, resume: bool | PathLike) -> Path | None
     if resume is False or resume is None:
         if list_checkpoints(output_dir) or (output_dir / "model").exists():
             raise OutputError(
-                output_dir, "already holds a training run; resume it (--resume) or choose another --output-dir"
+                output_dir,
+                "already holds a training run; resume it (--resume) or choose another --output-dir",
             )
         return None
     if resume is True:
@@ -571,14 +631,15 @@ def _resolve_resume(config: TrainConfig, resume: bool | PathLike) -> Path | None
     return checkpoint
 
 
-def train(config: TrainConfig, *, resume: bool | PathLike = False,
-          progress: ProgressCallback | None = None) -> TrainResult:
+def train(
+    config: TrainConfig, *, resume: bool | PathLike = False, progress: ProgressCallback | None = None
+) -> TrainResult:
     """Train a slice model and export it to ``config.output_dir / "model"``.
 
     Args:
         config: The run's config (absolute paths, see :meth:`TrainConfig.from_yaml`).
-        resume: ``True`` continues from the latest checkpoint in ``output_dir`` (from step 0 if there is none);
-            a path continues from that checkpoint folder; ``False`` starts afresh and refuses an
+        resume: ``True`` continues from the latest checkpoint in ``output_dir`` (from step 0 if there is
+            none); a path continues from that checkpoint folder; ``False`` starts afresh and refuses an
             ``output_dir`` that already holds a run.
         progress: Called as ``progress(step, max_steps, loss, lr)`` after every step on the main process.
 
@@ -611,18 +672,24 @@ def train(config: TrainConfig, *, resume: bool | PathLike = False,
         saved_config = TrainConfig.model_validate(saved["config"])
         difference = _first_difference(_resume_relevant(saved_config), _resume_relevant(config))
         if difference:
-            raise ConfigError(checkpoint, f"was written with a different '{difference}'; resume needs the same value")
+            raise ConfigError(
+                checkpoint, f"was written with a different '{difference}'; resume needs the same value"
+            )
 
     cuda = torch.cuda.is_available()
     mixed_precision = cfg.mixed_precision
     if mixed_precision != "no" and not cuda:
         logger.warning("mixed_precision=%s needs a GPU; training in float32 on the CPU", mixed_precision)
         mixed_precision = "no"
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not cuda, step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision, cpu=not cuda, step_scheduler_with_optimizer=False
+    )
     device = accelerator.device
     if cfg.batch_size % accelerator.num_processes:
         raise ConfigError(
-            None, f"training.batch_size {cfg.batch_size} must be divisible by {accelerator.num_processes} processes"
+            None,
+            f"training.batch_size {cfg.batch_size} must be divisible by the number of processes "
+            f"({accelerator.num_processes})",
         )
     set_seed(cfg.seed)
 
@@ -656,13 +723,26 @@ def train(config: TrainConfig, *, resume: bool | PathLike = False,
         saved = _load_checkpoint(accelerator, ema, checkpoint, device)
         start_step = int(saved["step"])
         history = {"loss": list(saved["losses"])[:start_step], "lr": list(saved["lrs"])[:start_step]}
+        # the learning rate of the next step from this run's schedule (it differs from the saved one only when
+        # max_steps changed, e.g. to extend a finished run)
+        inner = getattr(lr_scheduler, "scheduler", lr_scheduler)
+        for group, base, factor in zip(optimizer.param_groups, inner.base_lrs, inner.lr_lambdas, strict=True):
+            group["lr"] = base * factor(inner.last_epoch)
         logger.info("resumed from %s at step %d", checkpoint, start_step)
     end_step = max(cfg.max_steps, start_step)
 
-    weights = dataset.sampling_weights(config.data.foreground_weight) if config.data.foreground_weight > 0 else None
+    weights = (
+        dataset.sampling_weights(config.data.foreground_weight) if config.data.foreground_weight > 0 else None
+    )
     sampler = StepBatchSampler(
-        len(dataset), cfg.batch_size, seed=cfg.seed, start_step=start_step, end_step=end_step, weights=weights,
-        rank=accelerator.process_index, world_size=accelerator.num_processes,
+        len(dataset),
+        cfg.batch_size,
+        seed=cfg.seed,
+        start_step=start_step,
+        end_step=end_step,
+        weights=weights,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
     )
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=cuda
@@ -680,9 +760,16 @@ def train(config: TrainConfig, *, resume: bool | PathLike = False,
         if accelerator.is_main_process:
             path = output_dir / "previews" / f"step-{step:06d}.png"
             write_preview(
-                path, _ema_unet(accelerator, model, ema), noise_scheduler, preview_volume,
-                num_classes=num_classes, encoding=metadata.encoding, context_slices=metadata.context_slices,
-                steps=cfg.preview_steps, seed=cfg.seed, title=f"{metadata.name}: step {step} (EMA, DDIM)",
+                path,
+                _ema_unet(accelerator, model, ema),
+                noise_scheduler,
+                preview_volume,
+                num_classes=num_classes,
+                encoding=metadata.encoding,
+                context_slices=metadata.context_slices,
+                steps=cfg.preview_steps,
+                seed=cfg.seed,
+                title=f"{metadata.name}: step {step} (EMA, DDIM)",
             )
             previews.append(path)
             logger.info("wrote preview %s", path)
@@ -696,8 +783,13 @@ def train(config: TrainConfig, *, resume: bool | PathLike = False,
     started = time.monotonic()
     for batch in loader:
         noise, timesteps, removed = step_noise(
-            step, seed=cfg.seed, batch_size=cfg.batch_size, shape=image_shape,
-            num_train_timesteps=num_train_timesteps, num_classes=num_classes, ablation_p=cfg.ablation_p,
+            step,
+            seed=cfg.seed,
+            batch_size=cfg.batch_size,
+            shape=image_shape,
+            num_train_timesteps=num_train_timesteps,
+            num_classes=num_classes,
+            ablation_p=cfg.ablation_p,
         )
         x0 = batch["image"].to(device, non_blocking=True)
         noise, timesteps, removed = noise[local].to(device), timesteps[local].to(device), removed[local]
@@ -716,15 +808,18 @@ def train(config: TrainConfig, *, resume: bool | PathLike = False,
         ema.step(accelerator.unwrap_model(model).parameters())
         step += 1
 
-        step_loss = float(accelerator.reduce(loss.detach(), reduction="mean")) if accelerator.num_processes > 1 \
+        step_loss = (
+            float(accelerator.reduce(loss.detach(), reduction="mean"))
+            if accelerator.num_processes > 1
             else float(loss.detach())
+        )
         if not math.isfinite(step_loss):
             raise VolgenError(f"the loss became {step_loss} at step {step}; lower training.learning_rate")
         history["loss"].append(step_loss)
         history["lr"].append(lr)
         if accelerator.is_main_process:
             if step % cfg.log_every == 0:
-                recent = history["loss"][-cfg.log_every:]
+                recent = history["loss"][-cfg.log_every :]
                 logger.info("step %d/%d loss %.4f lr %.2e", step, end_step, sum(recent) / len(recent), lr)
             if progress is not None:
                 progress(step, end_step, step_loss, lr)
@@ -774,6 +869,13 @@ def train(config: TrainConfig, *, resume: bool | PathLike = False,
         logger.info("exported %s (%d steps, final loss %.4f)", model_dir, step, final_loss)
     accelerator.wait_for_everyone()
     return TrainResult(
-        model_dir=model_dir, steps=step, final_loss=final_loss, losses=list(losses), losses_csv=losses_csv,
-        config_path=config_path, previews=previews, checkpoint=last_checkpoint, stopped_early=stopped_early,
+        model_dir=model_dir,
+        steps=step,
+        final_loss=final_loss,
+        losses=list(losses),
+        losses_csv=losses_csv,
+        config_path=config_path,
+        previews=previews,
+        checkpoint=last_checkpoint,
+        stopped_early=stopped_early,
     )

@@ -1,0 +1,107 @@
+"""The volume pipeline: invariants on a tiny untrained UNet."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from volgen.errors import VolgenError
+from volgen.models import load_model
+from volgen.pipeline import SCHEDULERS, SegmentationToVolumePipeline, correlated_noise
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    loaded = load_model(tiny_model_dir)
+    meta = loaded.metadata
+    return SegmentationToVolumePipeline(
+        loaded.unet, loaded.scheduler, encoding=meta.encoding, context_slices=meta.context_slices,
+        num_classes=meta.num_classes, slice_axis=meta.slice_axis,
+    )
+
+
+@pytest.fixture(scope="module")
+def labels():
+    g = torch.Generator().manual_seed(3)
+    return torch.randint(0, 4, (11, 16, 16), generator=g)
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_every_scheduler_runs_and_is_independent_of_slice_batch_size(pipe, labels, scheduler):
+    a = pipe(labels, num_inference_steps=3, seed=5, scheduler=scheduler, slice_batch_size=1).volume
+    b = pipe(labels, num_inference_steps=3, seed=5, scheduler=scheduler, slice_batch_size=7).volume
+    assert a.shape == labels.shape
+    assert torch.isfinite(a).all()
+    assert torch.equal(a, b)
+
+
+def test_same_seed_same_volume_other_seed_differs(pipe, labels):
+    a = pipe(labels, num_inference_steps=2, seed=1).volume
+    b = pipe(labels, num_inference_steps=2, seed=1).volume
+    c = pipe(labels, num_inference_steps=2, seed=2).volume
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_correlated_noise_statistics():
+    g = torch.Generator().manual_seed(0)
+    n = correlated_noise((64, 1, 32, 32), 0.9, g)
+    assert abs(float(n.std()) - 1.0) < 0.05
+    corr = torch.corrcoef(torch.stack([n[:-1].flatten(), n[1:].flatten()]))[0, 1]
+    assert abs(float(corr) - 0.9) < 0.02
+    independent = correlated_noise((64, 1, 32, 32), 0.0, torch.Generator().manual_seed(0))
+    corr0 = torch.corrcoef(torch.stack([independent[:-1].flatten(), independent[1:].flatten()]))[0, 1]
+    assert abs(float(corr0)) < 0.02
+
+
+def test_strength_zero_returns_reference_and_strength_runs_fewer_steps(pipe, labels):
+    reference = torch.rand(labels.shape, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    out = pipe(labels, reference=reference, strength=0.0, num_inference_steps=10)
+    assert torch.equal(out.volume, reference)
+    partial = pipe(labels, reference=reference, strength=0.4, num_inference_steps=10, scheduler="ddim")
+    assert partial.start_timestep <= 400
+    assert 0 < len(partial.timesteps) < 10
+    full = pipe(labels, num_inference_steps=10, scheduler="ddim")
+    assert len(full.timesteps) == 10
+
+
+def test_dropped_classes_reach_the_unet_as_background(pipe, labels):
+    """With spleen (class 3) dropped, the condition equals the one of a mask where spleen is background."""
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0][:, 1:].clone()))
+    try:
+        pipe(labels, num_inference_steps=1, keep=[1, 2], slice_batch_size=16)
+        dropped = seen[:]
+        seen.clear()
+        pipe(labels.masked_fill(labels == 3, 0), num_inference_steps=1, slice_batch_size=16)
+        background = seen[:]
+    finally:
+        hook.remove()
+    assert (labels == 3).any()
+    assert all(torch.equal(a, b) for a, b in zip(dropped, background, strict=True))
+    # spleen's onehot channels are all zero in every context slice
+    channels_per_slice = 3
+    spleen = dropped[0][:, channels_per_slice - 1 :: channels_per_slice]
+    assert spleen.abs().sum() == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "phrase"),
+    [
+        ({"strength": 1.5}, "strength"),
+        ({"strength": 0.5}, "reference"),
+        ({"scheduler": "heun"}, "unknown scheduler"),
+        ({"noise_correlation": 1.0}, "noise correlation"),
+        ({"slice_batch_size": 0}, "slice_batch_size"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(pipe, labels, kwargs, phrase):
+    with pytest.raises(VolgenError, match=phrase):
+        pipe(labels, num_inference_steps=1, **kwargs)
+
+
+def test_pipeline_config_round_trips(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "p")
+    again = SegmentationToVolumePipeline.from_pretrained(tmp_path / "p")
+    for key in ("encoding", "context_slices", "num_classes", "slice_axis"):
+        assert again.config[key] == pipe.config[key]
