@@ -46,7 +46,7 @@ def make_case(
 
 
 def write_config(
-    folder: Path, *, source="data", label_map="labels.yaml", output_dir="run", **training
+    folder: Path, *, source="data", label_map="labels.yaml", output_dir="run", data=None, **training
 ) -> Path:
     settings = dict(
         max_steps=7,
@@ -62,7 +62,7 @@ def write_config(
     settings.update(training)
     config = {
         "output_dir": output_dir,
-        "data": {"source": source, "label_map": label_map, "percentiles": [1, 99]},
+        "data": {"source": source, "label_map": label_map, "percentiles": [1, 99], **(data or {})},
         "model": {"preset": "tiny", "context_slices": 1, "name": "tiny-trained", "description": "test"},
         "training": settings,
     }
@@ -138,6 +138,13 @@ def test_train_exports_a_loadable_model(reference_run, workdir):
     ]
     assert (out / "previews" / "step-000007.png").read_bytes()[:4] == b"\x89PNG"
 
+    # the export holds the EMA weights of the last checkpoint, not the raw weights
+    ema = load_file(str(result.checkpoint / "ema.safetensors"))
+    shadow = [ema[k] for k in sorted(ema)]
+    assert all(torch.equal(p, s) for p, s in zip(model.unet.parameters(), shadow, strict=True))
+    raw = load_file(str(result.checkpoint / "model.safetensors"))
+    assert any(not torch.equal(raw[k], v) for k, v in model.unet.state_dict().items())
+
     # the exported folder runs in the real pipeline
     from volgen.pipeline import SegmentationToVolumePipeline
 
@@ -198,7 +205,9 @@ def test_max_minutes_stops_early_with_checkpoint_and_export(workdir):
     from volgen.training import TrainConfig, list_checkpoints, train
 
     config = TrainConfig.from_yaml(
-        write_config(workdir, output_dir="budget", max_minutes=1e-6, preview_every=0)
+        write_config(
+            workdir, output_dir="budget", max_minutes=1e-6, preview_every=0, data={"foreground_weight": 2.0}
+        )
     )
     result = train(config)
     assert result.stopped_early and result.steps == 1

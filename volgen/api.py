@@ -12,13 +12,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from volgen import __version__
 from volgen.errors import InputError, OutputError, ResourceError, VolgenError
 from volgen.types import PathLike, UnknownLabels
+
+if TYPE_CHECKING:
+    from volgen.models import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +167,7 @@ def generate(
     max_memory: int | None = None,
     copy_patient_info: bool = False,
     progress: Callable[[Any], None] | None = None,
+    loaded: LoadedModel | None = None,
 ) -> GenerateResult:
     """Generate a synthetic image volume for a segmentation and write it with the segmentation's geometry.
 
@@ -182,6 +186,8 @@ def generate(
         max_memory: Refuse to start above this many bytes (estimated); default 80% of what is available.
         copy_patient_info: DICOM output only: copy patient identifiers from a DICOM input.
         progress: Called with :class:`volgen.pipeline.Progress` after every UNet chunk.
+        loaded: ``model`` already loaded with :func:`volgen.models.load_model` (batch conversion loads it
+            once, not once per volume); ``None`` loads it here.
 
     Returns:
         :class:`GenerateResult`.
@@ -218,7 +224,8 @@ def generate(
         io.check_output_path(path, overwrite=overwrite, directory=is_dir)
 
     model_dir = Path(model) if model is not None else default_model_dir()
-    loaded = load_model(model_dir)
+    if loaded is None:
+        loaded = load_model(model_dir)
     meta = loaded.metadata
     if model is None:
         logger.warning("using the embedded default model (%s); real use needs --model", meta.trained_on)

@@ -42,7 +42,6 @@ On disk, under ``output_dir``::
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import json
@@ -483,9 +482,14 @@ def preview_slices(labels: torch.Tensor, count: int = PREVIEW_SLICES) -> list[in
 
 
 def _ema_unet(accelerator, model, ema):
-    unet = copy.deepcopy(accelerator.unwrap_model(model))
+    """A fresh float32 UNet holding the EMA weights, on the training device (no DDP or autocast wrappers)."""
+    from diffusers import UNet2DModel
+
+    trained = accelerator.unwrap_model(model)
+    unet = UNet2DModel.from_config(trained.config)
+    unet.load_state_dict(trained.state_dict())
     ema.copy_to(unet.parameters())
-    return unet.float().eval()
+    return unet.to(device=next(trained.parameters()).device, dtype=torch.float32).eval()
 
 
 def write_preview(
