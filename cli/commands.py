@@ -1,6 +1,6 @@
-"""Imports every command module so their ``@app.command`` decorators register on :data:`volgen.cli.app.app`."""
+"""Imports every command module so that their ``@app.command`` decorators register on the Typer app."""
 
 import importlib
 
-for _name in ("info", "generate", "train"):
+for _name in ("info", "generate", "train", "batch"):
     importlib.import_module(f"volgen.cli.{_name}")

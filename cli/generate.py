@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
 from volgen.cli.app import app, console, err_console, handle_errors
 
 
@@ -37,33 +36,45 @@ def emit_json(**event: object) -> None:
 @app.command()
 @handle_errors
 def generate(
-    segmentation: Annotated[Path, typer.Argument(help="Label volume: NIfTI, NRRD, MHA, DICOM folder or DICOM SEG.")],
+    segmentation: Annotated[
+        Path, typer.Argument(help="Label volume: NIfTI, NRRD, MHA, DICOM folder or DICOM SEG.")
+    ],
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Output volume (format by extension) or DICOM folder.")
+        Path | None,
+        typer.Option("--output", "-o", help="Output volume (format by extension) or DICOM folder."),
     ] = None,
     model: Annotated[Path | None, typer.Option(help="Model folder (default: the embedded model).")] = None,
     reference: Annotated[
         Path | None, typer.Option(help="Real image on the segmentation's grid, for adjustable anatomy (λ).")
     ] = None,
-    strength: Annotated[float, typer.Option(help="λ in [0, 1]: 0 returns the reference, 1 generates freely.")] = 1.0,
-    keep: Annotated[str | None, typer.Option(help="Comma-separated classes to keep; the rest become background.")]
-    = None,
-    drop: Annotated[str | None, typer.Option(help="Comma-separated classes to drop (become background).")] = None,
+    strength: Annotated[
+        float, typer.Option(help="λ in [0, 1]: 0 returns the reference, 1 generates freely.")
+    ] = 1.0,
+    keep: Annotated[
+        str | None, typer.Option(help="Comma-separated classes to keep; the rest become background.")
+    ] = None,
+    drop: Annotated[
+        str | None, typer.Option(help="Comma-separated classes to drop (become background).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     scheduler: Annotated[str, typer.Option(help="ddpm, ddim, dpmsolver++ or euler.")] = "dpmsolver++",
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 20,
     noise_correlation: Annotated[
-        float, typer.Option("--noise-correlation", "--rho", help="ρ: initial-noise correlation between slices.")
+        float,
+        typer.Option("--noise-correlation", "--rho", help="ρ: initial-noise correlation between slices."),
     ] = 0.9,
-    slice_batch_size: Annotated[int, typer.Option(help="Slices per UNet forward (does not change the result).")]
-    = 16,
+    slice_batch_size: Annotated[
+        int, typer.Option(help="Slices per UNet forward (does not change the result).")
+    ] = 16,
     unknown_labels: Annotated[
         str, typer.Option(help="Label values the model does not know: 'error' or 'background'.")
     ] = "error",
     output_format: Annotated[
         str | None, typer.Option("--format", help="nifti, nrrd, mha or dicom (default: by extension).")
     ] = None,
-    preview: Annotated[Path | None, typer.Option(help="Also write a PNG montage of input and result.")] = None,
+    preview: Annotated[
+        Path | None, typer.Option(help="Also write a PNG montage of input and result.")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16 (CUDA autocast).")] = "auto",
     max_memory: Annotated[
@@ -73,12 +84,15 @@ def generate(
         bool, typer.Option(help="DICOM output: copy patient identifiers from a DICOM input.")
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
-    progress: Annotated[ProgressMode, typer.Option(help="rich bar, json lines on stdout, or none.")] = ProgressMode.rich,
+    progress: Annotated[
+        ProgressMode, typer.Option(help="rich bar, json lines on stdout, or none.")
+    ] = ProgressMode.rich,
 ) -> None:
     """Generate a synthetic image volume whose anatomy follows SEGMENTATION, on the same grid."""
     import logging
 
-    from volgen.api import GenerateSettings, generate as run_generate, parse_memory
+    from volgen.api import GenerateSettings, parse_memory
+    from volgen.api import generate as run_generate
     from volgen.errors import VolgenError
 
     if unknown_labels not in ("error", "background"):
@@ -86,16 +100,24 @@ def generate(
     if precision not in ("auto", "fp32", "fp16", "bf16"):
         raise VolgenError(f"--precision must be auto, fp32, fp16 or bf16, got {precision!r}")
     settings = GenerateSettings(
-        seed=seed, scheduler=scheduler, num_inference_steps=steps, noise_correlation=noise_correlation,
-        strength=strength, keep=split_names(keep), drop=split_names(drop), unknown_labels=unknown_labels,
+        seed=seed,
+        scheduler=scheduler,
+        num_inference_steps=steps,
+        noise_correlation=noise_correlation,
+        strength=strength,
+        keep=split_names(keep),
+        drop=split_names(drop),
+        unknown_labels=unknown_labels,
         slice_batch_size=slice_batch_size,
     )
     if model is None:
         from volgen.api import default_model_dir
         from volgen.models import read_metadata
 
-        note = f"using the embedded default model, trained on {read_metadata(default_model_dir()).trained_on}; " \
+        note = (
+            f"using the embedded default model, trained on {read_metadata(default_model_dir()).trained_on}; "
             "real use needs --model trained on real data"
+        )
         if progress == ProgressMode.json:
             emit_json(event="notice", message=note)
         else:
@@ -103,8 +125,15 @@ def generate(
     logging.getLogger("volgen.api").setLevel(logging.ERROR)
 
     kwargs = dict(
-        model=model, settings=settings, reference=reference, output_format=output_format, overwrite=overwrite,
-        preview=preview, device=device, precision=precision, max_memory=parse_memory(max_memory),
+        model=model,
+        settings=settings,
+        reference=reference,
+        output_format=output_format,
+        overwrite=overwrite,
+        preview=preview,
+        device=device,
+        precision=precision,
+        max_memory=parse_memory(max_memory),
         copy_patient_info=copy_patient_info,
     )
     if progress == ProgressMode.json:
@@ -114,16 +143,28 @@ def generate(
         def report(p) -> None:
             fraction = p.slices_done / max(1, p.slices_total)
             elapsed = time.perf_counter() - started
-            emit_json(event="progress", step=p.step + 1, steps=p.steps, slices_done=p.slices_done,
-                      slices_total=p.slices_total, fraction=round(fraction, 4), elapsed=round(elapsed, 2))
+            emit_json(
+                event="progress",
+                step=p.step + 1,
+                steps=p.steps,
+                slices_done=p.slices_done,
+                slices_total=p.slices_total,
+                fraction=round(fraction, 4),
+                elapsed=round(elapsed, 2),
+            )
 
         try:
             result = run_generate(segmentation, output, progress=report, **kwargs)
         except VolgenError as e:
             emit_json(event="error", message=str(e))
             raise
-        emit_json(event="done", output=str(result.output), sidecar=str(result.sidecar),
-                  preview=None if result.preview is None else str(result.preview), seconds=round(result.seconds, 2))
+        emit_json(
+            event="done",
+            output=str(result.output),
+            sidecar=str(result.sidecar),
+            preview=None if result.preview is None else str(result.preview),
+            seconds=round(result.seconds, 2),
+        )
         return
 
     if progress == ProgressMode.none:
@@ -131,8 +172,13 @@ def generate(
     else:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        columns = (TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(), TextColumn("slices×steps"),
-                   TimeRemainingColumn())
+        columns = (
+            TextColumn("[bold]generating"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("slices×steps"),
+            TimeRemainingColumn(),
+        )
         with Progress(*columns, console=err_console, transient=True) as bar:
             task = bar.add_task("generate", total=None)
 
@@ -140,6 +186,8 @@ def generate(
                 bar.update(task, total=p.slices_total, completed=p.slices_done)
 
             result = run_generate(segmentation, output, progress=report, **kwargs)
-    console.print(f"[green]wrote[/] {result.output}  ({result.seconds:.1f} s on {result.device})", highlight=False)
+    console.print(
+        f"[green]wrote[/] {result.output}  ({result.seconds:.1f} s on {result.device})", highlight=False
+    )
     if result.preview is not None:
         console.print(f"[green]preview[/] {result.preview}", highlight=False)

@@ -8,7 +8,6 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
-
 from volgen.cli.app import app, console, handle_errors
 
 
@@ -19,8 +18,12 @@ def _fmt(values, digits: int = 4) -> str:
 @app.command()
 @handle_errors
 def info(
-    path: Annotated[Path, typer.Argument(help="A volume (NIfTI, NRRD, MHA, DICOM folder, DICOM SEG) or a model folder.")],
-    labels: Annotated[Path | None, typer.Option(help="Label map YAML (or preset name) to name the classes.")] = None,
+    path: Annotated[
+        Path, typer.Argument(help="A volume (NIfTI, NRRD, MHA, DICOM folder, DICOM SEG) or a model folder.")
+    ],
+    labels: Annotated[
+        Path | None, typer.Option(help="Label map YAML (or preset name) to name the classes.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Show a volume's format, geometry, value range and labels, or a model folder's metadata."""
@@ -97,11 +100,17 @@ def _model_info(path: Path, as_json: bool) -> None:
         ("encoding", meta.encoding),
         ("context slices", str(meta.context_slices)),
         ("slice", f"{meta.slice_size} x {meta.slice_size} px, {meta.slice_axis}"),
-        ("intensity", f"{meta.intensity.modality} {meta.intensity.low:g} .. {meta.intensity.high:g}"
-         + (f" (percentiles {meta.intensity.percentiles})" if meta.intensity.modality == "MR" else " HU")),
+        (
+            "intensity",
+            f"{meta.intensity.modality} {meta.intensity.low:g} .. {meta.intensity.high:g}"
+            + (f" (percentiles {meta.intensity.percentiles})" if meta.intensity.modality == "MR" else " HU"),
+        ),
         ("UNet", f"{params:,} parameters, blocks {tuple(unet.block_out_channels)}, in {unet.in_channels} ch"),
-        ("schedule", f"DDPM T={loaded.scheduler.config.num_train_timesteps}, "
-         f"{loaded.scheduler.config.beta_schedule} betas"),
+        (
+            "schedule",
+            f"DDPM T={loaded.scheduler.config.num_train_timesteps}, "
+            f"{loaded.scheduler.config.beta_schedule} betas",
+        ),
     ]
     for key, value in meta.training.items():
         if isinstance(value, str | int | float):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -15,15 +17,68 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _setup_logging(verbose: bool) -> None:
+@contextlib.contextmanager
+def _logging(verbose: bool) -> Iterator[None]:
+    """Show volgen's log records on stderr (INFO with ``verbose``, else WARNING) while the command runs."""
     import logging
 
     from rich.logging import RichHandler
 
     logger = logging.getLogger("volgen")
-    if not any(isinstance(h, RichHandler) for h in logger.handlers):
-        logger.addHandler(RichHandler(console=err_console, show_path=False, markup=False))
-    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    handler = RichHandler(console=err_console, show_path=False, markup=False)
+    handler.setLevel(logging.INFO if verbose else logging.WARNING)
+    previous = logger.level
+    logger.addHandler(handler)
+    if verbose and logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+
+def _train_with_progress(cfg, resume: bool, run_train):
+    """Run training under a rich progress bar (loss, lr, steps/s, ETA); return its result."""
+    from collections import deque
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("[bold]training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[rate]:.2f} steps/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
+        task = bar.add_task("train", total=cfg.training.max_steps, loss=float("nan"), lr=0.0, rate=0.0)
+        state = {"first": None}
+        recent: deque[float] = deque(maxlen=50)
+
+        def report(step: int, total: int, loss: float, lr: float) -> None:
+            import time
+
+            now = time.monotonic()
+            if state["first"] is None:
+                state["first"] = (step, now)
+            first_step, first_time = state["first"]
+            rate = (step - first_step) / (now - first_time) if now > first_time else 0.0
+            recent.append(loss)
+            smoothed = sum(recent) / len(recent)  # the mean of the last 50 steps: one step's loss is noisy
+            bar.update(task, completed=step, total=total, loss=smoothed, lr=lr, rate=rate)
+
+        result = run_train(cfg, resume=resume, progress=report)
+    return result
 
 
 @app.command()
@@ -77,49 +132,11 @@ def train(
         cfg.output_dir = output_dir.resolve()
 
     main = _is_main_process()
-    _setup_logging(verbose or (main and not console.is_terminal))
-    if not main:
-        run_train(cfg, resume=resume)
-        return
-
-    from collections import deque
-
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (
-        TextColumn("[bold]training"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[rate]:.2f} steps/s"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
-        task = bar.add_task("train", total=cfg.training.max_steps, loss=float("nan"), lr=0.0, rate=0.0)
-        state = {"first": None}
-        recent: deque[float] = deque(maxlen=50)
-
-        def report(step: int, total: int, loss: float, lr: float) -> None:
-            import time
-
-            now = time.monotonic()
-            if state["first"] is None:
-                state["first"] = (step, now)
-            first_step, first_time = state["first"]
-            rate = (step - first_step) / (now - first_time) if now > first_time else 0.0
-            recent.append(loss)
-            smoothed = sum(recent) / len(recent)  # the mean of the last 50 steps: one step's loss is noisy
-            bar.update(task, completed=step, total=total, loss=smoothed, lr=lr, rate=rate)
-
-        result = run_train(cfg, resume=resume, progress=report)
+    with _logging(verbose or (main and not console.is_terminal)):
+        if not main:
+            run_train(cfg, resume=resume)
+            return
+        result = _train_with_progress(cfg, resume, run_train)
 
     stop = " (stopped by --max-minutes)" if result.stopped_early else ""
     console.print(f"trained {result.steps} steps{stop}, final loss {result.final_loss:.4f}", highlight=False)

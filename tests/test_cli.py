@@ -7,23 +7,28 @@ import sys
 
 import pytest
 from typer.testing import CliRunner
+from volgen.cli.app import _register, app
 from volumes import make_volume
 
 from volgen import __version__, io
-from volgen.cli.app import _register, app
 
 _register()
 runner = CliRunner()
 
 
 def test_help_lists_the_commands_quickly():
-    result = subprocess.run([sys.executable, "-m", "volgen", "--help"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "volgen", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0
     for command in ("generate", "info", "train", "import-checkpoint"):
         assert command in result.stdout
     # --help must not pay for torch/diffusers
     probe = "import sys; import volgen.cli.app as a; a._register(); print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip()
+        == "False"
+    )
 
 
 def test_version():
@@ -69,16 +74,25 @@ def test_info_on_a_dicom_seg(tmp_path):
     mask = np.zeros((len(sources), 10, 12), dtype=bool)
     mask[1:3, 2:6, 3:9] = True
     description = hd.seg.SegmentDescription(
-        segment_number=1, segment_label="liver",
+        segment_number=1,
+        segment_label="liver",
         segmented_property_category=hd.sr.CodedConcept("91723000", "SCT", "Anatomical Structure"),
         segmented_property_type=hd.sr.CodedConcept("10200004", "SCT", "Liver"),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
     )
     seg = hd.seg.Segmentation(
-        source_images=sources, pixel_array=mask, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[description], series_instance_uid=hd.UID(), series_number=2,
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="test", manufacturer_model_name="test",
-        software_versions="1", device_serial_number="1",
+        source_images=sources,
+        pixel_array=mask,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[description],
+        series_instance_uid=hd.UID(),
+        series_number=2,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="test",
+        manufacturer_model_name="test",
+        software_versions="1",
+        device_serial_number="1",
     )
     path = tmp_path / "seg.dcm"
     seg.save_as(path)
@@ -100,4 +114,6 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
     assert result.exit_code == 1
     assert result.output.strip().count("\n") == 0 and "missing.nii.gz" in result.output
     debug = runner.invoke(app, ["--debug", "info", str(missing)])
-    assert debug.exit_code != 0 and debug.exception is not None and not isinstance(debug.exception, SystemExit)
+    assert (
+        debug.exit_code != 0 and debug.exception is not None and not isinstance(debug.exception, SystemExit)
+    )

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from typer.testing import CliRunner
+from volgen.cli.app import _register, app
 from volumes import assert_same_geometry, make_volume, rotation
 
 from volgen import io
 from volgen.api import GenerateSettings, generate
-from volgen.cli.app import _register, app
 from volgen.errors import InputError, LabelError, ResourceError, VolgenError
 
 _register()
@@ -68,8 +68,13 @@ def test_strength_zero_returns_the_reference(seg_path, tiny_model_dir, tmp_path)
     ref = tmp_path / "ref.nii.gz"
     io.write_volume(smooth, ref)
     out = tmp_path / "lam0.nii.gz"
-    generate(seg_path, out, model=tiny_model_dir, reference=ref,
-             settings=GenerateSettings(num_inference_steps=4, strength=0.0))
+    generate(
+        seg_path,
+        out,
+        model=tiny_model_dir,
+        reference=ref,
+        settings=GenerateSettings(num_inference_steps=4, strength=0.0),
+    )
     got = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
     expected = sitk.GetArrayFromImage(smooth)
     # the reference goes to the model's slicing frame and back: equal up to resampling, interior voxels
@@ -84,8 +89,24 @@ def test_strength_zero_returns_the_reference(seg_path, tiny_model_dir, tmp_path)
 def test_cli_json_progress_and_complete_sidecar(seg_path, tiny_model_dir, tmp_path):
     out = tmp_path / "syn.nii.gz"
     png = tmp_path / "syn.png"
-    result = _cli("generate", seg_path, "-o", out, "--model", tiny_model_dir, "--steps", 3, "--seed", 4,
-                  "--drop", "spleen", "--progress", "json", "--preview", png)
+    result = _cli(
+        "generate",
+        seg_path,
+        "-o",
+        out,
+        "--model",
+        tiny_model_dir,
+        "--steps",
+        3,
+        "--seed",
+        4,
+        "--drop",
+        "spleen",
+        "--progress",
+        "json",
+        "--preview",
+        png,
+    )
     assert result.exit_code == 0, result.output
     events = [json.loads(line) for line in result.output.splitlines() if line.strip()]
     kinds = [e["event"] for e in events]
@@ -98,7 +119,12 @@ def test_cli_json_progress_and_complete_sidecar(seg_path, tiny_model_dir, tmp_pa
     assert sidecar["model"]["weights_sha256"] and sidecar["model"]["id"]
     s = sidecar["settings"]
     assert (s["seed"], s["scheduler"], s["num_inference_steps"], s["noise_correlation"], s["strength"]) == (
-        4, "dpmsolver++", 3, 0.9, 1.0)
+        4,
+        "dpmsolver++",
+        3,
+        0.9,
+        1.0,
+    )
     assert sidecar["classes_kept"] == ["liver", "kidney"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -188,18 +214,38 @@ def test_library_errors_are_typed(seg_path, tiny_model_dir, tmp_path):
     with pytest.raises(ResourceError):
         generate(seg_path, tmp_path / "o.nii.gz", model=tiny_model_dir, settings=FAST, max_memory=1000)
     with pytest.raises(LabelError):
-        generate(seg_path, tmp_path / "o.nii.gz", model=tiny_model_dir,
-                 settings=GenerateSettings(num_inference_steps=1, keep=["lung"]))
+        generate(
+            seg_path,
+            tmp_path / "o.nii.gz",
+            model=tiny_model_dir,
+            settings=GenerateSettings(num_inference_steps=1, keep=["lung"]),
+        )
     with pytest.raises(InputError):
         generate(tmp_path / "missing.nii.gz", tmp_path / "o.nii.gz", model=tiny_model_dir, settings=FAST)
     with pytest.raises(VolgenError):
-        generate(seg_path, tmp_path / "o.nii.gz", model=tiny_model_dir,
-                 settings=GenerateSettings(noise_correlation=1.0))
+        generate(
+            seg_path,
+            tmp_path / "o.nii.gz",
+            model=tiny_model_dir,
+            settings=GenerateSettings(noise_correlation=1.0),
+        )
 
 
 def test_unknown_labels_background_option(seg_path, tiny_model_dir, tmp_path):
     seg = sitk.ReadImage(str(seg_path))
     bad = _write(sitk.Cast(seg, sitk.sitkUInt8) * 3, tmp_path / "unknown.nii.gz")
-    result = _cli("generate", bad, "-o", tmp_path / "o.nii.gz", "--model", tiny_model_dir, "--steps", 1,
-                  "--unknown-labels", "background", "--progress", "none")
+    result = _cli(
+        "generate",
+        bad,
+        "-o",
+        tmp_path / "o.nii.gz",
+        "--model",
+        tiny_model_dir,
+        "--steps",
+        1,
+        "--unknown-labels",
+        "background",
+        "--progress",
+        "none",
+    )
     assert result.exit_code == 0, result.output

@@ -15,8 +15,12 @@ def pipe(tiny_model_dir):
     loaded = load_model(tiny_model_dir)
     meta = loaded.metadata
     return SegmentationToVolumePipeline(
-        loaded.unet, loaded.scheduler, encoding=meta.encoding, context_slices=meta.context_slices,
-        num_classes=meta.num_classes, slice_axis=meta.slice_axis,
+        loaded.unet,
+        loaded.scheduler,
+        encoding=meta.encoding,
+        context_slices=meta.context_slices,
+        num_classes=meta.num_classes,
+        slice_axis=meta.slice_axis,
     )
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from volgen import __version__
-from volgen.errors import InputError, OutputError, ResourceError, VolgenError
+from volgen.errors import InputError, ResourceError, VolgenError
 from volgen.types import PathLike, UnknownLabels
 
 if TYPE_CHECKING:
@@ -96,7 +96,12 @@ def resolve_device(device: str) -> Any:
 
 
 def estimate_memory(
-    *, slices: int, slice_size: int, condition_channels: int, slice_batch_size: int, block_channels: Sequence[int],
+    *,
+    slices: int,
+    slice_size: int,
+    condition_channels: int,
+    slice_batch_size: int,
+    block_channels: Sequence[int],
     input_voxels: int,
 ) -> int:
     """Bytes a generation needs beyond the model weights, estimated before allocating anything.
@@ -243,14 +248,20 @@ def generate(
     if reference is not None:
         ref_image = io.read_image(reference)
         if not io.Geometry.of(ref_image).close_to(io.Geometry.of(seg_image), atol=1e-3):
-            raise InputError(reference, f"geometry differs from the segmentation {seg_path} (it must be registered"
-                             " and resampled to the segmentation's grid)")
+            raise InputError(
+                reference,
+                f"geometry differs from the segmentation {seg_path} (it must be registered"
+                " and resampled to the segmentation's grid)",
+            )
 
     dev = resolve_device(device)
     frame_slices = _slices_along(seg_image, meta.slice_axis)
     need = estimate_memory(
-        slices=frame_slices, slice_size=meta.slice_size, condition_channels=meta.condition_channels,
-        slice_batch_size=settings.slice_batch_size, block_channels=loaded.unet.config.block_out_channels,
+        slices=frame_slices,
+        slice_size=meta.slice_size,
+        condition_channels=meta.condition_channels,
+        slice_batch_size=settings.slice_batch_size,
+        block_channels=loaded.unet.config.block_out_channels,
         input_voxels=int(np.prod(seg_image.GetSize())),
     )
     limit = max_memory if max_memory is not None else int(0.8 * available_memory(dev))
@@ -277,8 +288,12 @@ def generate(
         elif precision == "fp16":
             autocast = torch.float16
     pipe = SegmentationToVolumePipeline(
-        unet=unet, scheduler=loaded.scheduler, encoding=meta.encoding, context_slices=meta.context_slices,
-        num_classes=meta.num_classes, slice_axis=meta.slice_axis,
+        unet=unet,
+        scheduler=loaded.scheduler,
+        encoding=meta.encoding,
+        context_slices=meta.context_slices,
+        num_classes=meta.num_classes,
+        slice_axis=meta.slice_axis,
     )
     pipe.set_progress_bar_config(disable=True)
     result = pipe(
@@ -304,8 +319,13 @@ def generate(
 
     patient_info = _patient_info(seg_path) if copy_patient_info and fmt == "dicom" else None
     io.write_volume(
-        generated, out_path, overwrite=overwrite, format=fmt, modality=meta.intensity.modality,
-        series_description=f"SYNTHETIC volgen {meta.name}", patient_info=patient_info,
+        generated,
+        out_path,
+        overwrite=overwrite,
+        format=fmt,
+        modality=meta.intensity.modality,
+        series_description=f"SYNTHETIC volgen {meta.name}",
+        patient_info=patient_info,
     )
     seconds = time.perf_counter() - started
     kept_names = [label_map.class_names[i] for i in keep_indices]
@@ -325,7 +345,9 @@ def generate(
         "settings": asdict(settings),
         "classes_kept": kept_names,
         "reference": None if reference is None else str(reference),
-        "reference_sha256": None if reference is None or Path(reference).is_dir() else _file_sha256(Path(reference)),
+        "reference_sha256": None
+        if reference is None or Path(reference).is_dir()
+        else _file_sha256(Path(reference)),
         "segmentation_sha256": None if seg_path.is_dir() else _file_sha256(seg_path),
         "start_timestep": result.start_timestep,
         "timesteps": len(result.timesteps),
@@ -340,12 +362,21 @@ def generate(
         from volgen.preview import save_montage
 
         preview_path = save_montage(
-            class_image, generated, preview, reference=ref_image, overwrite=overwrite,
+            class_image,
+            generated,
+            preview,
+            reference=ref_image,
+            overwrite=overwrite,
             title=f"{seg_path.name} -> {out_path.name} ({meta.name}, seed {settings.seed})",
         )
     return GenerateResult(
-        output=out_path, sidecar=side_path, preview=preview_path, model_id=loaded.model_id,
-        seconds=time.perf_counter() - started, classes_kept=kept_names, device=str(dev),
+        output=out_path,
+        sidecar=side_path,
+        preview=preview_path,
+        model_id=loaded.model_id,
+        seconds=time.perf_counter() - started,
+        classes_kept=kept_names,
+        device=str(dev),
     )
 
 
@@ -376,13 +407,24 @@ def _patient_info(segmentation: Path) -> dict[str, str] | None:
         import pydicom
     except ImportError:  # pragma: no cover
         return None
-    files = [segmentation] if segmentation.is_file() else sorted(p for p in segmentation.iterdir() if p.is_file())
+    files = (
+        [segmentation] if segmentation.is_file() else sorted(p for p in segmentation.iterdir() if p.is_file())
+    )
     for path in files:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception:  # noqa: BLE001 - not DICOM: nothing to copy
             continue
-        keys = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyID",
-                "AccessionNumber", "StudyDate", "StudyTime")
+        keys = (
+            "PatientName",
+            "PatientID",
+            "PatientBirthDate",
+            "PatientSex",
+            "StudyInstanceUID",
+            "StudyID",
+            "AccessionNumber",
+            "StudyDate",
+            "StudyTime",
+        )
         return {k: str(ds.get(k, "")) for k in keys if ds.get(k) is not None}
     return None

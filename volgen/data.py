@@ -69,7 +69,9 @@ def find_cases(source: PathLike) -> list[TrainingCase]:
         if not isinstance(rows, list):
             raise ConfigError(source, "a YAML manifest needs a 'cases' list of {image, label[, case]}")
     else:
-        raise ConfigError(source, "unknown manifest type; use .csv, .yaml or a folder with images/ and labels/")
+        raise ConfigError(
+            source, "unknown manifest type; use .csv, .yaml or a folder with images/ and labels/"
+        )
     cases = []
     for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict) or not row.get("image") or not row.get("label"):
@@ -119,7 +121,7 @@ def _cases_from_folder(folder: Path) -> list[TrainingCase]:
 
 @dataclass
 class PreparedVolume:
-    """A training volume in the slicing frame: ``image`` ``(N, H, W)`` in [-1, 1], ``labels`` class indices."""
+    """A training volume in the slicing frame: ``image`` ``(N, H, W)`` in [-1, 1], ``labels`` classes."""
 
     case: str
     image: Tensor
@@ -143,7 +145,8 @@ def prepare_case(
     label = read_label(case.label)
     if not Geometry.of(image).close_to(Geometry.of(label), atol=1e-3):
         raise InputError(
-            case.image, f"geometry differs from its segmentation {case.label} (size, spacing, origin or direction)"
+            case.image,
+            f"geometry differs from its segmentation {case.label} (size, spacing, origin or direction)",
         )
     classes = label_map.remap(sitk.GetArrayViewFromImage(label), unknown=unknown_labels, source=case.label)
     class_image = sitk.GetImageFromArray(classes)
@@ -168,7 +171,9 @@ class SliceDataset(Dataset):
             raise ValueError("no training volumes")
         self.volumes = list(volumes)
         self.context_slices = context_slices
-        self.index = [(v, z) for v in range(len(self.volumes)) for z in range(self.volumes[v].labels.shape[0])]
+        self.index = [
+            (v, z) for v in range(len(self.volumes)) for z in range(self.volumes[v].labels.shape[0])
+        ]
 
     def __len__(self) -> int:
         return len(self.index)

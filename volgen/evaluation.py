@@ -54,9 +54,13 @@ class Consistency:
         self.anisotropy = self.ratio[self.slice_axis] / float(np.mean(in_plane))
 
 
-def consistency(generated: np.ndarray, real: np.ndarray, mask: np.ndarray, *, slice_axis: str = "z") -> Consistency:
+def consistency(
+    generated: np.ndarray, real: np.ndarray, mask: np.ndarray, *, slice_axis: str = "z"
+) -> Consistency:
     """Compare :func:`smoothness` of a generated and a real volume inside ``mask > 0`` (the body)."""
-    return Consistency(generated=smoothness(generated, mask), real=smoothness(real, mask), slice_axis=slice_axis)
+    return Consistency(
+        generated=smoothness(generated, mask), real=smoothness(real, mask), slice_axis=slice_axis
+    )
 
 
 def dice(prediction: np.ndarray, target: np.ndarray, classes: Iterable[int]) -> dict[int, float]:

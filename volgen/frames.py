@@ -30,7 +30,9 @@ def _permutation(slice_axis: str) -> tuple[int, int, int]:
     try:
         return _PERMUTATIONS[slice_axis]
     except KeyError:
-        raise ValueError(f"unknown slice axis {slice_axis!r}; expected one of {list(_PERMUTATIONS)}") from None
+        raise ValueError(
+            f"unknown slice axis {slice_axis!r}; expected one of {list(_PERMUTATIONS)}"
+        ) from None
 
 
 def volume_to_slices(volume: Tensor, slice_axis: str) -> Tensor:
@@ -106,8 +108,9 @@ def to_slice_frame(
     return SliceFrame(labels=label_slices, image=image_slices, affine=label_img.affine, slice_axis=slice_axis)
 
 
-def resample_to_grid(image: sitk.Image, grid: sitk.Image, *, label: bool = False, default: float = 0.0
-                     ) -> sitk.Image:
+def resample_to_grid(
+    image: sitk.Image, grid: sitk.Image, *, label: bool = False, default: float = 0.0
+) -> sitk.Image:
     """Resample ``image`` onto ``grid``'s exact size, spacing, origin and direction (linear or nearest)."""
     interpolator = sitk.sitkNearestNeighbor if label else sitk.sitkLinear
     return sitk.Resample(image, grid, sitk.Transform(), interpolator, float(default), image.GetPixelID())

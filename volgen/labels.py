@@ -33,8 +33,10 @@ def _as_value_list(value: Any) -> list[int]:
         raise ValueError("label values must be integers, not booleans")
     if isinstance(value, int):
         return [value]
-    if isinstance(value, list | tuple) and value and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
+    if (
+        isinstance(value, list | tuple)
+        and value
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     ):
         return list(value)
     raise ValueError(f"label values must be an integer or a non-empty list of integers, got {value!r}")

@@ -1,6 +1,7 @@
 """Slice models: build a ``diffusers.UNet2DModel`` from a preset, save and load volgen model folders.
 
-A model folder is diffusers' ``save_pretrained`` layout of :class:`volgen.pipeline.SegmentationToVolumePipeline`
+A model folder is diffusers' ``save_pretrained`` layout of
+:class:`volgen.pipeline.SegmentationToVolumePipeline`
 (``model_index.json``, ``unet/``, ``scheduler/``) plus ``volgen.json``: the label map, the encoding, the
 2.5D context, the slice size and axis, the intensity mapping and the training provenance
 (:class:`ModelMetadata`). Weights are read from safetensors only; a folder holding pickle weights is refused.
@@ -19,7 +20,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from volgen.config import StrictModel, load_yaml, preset_path, validate
-from volgen.errors import ModelError
+from volgen.errors import ConfigError, ModelError
 from volgen.labels import LabelMap
 from volgen.types import Encoding, PathLike
 
@@ -202,7 +203,10 @@ def read_metadata(folder: PathLike) -> ModelMetadata:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelError(path, f"not valid JSON: {e}") from None
-    metadata = validate(data, ModelMetadata, source=path)
+    try:
+        metadata = validate(data, ModelMetadata, source=path)
+    except ConfigError as e:
+        raise ModelError(path, e.problem) from None
     if metadata.format_version > FORMAT_VERSION:
         raise ModelError(path, f"format_version {metadata.format_version} is newer than this volgen reads")
     return metadata
@@ -245,20 +249,29 @@ def load_model(folder: PathLike) -> LoadedModel:
     if unet.config.in_channels != expected:
         raise ModelError(
             folder,
-            f"volgen.json ({metadata.num_classes} classes, {metadata.encoding}, context {metadata.context_slices})"
+            f"volgen.json ({metadata.num_classes} classes, {metadata.encoding}, "
+            f"context {metadata.context_slices})"
             f" needs a UNet with {expected} input channels, but unet/ has {unet.config.in_channels}",
         )
     if unet.config.out_channels != 1:
         raise ModelError(folder, f"the UNet must output 1 channel, it has {unet.config.out_channels}")
     if unet.config.sample_size != metadata.slice_size:
         raise ModelError(
-            folder, f"volgen.json slice_size {metadata.slice_size} != UNet sample_size {unet.config.sample_size}"
+            folder,
+            f"volgen.json slice_size {metadata.slice_size} != UNet sample_size {unet.config.sample_size}",
         )
     return LoadedModel(unet=unet, scheduler=scheduler, metadata=metadata, path=folder, weights_sha256=digest)
 
 
-def save_model(folder: PathLike, unet: Any, scheduler: Any, metadata: ModelMetadata, *, overwrite: bool = False,
-               dtype: Any = None) -> Path:
+def save_model(
+    folder: PathLike,
+    unet: Any,
+    scheduler: Any,
+    metadata: ModelMetadata,
+    *,
+    overwrite: bool = False,
+    dtype: Any = None,
+) -> Path:
     """Write a model folder atomically: the pipeline's ``save_pretrained`` layout plus ``volgen.json``.
 
     Args:

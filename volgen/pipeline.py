@@ -95,7 +95,10 @@ def make_scheduler(name: str, config: dict):
 
 
 def correlated_noise(
-    shape: Sequence[int], rho: float, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
+    shape: Sequence[int],
+    rho: float,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Gaussian noise for a whole volume, correlated along the slice axis (dim 0).
 
@@ -141,7 +144,9 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             encoding=encoding, context_slices=context_slices, num_classes=num_classes, slice_axis=slice_axis
         )
 
-    def _validate(self, labels: Tensor, reference: Tensor | None, strength: float, slice_batch_size: int) -> None:
+    def _validate(
+        self, labels: Tensor, reference: Tensor | None, strength: float, slice_batch_size: int
+    ) -> None:
         size = self.unet.config.sample_size
         if labels.ndim != 3 or tuple(labels.shape[1:]) != (size, size):
             raise VolgenError(f"labels must be (Z, {size}, {size}) class indices, got {tuple(labels.shape)}")
@@ -154,7 +159,9 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         if strength < 1.0 and reference is None:
             raise VolgenError("strength < 1 interpolates towards a reference: pass reference=")
         if reference is not None and tuple(reference.shape) != tuple(labels.shape):
-            raise VolgenError(f"reference shape {tuple(reference.shape)} != labels shape {tuple(labels.shape)}")
+            raise VolgenError(
+                f"reference shape {tuple(reference.shape)} != labels shape {tuple(labels.shape)}"
+            )
         if slice_batch_size < 1:
             raise VolgenError(f"slice_batch_size must be >= 1, got {slice_batch_size}")
 

@@ -61,11 +61,19 @@ def save_montage(
     num_labels = max(1, int(sitk.GetArrayViewFromImage(segmentation).max()))
     fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), squeeze=False)
     for r, (name, views, is_label) in enumerate(rows):
-        for c, ((view, aspect), plane) in enumerate(zip(views, ("axial", "coronal", "sagittal"), strict=True)):
+        for c, ((view, aspect), plane) in enumerate(
+            zip(views, ("axial", "coronal", "sagittal"), strict=True)
+        ):
             ax = axes[r][c]
             if is_label:
-                ax.imshow(view, cmap="tab10" if num_labels < 10 else "tab20", vmin=0, vmax=9 if num_labels < 10
-                          else 19, interpolation="nearest", aspect=aspect)
+                ax.imshow(
+                    view,
+                    cmap="tab10" if num_labels < 10 else "tab20",
+                    vmin=0,
+                    vmax=9 if num_labels < 10 else 19,
+                    interpolation="nearest",
+                    aspect=aspect,
+                )
             else:
                 ax.imshow(view, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest", aspect=aspect)
             ax.set_axis_off()

@@ -8,7 +8,8 @@ decay, gradient clipping and an EMA of the weights, which is what gets exported.
 Determinism. Everything random in a step - which slices form the batch, the timesteps, the noise and the
 ablation - is drawn from generators seeded by ``(seed, step)``, never from a running iterator. So:
 
-- a run resumed from a checkpoint repeats an uninterrupted run step for step (same losses, same weights);
+- a run resumed from a checkpoint repeats an uninterrupted run step for step (same losses, same weights,
+  bit for bit on the CPU; GPU kernels may add last-bit differences);
 - with N processes, every rank draws the same *global* batch of ``training.batch_size`` samples and takes
   its own contiguous slice of it; DDP averages the gradients, so N processes train (up to floating-point
   summation order) the same model as one process.
@@ -36,8 +37,8 @@ On disk, under ``output_dir``::
                                ema.safetensors and trainer_state.json (step, loss history, config)
     previews/step-000500.png   mask | real | generated (EMA weights, DDIM) for a few slices of one volume
     model/                     the exported model folder (EMA weights), loadable by volgen.models.load_model
-    config.yaml                the resolved config (absolute paths)
-    losses.csv                 step, loss, lr for every step
+    config.yaml                the resolved config (absolute paths), written when training starts
+    losses.csv                 step, loss, lr for every step (rewritten at every checkpoint)
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from pydantic import Field, field_validator, model_validator
 
 from volgen.config import StrictModel, load_yaml, save_yaml
 from volgen.errors import ConfigError, OutputError, VolgenError
-from volgen.models import SLICE_AXES, IntensityMapping, UNetConfig
+from volgen.models import IntensityMapping, UNetConfig
 from volgen.types import Encoding, Modality, PathLike, UnknownLabels
 
 logger = logging.getLogger(__name__)
@@ -666,8 +667,6 @@ def train(
     from volgen.models import ModelMetadata, build_training_scheduler, build_unet, save_model
 
     cfg = config.training
-    if config.data.slice_axis not in SLICE_AXES:  # pragma: no cover (validated by the Literal)
-        raise ConfigError(None, f"unknown slice axis {config.data.slice_axis}")
     output_dir = Path(config.output_dir)
     checkpoint = _resolve_resume(config, resume)
     start_step, history = 0, {"loss": [], "lr": []}
@@ -754,8 +753,12 @@ def train(
     local = sampler.local_slice()
     image_shape = (1, unet_config.sample_size, unet_config.sample_size)
 
+    model_dir = output_dir / "model"
+    config_path = output_dir / "config.yaml"
+    losses_csv = output_dir / "losses.csv"
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(config, config_path)
     accelerator.wait_for_everyone()
     previews: list[Path] = []
     preview_volume = data.volumes[0]
@@ -837,6 +840,8 @@ def train(
             stopped_early = bool(stop.item())
         if step % cfg.checkpoint_every == 0 or step == end_step or stopped_early:
             last_checkpoint = _save_checkpoint(accelerator, ema, output_dir, step, history, config)
+            if accelerator.is_main_process:
+                _write_losses(losses_csv, history["loss"], history["lr"])
         if (cfg.preview_every and step % cfg.preview_every == 0) or step == end_step or stopped_early:
             preview(step)
             last_preview = step
@@ -849,9 +854,6 @@ def train(
     losses = history["loss"]
     tail = losses[-100:]
     final_loss = float(sum(tail) / len(tail)) if tail else float("nan")
-    model_dir = output_dir / "model"
-    config_path = output_dir / "config.yaml"
-    losses_csv = output_dir / "losses.csv"
     if accelerator.is_main_process:
         metadata.training = {
             "steps": step,
@@ -868,7 +870,6 @@ def train(
         }
         unet_cpu = _ema_unet(accelerator, model, ema).to("cpu")
         save_model(model_dir, unet_cpu, noise_scheduler, metadata, overwrite=True)
-        save_yaml(config, config_path)
         _write_losses(losses_csv, losses, history["lr"])
         logger.info("exported %s (%d steps, final loss %.4f)", model_dir, step, final_loss)
     accelerator.wait_for_everyone()

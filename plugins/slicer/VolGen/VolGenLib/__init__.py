@@ -1,0 +1,76 @@
+"""Plain-Python helpers of the VolGen Slicer module: nothing here imports slicer, qt, vtk or ctk.
+
+Everything that does not need Slicer lives here, so the project's normal pytest run covers it:
+
+- :class:`GenerationParameters`: the panel's settings, validated;
+- :func:`build_command`: the ``volgen generate ... --progress json`` argument list;
+- :func:`parse_progress_line` / :class:`ProgressEvent`: the CLI's JSON progress lines;
+- :class:`TempWorkspace`: the temporary folder with the input, reference and output paths;
+- :func:`model_classes`, :func:`segment_label_values`: the model's classes and how segments map onto them;
+- :class:`GenerationRunner` (behind the :class:`Runner` protocol) and :class:`GenerationJob`: the child
+  process, its progress, cancel and clean-up.
+"""
+
+from __future__ import annotations
+
+from .command import (
+    VOLGEN_REQUIREMENT,
+    EnvironmentStatus,
+    build_command,
+    check_environment,
+    default_model_dir,
+    default_python_executable,
+    forget_environment_checks,
+    volgen_prefix,
+)
+from .job import GenerationJob
+from .models import (
+    ModelInfoError,
+    Segment,
+    SegmentMapping,
+    model_classes,
+    model_label_map,
+    model_summary,
+    normalize_name,
+    read_model_metadata,
+    segment_label_values,
+)
+from .parameters import DEVICES, SCHEDULERS, UNKNOWN_LABELS, GenerationParameters, ParameterError
+from .progress import ProgressEvent, parse_progress_line
+from .runner import TERMINATE_TIMEOUT, GenerationRunner, Runner, RunResult, error_message
+from .workspace import GenerationPaths, TempWorkspace
+
+__all__ = [
+    "DEVICES",
+    "SCHEDULERS",
+    "TERMINATE_TIMEOUT",
+    "UNKNOWN_LABELS",
+    "VOLGEN_REQUIREMENT",
+    "EnvironmentStatus",
+    "GenerationJob",
+    "GenerationParameters",
+    "GenerationPaths",
+    "GenerationRunner",
+    "ModelInfoError",
+    "ParameterError",
+    "ProgressEvent",
+    "RunResult",
+    "Runner",
+    "Segment",
+    "SegmentMapping",
+    "TempWorkspace",
+    "build_command",
+    "check_environment",
+    "default_model_dir",
+    "default_python_executable",
+    "error_message",
+    "forget_environment_checks",
+    "model_classes",
+    "model_label_map",
+    "model_summary",
+    "normalize_name",
+    "parse_progress_line",
+    "read_model_metadata",
+    "segment_label_values",
+    "volgen_prefix",
+]
