@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from volgen.cli.app import app, console, err_console, handle_errors
 
 

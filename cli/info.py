@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+
 from volgen.cli.app import app, console, handle_errors
 
 

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 from typer.testing import CliRunner
-from volgen.cli.app import _register, app
 from volumes import make_volume
 
 from volgen import __version__, io
+from volgen.cli.app import _register, app
 
 _register()
 runner = CliRunner()

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from typer.testing import CliRunner
-from volgen.cli.app import _register, app
 from volumes import assert_same_geometry, make_volume, rotation
 
 from volgen import io
 from volgen.api import GenerateSettings, generate
+from volgen.cli.app import _register, app
 from volgen.errors import InputError, LabelError, ResourceError, VolgenError
 
 _register()

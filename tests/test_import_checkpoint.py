@@ -163,8 +163,9 @@ def test_too_many_classes_and_bad_folders_are_refused(tmp_path, labels_yaml):
 
 
 def _invoke(*args: str):
-    import volgen.cli.app as cli
     from typer.testing import CliRunner
+
+    import volgen.cli.app as cli
 
     cli._register()
     return CliRunner().invoke(cli.app, list(args))

@@ -287,8 +287,9 @@ def test_two_processes_train_one_consistent_model(reference_run, workdir):
 
 
 def _invoke(*args: str):
-    import volgen.cli.app as cli
     from typer.testing import CliRunner
+
+    import volgen.cli.app as cli
 
     cli._register()
     return CliRunner().invoke(cli.app, list(args))
