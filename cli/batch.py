@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
 from volgen.cli.app import app, console, err_console, handle_errors
 from volgen.cli.generate import ProgressMode, emit_json, split_names
 
@@ -332,10 +333,10 @@ class _RichObserver:
             if item.sample == 0 and item.name == item.case.id
             else f"{item.case.id} #{item.sample}"
         )
-        self.bar.reset(self.slices, total=None, description=f"  {name}", visible=True)
+        self.bar.reset(self.slices, description=f"  {name}", visible=False)  # shown from its first report
 
     def item_progress(self, item: Any, p: Any) -> None:
-        self.bar.update(self.slices, total=p.slices_total, completed=p.slices_done)
+        self.bar.update(self.slices, total=p.slices_total, completed=p.slices_done, visible=True)
 
     def item_finished(self, item: Any, record: ItemRecord, index: int, count: int) -> None:
         self.bar.update(self.slices, visible=False)
@@ -410,29 +411,22 @@ def _print_plan(estimates: list[ItemEstimate], time_model: TimeModel, out_dir: P
     from volgen.batch import total_seconds
 
     table = Table(title=f"volgen batch --dry-run: {len(estimates)} items -> {out_dir}")
-    for name, justify in (
-        ("case", "left"),
-        ("sample", "right"),
-        ("seed", "right"),
-        ("input", "left"),
-        ("output", "left"),
-        ("slices", "right"),
-        ("slices×steps", "right"),
-        ("time", "right"),
-        ("peak memory", "right"),
-        ("state", "left"),
-    ):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    table.add_column("case", overflow="fold")
+    table.add_column("seed", justify="right", no_wrap=True)
+    table.add_column("input", overflow="fold")
+    table.add_column("output", overflow="fold")
+    table.add_column("slices×steps", justify="right")
+    table.add_column("time", justify="right")
+    table.add_column("memory", justify="right")
+    table.add_column("state")
     for e in estimates:
         item = e.item
         table.add_row(
-            item.case.id,
-            str(item.sample),
+            item.case.id if item.name == item.case.id else f"{item.case.id} #{item.sample}",
             str(item.settings.seed),
-            str(item.case.segmentation),
-            str(item.output),
-            "" if e.slices is None else str(e.slices),
-            "" if e.forwards is None else str(e.forwards),
+            item.case.segmentation.name,
+            _relative(item.output, out_dir),
+            "" if e.slices is None else f"{e.slices}×{e.forwards // max(1, e.slices)}",
             "" if e.seconds is None else _duration(e.seconds),
             "" if e.peak_bytes is None else f"{e.peak_bytes / 2**20:.0f} MiB",
             f"[red]{e.state}[/]" if e.state.startswith("would fail") else e.state,
@@ -444,5 +438,14 @@ def _print_plan(estimates: list[ItemEstimate], time_model: TimeModel, out_dir: P
         f"{peak / 2**20:.0f} MiB (model weights + volume arrays + one chunk's activations)",
         highlight=False,
     )
-    console.print(f"time model: {time_model.how}", highlight=False)
+    console.print(
+        f"time model: {time_model.how}; slices×steps counts chunks padded to 8 slices", highlight=False
+    )
     console.print("nothing was written (dry run)", highlight=False)
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return path.relative_to(base).as_posix()
+    except ValueError:
+        return str(path)

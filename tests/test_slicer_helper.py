@@ -41,6 +41,7 @@ from VolGenLib import (  # noqa: E402
     error_message,
     model_classes,
     model_label_map,
+    panel_error,
     parse_progress_line,
     segment_label_values,
 )
@@ -91,15 +92,22 @@ def test_parameters_from_class_checkboxes():
 
 def _paths(tmp_path: Path, reference: bool = False) -> GenerationPaths:
     return GenerationPaths(
-        input=tmp_path / "seg.nii.gz", output=tmp_path / "out.nii.gz",
+        input=tmp_path / "seg.nii.gz",
+        output=tmp_path / "out.nii.gz",
         reference=tmp_path / "ref.nii.gz" if reference else None,
     )
 
 
 def test_build_command(tmp_path):
     params = GenerationParameters(
-        model_dir="/models/abdomen", strength=0.3, steps=7, scheduler="ddim", seed=42, noise_correlation=0.5,
-        drop=["kidney", "spleen"], device="cpu",
+        model_dir="/models/abdomen",
+        strength=0.3,
+        steps=7,
+        scheduler="ddim",
+        seed=42,
+        noise_correlation=0.5,
+        drop=["kidney", "spleen"],
+        device="cpu",
     )
     command = build_command(params, _paths(tmp_path, reference=True), python="/opt/py")
     assert command[:5] == ["/opt/py", "-m", "volgen", "generate", str(tmp_path / "seg.nii.gz")]
@@ -149,8 +157,22 @@ def test_parse_progress_line():
 
 @pytest.mark.parametrize(
     "line",
-    ["", "   ", "\n", "warning: something", "[1, 2]", '"event"', "{not json}", '{"step": 1}', '{"event": 3}',
-     '{"event": ""}', "{", "Loading pipeline components...: 100%", '{"event": "progress"', "null"],
+    [
+        "",
+        "   ",
+        "\n",
+        "warning: something",
+        "[1, 2]",
+        '"event"',
+        "{not json}",
+        '{"step": 1}',
+        '{"event": 3}',
+        '{"event": ""}',
+        "{",
+        "Loading pipeline components...: 100%",
+        '{"event": "progress"',
+        "null",
+    ],
 )
 def test_parse_progress_line_skips_noise(line):
     assert parse_progress_line(line) is None
@@ -185,8 +207,11 @@ def test_model_classes(tiny_model_dir, tmp_path):
 def test_segment_label_values():
     classes = {"liver": [1], "left_kidney": [2, 5], "spleen": [3]}
     segments = [
-        Segment("s1", "Liver"), Segment("s2", "Left Kidney", label_value=9), Segment("s3", "Segment_3", 3),
-        Segment("s4", "tumour", 7), Segment("s5", "left-kidney"),
+        Segment("s1", "Liver"),
+        Segment("s2", "Left Kidney", label_value=9),
+        Segment("s3", "Segment_3", 3),
+        Segment("s4", "tumour", 7),
+        Segment("s5", "left-kidney"),
     ]
     mapping = segment_label_values(segments, classes)
     assert mapping.values == {"s1": 1, "s2": 2, "s3": 3, "s5": 2}
@@ -217,7 +242,8 @@ if sys.argv[2] == "fail":
 if sys.argv[2] == "crash":
     print("Traceback (most recent call last):\n  ...\nRuntimeError: boom", file=sys.stderr)
     sys.exit(3)
-print(json.dumps({"event": "done", "output": "out.nii.gz", "sidecar": "out.json", "seconds": 0.1}), flush=True)
+done = {"event": "done", "output": "out.nii.gz", "sidecar": "out.json", "seconds": 0.1}
+print(json.dumps(done), flush=True)
 """
 
 
@@ -230,7 +256,9 @@ def test_runner_success_with_stand_in(tmp_path):
     assert runner.noise == ["some library noise"] and runner.poll() == []
 
 
-@pytest.mark.parametrize(("mode", "message"), [("fail", "label values unknown"), ("crash", "RuntimeError: boom")])
+@pytest.mark.parametrize(
+    ("mode", "message"), [("fail", "label values unknown"), ("crash", "RuntimeError: boom")]
+)
 def test_runner_failure_with_stand_in(tmp_path, mode, message):
     result = GenerationRunner([PYTHON, "-c", FAKE_CLI, "0", mode], cwd=tmp_path).start().wait(timeout=60)
     assert not result.ok and result.output is None and message in result.error
@@ -268,8 +296,20 @@ def _first_progress(poll, finished, runner, timeout: float = 180.0):
         time.sleep(0.05)
 
 
+def test_panel_error_speaks_the_panel_language(tmp_path):
+    paths = _paths(tmp_path, reference=True)
+    message = (
+        f"{paths.input}: label values unknown to label map 'x': 7 "
+        "(use --unknown-labels background to treat them as background)"
+    )
+    shown = panel_error(message, paths)
+    assert str(tmp_path) not in shown and shown.startswith("the input segmentation: label values unknown")
+    assert "Treat unknown label values as background" in shown
+    assert panel_error("--noise-correlation (ρ) must be in [0, 1), got 1.0") == "ρ must be in [0, 1), got 1.0"
+
+
 # -- the real CLI ------------------------------------------------------------------------------------------
-# The three runs start together (each spends most of its time importing torch), then each test follows its own.
+# The three runs start together (each spends most of its time importing torch); each test follows its own.
 
 
 def _bad_labels() -> sitk.Image:
@@ -283,12 +323,14 @@ def _bad_labels() -> sitk.Image:
 
 @pytest.fixture(scope="module")
 def cli_jobs(tiny_model_dir, tmp_path_factory):
-    """Three started ``volgen generate`` jobs: ``ok`` (small, 2 steps), ``long`` (to cancel), ``bad`` (fails)."""
+    """Three started ``volgen generate`` jobs: ``ok`` (2 steps), ``long`` (to cancel), ``bad`` (fails)."""
     model = str(tiny_model_dir)
     root = tmp_path_factory.mktemp("slicer-jobs")
     specs = {
         "ok": (
-            GenerationParameters(model_dir=model, steps=2, scheduler="ddim", seed=3, device="cpu", drop=["spleen"]),
+            GenerationParameters(
+                model_dir=model, steps=2, scheduler="ddim", seed=3, device="cpu", drop=["spleen"]
+            ),
             make_volume("label", size=(12, 10, 7), spacing=(0.7, 0.9, 2.5)),  # oblique, anisotropic
             {},
         ),
@@ -387,8 +429,14 @@ def test_mrml_module_imports_no_qt():
             if isinstance(node, ast.Import | ast.ImportFrom):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
                 assert not any(n.split(".")[0] in {"qt", "ctk", "slicer.util"} for n in names), path.name
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "slicer":
-                assert node.attr not in {"app", "util", "modules", "mrmlScene"}, f"{path.name}: slicer.{node.attr}"
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "slicer"
+            ):
+                assert node.attr not in {"app", "util", "modules", "mrmlScene"}, (
+                    f"{path.name}: slicer.{node.attr}"
+                )
 
 
 def test_ui_file_matches_the_widget():

@@ -17,7 +17,8 @@ import SimpleITK as sitk
 from volumes import assert_same_geometry, make_volume
 
 pytest.importorskip(
-    "slicer_core", reason="slicer-core (Slicer's MRML libraries without the GUI) is not installed: pip install slicer-core"
+    "slicer_core",
+    reason="slicer-core (Slicer's MRML libraries without the GUI) is not installed: pip install slicer-core",
 )
 slicer = pytest.importorskip("slicer")
 if not hasattr(slicer, "vtkMRMLScene"):
@@ -27,7 +28,6 @@ MODULE_DIR = Path(__file__).resolve().parents[1] / "plugins" / "slicer" / "VolGe
 if str(MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(MODULE_DIR))
 
-from vtkmodules.vtkCommonMath import vtkMatrix4x4  # noqa: E402
 from VolGenLib import GenerationParameters  # noqa: E402
 from VolGenMRML import (  # noqa: E402
     InputError,
@@ -39,6 +39,7 @@ from VolGenMRML import (  # noqa: E402
     segments_of,
     voxels,
 )
+from vtkmodules.vtkCommonMath import vtkMatrix4x4  # noqa: E402
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 CLASSES = {"liver": [1], "kidney": [2, 5], "spleen": [3]}  # the tiny model's label map
@@ -121,7 +122,9 @@ def test_segmentation_is_exported_by_segment_name(scene, tmp_path):
     segmentation = slicer.vtkMRMLSegmentationNode()
     scene.AddNode(segmentation)
     segmentation.CreateDefaultDisplayNodes()
-    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation, "")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+        labelmap, segmentation, ""
+    )
     seg = segmentation.GetSegmentation()
     ids = [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
     assert len(ids) == 4
@@ -130,7 +133,10 @@ def test_segmentation_is_exported_by_segment_name(scene, tmp_path):
 
     reference = add_volume(scene, make_volume("image", size=(12, 10, 7)), kind="scalar", name="ct")
     report = export_inputs(
-        segmentation, tmp_path / "seg.nii.gz", classes=CLASSES, reference_node=reference,
+        segmentation,
+        tmp_path / "seg.nii.gz",
+        classes=CLASSES,
+        reference_node=reference,
         reference_path=tmp_path / "ref.nii.gz",
     )
     written = sitk.ReadImage(str(report.input))
@@ -140,6 +146,19 @@ def test_segmentation_is_exported_by_segment_name(scene, tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(written), lut[sitk.GetArrayFromImage(image)])
     assert "tumour" in report.notes[0]
 
+    # without a reference image: the segmentation's own grid, or the segments' bounding box when it has none
+    boxed = export_inputs(segmentation, tmp_path / "boxed.nii.gz", classes=CLASSES)
+    assert any("no reference geometry" in note for note in boxed.notes)
+    boxed_image = sitk.ReadImage(str(boxed.input))
+    assert boxed_image.GetSize() < image.GetSize()  # cropped to the segments
+    assert np.count_nonzero(sitk.GetArrayFromImage(boxed_image)) == np.count_nonzero(
+        lut[sitk.GetArrayFromImage(image)]
+    )
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(labelmap)
+    own = export_inputs(segmentation, tmp_path / "own.nii.gz", classes=CLASSES)
+    assert_same_geometry(sitk.ReadImage(str(own.input)), image, atol=1e-4)
+    assert not any("reference geometry" in note for note in own.notes)
+
     segmentation.GetDisplayNode().SetSegmentVisibility(ids[0], False)
     assert [s.name for s in segments_of(segmentation)] == ["LIVER", "Segment_3", "tumour"]
 
@@ -148,8 +167,13 @@ def test_unusable_inputs_are_refused(scene, seg_image, tmp_path):
     labelmap = add_volume(scene, seg_image)
     other = add_volume(scene, make_volume("image", size=(5, 5, 5)), kind="scalar", name="elsewhere")
     with pytest.raises(InputError, match="not on the grid"):
-        export_inputs(labelmap, tmp_path / "a.nii.gz", classes=CLASSES, reference_node=other,
-                      reference_path=tmp_path / "b.nii.gz")
+        export_inputs(
+            labelmap,
+            tmp_path / "a.nii.gz",
+            classes=CLASSES,
+            reference_node=other,
+            reference_path=tmp_path / "b.nii.gz",
+        )
     with pytest.raises(InputError, match="scalar volume"):
         export_inputs(other, tmp_path / "a.nii.gz", classes=CLASSES)
     output = slicer.vtkMRMLScalarVolumeNode()

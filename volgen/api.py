@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model" / "colin27-small"
 
 
 @dataclass
@@ -255,7 +255,7 @@ def generate(
             )
 
     dev = resolve_device(device)
-    frame_slices = _slices_along(seg_image, meta.slice_axis)
+    frame_slices = slices_along(seg_image, meta.slice_axis)
     need = estimate_memory(
         slices=frame_slices,
         slice_size=meta.slice_size,
@@ -380,7 +380,7 @@ def generate(
     )
 
 
-def _slices_along(image: Any, slice_axis: str) -> int:
+def slices_along(image: Any, slice_axis: str) -> int:
     """Number of slices a volume has along the model's slice axis (after reorientation to RAS)."""
     direction = np.array(image.GetDirection()).reshape(3, 3)
     world_axis = {"sagittal": 0, "coronal": 1, "axial": 2}[slice_axis]

@@ -1189,7 +1189,7 @@ def estimate_plan(
     import numpy as np
 
     from volgen import io
-    from volgen.api import _slices_along, estimate_memory
+    from volgen.api import slices_along, estimate_memory
 
     meta = loaded.metadata
     weights = sum(p.numel() * p.element_size() for p in loaded.unet.parameters())
@@ -1200,7 +1200,7 @@ def estimate_plan(
         if seg not in cache:
             try:
                 image = io.read_label(seg)
-                cache[seg] = (_slices_along(image, meta.slice_axis), int(np.prod(image.GetSize())))
+                cache[seg] = (slices_along(image, meta.slice_axis), int(np.prod(image.GetSize())))
             except VolgenError as e:
                 cache[seg] = _one_line(e)
         info = cache[seg]

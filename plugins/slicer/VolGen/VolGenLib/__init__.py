@@ -15,14 +15,12 @@ from __future__ import annotations
 
 from .command import (
     VOLGEN_REQUIREMENT,
-    EnvironmentStatus,
     build_command,
-    check_environment,
-    default_model_dir,
     default_python_executable,
-    forget_environment_checks,
+    subprocess_options,
     volgen_prefix,
 )
+from .environment import EnvironmentStatus, check_environment, default_model_dir, forget_environment_checks
 from .job import GenerationJob
 from .models import (
     ModelInfoError,
@@ -37,7 +35,7 @@ from .models import (
 )
 from .parameters import DEVICES, SCHEDULERS, UNKNOWN_LABELS, GenerationParameters, ParameterError
 from .progress import ProgressEvent, parse_progress_line
-from .runner import TERMINATE_TIMEOUT, GenerationRunner, Runner, RunResult, error_message
+from .runner import TERMINATE_TIMEOUT, GenerationRunner, Runner, RunResult, error_message, panel_error
 from .workspace import GenerationPaths, TempWorkspace
 
 __all__ = [
@@ -69,8 +67,10 @@ __all__ = [
     "model_label_map",
     "model_summary",
     "normalize_name",
+    "panel_error",
     "parse_progress_line",
     "read_model_metadata",
     "segment_label_values",
+    "subprocess_options",
     "volgen_prefix",
 ]

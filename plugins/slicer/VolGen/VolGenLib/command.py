@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 
 from .parameters import GenerationParameters, ParameterError
 from .workspace import GenerationPaths
@@ -32,7 +29,11 @@ def volgen_prefix(python: str | None = None) -> list[str]:
 
 
 def build_command(
-    params: GenerationParameters, paths: GenerationPaths, *, python: str | None = None, overwrite: bool = False
+    params: GenerationParameters,
+    paths: GenerationPaths,
+    *,
+    python: str | None = None,
+    overwrite: bool = False,
 ) -> list[str]:
     """The argument list of one ``volgen generate`` run with JSON progress on stdout.
 
@@ -87,7 +88,6 @@ def subprocess_options() -> dict[str, object]:
     """
     env = dict(os.environ)
     env.update(PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8", NO_COLOR="1", TERM="dumb")
-    env.setdefault("HF_HUB_OFFLINE", "1")
     options: dict[str, object] = {"env": env}
     if sys.platform == "win32":
         options["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0) | getattr(
@@ -96,105 +96,3 @@ def subprocess_options() -> dict[str, object]:
     else:
         options["start_new_session"] = True
     return options
-
-
-@dataclass(frozen=True)
-class EnvironmentStatus:
-    """What a Python executable offers for running volgen.
-
-    Attributes:
-        python: The executable checked.
-        volgen_version: volgen's version there, ``None`` when volgen cannot be imported.
-        torch_version: torch's version there, ``None`` when torch cannot be imported.
-        cuda: Whether torch sees a CUDA device.
-        error: Why the check failed (the executable does not run, volgen or torch is missing).
-    """
-
-    python: str
-    volgen_version: str | None = None
-    torch_version: str | None = None
-    cuda: bool = False
-    error: str | None = None
-
-    @property
-    def ready(self) -> bool:
-        """volgen and torch both import."""
-        return self.volgen_version is not None and self.torch_version is not None
-
-
-_CHECK = """
-import json
-info = {}
-try:
-    import torch
-    info["torch"] = torch.__version__
-    info["cuda"] = bool(torch.cuda.is_available())
-except Exception as e:
-    info["torch_error"] = f"{type(e).__name__}: {e}"
-try:
-    import volgen
-    info["volgen"] = volgen.__version__
-    from volgen.api import default_model_dir
-    info["default_model"] = str(default_model_dir())
-except Exception as e:
-    info["volgen_error"] = f"{type(e).__name__}: {e}"
-print("VOLGEN-CHECK " + json.dumps(info))
-"""
-
-
-def check_environment(python: str | None = None, *, timeout: float = 120.0) -> EnvironmentStatus:
-    """Ask a Python executable whether volgen and torch import there (runs it once, a few seconds).
-
-    Args:
-        python: The executable (default :func:`default_python_executable`).
-        timeout: Seconds to wait (importing torch the first time can be slow).
-    """
-    info, error = _run_check(python or default_python_executable(), timeout)
-    if error is not None:
-        return EnvironmentStatus(python=python or default_python_executable(), error=error)
-    problems = [info[key] for key in ("volgen_error", "torch_error") if key in info]
-    return EnvironmentStatus(
-        python=python or default_python_executable(), volgen_version=info.get("volgen"),
-        torch_version=info.get("torch"), cuda=bool(info.get("cuda", False)),
-        error="; ".join(problems) if problems else None,
-    )
-
-
-def default_model_dir(python: str | None = None, *, timeout: float = 120.0) -> Path | None:
-    """Where the volgen installed in ``python`` keeps its embedded default model (``None`` without volgen)."""
-    info, error = _run_check(python or default_python_executable(), timeout)
-    if error is not None or "default_model" not in info:
-        return None
-    return Path(info["default_model"])
-
-
-_check_cache: dict[str, dict[str, object]] = {}
-
-
-def _run_check(python: str, timeout: float) -> tuple[dict, str | None]:
-    if python in _check_cache:
-        return _check_cache[python], None
-    try:
-        done = subprocess.run(
-            [python, "-c", _CHECK], capture_output=True, text=True, timeout=timeout, check=False,
-            **subprocess_options(),  # type: ignore[arg-type]
-        )
-    except FileNotFoundError:
-        return {}, f"Python executable not found: {python}"
-    except PermissionError:
-        return {}, f"Python executable cannot be run: {python}"
-    except subprocess.TimeoutExpired:
-        return {}, f"{python} did not answer within {timeout:.0f} s"
-    for line in done.stdout.splitlines():
-        if line.startswith("VOLGEN-CHECK "):
-            info = json.loads(line[len("VOLGEN-CHECK ") :])
-            if "volgen" in info and "torch" in info:
-                _check_cache[python] = info  # only a complete environment is cached: installs change it
-            return info, None
-    tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
-    return {}, f"{python} is not a working Python: {tail[0]}"
-
-
-def forget_environment_checks() -> None:
-    """Drop cached :func:`check_environment` answers (after installing volgen)."""
-    _check_cache.clear()

@@ -14,7 +14,7 @@ from pathlib import Path
 from .command import build_command
 from .parameters import GenerationParameters
 from .progress import ProgressEvent
-from .runner import TERMINATE_TIMEOUT, GenerationRunner, RunResult, Runner
+from .runner import TERMINATE_TIMEOUT, GenerationRunner, Runner, RunResult
 from .workspace import GenerationPaths, TempWorkspace
 
 
@@ -92,7 +92,7 @@ class GenerationJob:
         self.workspace.cleanup(force=True)
 
     def close(self) -> None:
-        """Remove the workspace unless "keep temporary files" was asked for (call after reading the result)."""
+        """Remove the workspace unless "keep temporary files" was set (call after reading the result)."""
         if self.runner is not None and self.runner.running:
             self.cancel()
             return

@@ -58,7 +58,9 @@ def model_label_map(model_dir: str | Path) -> dict[str, list[int]]:
     result: dict[str, list[int]] = {}
     for name, values in classes.items():
         values = [values] if isinstance(values, int) else values
-        if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        if not isinstance(values, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in values
+        ):
             raise ModelInfoError(f"{model_dir}: class {name!r} has label values {values!r}, not integers")
         result[str(name)] = list(values)
     return result
@@ -79,7 +81,9 @@ def model_summary(model_dir: str | Path) -> str:
     name = data.get("name", Path(model_dir).name)
     modality = (data.get("intensity") or {}).get("modality", "")
     trained_on = data.get("trained_on") or "unknown data"
-    return f"{name} ({modality}, trained on {trained_on})" if modality else f"{name} (trained on {trained_on})"
+    return (
+        f"{name} ({modality}, trained on {trained_on})" if modality else f"{name} (trained on {trained_on})"
+    )
 
 
 def normalize_name(name: str) -> str:

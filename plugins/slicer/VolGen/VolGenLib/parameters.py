@@ -64,7 +64,9 @@ class GenerationParameters:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ParameterError(f"steps must be an integer >= 1, got {self.steps!r}")
         if self.scheduler not in SCHEDULERS:
-            raise ParameterError(f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+            raise ParameterError(
+                f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ParameterError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
         rho = self.noise_correlation
@@ -77,7 +79,9 @@ class GenerationParameters:
         if self.device not in DEVICES and not (self.device.startswith("cuda:") and self.device[5:].isdigit()):
             raise ParameterError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
         if self.unknown_labels not in UNKNOWN_LABELS:
-            raise ParameterError(f"unknown labels must be 'error' or 'background', got {self.unknown_labels!r}")
+            raise ParameterError(
+                f"unknown labels must be 'error' or 'background', got {self.unknown_labels!r}"
+            )
 
     @property
     def needs_reference(self) -> bool:
@@ -85,9 +89,7 @@ class GenerationParameters:
         return self.strength < 1.0
 
     @classmethod
-    def from_class_selection(
-        cls, checked: dict[str, bool], **kwargs: object
-    ) -> GenerationParameters:
+    def from_class_selection(cls, checked: dict[str, bool], **kwargs: object) -> GenerationParameters:
         """Parameters from the panel's class checkboxes (name -> checked) plus the other settings.
 
         All checked: no selection (the model's default, every class). Some unchecked: those are dropped.

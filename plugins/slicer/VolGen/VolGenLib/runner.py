@@ -89,7 +89,9 @@ class GenerationRunner:
         env: Environment (default: this process's, with unbuffered UTF-8 output).
     """
 
-    def __init__(self, command: Sequence[str], *, cwd: str | Path | None = None, env: dict[str, str] | None = None):
+    def __init__(
+        self, command: Sequence[str], *, cwd: str | Path | None = None, env: dict[str, str] | None = None
+    ):
         self.command = [str(c) for c in command]
         self.cwd = None if cwd is None else str(cwd)
         self.env = env
@@ -116,11 +118,21 @@ class GenerationRunner:
             options["env"] = self.env
         self._started = time.monotonic()
         self.process = subprocess.Popen(  # noqa: S603 - an argument list, no shell
-            self.command, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, encoding="utf-8", errors="replace", bufsize=1, **options,  # type: ignore[arg-type]
+            self.command,
+            cwd=self.cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            bufsize=1,
+            **options,  # type: ignore[arg-type]
         )
         for name, stream in (("stdout", self.process.stdout), ("stderr", self.process.stderr)):
-            thread = threading.Thread(target=self._read, args=(name, stream), name=f"volgen-{name}", daemon=True)
+            thread = threading.Thread(
+                target=self._read, args=(name, stream), name=f"volgen-{name}", daemon=True
+            )
             thread.start()
             self._threads.append(thread)
         self._open_streams = 2
@@ -277,13 +289,20 @@ class GenerationRunner:
         if error is None and not self._cancelled and output is None:
             error = "volgen generate ended without reporting an output" + _tail(self.stderr_lines)
         self._result = RunResult(
-            returncode=returncode, output=output, error=error, cancelled=self._cancelled, events=list(self.events),
-            stderr=self.stderr_lines, seconds=self._ended - self._started,
+            returncode=returncode,
+            output=output,
+            error=error,
+            cancelled=self._cancelled,
+            events=list(self.events),
+            stderr=self.stderr_lines,
+            seconds=self._ended - self._started,
         )
         return self._result
 
 
-def error_message(events: Sequence[ProgressEvent], stderr: Sequence[str], returncode: int | None) -> str | None:
+def error_message(
+    events: Sequence[ProgressEvent], stderr: Sequence[str], returncode: int | None
+) -> str | None:
     """The message to show for a failed run, or ``None`` when it succeeded.
 
     In order of preference: the CLI's ``error`` event; its ``error: ...`` line on stderr; a hint when volgen
@@ -311,3 +330,34 @@ def error_message(events: Sequence[ProgressEvent], stderr: Sequence[str], return
 def _tail(stderr: Sequence[str]) -> str:
     lines = [line.strip(" │|╭╮╰╯─\t") for line in stderr if line.strip(" │|╭╮╰╯─\t")]
     return f": {lines[-1]}" if lines else ""
+
+
+#: CLI options as the panel names them, for error messages shown in Slicer.
+PANEL_NAMES: dict[str, str] = {
+    "--unknown-labels background": "Advanced → 'Treat unknown label values as background'",
+    "--noise-correlation (ρ)": "ρ",
+    "--strength (λ)": "λ",
+    "--steps": "Steps",
+    "--scheduler": "Scheduler",
+    "--device cuda": "Advanced → Device 'cuda'",
+    "--reference": "the reference image",
+    "--model": "the model folder",
+}
+
+
+def panel_error(message: str, paths: object | None = None) -> str:
+    """A CLI error message as a Slicer user reads it: temporary file names and CLI options replaced.
+
+    Args:
+        message: The CLI's error message.
+        paths: The run's :class:`VolGenLib.GenerationPaths` (its input and reference file names become
+            "the input segmentation" and "the reference image").
+    """
+    if paths is not None:
+        for attribute, name in (("input", "the input segmentation"), ("reference", "the reference image")):
+            path = getattr(paths, attribute, None)
+            if path is not None:
+                message = message.replace(str(path), name)
+    for option, name in PANEL_NAMES.items():
+        message = message.replace(option, name)
+    return message

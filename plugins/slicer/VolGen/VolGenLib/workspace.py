@@ -70,7 +70,9 @@ class TempWorkspace:
     def paths(self, *, with_reference: bool = False) -> GenerationPaths:
         """The :class:`GenerationPaths` of this workspace (``reference`` only when asked for)."""
         return GenerationPaths(
-            input=self.input_path, output=self.output_path, reference=self.reference_path if with_reference else None
+            input=self.input_path,
+            output=self.output_path,
+            reference=self.reference_path if with_reference else None,
         )
 
     @property

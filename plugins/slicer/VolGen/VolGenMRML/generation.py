@@ -28,6 +28,7 @@ from VolGenLib import (
     RunResult,
     default_model_dir,
     model_label_map,
+    panel_error,
 )
 
 from .volumes import ExportReport, InputError, export_inputs, import_result, is_segmentation
@@ -97,7 +98,10 @@ class NodeGeneration:
         self.on_progress = on_progress
         self.output_name = output_name
         self.job = GenerationJob(
-            params, python=python, with_reference=reference_node is not None, keep_files=keep_files,
+            params,
+            python=python,
+            with_reference=reference_node is not None,
+            keep_files=keep_files,
             workspace_root=workspace_root,
         )
         self.report: ExportReport | None = None
@@ -119,7 +123,10 @@ class NodeGeneration:
         try:
             classes = self.classes() if is_segmentation(self.input_node) else {}
             self.report = export_inputs(
-                self.input_node, self.job.paths.input, classes=classes, reference_node=self.reference_node,
+                self.input_node,
+                self.job.paths.input,
+                classes=classes,
+                reference_node=self.reference_node,
                 reference_path=self.job.paths.reference,
             )
             self.job.start()
@@ -158,13 +165,17 @@ class NodeGeneration:
         return self.outcome
 
     def cancel(self) -> Outcome:
-        """Terminate the CLI (kill after a timeout), remove every temporary file, leave the output node alone."""
+        """Terminate the CLI (kill after a timeout), remove every temporary file; the output is untouched."""
         if self.outcome is None:
             self.job.cancel()
             run = self.job.runner.result() if self.job.runner is not None else None
             self.outcome = Outcome(
-                ok=False, cancelled=True, output_node=self.output_node, seconds=time.monotonic() - self._started,
-                notes=self._notes(run), run=run,
+                ok=False,
+                cancelled=True,
+                output_node=self.output_node,
+                seconds=time.monotonic() - self._started,
+                notes=self._notes(run),
+                run=run,
             )
         return self.outcome
 
@@ -182,10 +193,12 @@ class NodeGeneration:
         elapsed = time.monotonic() - self._started
         if result.cancelled:
             self.job.workspace.cleanup(force=True)
-            self.outcome = Outcome(ok=False, cancelled=True, output_node=self.output_node, seconds=elapsed, run=result)
+            self.outcome = Outcome(
+                ok=False, cancelled=True, output_node=self.output_node, seconds=elapsed, run=result
+            )
             return
         notes = self._notes(result)
-        error = result.error
+        error = None if result.error is None else panel_error(result.error, self.job.paths)
         if error is None and result.output is not None:
             try:
                 name = self.output_name or f"{self.input_node.GetName()} synthetic"
@@ -197,6 +210,10 @@ class NodeGeneration:
             notes.append(f"temporary files kept in {self.job.workspace.folder}")
         self.job.close()
         self.outcome = Outcome(
-            ok=error is None, error=error, output_node=self.output_node, seconds=time.monotonic() - self._started,
-            notes=notes, run=result,
+            ok=error is None,
+            error=error,
+            output_node=self.output_node,
+            seconds=time.monotonic() - self._started,
+            notes=notes,
+            run=result,
         )

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import slicer
+from VolGenLib.models import Segment, SegmentMapping, segment_label_values
 from vtkmodules.util import numpy_support
 from vtkmodules.vtkCommonCore import vtkStringArray
 from vtkmodules.vtkCommonDataModel import vtkImageData
 from vtkmodules.vtkCommonMath import vtkMatrix4x4
-from VolGenLib.models import Segment, SegmentMapping, segment_label_values
 
 #: Grid tolerance (mm and direction cosines) for "the reference is on the input's grid".
 GRID_TOLERANCE = 1e-3
@@ -143,6 +143,12 @@ def read_volume(path: str | Path, node, *, name: str | None = None):
     return node
 
 
+def has_reference_geometry(segmentation_node) -> bool:
+    """The segmentation records the grid it was drawn on (Segment Editor and .seg.nrrd files set it)."""
+    name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    return bool(segmentation_node.GetSegmentation().GetConversionParameter(name))
+
+
 def labelmap_from_segmentation(
     segmentation_node,
     mapping: SegmentMapping,
@@ -152,9 +158,9 @@ def labelmap_from_segmentation(
 ):
     """A labelmap volume node holding the mapped segments with their chosen label values.
 
-    Each label value's segments are exported on the reference geometry (the reference volume when
-    given, else the segmentation's own reference geometry) and painted in segment order: where segments
-    overlap, the later one wins, as in Slicer's own export.
+    The grid is the reference volume's when given, else the segmentation's reference geometry, else (a
+    segmentation without one) the box around all exported segments. Each segment is exported on that grid
+    and painted in segment order: where segments overlap, the later one wins, as in Slicer's own export.
 
     Args:
         segmentation_node: The segmentation.
@@ -166,46 +172,60 @@ def labelmap_from_segmentation(
         A ``vtkMRMLLabelMapVolumeNode`` that is not in the scene (write it, then drop it).
     """
     if not mapping.values:
-        raise InputError("none of the segments matches a class of the model: rename them after the model's classes")
+        raise InputError(
+            "none of the segments matches a class of the model: rename them after the model's classes"
+        )
     scene = segmentation_node.GetScene()
     if scene is None:
         raise InputError(f"{segmentation_node.GetName()}: the segmentation is not in a scene")
     order = [s for s in (segment_order or _segment_ids(segmentation_node)) if s in mapping.values]
-    logic = slicer.vtkSlicerSegmentationsModuleLogic
-    extent_mode = slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
-    labels: np.ndarray | None = None
-    matrix = None
-    for segment_id in order:
-        temporary = slicer.vtkMRMLLabelMapVolumeNode()
-        temporary.SetName(scene.GenerateUniqueName("volgen-export"))
-        temporary.SetHideFromEditors(True)
-        scene.AddNode(temporary)
-        try:
-            ids = vtkStringArray()
+    temporaries = []
+
+    def export(segment_ids, reference, extent_mode):
+        node = slicer.vtkMRMLLabelMapVolumeNode()
+        node.SetName(scene.GenerateUniqueName("volgen-export"))
+        node.SetHideFromEditors(True)
+        scene.AddNode(node)
+        temporaries.append(node)
+        ids = vtkStringArray()
+        for segment_id in segment_ids:
             ids.InsertNextValue(segment_id)
-            ok = logic.ExportSegmentsToLabelmapNode(
-                segmentation_node, ids, temporary, reference_volume_node, extent_mode
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentation_node, ids, node, reference, extent_mode
+        )
+        if not ok or node.GetImageData() is None:
+            raise InputError(
+                f"cannot export segments {', '.join(segment_ids)} of {segmentation_node.GetName()}"
             )
-            if not ok or temporary.GetImageData() is None:
-                raise InputError(f"cannot export segment {segment_id!r} of {segmentation_node.GetName()}")
-            mask = voxels(temporary) != 0
-            if labels is None:
-                labels = np.zeros(mask.shape, dtype=np.int16)
-                matrix = ijk_to_ras(temporary)
-            elif mask.shape != labels.shape:
-                raise InputError("segments exported to different grids; set the segmentation's reference geometry")
+        return node
+
+    try:
+        grid = reference_volume_node
+        if grid is None:  # fix one grid for all segments first
+            mode = (
+                slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
+                if has_reference_geometry(segmentation_node)
+                else slicer.vtkSegmentation.EXTENT_UNION_OF_SEGMENTS
+            )
+            grid = export(order, None, mode)
+        labels = np.zeros(voxels(grid).shape, dtype=np.int16)
+        matrix = ijk_to_ras(grid)
+        for segment_id in order:
+            mask = voxels(export([segment_id], grid, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)) != 0
+            if mask.shape != labels.shape:
+                raise InputError(f"segment {segment_id!r} was exported to another grid")
             labels[mask] = mapping.values[segment_id]
-        finally:
-            display = temporary.GetDisplayNode()
-            scene.RemoveNode(temporary)
+    finally:
+        for node in temporaries:
+            display = node.GetDisplayNode()
+            scene.RemoveNode(node)
             if display is not None and display.GetScene() is not None:
                 scene.RemoveNode(display)
-    assert labels is not None and matrix is not None
     return labelmap_node_from_array(labels, matrix, name=f"{segmentation_node.GetName()}-labels")
 
 
 def labelmap_node_from_array(labels: np.ndarray, ijk_to_ras_matrix: np.ndarray, *, name: str = "labels"):
-    """A ``vtkMRMLLabelMapVolumeNode`` (not in a scene) from an integer array ``(k, j, i)`` and a 4x4 matrix."""
+    """A ``vtkMRMLLabelMapVolumeNode`` (not in a scene) from integer voxels ``(k, j, i)`` and IJK-to-RAS."""
     labels = np.ascontiguousarray(labels)
     image = vtkImageData()
     image.SetDimensions(labels.shape[2], labels.shape[1], labels.shape[0])
@@ -265,9 +285,15 @@ def export_inputs(
         if not segments:
             raise InputError(f"{input_node.GetName()}: no (visible) segments to export")
         mapping = segment_label_values(segments, classes)
+        if reference_node is None and not has_reference_geometry(input_node):
+            notes.append(
+                f"{input_node.GetName()} has no reference geometry: the output covers the segments' "
+                "bounding box (choose a reference image, or set the geometry in Segment Editor, to see more)"
+            )
         if mapping.unmatched:
             notes.append(
-                "left out (no class of this model has their name or label value): " + ", ".join(mapping.unmatched)
+                "left out (no class of this model has their name or label value): "
+                + ", ".join(mapping.unmatched)
                 + f"; the model's classes are: {', '.join(classes)}"
             )
         labelmap = labelmap_from_segmentation(input_node, mapping, reference_volume_node=reference_node)
@@ -276,9 +302,9 @@ def export_inputs(
     elif is_labelmap(input_node):
         if reference_node is not None and not same_grid(input_node, reference_node):
             raise InputError(
-                f"the reference {reference_node.GetName()} is not on the grid of {input_node.GetName()}: resample it"
-                " (Resample Scalar/Vector/DWI Volume, or Crop Volume) or use a segmentation as input, which is"
-                " exported on the reference's grid"
+                f"the reference {reference_node.GetName()} is not on the grid of {input_node.GetName()}: "
+                "resample it (Resample Scalar/Vector/DWI Volume module), or use a segmentation as input: "
+                "a segmentation is exported on the reference's grid"
             )
         written = write_volume(input_node, input_path)
     elif input_node.IsA("vtkMRMLScalarVolumeNode"):
@@ -287,7 +313,9 @@ def export_inputs(
             " (Data module: right-click → Convert to label map) or pick the segmentation"
         )
     else:
-        raise InputError(f"{input_node.GetName()}: not a segmentation or labelmap volume ({input_node.GetClassName()})")
+        raise InputError(
+            f"{input_node.GetName()}: not a segmentation or labelmap volume ({input_node.GetClassName()})"
+        )
     reference = write_volume(reference_node, reference_path) if reference_node is not None else None
     return ExportReport(input=written, reference=reference, mapping=mapping, notes=notes)
 
