@@ -443,10 +443,13 @@ class VolGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _finished(self, outcome: Outcome):
         self._setRunning(False)
+        node = self._parameterNode
+        if node is not None and node.outputVolume is not None and node.outputVolume.GetScene() is None:
+            node.outputVolume = None  # the volume made for a failed or cancelled run was removed
         notes = "\n".join(outcome.notes)
         if outcome.cancelled:
             self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = "Cancelled: nothing was written."  # a node made for the run is removed
+            self.ui.statusLabel.text = "Cancelled: nothing was written."
             return
         if not outcome.ok:
             self.ui.statusLabel.text = f"Failed: {outcome.error}"
