@@ -1,0 +1,234 @@
+"""``volgen evaluate`` (faithfulness, consistency, intensity realism) and ``volgen train-segmenter``."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from volgen.cli.app import app, console, err_console, handle_errors
+
+
+def _f(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _stat(stats: dict | None) -> str:
+    if not stats:
+        return "-"
+    return f"{stats['median']:.4g} [{stats['q25']:.4g}, {stats['q75']:.4g}]"
+
+
+@app.command()
+@handle_errors
+def evaluate(
+    cases: Annotated[
+        Path,
+        typer.Argument(
+            help="CSV/YAML manifest (segmentation, generated[, real][, case]) or a folder with labels/, "
+            "generated/ and optionally images/ (real volumes)."
+        ),
+    ],
+    out_dir: Annotated[Path, typer.Argument(help="Folder for evaluation.json and evaluation.png.")],
+    segmenter: Annotated[
+        str | None,
+        typer.Option(
+            help="A segmenter folder (volgen train-segmenter), or 'intensity': nearest class median fitted "
+            "on the real volumes."
+        ),
+    ] = None,
+    segmenter_command: Annotated[
+        str | None,
+        typer.Option(
+            help="External segmenter: a command line with {input} and {output} (NIfTI paths), e.g. "
+            "'TotalSegmentator -i {input} -o {output} --ml'."
+        ),
+    ] = None,
+    labels: Annotated[
+        str | None,
+        typer.Option(help="Label map (YAML or preset name) that maps the masks' values to classes."),
+    ] = None,
+    slice_axis: Annotated[
+        str, typer.Option(help="The generator's slice axis: axial, coronal or sagittal.")
+    ] = "axial",
+    modality: Annotated[str, typer.Option(help="MR or CT (CT intensities are reported as HU).")] = "MR",
+    unknown_labels: Annotated[
+        str, typer.Option(help="Mask values the label map does not know: 'error' or 'background'.")
+    ] = "error",
+    overwrite: Annotated[bool, typer.Option(help="Replace evaluation.json/png in OUT_DIR.")] = False,
+) -> None:
+    """Score generated volumes: faithfulness Dice, 3D consistency and intensity realism.
+
+    Example: volgen evaluate cases.csv eval/ --segmenter models/colin27-segmenter
+    """
+    from volgen.errors import VolgenError
+    from volgen.evaluation import CommandSegmenter, evaluate_cases, find_evaluation_cases, write_report
+    from volgen.labels import load_label_map
+
+    if (segmenter is None) == (segmenter_command is None):
+        raise VolgenError(
+            "choose one segmenter: --segmenter FOLDER, --segmenter intensity or --segmenter-command 'CMD'"
+        )
+    if slice_axis not in ("axial", "coronal", "sagittal"):
+        raise VolgenError(f"--slice-axis must be axial, coronal or sagittal, got {slice_axis!r}")
+    modality = modality.upper()
+    if modality not in ("MR", "CT"):
+        raise VolgenError(f"--modality must be MR or CT, got {modality!r}")
+    if unknown_labels not in ("error", "background"):
+        raise VolgenError(f"--unknown-labels must be error or background, got {unknown_labels!r}")
+    label_map = load_label_map(labels) if labels is not None else None
+    found = find_evaluation_cases(cases)
+    if segmenter_command is not None:
+        seg = CommandSegmenter(segmenter_command, label_map)
+    elif segmenter == "intensity":
+        seg = "intensity"
+    else:
+        from volgen.segmenter import load_segmenter
+
+        seg = load_segmenter(Path(segmenter))
+
+    with console.status("evaluating", spinner="dots") as status:
+        report = evaluate_cases(
+            found,
+            seg,
+            label_map=label_map,
+            slice_axis=slice_axis,
+            modality=modality,
+            unknown_labels=unknown_labels,
+            progress=lambda message: status.update(message),
+        )
+    json_path, png_path = write_report(report, out_dir, overwrite=overwrite)
+    _render(report)
+    console.print(f"wrote {json_path} and {png_path}", highlight=False)
+
+
+def _render(report) -> None:
+    summary = report.summary()
+    cases = Table(title=f"per case (segmenter: {report.segmenter})", title_justify="left")
+    for column in ("case", "faithfulness", "vs real pred", "seg. on real", "ratio z", "y", "x", "anisotropy"):
+        cases.add_column(column, justify="left" if column == "case" else "right")
+    for c in report.cases:
+        ratio = c.consistency.ratio if c.consistency else {}
+        cases.add_row(
+            c.case,
+            _f(c.mean("faithfulness")),
+            _f(c.mean("agreement")),
+            _f(c.mean("segmenter_on_real")),
+            _f(ratio.get("z")),
+            _f(ratio.get("y")),
+            _f(ratio.get("x")),
+            _f(c.consistency.anisotropy if c.consistency else None),
+        )
+    if len(report.cases) > 1:
+        cons = summary["consistency"] or {"ratio": {}, "anisotropy": None}
+        cases.add_row(
+            "[bold]mean",
+            *(_f((summary[m] or {}).get("mean")) for m in ("faithfulness", "agreement", "segmenter_on_real")),
+            *(_f(cons["ratio"].get(a)) for a in ("z", "y", "x")),
+            _f(cons["anisotropy"]),
+        )
+    console.print(cases)
+
+    classes = Table(
+        title=f"per class, mean over cases (Dice; intensity median [q25, q75], {report.units})",
+        title_justify="left",
+    )
+    for column in ("class", "faithfulness", "vs real pred", "seg. on real", "generated", "real"):
+        classes.add_column(column, justify="left" if column == "class" else "right")
+    for name in report.class_names:
+        dices = [
+            "-" if name == "background" or not summary[m] else _f(summary[m]["per_class"].get(name))
+            for m in ("faithfulness", "agreement", "segmenter_on_real")
+        ]
+        stats = summary["intensity"].get(name, {})
+        classes.add_row(name, *dices, _stat(stats.get("generated")), _stat(stats.get("real")))
+    console.print(classes)
+    if summary["consistency"]:
+        axis = report.cases[0].consistency.slice_axis if report.cases[0].consistency else "z"
+        console.print(
+            f"consistency: generated/real mean |neighbour difference| inside the body per array axis; 1.0 is "
+            f"ideal; '{axis}' is the slice ({report.slice_axis}) axis",
+            highlight=False,
+        )
+
+
+@app.command("train-segmenter")
+@handle_errors
+def train_segmenter(
+    data: Annotated[
+        Path, typer.Argument(help="Training data: a CSV/YAML manifest or a folder with images/ and labels/.")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The segmenter folder to write.")],
+    labels: Annotated[str, typer.Option(help="Label map (YAML or preset name, e.g. colin27).")],
+    steps: Annotated[int, typer.Option(min=1, help="Optimisation steps.")] = 1000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Slices per step.")] = 8,
+    learning_rate: Annotated[float, typer.Option(help="AdamW learning rate (cosine decay).")] = 1e-3,
+    slice_size: Annotated[int, typer.Option(help="Slice size in pixels (square).")] = 64,
+    slice_axis: Annotated[str, typer.Option(help="axial, coronal or sagittal.")] = "axial",
+    channels: Annotated[str, typer.Option(help="UNet widths per level, comma-separated.")] = "16,32,64",
+    modality: Annotated[str, typer.Option(help="MR (percentile normalisation) or CT (HU window).")] = "MR",
+    unknown_labels: Annotated[
+        str, typer.Option(help="Label values the label map does not know: 'error' or 'background'.")
+    ] = "error",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Train a small 2D segmentation UNet on real data, for `volgen evaluate --segmenter`.
+
+    Example: volgen train-segmenter data/colin27 -o models/colin27-segmenter --labels colin27 --steps 1000
+    """
+    from pydantic import ValidationError
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from volgen.config import describe_validation_error
+    from volgen.errors import VolgenError
+    from volgen.segmenter import SegmenterConfig
+    from volgen.segmenter import train_segmenter as run
+
+    try:
+        widths = [int(c) for c in channels.split(",") if c.strip()]
+    except ValueError:
+        raise VolgenError(f"--channels must be comma-separated integers, got {channels!r}") from None
+    try:
+        config = SegmenterConfig(
+            label_map=labels,
+            steps=steps,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            slice_size=slice_size,
+            slice_axis=slice_axis,
+            channels=widths,
+            modality=modality.upper(),
+            unknown_labels=unknown_labels,
+            seed=seed,
+        )
+    except ValidationError as e:
+        raise VolgenError(f"invalid option: {describe_validation_error(e)}") from None
+
+    columns = (
+        TextColumn("[bold]segmenter"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err_console, disable=not err_console.is_terminal) as bar:
+        task = bar.add_task("train", total=config.steps, loss=float("nan"))
+        result = run(
+            data,
+            output,
+            config,
+            overwrite=overwrite,
+            progress=lambda step, total, loss: bar.update(task, completed=step, loss=loss),
+        )
+    scores = ", ".join(f"{k} {_f(v)}" for k, v in result.train_dice.items())
+    console.print(
+        f"trained {result.steps} steps on {result.slices} slices in {result.seconds:.0f} s, "
+        f"final loss {result.final_loss:.4f}",
+        highlight=False,
+    )
+    console.print(f"Dice on the training slices: {scores}", highlight=False)
+    console.print(f"segmenter: {result.folder}", highlight=False)
