@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from volgen.cli.app import app, console, err_console, handle_errors
 from volgen.cli.generate import ProgressMode, emit_json, split_names
@@ -44,7 +45,7 @@ def batch(
     noise_correlation: Annotated[
         float,
         typer.Option("--noise-correlation", "--rho", help="ρ: initial-noise correlation between slices."),
-    ] = 0.9,
+    ] = 0.99,
     slice_batch_size: Annotated[
         int, typer.Option(help="Slices per UNet forward (does not change the result).")
     ] = 16,
@@ -223,7 +224,8 @@ def _print_summary(result: BatchResult) -> None:
     for record in result.records:
         if record.status == "failed":
             console.print(
-                f"[red]failed[/] {record.case} (sample {record.sample}): {record.error}", highlight=False
+                f"[red]failed[/] {record.case} (sample {record.sample}): {escape(record.error)}",
+                highlight=False,
             )
     console.print(f"manifest: {result.manifest}", highlight=False)
     if result.dataset_json is not None:
@@ -342,7 +344,7 @@ class _RichObserver:
         self.bar.update(self.slices, visible=False)
         self.bar.advance(self.cases)
         if record.status == "failed":
-            self.bar.console.print(f"[red]failed[/] {record.case}: {record.error}", highlight=False)
+            self.bar.console.print(f"[red]failed[/] {record.case}: {escape(record.error)}", highlight=False)
 
 
 # ------------------------------------------------------------------------------------------------- merge

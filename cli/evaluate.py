@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from volgen.cli.app import app, console, err_console, handle_errors
@@ -107,13 +108,13 @@ def evaluate(
 
 def _render(report) -> None:
     summary = report.summary()
-    cases = Table(title=f"per case (segmenter: {report.segmenter})", title_justify="left")
+    cases = Table(title=escape(f"per case (segmenter: {report.segmenter})"), title_justify="left")
     for column in ("case", "faithfulness", "vs real pred", "seg. on real", "ratio z", "y", "x", "anisotropy"):
         cases.add_column(column, justify="left" if column == "case" else "right")
     for c in report.cases:
         ratio = c.consistency.ratio if c.consistency else {}
         cases.add_row(
-            c.case,
+            escape(c.case),
             _f(c.mean("faithfulness")),
             _f(c.mean("agreement")),
             _f(c.mean("segmenter_on_real")),
@@ -133,7 +134,7 @@ def _render(report) -> None:
     console.print(cases)
 
     classes = Table(
-        title=f"per class, mean over cases (Dice; intensity median [q25, q75], {report.units})",
+        title=escape(f"per class, mean over cases (Dice; intensity median [q25, q75], {report.units})"),
         title_justify="left",
     )
     for column in ("class", "faithfulness", "vs real pred", "seg. on real", "generated", "real"):
@@ -144,7 +145,9 @@ def _render(report) -> None:
             for m in ("faithfulness", "agreement", "segmenter_on_real")
         ]
         stats = summary["intensity"].get(name, {})
-        classes.add_row(name, *dices, _stat(stats.get("generated")), _stat(stats.get("real")))
+        classes.add_row(
+            escape(name), *dices, escape(_stat(stats.get("generated"))), escape(_stat(stats.get("real")))
+        )
     console.print(classes)
     if summary["consistency"]:
         axis = report.cases[0].consistency.slice_axis if report.cases[0].consistency else "z"

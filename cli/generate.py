@@ -63,7 +63,10 @@ def generate(
     noise_correlation: Annotated[
         float,
         typer.Option("--noise-correlation", "--rho", help="ρ: initial-noise correlation between slices."),
-    ] = 0.9,
+    ] = 0.99,
+    x0_smoothing: Annotated[
+        float, typer.Option(help="σ in slices of through-plane smoothing of the x0 prediction (0: off).")
+    ] = 0.0,
     slice_batch_size: Annotated[
         int, typer.Option(help="Slices per UNet forward (does not change the result).")
     ] = 16,
@@ -105,6 +108,7 @@ def generate(
         scheduler=scheduler,
         num_inference_steps=steps,
         noise_correlation=noise_correlation,
+        x0_smoothing=x0_smoothing,
         strength=strength,
         keep=split_names(keep),
         drop=split_names(drop),

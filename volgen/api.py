@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from volgen import __version__
-from volgen.errors import InputError, ResourceError, VolgenError
+from volgen.errors import InputError, OutputError, ResourceError, VolgenError
 from volgen.types import PathLike, UnknownLabels
 
 if TYPE_CHECKING:
@@ -35,7 +35,8 @@ class GenerateSettings:
     seed: int = 0
     scheduler: str = "dpmsolver++"
     num_inference_steps: int = 20
-    noise_correlation: float = 0.9
+    noise_correlation: float = 0.99
+    x0_smoothing: float = 0.0
     strength: float = 1.0
     keep: list[str] | None = None
     drop: list[str] | None = None
@@ -213,6 +214,8 @@ def generate(
         raise VolgenError(f"unknown scheduler {settings.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
     if not 0.0 <= settings.noise_correlation < 1.0:
         raise VolgenError(f"--noise-correlation (ρ) must be in [0, 1), got {settings.noise_correlation}")
+    if not 0.0 <= settings.x0_smoothing <= 10.0:
+        raise VolgenError(f"--x0-smoothing must be in [0, 10] slices, got {settings.x0_smoothing}")
     if settings.num_inference_steps < 1:
         raise VolgenError(f"--steps must be >= 1, got {settings.num_inference_steps}")
     if settings.strength < 1.0 and reference is None:
@@ -227,6 +230,9 @@ def generate(
         targets.append((Path(preview), False))
     for path, is_dir in targets:
         io.check_output_path(path, overwrite=overwrite, directory=is_dir)
+    for path, _ in targets:  # hidden temporaries a killed run (kill -9, power loss) left for these outputs
+        for stale in io.remove_stale_temporaries(path):
+            logger.info("removed %s (left by an interrupted run)", stale)
 
     model_dir = Path(model) if model is not None else default_model_dir()
     if loaded is None:
@@ -303,6 +309,7 @@ def generate(
         scheduler=settings.scheduler,
         slice_batch_size=settings.slice_batch_size,
         noise_correlation=settings.noise_correlation,
+        x0_smoothing=settings.x0_smoothing,
         keep=keep_arg,
         reference=ref_model,
         strength=settings.strength,
@@ -318,57 +325,73 @@ def generate(
     io.Geometry.of(seg_image).apply(generated)  # exact input geometry, bit for bit
 
     patient_info = _patient_info(seg_path) if copy_patient_info and fmt == "dicom" else None
-    io.write_volume(
-        generated,
-        out_path,
-        overwrite=overwrite,
-        format=fmt,
-        modality=meta.intensity.modality,
-        series_description=f"SYNTHETIC volgen {meta.name}",
-        patient_info=patient_info,
-    )
-    seconds = time.perf_counter() - started
-    kept_names = [label_map.class_names[i] for i in keep_indices]
-    sidecar = {
-        "volgen_version": __version__,
-        "synthetic": True,
-        "segmentation": str(segmentation),
-        "output": str(output) if output is not None else str(out_path),
-        "format": fmt,
-        "model": {
-            "id": loaded.model_id,
-            "name": meta.name,
-            "path": str(model) if model is not None else "(embedded default)",
-            "weights_sha256": loaded.weights_sha256,
-            "trained_on": meta.trained_on,
-        },
-        "settings": asdict(settings),
-        "classes_kept": kept_names,
-        "reference": None if reference is None else str(reference),
-        "reference_sha256": None
-        if reference is None or Path(reference).is_dir()
-        else _file_sha256(Path(reference)),
-        "segmentation_sha256": None if seg_path.is_dir() else _file_sha256(seg_path),
-        "start_timestep": result.start_timestep,
-        "timesteps": len(result.timesteps),
-        "device": str(dev),
-        "precision": "fp32" if autocast is None else str(autocast).removeprefix("torch."),
-        "seconds": round(seconds, 3),
-    }
-    with io.atomic_write(side_path, overwrite=overwrite) as tmp:
-        tmp.write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
-    preview_path = None
-    if preview is not None:
-        from volgen.preview import save_montage
-
-        preview_path = save_montage(
-            class_image,
+    # All or nothing: if a later write fails (disk full) or the run is interrupted, what this call already
+    # wrote is removed again, so a volume never stands without its sidecar.
+    written: list[Path] = []
+    try:
+        io.write_volume(
             generated,
-            preview,
-            reference=ref_image,
+            out_path,
             overwrite=overwrite,
-            title=f"{seg_path.name} -> {out_path.name} ({meta.name}, seed {settings.seed})",
+            format=fmt,
+            modality=meta.intensity.modality,
+            series_description=f"SYNTHETIC volgen {meta.name}",
+            patient_info=patient_info,
         )
+        written.append(out_path)
+        seconds = time.perf_counter() - started
+        kept_names = [label_map.class_names[i] for i in keep_indices]
+        sidecar = {
+            "volgen_version": __version__,
+            "synthetic": True,
+            "segmentation": str(segmentation),
+            "output": str(output) if output is not None else str(out_path),
+            "format": fmt,
+            "model": {
+                "id": loaded.model_id,
+                "name": meta.name,
+                "path": str(model) if model is not None else "(embedded default)",
+                "weights_sha256": loaded.weights_sha256,
+                "trained_on": meta.trained_on,
+            },
+            "settings": asdict(settings),
+            "classes_kept": kept_names,
+            "reference": None if reference is None else str(reference),
+            "reference_sha256": None
+            if reference is None or Path(reference).is_dir()
+            else _file_sha256(Path(reference)),
+            "segmentation_sha256": None if seg_path.is_dir() else _file_sha256(seg_path),
+            "start_timestep": result.start_timestep,
+            "timesteps": len(result.timesteps),
+            "device": str(dev),
+            "precision": "fp32" if autocast is None else str(autocast).removeprefix("torch."),
+            "seconds": round(seconds, 3),
+        }
+        try:
+            with io.atomic_write(side_path, overwrite=overwrite) as tmp:
+                tmp.write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise OutputError(side_path, f"could not write the file ({exc.strerror or exc})") from exc
+        written.append(side_path)
+        preview_path = None
+        if preview is not None:
+            from volgen.preview import save_montage
+
+            try:
+                preview_path = save_montage(
+                    class_image,
+                    generated,
+                    preview,
+                    reference=ref_image,
+                    overwrite=overwrite,
+                    title=f"{seg_path.name} -> {out_path.name} ({meta.name}, seed {settings.seed})",
+                )
+            except OSError as exc:
+                raise OutputError(preview, f"could not write the file ({exc.strerror or exc})") from exc
+    except BaseException:
+        for path in written:
+            _remove_written(path)
+        raise
     return GenerateResult(
         output=out_path,
         sidecar=side_path,
@@ -378,6 +401,15 @@ def generate(
         classes_kept=kept_names,
         device=str(dev),
     )
+
+
+def _remove_written(path: Path) -> None:
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def slices_along(image: Any, slice_axis: str) -> int:

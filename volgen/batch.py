@@ -681,7 +681,11 @@ class ItemRecord:
 def write_manifest(path: Path, records: Iterable[ItemRecord]) -> Path:
     """Write records as CSV (sorted by case and sample), atomically."""
     rows = sorted(records, key=lambda r: r.key)
-    with atomic_write(path, overwrite=True) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
+    # backslashreplace: a file name that is not UTF-8 (Python holds its bytes as surrogates) is written as \xNN
+    with (
+        atomic_write(path, overwrite=True) as tmp,
+        tmp.open("w", newline="", encoding="utf-8", errors="backslashreplace") as f,
+    ):
         writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(r.to_row() for r in rows)

@@ -16,6 +16,10 @@ M = TypeVar("M", bound=BaseModel)
 
 #: YAML files larger than this are refused before parsing (configs and manifests are small).
 MAX_YAML_BYTES = 16 * 1024 * 1024
+#: A YAML document may stand for at most this many values (keys, values and items, an alias counted each
+#: time it is used): a "billion laughs" bomb of nested aliases loads in microseconds as shared references,
+#: but anything that walks it (validation, error messages) would run for hours and fill the memory.
+MAX_YAML_VALUES = 2_000_000
 
 
 class StrictModel(BaseModel):
@@ -48,13 +52,50 @@ def read_yaml(path: PathLike) -> Any:
         raise ConfigError(path, f"larger than {MAX_YAML_BYTES // 2**20} MiB; not a config")
     try:
         text = path.read_text(encoding="utf-8")
-        return yaml.safe_load(text)
+        data = yaml.safe_load(text)
     except UnicodeDecodeError:
         raise ConfigError(path, "not UTF-8 text") from None
+    except RecursionError:  # PyYAML's parser recurses once per nesting level
+        raise ConfigError(path, "nested too deeply; not a config") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(path, f"not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    _check_expansion(data, path)
+    return data
+
+
+def _check_expansion(data: Any, path: Path) -> None:
+    """Refuse a document that refers to itself or expands (through aliases) to more than
+    :data:`MAX_YAML_VALUES` values. Sizes are memoised per shared object: a bomb is measured, not walked."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(item: Any) -> int:
+        if not isinstance(item, dict | list):
+            return 1
+        key = id(item)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError(path, "refers to itself (a recursive YAML alias); not a config")
+        active.add(key)
+        children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+        total = 1 + sum(size(child) for child in children)
+        active.discard(key)
+        sizes[key] = total
+        if total > MAX_YAML_VALUES:
+            raise ConfigError(
+                path,
+                f"expands to more than {MAX_YAML_VALUES:,} values through nested aliases (a YAML bomb?); "
+                "not a config",
+            )
+        return total
+
+    try:
+        size(data)
+    except RecursionError:
+        raise ConfigError(path, "nested too deeply; not a config") from None
 
 
 def validate(data: Any, model: type[M], *, source: PathLike | None = None) -> M:

@@ -676,6 +676,7 @@ def _figure(report: EvaluationReport, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
 
     summary = report.summary()
     fg = report.class_names[1:]
@@ -694,10 +695,11 @@ def _figure(report: EvaluationReport, path: Path) -> None:
         values = [summary[key]["per_class"].get(n, float("nan")) for n in fg]
         ax.bar(x + (i - (len(metrics) - 1) / 2) * width, np.nan_to_num(values), width, label=label)
     ax.set_xticks(x, fg, rotation=30, ha="right")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.18)
+    ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel("Dice")
     ax.set_title(f"Dice per class (mean over {len(report.cases)} case(s))")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", ncol=3)
 
     ax = fig.add_subplot(grid[0, 2:])
     names = [n for n in report.class_names if n in summary["intensity"]]
@@ -723,12 +725,13 @@ def _figure(report: EvaluationReport, path: Path) -> None:
         lo, hi = np.percentile(np.concatenate([i.ravel() for i in images]), [0.5, 99.5])
     else:
         lo, hi = 0.0, 1.0
-    top = max(1, len(report.class_names) - 1)
+    labels_cmap = ListedColormap(["black", *plt.get_cmap("tab10").colors])
     for i, (key, is_label) in enumerate(panels):
         ax = fig.add_subplot(grid[1, i])
         view = np.flipud(ex[key])
-        if is_label:
-            ax.imshow(view, cmap="tab10", vmin=0, vmax=max(9, top), interpolation="nearest")
+        if is_label:  # background black, classes 1, 2, ... in tab10 colours (repeating after 10)
+            view = np.where(view > 0, (view.astype(np.int64) - 1) % 10 + 1, 0)
+            ax.imshow(view, cmap=labels_cmap, vmin=0, vmax=10, interpolation="nearest")
         else:
             ax.imshow(view, cmap="gray", vmin=lo, vmax=hi)
         title = {"prediction": "segmenter on generated"}.get(key, key)
@@ -737,3 +740,28 @@ def _figure(report: EvaluationReport, path: Path) -> None:
     fig.suptitle(f"volgen evaluate: {report.segmenter}", fontsize=10)
     fig.savefig(path, dpi=90, format="png")
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Hardware efficiency
+
+
+def unet_forward_flops(unet: Any, batch_size: int = 1) -> int:
+    """Floating-point operations of one forward of a ``UNet2DModel`` on ``batch_size`` slices.
+
+    Counted with :class:`torch.utils.flop_counter.FlopCounterMode` (a multiply-add counts 2; convolutions,
+    matrix products and attention are counted, element-wise work is not), on zeros of the UNet's input shape
+    at time step 500.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = unet.config
+    size = config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    parameter = next(unet.parameters())
+    x = torch.zeros((batch_size, config.in_channels, *size), dtype=parameter.dtype, device=parameter.device)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        unet(x, 500)
+    return int(counter.get_total_flops())

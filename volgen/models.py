@@ -203,6 +203,8 @@ def read_metadata(folder: PathLike) -> ModelMetadata:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelError(path, f"not valid JSON: {e}") from None
+    except RecursionError:  # the JSON parser recurses once per nesting level
+        raise ModelError(path, "not valid metadata: nested too deeply") from None
     try:
         metadata = validate(data, ModelMetadata, source=path)
     except ConfigError as e:
@@ -224,6 +226,24 @@ def weights_hash(folder: PathLike) -> str:
     return digest.hexdigest()
 
 
+#: Most training timesteps a model's schedule may have (T = 1000 in practice; the tables scale with T).
+MAX_TRAIN_TIMESTEPS = 100_000
+
+
+def _check_schedule(folder: Path) -> None:
+    """Refuse a scheduler config whose size would allocate absurd tables before the scheduler is built."""
+    path = folder / "scheduler" / "scheduler_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return  # missing or unreadable: from_pretrained reports it
+    steps = config.get("num_train_timesteps", 1000) if isinstance(config, dict) else 1000
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_TRAIN_TIMESTEPS:
+        raise ModelError(
+            path, f"num_train_timesteps must be an integer in 1..{MAX_TRAIN_TIMESTEPS}, got {steps!r}"
+        )
+
+
 def load_model(folder: PathLike) -> LoadedModel:
     """Load a model folder: UNet (float32), its training scheduler and metadata, checked for consistency.
 
@@ -238,6 +258,7 @@ def load_model(folder: PathLike) -> LoadedModel:
     check_safe_folder(folder)
     metadata = read_metadata(folder)
     digest = weights_hash(folder)
+    _check_schedule(folder)
     try:
         unet = UNet2DModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
         scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")

@@ -34,10 +34,13 @@ logger = logging.getLogger(__name__)
 SCHEDULERS: tuple[str, ...] = ("ddpm", "ddim", "dpmsolver++", "euler")
 DEFAULT_SCHEDULER = "dpmsolver++"
 DEFAULT_STEPS = 20
-DEFAULT_NOISE_CORRELATION = 0.9
+DEFAULT_NOISE_CORRELATION = 0.99
+DEFAULT_X0_SMOOTHING = 0.0
 #: The UNet always runs on a multiple of this many slices (a short chunk is padded with empty slices). CPU
-#: kernels (oneDNN convolutions, GEMM) give bitwise different per-sample results for different batch sizes,
-#: but the same results for any multiple of 4; padding makes the volume independent of ``slice_batch_size``.
+#: kernels (oneDNN convolutions, GEMM) give bitwise different per-sample results for different batch sizes
+#: (small multiples of 4 agree, but 16 and more take other code paths), so on the CPU every forward is exactly
+#: this many slices: the volume does not depend on ``slice_batch_size``. (GPUs run whole chunks; see
+#: docs/reliability.md for what that means for determinism.)
 BATCH_GRANULE = 8
 
 
@@ -92,6 +95,18 @@ def make_scheduler(name: str, config: dict):
     if name == "euler":
         return EulerDiscreteScheduler.from_config(base, timestep_spacing="trailing")
     raise VolgenError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+
+
+def smooth_through_plane(x: Tensor, sigma: float) -> Tensor:
+    """Gaussian smoothing of ``(Z, C, H, W)`` along the slice axis (dim 0), σ in slices, edges replicated."""
+    if sigma <= 0 or x.shape[0] < 2:
+        return x
+    radius = max(1, math.ceil(3 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(x.dtype)
+    index = (torch.arange(x.shape[0], device=x.device)[:, None] + offsets.long()[None, :]).clamp(0, x.shape[0] - 1)
+    return torch.einsum("zk,zk...->z...", kernel.expand(x.shape[0], -1), x[index])
 
 
 def correlated_noise(
@@ -165,6 +180,19 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         if slice_batch_size < 1:
             raise VolgenError(f"slice_batch_size must be >= 1, got {slice_batch_size}")
 
+    def _smooth_x0(self, eps: Tensor, model_input: Tensor, t: Tensor, sigma: float) -> Tensor:
+        """Smooth the x0 prediction through-plane and return the ε that predicts it.
+
+        ``model_input`` is the noisy volume in the variance-preserving scaling the UNet sees (every
+        scheduler's ``scale_model_input`` maps its own parametrisation to it), so
+        ``x0 = (x_t - sqrt(1-ᾱ_t) ε) / sqrt(ᾱ_t)`` holds for all of them.
+        """
+        alpha = self.scheduler.alphas_cumprod[int(t)].to(eps.device, torch.float32)
+        a, s = alpha.sqrt(), (1 - alpha).sqrt()
+        x0 = (model_input.float() - s * eps) / a
+        x0 = smooth_through_plane(x0.clamp(-1.0, 1.0), sigma)
+        return (model_input.float() - a * x0) / s
+
     @torch.no_grad()
     def __call__(
         self,
@@ -176,6 +204,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         scheduler: str = DEFAULT_SCHEDULER,
         slice_batch_size: int = 16,
         noise_correlation: float = DEFAULT_NOISE_CORRELATION,
+        x0_smoothing: float = DEFAULT_X0_SMOOTHING,
         keep: Sequence[int] | None = None,
         reference: Tensor | None = None,
         strength: float = 1.0,
@@ -193,6 +222,8 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             scheduler: ``ddpm``, ``ddim`` (η = 0), ``dpmsolver++`` or ``euler``.
             slice_batch_size: Slices per UNet forward; does not change the result.
             noise_correlation: ρ of the initial noise along the slice axis.
+            x0_smoothing: σ (in slices) of a Gaussian applied along the slice axis to the clean-image (x0)
+                prediction at every step, before the scheduler uses it; 0 turns it off.
             keep: Foreground class indices kept in the condition (the rest become background); ``None``: all.
             reference: ``(Z, H, W)`` real image in model space [-1, 1], registered to ``labels`` (for λ).
             strength: λ in [0, 1]: 0 returns ``reference``, 1 generates freely.
@@ -256,11 +287,16 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
                 if pad:
                     unet_in = torch.cat([unet_in, unet_in.new_zeros(pad, *unet_in.shape[1:])])
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
-                    out = self.unet(unet_in, t).sample
+                    if device.type == "cpu":  # fixed-size forwards: see BATCH_GRANULE
+                        out = torch.cat([self.unet(part, t).sample for part in unet_in.split(BATCH_GRANULE)])
+                    else:
+                        out = self.unet(unet_in, t).sample
                 eps[start:stop] = out[: stop - start].float()
                 done += stop - start
                 if callback is not None:
                     callback(Progress(step=i, steps=steps, slices_done=done, slices_total=slices_total))
+            if x0_smoothing > 0:
+                eps = self._smooth_x0(eps, model_input, t, x0_smoothing)
             x = sched.step(eps, t, x, generator=generator).prev_sample
         volume = x[:, 0].float().clamp(-1.0, 1.0).cpu()
         return VolumeGenerationOutput(

@@ -18,8 +18,9 @@ On disk (a folder, written atomically)::
                                                                  mapping, training provenance
 
 A volume is segmented slice by slice in the slicing frame (:func:`volgen.frames.to_slice_frame`, which
-reorients to RAS and resamples in-plane to the slice size) and the class indices are resampled with nearest
-neighbour onto the input's exact grid (:func:`volgen.frames.resample_to_grid` with ``label=True``).
+reorients to RAS and resamples in-plane to the slice size); each class's softmax probability is resampled
+linearly onto the input's exact grid (:func:`volgen.frames.resample_to_grid`) and every voxel takes the most
+probable class (outside the frame's field of view: background).
 """
 
 from __future__ import annotations
@@ -147,26 +148,32 @@ class Segmenter:
     def label_map(self) -> LabelMap:
         return self.metadata.label_map
 
-    def predict_slices(self, slices: Any, batch_size: int = 16) -> Any:
-        """Class indices for slices in model space.
+    def probabilities(self, slices: Any, batch_size: int = 16) -> Any:
+        """Class probabilities (softmax) for slices in model space.
 
         Args:
             slices: ``(N, H, W)`` float tensor in [-1, 1], ``H = W = slice_size``.
             batch_size: Slices per forward.
 
         Returns:
-            ``(N, H, W)`` uint8 tensor of class indices.
+            ``(N, C, H, W)`` float32 tensor.
         """
         import torch
 
         device = next(self.unet.parameters()).device
-        out = torch.empty(slices.shape, dtype=torch.uint8)
+        n, h, w = slices.shape
+        out = torch.empty((n, self.label_map.num_classes, h, w), dtype=torch.float32)
         with torch.no_grad():
-            for start in range(0, slices.shape[0], batch_size):
+            for start in range(0, n, batch_size):
                 x = slices[start : start + batch_size, None].to(device=device, dtype=torch.float32)
-                logits = self.unet(x, 0).sample
-                out[start : start + batch_size] = logits.argmax(dim=1).to(torch.uint8).cpu()
+                out[start : start + batch_size] = self.unet(x, 0).sample.float().softmax(dim=1).cpu()
         return out
+
+    def predict_slices(self, slices: Any, batch_size: int = 16) -> Any:
+        """Class indices ``(N, H, W)`` (uint8) for slices ``(N, H, W)`` in model space."""
+        import torch
+
+        return self.probabilities(slices, batch_size).argmax(dim=1).to(torch.uint8)
 
     def predict(self, image: Any, batch_size: int = 16) -> Any:
         """Segment an image volume.
@@ -191,8 +198,20 @@ class Segmenter:
         frame = to_slice_frame(empty, image, slice_size=meta.slice_size, slice_axis=meta.slice_axis)
         window = meta.intensity.window(sitk.GetArrayViewFromImage(image))
         x = torch.from_numpy(meta.intensity.to_model(frame.image.numpy(), window))
-        classes = self.predict_slices(x, batch_size=batch_size)
-        result = sitk.Cast(resample_to_grid(frame.to_sitk(classes), image, label=True), sitk.sitkUInt8)
+        probabilities = self.probabilities(x, batch_size=batch_size)
+        # each class's probability resampled linearly onto the input grid, then the most probable class:
+        # smoother boundaries than nearest-neighbour upsampling of the frame's classes onto a finer grid
+        best = best_class = None
+        for c in range(probabilities.shape[1]):
+            p = resample_to_grid(frame.to_sitk(probabilities[:, c]), image, default=1.0 if c == 0 else 0.0)
+            p = sitk.GetArrayFromImage(p)
+            if best is None:
+                best, best_class = p, np.zeros(p.shape, dtype=np.uint8)
+            else:
+                better = p > best
+                best[better] = p[better]
+                best_class[better] = c
+        result = sitk.GetImageFromArray(best_class)
         Geometry.of(image).apply(result)
         return result
 
@@ -351,7 +370,7 @@ def train_segmenter(
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        recent = [*recent[-19:], float(loss)]
+        recent = [*recent[-19:], loss.item()]
         if progress is not None:
             progress(step + 1, config.steps, float(np.mean(recent)))
 

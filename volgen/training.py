@@ -50,6 +50,8 @@ import logging
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -585,6 +587,55 @@ def read_losses(path: PathLike) -> list[float]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Stopping on a signal
+
+
+class StopOnSignal:
+    """While active, the first SIGINT/SIGTERM only asks the training loop to stop; a second one stops at once.
+
+    The loop checks :meth:`agreed` after every step: it saves a checkpoint there and raises
+    ``KeyboardInterrupt``, so ``volgen train --resume`` continues from that very step. With several processes
+    the main process's request decides for all (every rank stops after the same step). Outside the main
+    thread nothing is installed.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning(
+            "%s: stopping after this step with a checkpoint (send it again to stop at once)",
+            signal.Signals(signum).name,
+        )
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def agreed(self, accelerator: Any) -> bool:
+        """Whether to stop after this step (the main process's request, broadcast to every process)."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        from accelerate.utils import broadcast
+
+        flag = torch.tensor([self.requested], device=accelerator.device)
+        return bool(broadcast(flag, from_process=0).item())
+
+
+# ----------------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -654,6 +705,8 @@ def train(
     Raises:
         ConfigError, InputError: bad config or training data (the message names the file).
         OutputError: ``output_dir`` already holds a run and ``resume`` is false.
+        KeyboardInterrupt: SIGINT or SIGTERM during the loop, raised once the step under way is finished and
+            its checkpoint saved (:class:`StopOnSignal`); ``resume=True`` continues from there.
     """
     import torch.nn.functional as F
     from accelerate import Accelerator
@@ -788,66 +841,78 @@ def train(
     last_preview = -1
     stopped_early = False
     started = time.monotonic()
-    for batch in loader:
-        noise, timesteps, removed = step_noise(
-            step,
-            seed=cfg.seed,
-            batch_size=cfg.batch_size,
-            shape=image_shape,
-            num_train_timesteps=num_train_timesteps,
-            num_classes=num_classes,
-            ablation_p=cfg.ablation_p,
-        )
-        x0 = batch["image"].to(device, non_blocking=True)
-        noise, timesteps, removed = noise[local].to(device), timesteps[local].to(device), removed[local]
-        cond = encode(remove_classes(batch["context"].to(device), removed), num_classes, metadata.encoding)
-        x_t = noise_scheduler.add_noise(x0, noise, timesteps)
-        with accelerator.autocast():
-            pred = model(torch.cat([x_t, cond], dim=1), timesteps).sample
-        loss = F.mse_loss(pred.float(), noise.float())
-        accelerator.backward(loss)
-        if cfg.grad_clip is not None and accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        lr = float(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.step(accelerator.unwrap_model(model).parameters())
-        step += 1
+    signals = StopOnSignal()
+    with signals:  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, then stop (KeyboardInterrupt)
+        for batch in loader:
+            noise, timesteps, removed = step_noise(
+                step,
+                seed=cfg.seed,
+                batch_size=cfg.batch_size,
+                shape=image_shape,
+                num_train_timesteps=num_train_timesteps,
+                num_classes=num_classes,
+                ablation_p=cfg.ablation_p,
+            )
+            x0 = batch["image"].to(device, non_blocking=True)
+            noise, timesteps, removed = noise[local].to(device), timesteps[local].to(device), removed[local]
+            cond = encode(
+                remove_classes(batch["context"].to(device), removed), num_classes, metadata.encoding
+            )
+            x_t = noise_scheduler.add_noise(x0, noise, timesteps)
+            with accelerator.autocast():
+                pred = model(torch.cat([x_t, cond], dim=1), timesteps).sample
+            loss = F.mse_loss(pred.float(), noise.float())
+            accelerator.backward(loss)
+            if cfg.grad_clip is not None and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            lr = float(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.step(accelerator.unwrap_model(model).parameters())
+            step += 1
 
-        step_loss = (
-            float(accelerator.reduce(loss.detach(), reduction="mean"))
-            if accelerator.num_processes > 1
-            else float(loss.detach())
-        )
-        if not math.isfinite(step_loss):
-            raise VolgenError(f"the loss became {step_loss} at step {step}; lower training.learning_rate")
-        history["loss"].append(step_loss)
-        history["lr"].append(lr)
-        if accelerator.is_main_process:
-            if step % cfg.log_every == 0:
-                recent = history["loss"][-cfg.log_every :]
-                logger.info("step %d/%d loss %.4f lr %.2e", step, end_step, sum(recent) / len(recent), lr)
-            if progress is not None:
-                progress(step, end_step, step_loss, lr)
-
-        if cfg.max_minutes is not None and step < end_step:
-            stop = torch.tensor([time.monotonic() - started >= cfg.max_minutes * 60.0], device=device)
-            if accelerator.num_processes > 1:
-                from accelerate.utils import broadcast
-
-                stop = broadcast(stop, from_process=0)
-            stopped_early = bool(stop.item())
-        if step % cfg.checkpoint_every == 0 or step == end_step or stopped_early:
-            last_checkpoint = _save_checkpoint(accelerator, ema, output_dir, step, history, config)
+            step_loss = (
+                float(accelerator.reduce(loss.detach(), reduction="mean"))
+                if accelerator.num_processes > 1
+                else float(loss.detach())
+            )
+            if not math.isfinite(step_loss):
+                raise VolgenError(f"the loss became {step_loss} at step {step}; lower training.learning_rate")
+            history["loss"].append(step_loss)
+            history["lr"].append(lr)
             if accelerator.is_main_process:
-                _write_losses(losses_csv, history["loss"], history["lr"])
-        if (cfg.preview_every and step % cfg.preview_every == 0) or step == end_step or stopped_early:
-            preview(step)
-            last_preview = step
-        if stopped_early:
-            logger.info("max_minutes reached after %d steps", step)
-            break
+                if step % cfg.log_every == 0:
+                    recent = history["loss"][-cfg.log_every :]
+                    logger.info("step %d/%d loss %.4f lr %.2e", step, end_step, sum(recent) / len(recent), lr)
+                if progress is not None:
+                    progress(step, end_step, step_loss, lr)
+
+            if cfg.max_minutes is not None and step < end_step:
+                stop = torch.tensor([time.monotonic() - started >= cfg.max_minutes * 60.0], device=device)
+                if accelerator.num_processes > 1:
+                    from accelerate.utils import broadcast
+
+                    stop = broadcast(stop, from_process=0)
+                stopped_early = bool(stop.item())
+            interrupted = signals.agreed(accelerator)
+            if step % cfg.checkpoint_every == 0 or step == end_step or stopped_early or interrupted:
+                last_checkpoint = _save_checkpoint(accelerator, ema, output_dir, step, history, config)
+                if accelerator.is_main_process:
+                    _write_losses(losses_csv, history["loss"], history["lr"])
+            if interrupted:
+                logger.warning(
+                    "interrupted after step %d; saved checkpoint %s (continue with --resume)",
+                    step,
+                    last_checkpoint,
+                )
+                raise KeyboardInterrupt(f"training interrupted after step {step}")
+            if (cfg.preview_every and step % cfg.preview_every == 0) or step == end_step or stopped_early:
+                preview(step)
+                last_preview = step
+            if stopped_early:
+                logger.info("max_minutes reached after %d steps", step)
+                break
 
     if last_preview != step:
         preview(step)

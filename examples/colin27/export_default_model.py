@@ -26,6 +26,9 @@ def main() -> None:
     parser.add_argument("--target", type=Path, default=default_model_dir())
     args = parser.parse_args()
     loaded = load_model(args.model)
+    loaded.metadata.trained_on = (
+        "the Colin27 T1 MRI (one subject, 1 mm, Debian mricron-data) with tissue labels derived from it"
+    )
     save_model(args.target, loaded.unet, loaded.scheduler, loaded.metadata, overwrite=True, dtype=torch.float16)
     meta = loaded.metadata
     steps = meta.training.get("steps", "?")

@@ -9,7 +9,13 @@ geometry. Problems with inputs raise :class:`~volgen.errors.InputError`, problem
 
 from __future__ import annotations
 
-from volgen.io.atomic import atomic_directory, atomic_write, check_output_path
+from volgen.io.atomic import (
+    atomic_directory,
+    atomic_write,
+    check_output_path,
+    remove_stale_temporaries,
+    stale_temporaries,
+)
 from volgen.io.dicom import (
     PATIENT_INFO_KEYS,
     SYNTHETIC_STATEMENT,
@@ -49,6 +55,8 @@ __all__ = [
     "read_image",
     "read_label",
     "read_volume",
+    "remove_stale_temporaries",
+    "stale_temporaries",
     "to_torchio",
     "write_dicom_series",
     "write_volume",

@@ -76,6 +76,32 @@ def itk_reason(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
+def display_path(path: object) -> str:
+    """``path`` as printable text: bytes that are not UTF-8 shown as ``\\xNN`` (as ``ls -b`` does)."""
+    text = str(path)
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def is_utf8(path: object) -> bool:
+    """Whether ``path`` is valid UTF-8 text.
+
+    Python spells the bytes of a name that are not UTF-8 as lone surrogates (``os.fsdecode``); SimpleITK
+    cannot take such a string (its C++ layer aborts the whole process), so volgen refuses those paths first.
+    """
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+#: The problem reported for a path that is not valid UTF-8.
+NOT_UTF8 = "path is not valid UTF-8; rename it (SimpleITK cannot open such names)"
+
+
 def check_voxel_count(path: Path, size: tuple[int, ...], components: int = 1) -> None:
     """Refuse zero-size dimensions and absurd sizes before data is read.
 

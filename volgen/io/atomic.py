@@ -13,20 +13,32 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 from volgen.errors import OutputError
+from volgen.io._common import NOT_UTF8, display_path, is_utf8
 from volgen.types import PathLike
 
-__all__ = ["TEMP_PREFIX", "atomic_directory", "atomic_write", "check_output_path"]
+__all__ = [
+    "TEMP_PREFIX",
+    "atomic_directory",
+    "atomic_write",
+    "check_output_path",
+    "remove_stale_temporaries",
+    "stale_temporaries",
+]
 
 logger = logging.getLogger(__name__)
 
 #: Prefix of the temporary names used while writing (hidden files in the output's folder).
 TEMP_PREFIX = ".volgen-tmp-"
+# The temporary names of atomic_write / atomic_directory: TEMP_PREFIX, 8 hex digits, an optional tag, ".",
+# the final name.
+_TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + r"[0-9a-f]{8}(?:-old)?\.(?P<final>.+)$")
 
 
 def check_output_path(path: PathLike, *, overwrite: bool, directory: bool = False) -> Path:
@@ -42,9 +54,12 @@ def check_output_path(path: PathLike, *, overwrite: bool, directory: bool = Fals
 
     Raises:
         OutputError: If the parent folder does not exist, or the output exists and may not be replaced,
-            or the output exists with the wrong kind (a folder where a file is expected or the reverse).
+            or the output exists with the wrong kind (a folder where a file is expected or the reverse),
+            or the path is not valid UTF-8.
     """
     path = Path(path)
+    if not is_utf8(path):
+        raise OutputError(display_path(path), NOT_UTF8)
     parent = path.parent
     if not parent.is_dir():
         raise OutputError(path, f"output folder {parent} does not exist")
@@ -60,6 +75,32 @@ def check_output_path(path: PathLike, *, overwrite: bool, directory: bool = Fals
             if not overwrite:
                 raise OutputError(path, "already exists; set overwrite to replace it")
     return path
+
+
+def stale_temporaries(path: PathLike) -> list[Path]:
+    """The temporary files/folders that interrupted writes of ``path`` left next to it.
+
+    Only a process killed outright (``kill -9``, power loss) leaves them: every other failure and
+    Ctrl-C/SIGTERM remove them on the way out. Temporaries of other final names are not listed.
+    """
+    path = Path(path)
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return []
+    return sorted(e for e in entries if (m := _TEMP_NAME.match(e.name)) and m["final"] == path.name)
+
+
+def remove_stale_temporaries(path: PathLike) -> list[Path]:
+    """Remove :func:`stale_temporaries` of ``path``; return what was removed.
+
+    Call it before writing ``path`` again. Two processes writing the same output at the same time are not
+    supported (one would remove the other's temporary file).
+    """
+    removed = stale_temporaries(path)
+    for entry in removed:
+        _remove(entry)
+    return removed
 
 
 def _temp_sibling(path: Path, tag: str = "") -> Path:

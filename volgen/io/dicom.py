@@ -29,8 +29,11 @@ from volgen.io._common import (
     DICOM_SEG,
     DICOM_SERIES,
     MAX_VOXELS,
+    NOT_UTF8,
     Loaded,
     clear_metadata,
+    display_path,
+    is_utf8,
     itk_reason,
     quiet_itk,
 )
@@ -137,6 +140,9 @@ def list_dicom_series(folder: PathLike) -> list[DicomSeries]:
         files = tuple(Path(f) for f in names[uid])
         if not files:
             continue
+        for path in files:
+            if not is_utf8(path):
+                raise InputError(folder, f"holds a file whose {NOT_UTF8}: {display_path(path.name)}")
         header = _header(files[0])
         found.append(
             DicomSeries(
@@ -234,6 +240,13 @@ def _check_series_geometry(folder: Path, headers: list[Dataset]) -> None:
         raise InputError(folder, "slices have different orientations (ImageOrientationPatient)")
     if len({(int(h.Rows), int(h.Columns)) for h in headers}) > 1:
         raise InputError(folder, "slices have different sizes (Rows/Columns)")
+    try:
+        pixel_spacings = np.array([[float(v) for v in h.get("PixelSpacing", [1.0, 1.0])] for h in headers])
+    except (TypeError, ValueError) as exc:
+        raise InputError(folder, "malformed PixelSpacing") from exc
+    spread = np.abs(pixel_spacings - pixel_spacings[0]).max() if pixel_spacings.ndim == 2 else np.inf
+    if spread > 1e-4 * np.abs(pixel_spacings).max():
+        raise InputError(folder, "slices have different pixel spacing (PixelSpacing)")
     normal = np.cross(orientations[0, :3], orientations[0, 3:])
     along = positions @ normal
     order = np.argsort(along)

@@ -31,12 +31,15 @@ from volgen.io import dicom as _dicom
 from volgen.io._common import (
     METAIMAGE,
     NIFTI,
+    NOT_UTF8,
     NRRD,
     SLICER_SEG,
     Loaded,
     check_shape,
     check_voxel_count,
     clear_metadata,
+    display_path,
+    is_utf8,
     itk_reason,
 )
 from volgen.io._nifti import check_nifti
@@ -98,9 +101,13 @@ def _extension(path: Path) -> str:
 def _read_raw(path: PathLike, *, series: str | None = None) -> Loaded:
     """Read any supported input as a 3D single-component image (no label/image rules yet)."""
     path = Path(path)
+    if not is_utf8(path):
+        raise InputError(display_path(path), NOT_UTF8)
     if path.is_dir():
         return _dicom.read_dicom_folder(path, series=series)
     if not path.exists():
+        if path.is_symlink():
+            raise InputError(path, "symbolic link that leads nowhere (missing target or a loop of links)")
         raise InputError(path, "file not found")
     if not path.is_file():
         raise InputError(path, "not a regular file")

@@ -40,7 +40,7 @@ class GenerationParameters:
     steps: int = 20
     scheduler: str = "dpmsolver++"
     seed: int = 0
-    noise_correlation: float = 0.9
+    noise_correlation: float = 0.99
     keep: list[str] | None = None
     drop: list[str] | None = field(default=None)
     device: str = "auto"
