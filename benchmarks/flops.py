@@ -15,8 +15,9 @@ On the CPU every duration is this process's CPU time (``time.process_time``), no
 shared with other work, wall time counts the time other processes hold the core, CPU time does not. Run it
 with one thread (``OMP_NUM_THREADS=1``): the figures are then per core. On CUDA: wall time, synchronised.
 
-Defaults: ``small`` (64 px) at batch 16 (volgen's ``slice_batch_size``), ``paper`` (256 px) at batch 1 on the
-CPU (one forward is about 0.5 TFLOP) and 16 on CUDA.
+Defaults: ``small`` (64 px) at the batch of the pipeline's UNet forwards (8 slices on the CPU, where the
+pipeline always runs forwards of ``BATCH_GRANULE`` slices; 16 = ``slice_batch_size`` on CUDA), ``paper``
+(256 px) at batch 1 on the CPU (one forward is about 0.5 TFLOP) and 16 on CUDA.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import ROOT, bench_model, machine, sync  # noqa: E402
 
 from volgen.evaluation import unet_forward_flops  # noqa: E402
+from volgen.pipeline import BATCH_GRANULE  # noqa: E402
 
 
 def clock(device: torch.device) -> float:
@@ -94,7 +96,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--presets", nargs="+", default=["small", "paper"])
-    parser.add_argument("--small-batch", type=int, default=16)
+    parser.add_argument("--small-batch", type=int, default=None, help="default: the pipeline's forward batch")
     parser.add_argument("--paper-batch", type=int, default=None, help="default: 1 on the CPU, 16 on CUDA")
     parser.add_argument("--matmul-size", type=int, default=2048)
     parser.add_argument("--seconds", type=float, default=8.0, help="time per measurement (at least one run)")
@@ -112,8 +114,12 @@ def main() -> None:
         )
     rows = []
     for preset in args.presets:
-        default_batch = args.small_batch if preset != "paper" else (16 if device.type == "cuda" else 1)
-        batch = args.paper_batch if (preset == "paper" and args.paper_batch) else default_batch
+        # the pipeline's forwards: BATCH_GRANULE slices on the CPU, chunks of slice_batch_size 16 on CUDA
+        pipeline_batch = BATCH_GRANULE if device.type == "cpu" else 16
+        if preset == "paper":
+            batch = args.paper_batch or (16 if device.type == "cuda" else 1)
+        else:
+            batch = args.small_batch or pipeline_batch
         row = unet_flops(preset, batch, args.seconds, device)
         row["fraction_of_matmul"] = row["achieved_gflops"] * 1e9 / peak
         rows.append(row)

@@ -7,8 +7,9 @@
     (mazurowski-lab/segmentation-guided-diffusion) samples: a loop over images, a loop over timesteps, one
     UNet call per image and step, ``scheduler.step`` per image;
 (b) ``ref-ddpm1000``: the same loop with DDPM 1000 steps;
-(c) ``volgen``: volgen's pipeline with its defaults: all slices of the volume in chunks of 16 per UNet call,
-    DPM-Solver++ 20 steps, correlated noise ρ = 0.9, fp32 on the CPU.
+(c) ``volgen``: volgen's pipeline with its defaults: all slices of the volume in chunks of
+    ``slice_batch_size`` 16 (on the CPU each chunk runs as UNet forwards of exactly ``BATCH_GRANULE`` = 8
+    slices, for batch-size-independent results), DPM-Solver++ 20 steps, correlated noise ρ = 0.9, fp32.
 
 All three use the same UNet (random weights of the preset; speed does not depend on the weights), the
 same conditioning (Colin27 label map: 4 classes, onehot, 2.5D context 1 -> 12 channels) and the same label
@@ -286,7 +287,7 @@ def main() -> None:
         result = volgen_pipeline(
             unet, meta, schedule, labels, measure_steps=args.paper_steps if paper else None, device=device
         )
-        group.append({"mode": "volgen", "scheduler": "dpmsolver++ (batch 16)", **result})
+        group.append({"mode": "volgen", "scheduler": "dpmsolver++ (slice_batch_size 16)", **result})
         print(json.dumps(group[-1]), flush=True)
         for mode, (scheduler, steps, (n_slices, n_steps)) in plan.items():
             result = reference_loop(

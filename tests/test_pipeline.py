@@ -39,6 +39,20 @@ def test_every_scheduler_runs_and_is_independent_of_slice_batch_size(pipe, label
     assert torch.equal(a, b)
 
 
+def test_x0_smoothing_is_independent_of_slice_batch_size_and_smooths(pipe, labels):
+    from volgen.pipeline import smooth_through_plane
+
+    a = pipe(labels, num_inference_steps=3, seed=5, x0_smoothing=1.0, slice_batch_size=1).volume
+    b = pipe(labels, num_inference_steps=3, seed=5, x0_smoothing=1.0, slice_batch_size=16).volume
+    assert torch.equal(a, b)
+    x = torch.randn(9, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    y = smooth_through_plane(x, 1.0)
+    assert y.shape == x.shape
+    assert (y[1:] - y[:-1]).abs().mean() < 0.6 * (x[1:] - x[:-1]).abs().mean()
+    constant = torch.ones(5, 1, 2, 2)
+    assert torch.allclose(smooth_through_plane(constant, 2.0), constant)
+
+
 def test_same_seed_same_volume_other_seed_differs(pipe, labels):
     a = pipe(labels, num_inference_steps=2, seed=1).volume
     b = pipe(labels, num_inference_steps=2, seed=1).volume

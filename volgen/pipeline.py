@@ -105,8 +105,10 @@ def smooth_through_plane(x: Tensor, sigma: float) -> Tensor:
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
     kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
     kernel = (kernel / kernel.sum()).to(x.dtype)
-    index = (torch.arange(x.shape[0], device=x.device)[:, None] + offsets.long()[None, :]).clamp(0, x.shape[0] - 1)
-    return torch.einsum("zk,zk...->z...", kernel.expand(x.shape[0], -1), x[index])
+    columns = x.movedim(0, -1).reshape(-1, 1, x.shape[0])  # (C*H*W, 1, Z)
+    padded = torch.nn.functional.pad(columns, (radius, radius), mode="replicate")
+    smoothed = torch.nn.functional.conv1d(padded, kernel.view(1, 1, -1))
+    return smoothed.reshape(*x.shape[1:], x.shape[0]).movedim(-1, 0)
 
 
 def correlated_noise(
