@@ -17,6 +17,7 @@ Prints a Markdown table (paste it into benchmarks/README.md) and writes JSON nex
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import tempfile
 import time
@@ -58,6 +59,7 @@ def main() -> None:
     )
     parser.add_argument("--models", type=Path, nargs="+", required=True)
     parser.add_argument("--rho", type=float, nargs="+", default=[0.0, 0.5, 0.9, 0.99])
+    parser.add_argument("--x0-smoothing", type=float, nargs="+", default=[0.0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--scheduler", default="dpmsolver++")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -75,40 +77,36 @@ def main() -> None:
         real_dice = dice(segmenter.predict(real), mask, range(1, 5))
         for model in args.models:
             meta = read_metadata(model)
-            for rho in args.rho:
-                for seed in args.seeds:
-                    out = work / f"gen-{meta.context_slices}-{rho}-{seed}.nii.gz"
-                    started = time.perf_counter()
-                    generate(
-                        EXAMPLE,
-                        out,
-                        model=model,
-                        overwrite=True,
-                        settings=GenerateSettings(
-                            seed=seed,
-                            noise_correlation=rho,
-                            num_inference_steps=args.steps,
-                            scheduler=args.scheduler,
-                        ),
-                    )
-                    seconds = time.perf_counter() - started
-                    gen = sitk.GetArrayFromImage(read_image(out))
-                    c = consistency(gen, real, body, slice_axis="z")
-                    d = dice(segmenter.predict(gen), mask, range(1, 5))
-                    rows.append(
-                        {
-                            "model": str(model),
-                            "context": meta.context_slices,
-                            "rho": rho,
-                            "seed": seed,
-                            "ratio": c.ratio,
-                            "anisotropy": c.anisotropy,
-                            "dice": d,
-                            "mean_dice": float(np.nanmean(list(d.values()))),
-                            "seconds": seconds,
-                        }
-                    )
-                    print(json.dumps(rows[-1]), flush=True)
+            for rho, smoothing, seed in itertools.product(args.rho, args.x0_smoothing, args.seeds):
+                out = work / f"gen-{meta.context_slices}-{rho}-{smoothing}-{seed}.nii.gz"
+                settings = GenerateSettings(
+                    seed=seed,
+                    noise_correlation=rho,
+                    x0_smoothing=smoothing,
+                    num_inference_steps=args.steps,
+                    scheduler=args.scheduler,
+                )
+                started = time.perf_counter()
+                generate(EXAMPLE, out, model=model, overwrite=True, settings=settings)
+                seconds = time.perf_counter() - started
+                gen = sitk.GetArrayFromImage(read_image(out))
+                c = consistency(gen, real, body, slice_axis="z")
+                d = dice(segmenter.predict(gen), mask, range(1, 5))
+                rows.append(
+                    {
+                        "model": str(model),
+                        "context": meta.context_slices,
+                        "rho": rho,
+                        "x0_smoothing": smoothing,
+                        "seed": seed,
+                        "ratio": c.ratio,
+                        "anisotropy": c.anisotropy,
+                        "dice": d,
+                        "mean_dice": float(np.nanmean(list(d.values()))),
+                        "seconds": seconds,
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "real_dice": real_dice}, indent=2))
 
@@ -119,17 +117,17 @@ def main() -> None:
         + " | ".join(names)
         + " | mean Dice |"
     )
-    print("|---|---|---|---|---|---|" + "---|" * (len(names) + 1))
-    keys = sorted({(r["context"], r["rho"]) for r in rows})
-    for k, rho in keys:
-        group = [r for r in rows if (r["context"], r["rho"]) == (k, rho)]
+    print("|---|---|---|---|---|---|---|" + "---|" * (len(names) + 1))
+    keys = sorted({(r["context"], r["rho"], r["x0_smoothing"]) for r in rows})
+    for k, rho, smoothing in keys:
+        group = [r for r in rows if (r["context"], r["rho"], r["x0_smoothing"]) == (k, rho, smoothing)]
 
         def mean(f, group=group):
             return float(np.mean([f(r) for r in group]))
 
         dices = [mean(lambda r, c=c: r["dice"][c]) for c in range(1, 5)]
         print(
-            f"| {k} | {rho} | {mean(lambda r: r['ratio']['z']):.3f} | "
+            f"| {k} | {rho} | {smoothing} | {mean(lambda r: r['ratio']['z']):.3f} | "
             f"{mean(lambda r: r['ratio']['y']):.3f} | "
             f"{mean(lambda r: r['ratio']['x']):.3f} | {mean(lambda r: r['anisotropy']):.3f} | "
             + " | ".join(f"{v:.3f}" for v in dices)
