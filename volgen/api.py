@@ -378,8 +378,15 @@ def generate(
             from volgen.preview import save_montage
 
             try:
+                shown = class_image
+                if keep_arg is not None:  # show the condition the model got: dropped classes as background
+                    dropped = np.isin(
+                        classes, [c for c in range(1, label_map.num_classes) if c not in keep_indices]
+                    )
+                    shown = sitk.GetImageFromArray(np.where(dropped, 0, classes).astype(classes.dtype))
+                    shown.CopyInformation(class_image)
                 preview_path = save_montage(
-                    class_image,
+                    shown,
                     generated,
                     preview,
                     reference=ref_image,
