@@ -122,7 +122,7 @@ def test_cli_json_progress_and_complete_sidecar(seg_path, tiny_model_dir, tmp_pa
         4,
         "dpmsolver++",
         3,
-        0.9,
+        0.99,
         1.0,
     )
     assert sidecar["classes_kept"] == ["liver", "kidney"]

@@ -681,7 +681,7 @@ class ItemRecord:
 def write_manifest(path: Path, records: Iterable[ItemRecord]) -> Path:
     """Write records as CSV (sorted by case and sample), atomically."""
     rows = sorted(records, key=lambda r: r.key)
-    # backslashreplace: a file name that is not UTF-8 (Python holds its bytes as surrogates) is written as \xNN
+    # backslashreplace: a file name that is not UTF-8 (held as surrogates by Python) is written escaped
     with (
         atomic_write(path, overwrite=True) as tmp,
         tmp.open("w", newline="", encoding="utf-8", errors="backslashreplace") as f,
