@@ -113,7 +113,7 @@ def main() -> None:
     names = ["head", "csf", "grey", "white"]
     print(f"\nsegmenter on the real image: mean Dice {np.nanmean(list(real_dice.values())):.3f}\n")
     print(
-        "| K | ρ | z ratio (through-plane) | y ratio | x ratio | anisotropy | Dice "
+        "| K | ρ | x0 σ | z ratio (through-plane) | y ratio | x ratio | anisotropy | Dice "
         + " | ".join(names)
         + " | mean Dice |"
     )
