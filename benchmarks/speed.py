@@ -12,9 +12,10 @@
     slices, for batch-size-independent results), DPM-Solver++ 20 steps, correlated noise ρ = 0.9, fp32.
 
 All three use the same UNet (random weights of the preset; speed does not depend on the weights), the
-same conditioning (Colin27 label map: 4 classes, onehot, 2.5D context 1 -> 12 channels) and the same label
-volume: the Colin27 tissue segmentation in the slicing frame (``small``: the 2 mm example, all 91 axial
-slices at 64 px; ``paper``: the middle ``--paper-slices`` axial slices of the 1 mm segmentation at 256 px).
+same conditioning (Colin27 label map: 4 foreground classes, onehot, 2.5D context 1 -> 12 channels) and the
+same label volume: the Colin27 tissue segmentation in the slicing frame (``small``: the 2 mm example, all 91
+axial slices at 64 px; ``paper``: the middle ``--paper-slices`` axial slices of the 1 mm segmentation at
+256 px).
 
 Where a full run would take too long, a mode runs a measured subset (some slices x some steps, after one
 warm-up forward) and the seconds per volume are extrapolated linearly (the cost per slice-step is constant in
