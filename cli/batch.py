@@ -13,7 +13,7 @@ import typer
 from rich.markup import escape
 
 from volgen.cli.app import app, console, err_console, handle_errors
-from volgen.cli.generate import ProgressMode, emit_json, split_names
+from volgen.cli.generate import ProgressMode, build_settings, emit_json
 
 if TYPE_CHECKING:
     from volgen.batch import BatchResult, ItemEstimate, ItemRecord, TimeModel
@@ -94,7 +94,7 @@ def batch(
     """
     import logging
 
-    from volgen.api import GenerateSettings, parse_memory
+    from volgen.api import parse_memory
     from volgen.batch import BatchOptions, parse_shard
     from volgen.errors import VolgenError
 
@@ -105,21 +105,18 @@ def batch(
         return
     if out_dir is None:
         raise VolgenError("missing OUT_DIR: volgen batch INPUT OUT_DIR")
-    if unknown_labels not in ("error", "background"):
-        raise VolgenError(f"--unknown-labels must be 'error' or 'background', got {unknown_labels!r}")
-    if precision not in ("auto", "fp32", "fp16", "bf16"):
-        raise VolgenError(f"--precision must be auto, fp32, fp16 or bf16, got {precision!r}")
     options = BatchOptions(
         model=model,
-        settings=GenerateSettings(
+        settings=build_settings(
             seed=seed,
             scheduler=scheduler,
-            num_inference_steps=steps,
+            steps=steps,
             noise_correlation=noise_correlation,
             strength=strength,
-            keep=split_names(keep),
-            drop=split_names(drop),
+            keep=keep,
+            drop=drop,
             unknown_labels=unknown_labels,
+            precision=precision,
             slice_batch_size=slice_batch_size,
         ),
         samples_per_case=samples_per_case,

@@ -28,6 +28,42 @@ def split_names(text: str | None) -> list[str] | None:
     return names
 
 
+def build_settings(
+    *,
+    seed: int,
+    scheduler: str,
+    steps: int,
+    noise_correlation: float,
+    strength: float,
+    keep: str | None,
+    drop: str | None,
+    unknown_labels: str,
+    precision: str,
+    slice_batch_size: int,
+    x0_smoothing: float = 0.0,
+):
+    """The generation settings shared by ``generate`` and ``batch``, from their command-line values."""
+    from volgen.api import GenerateSettings
+    from volgen.errors import VolgenError
+
+    if unknown_labels not in ("error", "background"):
+        raise VolgenError(f"--unknown-labels must be 'error' or 'background', got {unknown_labels!r}")
+    if precision not in ("auto", "fp32", "fp16", "bf16"):
+        raise VolgenError(f"--precision must be auto, fp32, fp16 or bf16, got {precision!r}")
+    return GenerateSettings(
+        seed=seed,
+        scheduler=scheduler,
+        num_inference_steps=steps,
+        noise_correlation=noise_correlation,
+        x0_smoothing=x0_smoothing,
+        strength=strength,
+        keep=split_names(keep),
+        drop=split_names(drop),
+        unknown_labels=unknown_labels,
+        slice_batch_size=slice_batch_size,
+    )
+
+
 def emit_json(**event: object) -> None:
     """One JSON object per line on stdout (the contract with the Slicer module and other programs)."""
     sys.stdout.write(json.dumps(event) + "\n")
@@ -95,24 +131,21 @@ def generate(
     """Generate a synthetic image volume whose anatomy follows SEGMENTATION, on the same grid."""
     import logging
 
-    from volgen.api import GenerateSettings, parse_memory
     from volgen.api import generate as run_generate
+    from volgen.api import parse_memory
     from volgen.errors import VolgenError
 
-    if unknown_labels not in ("error", "background"):
-        raise VolgenError(f"--unknown-labels must be 'error' or 'background', got {unknown_labels!r}")
-    if precision not in ("auto", "fp32", "fp16", "bf16"):
-        raise VolgenError(f"--precision must be auto, fp32, fp16 or bf16, got {precision!r}")
-    settings = GenerateSettings(
+    settings = build_settings(
         seed=seed,
         scheduler=scheduler,
-        num_inference_steps=steps,
+        steps=steps,
         noise_correlation=noise_correlation,
         x0_smoothing=x0_smoothing,
         strength=strength,
-        keep=split_names(keep),
-        drop=split_names(drop),
+        keep=keep,
+        drop=drop,
         unknown_labels=unknown_labels,
+        precision=precision,
         slice_batch_size=slice_batch_size,
     )
     if model is None:

@@ -1,1 +1,1 @@
-"""Bundled YAML presets (label maps, model architectures, training configs), installed as ``volgen.configs``."""
+"""Bundled YAML presets (label maps, model presets, training configs), installed as ``volgen.configs``."""

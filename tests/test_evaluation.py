@@ -1,4 +1,4 @@
-"""Metrics: consistency ratios see through-plane flicker; Dice and the intensity segmenter are exact on toys."""
+"""Metrics: consistency ratios see through-plane flicker; Dice and the intensity segmenter on toy arrays."""
 
 from __future__ import annotations
 

@@ -129,6 +129,9 @@ def test_sigterm_mid_run_and_kill_9_mid_write(seg, tiny_model_dir, tmp_path):
 def test_sigint_leaves_nothing(moment, seg, tiny_model_dir, tmp_path, monkeypatch):
     """Ctrl-C (a real SIGINT to this process) while sampling, or after the volume is written but before its
     sidecar: exit 130, and the folder is as before (the written volume is removed again)."""
+    # A shell starts background jobs with SIGINT ignored (POSIX), and Python keeps that: make sure this
+    # process reacts to Ctrl-C the way an interactive one does, whatever started the test run.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     out = tmp_path / "out"
     out.mkdir()
     if moment == "sampling":
@@ -155,7 +158,10 @@ def test_sigint_leaves_nothing(moment, seg, tiny_model_dir, tmp_path, monkeypatc
 
         monkeypatch.setattr(api, "_file_sha256", hash_then_interrupt)
         extra = ["--steps", "1", "--progress", "none"]
-    result = invoke(*generate_args(seg, out / "syn.nii.gz", tiny_model_dir, *extra))
+    try:
+        result = invoke(*generate_args(seg, out / "syn.nii.gz", tiny_model_dir, *extra))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert result.exit_code == 130, result.output
     assert "interrupted" in result.output and "Traceback" not in result.output
     assert list(out.iterdir()) == []

@@ -1193,7 +1193,7 @@ def estimate_plan(
     import numpy as np
 
     from volgen import io
-    from volgen.api import slices_along, estimate_memory
+    from volgen.api import estimate_memory, slices_along
 
     meta = loaded.metadata
     weights = sum(p.numel() * p.element_size() for p in loaded.unet.parameters())

@@ -21,7 +21,9 @@ from volgen.models import load_model, save_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("model", type=Path, help="A trained model folder (e.g. runs/colin27-small/model).")
     parser.add_argument("--target", type=Path, default=default_model_dir())
     args = parser.parse_args()
@@ -29,7 +31,9 @@ def main() -> None:
     loaded.metadata.trained_on = (
         "the Colin27 T1 MRI (one subject, 1 mm, Debian mricron-data) with tissue labels derived from it"
     )
-    save_model(args.target, loaded.unet, loaded.scheduler, loaded.metadata, overwrite=True, dtype=torch.float16)
+    save_model(
+        args.target, loaded.unet, loaded.scheduler, loaded.metadata, overwrite=True, dtype=torch.float16
+    )
     meta = loaded.metadata
     steps = meta.training.get("steps", "?")
     card = f"""# {meta.name}: volgen's embedded default model
@@ -37,9 +41,9 @@ def main() -> None:
 {meta.description}
 
 - Trained on: {meta.trained_on}
-- Architecture: `small` preset (diffusers UNet2DModel, {meta.slice_size} px {meta.slice_axis} slices), ε-prediction,
-  DDPM T = 1000 linear betas, {meta.encoding} masks with {meta.context_slices} context slice(s) each side,
-  mask ablation p = 0.5, {steps} steps; EMA weights stored as float16.
+- Architecture: `small` preset (diffusers UNet2DModel, {meta.slice_size} px {meta.slice_axis} slices),
+  ε-prediction, DDPM T = 1000 linear betas, {meta.encoding} masks with {meta.context_slices} context
+  slice(s) each side, mask ablation p = 0.5, {steps} steps; EMA weights stored as float16.
 - Classes: {", ".join(meta.label_map.class_names)}.
 - Intensities: MR, percentile mapping, written as float32 on the T1 scale of Colin27 (0..255 uint8 source).
 
@@ -49,11 +53,11 @@ Recipe: `python examples/colin27/prepare.py data/colin27`, `volgen train configs
 This model saw one subject. It demonstrates volgen on a CPU; real use needs a model trained on real data
 (`volgen generate --model`).
 
-Colin27 (ch2) is copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological
-Institute, McGill University. Permission to use, copy, modify, and distribute this software and its
-documentation for any purpose and without fee is hereby granted, provided that the above copyright notice
-appear in all copies. The authors and McGill University make no representations about the suitability of
-this software for any purpose. It is provided "as is" without express or implied warranty.
+Colin27 (ch2) is copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal
+Neurological Institute, McGill University. Permission to use, copy, modify, and distribute this software
+and its documentation for any purpose and without fee is hereby granted, provided that the above copyright
+notice appear in all copies. The authors and McGill University make no representations about the
+suitability of this software for any purpose. It is provided "as is" without express or implied warranty.
 """
     (args.target / "README.md").write_text(card, encoding="utf-8")
     reloaded = load_model(args.target)
