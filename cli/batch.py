@@ -13,7 +13,16 @@ import typer
 from rich.markup import escape
 
 from volgen.cli.app import app, console, err_console, handle_errors
-from volgen.cli.generate import ProgressMode, build_settings, emit_json
+from volgen.cli.generate import (
+    ProgressMode,
+    RhoOption,
+    SchedulerOption,
+    SliceBatchOption,
+    StepsOption,
+    UnknownLabelsOption,
+    build_settings,
+    emit_json,
+)
 
 if TYPE_CHECKING:
     from volgen.batch import BatchResult, ItemEstimate, ItemRecord, TimeModel
@@ -40,18 +49,11 @@ def batch(
     seed: Annotated[
         int, typer.Option(help="Base seed; each case's seed derives from it and the case id.")
     ] = 0,
-    scheduler: Annotated[str, typer.Option(help="ddpm, ddim, dpmsolver++ or euler.")] = "dpmsolver++",
-    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 20,
-    noise_correlation: Annotated[
-        float,
-        typer.Option("--noise-correlation", "--rho", help="ρ: initial-noise correlation between slices."),
-    ] = 0.99,
-    slice_batch_size: Annotated[
-        int, typer.Option(help="Slices per UNet forward (does not change the result).")
-    ] = 16,
-    unknown_labels: Annotated[
-        str, typer.Option(help="Label values the model does not know: 'error' or 'background'.")
-    ] = "error",
+    scheduler: SchedulerOption = "dpmsolver++",
+    steps: StepsOption = 20,
+    noise_correlation: RhoOption = 0.99,
+    slice_batch_size: SliceBatchOption = 16,
+    unknown_labels: UnknownLabelsOption = "error",
     samples_per_case: Annotated[
         int, typer.Option(help="Synthetic volumes per segmentation (outputs CASE_s0, CASE_s1, ...).")
     ] = 1,

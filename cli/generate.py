@@ -13,6 +13,18 @@ import typer
 
 from volgen.cli.app import app, console, err_console, handle_errors
 
+# Options shared by `generate` and `batch` (same names, help and meaning).
+SchedulerOption = Annotated[str, typer.Option(help="ddpm, ddim, dpmsolver++ or euler.")]
+StepsOption = Annotated[int, typer.Option(help="Denoising steps.")]
+RhoOption = Annotated[
+    float,
+    typer.Option("--noise-correlation", "--rho", help="ρ: initial-noise correlation between slices."),
+]
+SliceBatchOption = Annotated[int, typer.Option(help="Slices per UNet forward (does not change the result).")]
+UnknownLabelsOption = Annotated[
+    str, typer.Option(help="Label values the model does not know: 'error' or 'background'.")
+]
+
 
 class ProgressMode(str, Enum):
     rich = "rich"
@@ -94,21 +106,14 @@ def generate(
         str | None, typer.Option(help="Comma-separated classes to drop (become background).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    scheduler: Annotated[str, typer.Option(help="ddpm, ddim, dpmsolver++ or euler.")] = "dpmsolver++",
-    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 20,
-    noise_correlation: Annotated[
-        float,
-        typer.Option("--noise-correlation", "--rho", help="ρ: initial-noise correlation between slices."),
-    ] = 0.99,
+    scheduler: SchedulerOption = "dpmsolver++",
+    steps: StepsOption = 20,
+    noise_correlation: RhoOption = 0.99,
     x0_smoothing: Annotated[
         float, typer.Option(help="σ in slices of through-plane smoothing of the x0 prediction (0: off).")
     ] = 0.0,
-    slice_batch_size: Annotated[
-        int, typer.Option(help="Slices per UNet forward (does not change the result).")
-    ] = 16,
-    unknown_labels: Annotated[
-        str, typer.Option(help="Label values the model does not know: 'error' or 'background'.")
-    ] = "error",
+    slice_batch_size: SliceBatchOption = 16,
+    unknown_labels: UnknownLabelsOption = "error",
     output_format: Annotated[
         str | None, typer.Option("--format", help="nifti, nrrd, mha or dicom (default: by extension).")
     ] = None,
