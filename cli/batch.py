@@ -22,6 +22,7 @@ from volgen.cli.generate import (
     UnknownLabelsOption,
     build_settings,
     emit_json,
+    notify_default_model,
 )
 
 if TYPE_CHECKING:
@@ -134,17 +135,7 @@ def batch(
     options.check()
     shard_spec = parse_shard(shard) if shard is not None else (0, 1)
     if model is None:
-        from volgen.api import default_model_dir
-        from volgen.models import read_metadata
-
-        note = (
-            f"using the embedded default model, trained on {read_metadata(default_model_dir()).trained_on}; "
-            "real use needs --model trained on real data"
-        )
-        if progress == ProgressMode.json:
-            emit_json(event="notice", message=note)
-        else:
-            err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+        notify_default_model(progress)
     logging.getLogger("volgen.api").setLevel(logging.ERROR)
 
     if dry_run:

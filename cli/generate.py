@@ -76,6 +76,21 @@ def build_settings(
     )
 
 
+def notify_default_model(progress: ProgressMode) -> None:
+    """Say, once, that the embedded default model is in use and what it was trained on."""
+    from volgen.api import default_model_dir
+    from volgen.models import read_metadata
+
+    note = (
+        f"using the embedded default model, trained on {read_metadata(default_model_dir()).trained_on}; "
+        "real use needs --model trained on real data"
+    )
+    if progress == ProgressMode.json:
+        emit_json(event="notice", message=note)
+    else:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+
+
 def emit_json(**event: object) -> None:
     """One JSON object per line on stdout (the contract with the Slicer module and other programs)."""
     sys.stdout.write(json.dumps(event) + "\n")
@@ -154,17 +169,7 @@ def generate(
         slice_batch_size=slice_batch_size,
     )
     if model is None:
-        from volgen.api import default_model_dir
-        from volgen.models import read_metadata
-
-        note = (
-            f"using the embedded default model, trained on {read_metadata(default_model_dir()).trained_on}; "
-            "real use needs --model trained on real data"
-        )
-        if progress == ProgressMode.json:
-            emit_json(event="notice", message=note)
-        else:
-            err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+        notify_default_model(progress)
     logging.getLogger("volgen.api").setLevel(logging.ERROR)
 
     kwargs = dict(
