@@ -268,11 +268,23 @@ def remove_written(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _patient_info(segmentation: Path) -> dict[str, str] | None:
-    """Patient identifiers of a DICOM input (only with ``copy_patient_info``), the keys of
-    :data:`volgen.io.PATIENT_INFO_KEYS`."""
-    from volgen.io import PATIENT_INFO_KEYS
+#: The patient and study identifiers ``--copy-patient-info`` copies (the I/O layer's full list also holds
+#: physician names and more, which are never copied).
+COPIED_PATIENT_KEYS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyID",
+    "AccessionNumber",
+    "StudyDate",
+    "StudyTime",
+)
 
+
+def _patient_info(segmentation: Path) -> dict[str, str] | None:
+    """Patient identifiers of a DICOM input (only with ``copy_patient_info``)."""
     try:
         import pydicom
     except ImportError:  # pragma: no cover
@@ -285,5 +297,5 @@ def _patient_info(segmentation: Path) -> dict[str, str] | None:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception:  # noqa: BLE001 - not DICOM: nothing to copy
             continue
-        return {k: str(ds.get(k, "")) for k in PATIENT_INFO_KEYS if ds.get(k) is not None}
+        return {k: str(ds.get(k, "")) for k in COPIED_PATIENT_KEYS if ds.get(k) is not None}
     return None
