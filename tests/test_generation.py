@@ -219,3 +219,18 @@ def test_a_failing_preview_keeps_the_volume_and_sidecar(seg, tiny_model_dir, tmp
     assert result.output.is_file() and result.sidecar.is_file() and result.preview is None
     assert len(result.warnings) == 1 and "matplotlib" in result.warnings[0]
     assert not (tmp_path / "p.png").exists()
+
+
+def test_the_dry_run_asks_the_generator(generator, seg):
+    """Slice-forwards for estimates come from the pipeline's own timestep selection and padding."""
+    from volgen.generation import slices_along
+
+    z = slices_along(seg, generator.metadata.slice_axis)
+    full = generator.slice_forwards(seg, GenerateSettings(num_inference_steps=4, slice_batch_size=4))
+    padded = sum(n + (-n % 8) for n in [min(4, z - s) for s in range(0, z, 4)])
+    assert full == 4 * padded
+    half = generator.slice_forwards(
+        seg, GenerateSettings(num_inference_steps=4, strength=0.5, scheduler="ddim", slice_batch_size=4)
+    )
+    assert half == 2 * padded  # trailing DDIM timesteps 999, 749, 499, 249: two are <= 500
+    assert generator.weights_bytes > 0 and generator.memory_needed(seg, GenerateSettings()) > 0

@@ -107,7 +107,9 @@ class VolumeGenerator:
             model = load_model(defaults.MODEL_DIR if model is None else model)
         self.model = model
         unet = prepare_unet(model.unet, self.device)
-        self.pipeline = build_pipeline(unet, model.scheduler, model.metadata)
+        self.pipeline = build_pipeline(
+            unet, model.scheduler, model.metadata, scheduler_name=defaults.SCHEDULER
+        )
 
     @property
     def metadata(self) -> Any:
@@ -151,6 +153,11 @@ class VolumeGenerator:
         )
         return _like(indices, segmentation)
 
+    @property
+    def weights_bytes(self) -> int:
+        """Bytes of the UNet's weights as loaded."""
+        return sum(p.numel() * p.element_size() for p in self.model.unet.parameters())
+
     def memory_needed(self, segmentation: Any, settings: GenerateSettings) -> int:
         """Bytes generating this segmentation needs beyond the weights (estimated, nothing allocated)."""
         meta = self.metadata
@@ -184,6 +191,7 @@ class VolumeGenerator:
 
     def slice_forwards(self, segmentation: Any, settings: GenerateSettings) -> int:
         """UNet slice-forwards generating this segmentation costs (for time estimates)."""
+        self.pipeline.set_scheduler(settings.scheduler)
         return self.pipeline.slice_forwards(
             slices_along(segmentation, self.metadata.slice_axis),
             num_inference_steps=settings.num_inference_steps,
