@@ -275,7 +275,7 @@ def test_resume_redoes_only_unfinished_cases(full_run, cases_dir, tiny_model_dir
     shutil.copytree(full_run, out)
     before = {case: (out / f"{case}.nii.gz").stat().st_mtime_ns for case in GOOD}
     (out / "b.nii.gz").unlink()
-    leftovers = [out / ".volgen-tmp-0123abcd.b.nii.gz", out / ".volgen-tmp-89abcdef.a.json"]
+    leftovers = [out / ".volgen-tmp-0123abcd.b.nii.gz", out / ".volgen-tmp-89abcdef.a.nii.gz.json"]
     for path in leftovers:
         path.write_bytes(b"half written")
     result = run_batch_cli(cases_dir, out, tiny_model_dir, "--seed", "3")
