@@ -134,8 +134,8 @@ def generate(
         generator = VolumeGenerator(
             loaded if loaded is not None else model, device=device, precision=precision
         )
-    if model is None and loaded is None:
-        logger.warning(
+    if model is None and loaded is None:  # the CLI says it once, in its own words
+        logger.info(
             "using the embedded default model (%s); real use needs --model", generator.metadata.trained_on
         )
     generator.check(settings, reference=reference is not None)
@@ -163,7 +163,7 @@ def generate(
         segmentation=segmentation,
         output=output if output is not None else plan.output,
         output_format=plan.format,
-        model_path=model if model is not None else (None if loaded is None else loaded.path),
+        model_path=model,
         reference=reference,
         resample_reference=resample_reference,
     )

@@ -76,7 +76,8 @@ class Sidecar(BaseModel):
         reference: PathLike | None = None,
         resample_reference: bool = False,
     ) -> Sidecar:
-        """The sidecar of a :class:`~volgen.generation.GeneratedVolume` (paths recorded as given)."""
+        """The sidecar of a :class:`~volgen.generation.GeneratedVolume` (paths recorded as given;
+        ``model_path`` ``None`` is recorded as the embedded default)."""
         loaded = generator.model
         seg, ref = Path(segmentation), None if reference is None else Path(reference)
         return cls(
