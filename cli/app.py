@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -110,10 +109,7 @@ def _register() -> None:
 
 def main() -> None:
     """Entry point of the ``volgen`` console script."""
-    # OpenMP threads that sleep instead of spinning while they wait: on a busy machine (another process on a
-    # core) spinning threads make PyTorch 2-10x slower; idle, passive costs nothing measurable. Must be set
-    # before torch loads; the user's own setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # The thread policy (OMP_WAIT_POLICY) was applied by `import volgen` above, as for the Python API.
     _register()
     app(prog_name="volgen")
 

@@ -676,7 +676,8 @@ def _figure(report: EvaluationReport, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
+
+    from volgen.preview import add_class_legend, label_rgb
 
     summary = report.summary()
     fg = report.class_names[1:]
@@ -725,19 +726,18 @@ def _figure(report: EvaluationReport, path: Path) -> None:
         lo, hi = np.percentile(np.concatenate([i.ravel() for i in images]), [0.5, 99.5])
     else:
         lo, hi = 0.0, 1.0
-    labels_cmap = ListedColormap(["black", *plt.get_cmap("tab10").colors])
     for i, (key, is_label) in enumerate(panels):
         ax = fig.add_subplot(grid[1, i])
         view = np.flipud(ex[key])
-        if is_label:  # background black, classes 1, 2, ... in tab10 colours (repeating after 10)
-            view = np.where(view > 0, (view.astype(np.int64) - 1) % 10 + 1, 0)
-            ax.imshow(view, cmap=labels_cmap, vmin=0, vmax=10, interpolation="nearest")
+        if is_label:  # the class colours of every volgen figure (volgen.preview)
+            ax.imshow(label_rgb(view), interpolation="nearest")
         else:
             ax.imshow(view, cmap="gray", vmin=lo, vmax=hi)
         title = {"prediction": "segmenter on generated"}.get(key, key)
         ax.set_title(f"{title} ({report.cases[0].case})", fontsize=9)
         ax.axis("off")
     fig.suptitle(f"volgen evaluate: {report.segmenter}", fontsize=10)
+    add_class_legend(fig, report.class_names, loc="outside lower center")
     fig.savefig(path, dpi=90, format="png")
     plt.close(fig)
 

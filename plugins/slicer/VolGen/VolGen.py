@@ -43,10 +43,12 @@ if _MODULE_DIR not in sys.path:  # the helper packages live next to this file
 
 from VolGenLib import (  # noqa: E402
     DEVICES,
+    FILE_FILTER,
     SCHEDULERS,
-    VOLGEN_REQUIREMENT,
     EnvironmentStatus,
     GenerationParameters,
+    InstallSource,
+    InstallSourceError,
     ModelInfoError,
     ParameterError,
     ProgressEvent,
@@ -54,9 +56,11 @@ from VolGenLib import (  # noqa: E402
     default_model_dir,
     default_python_executable,
     forget_environment_checks,
+    install_source,
     model_classes,
     model_label_map,
     model_summary,
+    pip_arguments,
 )
 from VolGenMRML import InputError, NodeGeneration, Outcome, dimensions, ijk_to_ras, labelmap_node_from_array  # noqa: E402
 
@@ -113,12 +117,14 @@ class VolGenParameterNode:
     outputVolume: vtkMRMLScalarVolumeNode
     modelDirectory: str = ""
     droppedClasses: str = ""
-    strength: Annotated[float, WithinRange(0.0, 1.0)] = 1.0
-    steps: Annotated[int, WithinRange(1, 1000)] = 20
-    scheduler: Annotated[str, Choice(list(SCHEDULERS))] = "dpmsolver++"
-    seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
-    noiseCorrelation: Annotated[float, WithinRange(0.0, 0.99)] = 0.99
-    device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    # Defaults: those of GenerationParameters, which a test compares with volgen's own (the library may not
+    # be installed in Slicer's Python yet, so it cannot be imported here).
+    strength: Annotated[float, WithinRange(0.0, 1.0)] = GenerationParameters.strength
+    steps: Annotated[int, WithinRange(1, 1000)] = GenerationParameters.steps
+    scheduler: Annotated[str, Choice(list(SCHEDULERS))] = GenerationParameters.scheduler
+    seed: Annotated[int, WithinRange(0, 2**31 - 1)] = GenerationParameters.seed
+    noiseCorrelation: Annotated[float, WithinRange(0.0, 0.99)] = GenerationParameters.noise_correlation
+    device: Annotated[str, Choice(list(DEVICES))] = GenerationParameters.device
     unknownLabelsAsBackground: bool = False
     keepTemporaryFiles: bool = False
     pythonExecutable: str = ""
@@ -359,22 +365,59 @@ class VolGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 windowTitle="VolGen",
             )
             return False
-        if not slicer.util.confirmOkCancelDisplay(
-            "volgen is not installed in Slicer's Python.\n\n"
-            f"Install it now (pip install {VOLGEN_REQUIREMENT})? "
-            "This downloads packages from the Python Package Index and can take a few minutes.",
-            windowTitle="VolGen",
-        ):
+        source = self._askInstallSource()
+        if source is None:
             return False
         try:
             with slicer.util.WaitCursor():
-                self.logic.installVolgen()
+                self.logic.installVolgen(source)
         except Exception as e:  # noqa: BLE001 - pip failures come in many kinds; show them
             slicer.util.errorDisplay(f"Installing volgen failed: {e}", windowTitle="VolGen")
             return False
         self._classesKey = None  # the default model is now findable
         self._refreshClasses()
         return self._ensureEnvironment(verbose=verbose)
+
+    def _askInstallSource(self):
+        """Ask where to install volgen from (wheel, source archive or folder, or a URL); ``None``: cancelled.
+
+        Never a bare name from the package index: the choice is checked by VolGenLib.install_source.
+        """
+        box = qt.QMessageBox(slicer.util.mainWindow())
+        box.setWindowTitle("VolGen")
+        box.setIcon(qt.QMessageBox.Question)
+        box.setText(
+            "volgen is not installed in Slicer's Python.\n\n"
+            "Install it from a volgen wheel or source archive (volgen-*.whl, volgen-*.tar.gz), a volgen "
+            "source folder (a checkout of the volgen repository), or a URL you type. Its dependencies "
+            "(diffusers, SimpleITK, ...) come from the Python Package Index; the installed torch is kept."
+        )
+        fileButton = box.addButton("Wheel or archive...", qt.QMessageBox.AcceptRole)
+        folderButton = box.addButton("Source folder...", qt.QMessageBox.AcceptRole)
+        urlButton = box.addButton("URL...", qt.QMessageBox.AcceptRole)
+        box.addButton(qt.QMessageBox.Cancel)
+        box.exec_()
+        clicked = box.clickedButton()
+        if clicked == fileButton:
+            text = qt.QFileDialog.getOpenFileName(None, "volgen wheel or source archive", "", FILE_FILTER)
+        elif clicked == folderButton:
+            text = qt.QFileDialog.getExistingDirectory(None, "volgen source folder")
+        elif clicked == urlButton:
+            text = qt.QInputDialog.getText(None, "VolGen", "URL of a volgen wheel, archive or repository:")
+        else:
+            return None
+        if not text:
+            return None
+        try:
+            source = install_source(text)
+        except InstallSourceError as e:
+            slicer.util.errorDisplay(str(e), windowTitle="VolGen")
+            return None
+        if not slicer.util.confirmOkCancelDisplay(
+            f"Install volgen from {source.describe()}?\n\nThis can take a few minutes.", windowTitle="VolGen"
+        ):
+            return None
+        return source
 
     # -- running -------------------------------------------------------------------------------------------
 
@@ -502,16 +545,19 @@ class VolGenLogic(ScriptedLoadableModuleLogic):
         return check_environment(python)
 
     @staticmethod
-    def installVolgen() -> None:
-        """``pip install volgen`` into Slicer's Python, after the user agreed.
+    def installVolgen(source: InstallSource) -> None:
+        """Install volgen into Slicer's Python from a checked wheel, archive, folder or URL (see
+        :func:`VolGenLib.install_source`), after the user agreed. Never a bare name from the package index.
 
         Refused without torch: volgen depends on torch, which must come from the PyTorch extension, not
         from this install (pip would otherwise pull a multi-GB torch build of its choosing).
         """
+        if not isinstance(source, InstallSource):
+            raise TypeError("installVolgen takes a VolGenLib.InstallSource (see VolGenLib.install_source)")
         status = check_environment(default_python_executable())
         if status.torch_version is None:
             raise RuntimeError("install torch with the PyTorch extension first")
-        slicer.util.pip_install(VOLGEN_REQUIREMENT)
+        slicer.util.pip_install(pip_arguments(source))
         forget_environment_checks()
 
     def modelDirectory(self, configured: str, python: str = "") -> str:

@@ -5,6 +5,7 @@ Everything that does not need Slicer lives here, so the project's normal pytest 
 - :class:`GenerationParameters`: the panel's settings, validated;
 - :func:`build_command`: the ``volgen generate ... --progress json`` argument list;
 - :func:`parse_progress_line` / :class:`ProgressEvent`: the CLI's JSON progress lines;
+- :func:`install_source`: where volgen is installed from (a wheel, archive, folder or URL; never a bare name);
 - :class:`TempWorkspace`: the temporary folder with the input, reference and output paths;
 - :func:`model_classes`, :func:`segment_label_values`: the model's classes and how segments map onto them;
 - :class:`GenerationRunner` (behind the :class:`Runner` protocol) and :class:`GenerationJob`: the child
@@ -14,13 +15,19 @@ Everything that does not need Slicer lives here, so the project's normal pytest 
 from __future__ import annotations
 
 from .command import (
-    VOLGEN_REQUIREMENT,
     build_command,
     default_python_executable,
     subprocess_options,
     volgen_prefix,
 )
 from .environment import EnvironmentStatus, check_environment, default_model_dir, forget_environment_checks
+from .install import (
+    FILE_FILTER,
+    InstallSource,
+    InstallSourceError,
+    install_source,
+    pip_arguments,
+)
 from .job import GenerationJob
 from .models import (
     ModelInfoError,
@@ -43,12 +50,14 @@ __all__ = [
     "SCHEDULERS",
     "TERMINATE_TIMEOUT",
     "UNKNOWN_LABELS",
-    "VOLGEN_REQUIREMENT",
+    "FILE_FILTER",
     "EnvironmentStatus",
     "GenerationJob",
     "GenerationParameters",
     "GenerationPaths",
     "GenerationRunner",
+    "InstallSource",
+    "InstallSourceError",
     "ModelInfoError",
     "ParameterError",
     "ProgressEvent",
@@ -63,12 +72,14 @@ __all__ = [
     "default_python_executable",
     "error_message",
     "forget_environment_checks",
+    "install_source",
     "model_classes",
     "model_label_map",
     "model_summary",
     "normalize_name",
     "panel_error",
     "parse_progress_line",
+    "pip_arguments",
     "read_model_metadata",
     "segment_label_values",
     "subprocess_options",

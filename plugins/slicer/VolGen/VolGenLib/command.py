@@ -10,9 +10,6 @@ import sys
 from .parameters import GenerationParameters, ParameterError
 from .workspace import GenerationPaths
 
-#: What the module offers to ``pip install`` into Slicer's Python (after the user confirms).
-VOLGEN_REQUIREMENT = "volgen"
-
 
 def default_python_executable() -> str:
     """The Python that runs volgen by default: Slicer's own.
