@@ -67,7 +67,22 @@ def test_pipeline_call_defaults():
 
 
 def _plugin_node_defaults() -> dict[str, object]:
-    """The Slicer module's parameter-node defaults, read from VolGen.py (it imports Slicer, so parse it)."""
+    """The Slicer module's parameter-node defaults, read from VolGen.py (it imports Slicer, so parse it).
+
+    A default is either a literal or ``GenerationParameters.<field>`` (the plain-Python helper's dataclass,
+    which the panel takes its defaults from); the latter is resolved through the helper."""
+    sys.path.insert(0, str(PLUGIN))
+    try:
+        from VolGenLib.parameters import GenerationParameters
+    finally:
+        sys.path.remove(str(PLUGIN))
+    helper = GenerationParameters()
+
+    def value(node: ast.expr) -> object:
+        if isinstance(node, ast.Attribute) and getattr(node.value, "id", "") == "GenerationParameters":
+            return getattr(helper, node.attr)
+        return ast.literal_eval(node)
+
     tree = ast.parse((PLUGIN / "VolGen.py").read_text(encoding="utf-8"))
     for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef) and any(
@@ -75,12 +90,12 @@ def _plugin_node_defaults() -> dict[str, object]:
             for s in node.body
         ):
             return {
-                s.target.id: ast.literal_eval(s.value)
+                s.target.id: value(s.value)
                 for s in node.body
                 if isinstance(s, ast.AnnAssign)
                 and s.value is not None
                 and isinstance(s.target, ast.Name)
-                and isinstance(s.value, ast.Constant)
+                and isinstance(s.value, (ast.Constant, ast.Attribute))
             }
     raise AssertionError("no parameter node class with noiseCorrelation in VolGen.py")
 
