@@ -165,10 +165,11 @@ def atomic_directory(
 ) -> Iterator[Path]:
     """Write a folder atomically.
 
-    Yields an empty temporary folder next to ``path``. When the block ends without an exception it is renamed to
-    ``path``; an existing ``path`` (allowed with ``overwrite`` when volgen wrote it, see
-    :func:`volgen.io.paths.is_volgen_folder`, or when it is an empty folder) is first renamed away and removed only after the new folder is in place. On an exception the
-    temporary folder is removed and an existing ``path`` is left as it was.
+    Yields an empty temporary folder next to ``path``. When the block ends without an exception it is
+    renamed to ``path``; an existing ``path`` (allowed with ``overwrite`` when volgen wrote it, see
+    :func:`volgen.io.paths.is_volgen_folder`, or when it is an empty folder) is first renamed away and
+    removed only after the new folder is in place. On an exception the temporary folder is removed and an
+    existing ``path`` is left as it was.
 
     Args:
         path: The final folder name.

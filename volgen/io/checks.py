@@ -86,11 +86,12 @@ def check_schedule_config(path: Path) -> None:
         if value is not None and not _probability(value):
             raise ModelError(path, f"{key} must be a finite number in (0, 1), got {value!r}")
     betas = config.get("trained_betas")
-    if betas is not None:
-        if not isinstance(betas, list) or len(betas) != steps or not all(_probability(b) for b in betas):
-            raise ModelError(
-                path, f"trained_betas must be {steps} finite numbers in (0, 1) (one per training timestep)"
-            )
+    if betas is not None and (
+        not isinstance(betas, list) or len(betas) != steps or not all(_probability(b) for b in betas)
+    ):
+        raise ModelError(
+            path, f"trained_betas must be {steps} finite numbers in (0, 1) (one per training timestep)"
+        )
 
 
 def _probability(value: Any) -> bool:
@@ -129,7 +130,8 @@ def check_steps(steps: int, num_train_timesteps: int) -> None:
     """
     if not 1 <= int(steps) <= int(num_train_timesteps):
         raise VolgenError(
-            f"--steps {steps}: the model's schedule has {num_train_timesteps} timesteps; use 1..{num_train_timesteps}"
+            f"--steps {steps}: the model's schedule has {num_train_timesteps} timesteps; "
+            f"use 1..{num_train_timesteps}"
         )
 
 

@@ -240,7 +240,7 @@ def patient_info_of(path: PathLike, *, series: str | None = None) -> dict[str, A
 
 
 def _dicom_value(value: Any) -> Any:
-    """A header value as :func:`write_dicom_series` sets it: lists for multi-valued elements, text otherwise."""
+    """A header value as :func:`write_dicom_series` sets it: a list when multi-valued, else text."""
     if isinstance(value, pydicom.multival.MultiValue | list | tuple):
         return [str(v) for v in value]
     return str(value)
@@ -322,8 +322,8 @@ def _check_series_geometry(folder: Path, headers: list[Dataset]) -> Geometry:
     if error > ORTHONORMAL_TOLERANCE:
         raise InputError(
             folder,
-            f"ImageOrientationPatient is not two orthogonal unit vectors (off by {error:.2g}); volgen does not "
-            "straighten it silently",
+            f"ImageOrientationPatient is not two orthogonal unit vectors (off by {error:.2g}); volgen "
+            "does not straighten it silently",
         )
     if np.abs(orientations - orientations[0]).max() > 1e-4:
         raise InputError(folder, "slices have different orientations (ImageOrientationPatient)")

@@ -108,7 +108,7 @@ def _yaml_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
 
 
 def spreadsheet_safe(cell: str) -> str:
-    """``cell`` as written to a CSV volgen makes: a leading ``'`` when it would start a spreadsheet formula."""
+    """``cell`` as volgen writes it to a CSV: a leading ``'`` when it would start a spreadsheet formula."""
     return "'" + cell if cell.startswith(_FORMULA_START) else cell
 
 

@@ -618,7 +618,9 @@ def verify_written(written: Path, image: sitk.Image, *, final: Path | None = Non
         OutputError: Named after ``final`` (default ``written``): "the written file is incomplete".
     """
     name = final if final is not None else written
-    problem = "the written file is incomplete or differs from what was written (disk full, quota or file-size limit?)"
+    problem = (
+        "the written file is incomplete or differs from what was written (disk full, quota, size limit?)"
+    )
     try:
         if _extension(written) in (".nii", ".nii.gz"):
             check_nifti(written, gz=written.name.lower().endswith(".gz"))
