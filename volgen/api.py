@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -73,6 +74,8 @@ def sidecar_path(output: Path) -> Path:
 
 def default_output(segmentation: Path) -> Path:
     """``seg.nii.gz`` -> ``seg_synthetic.nii.gz`` in the same folder (a DICOM folder gets ``.nii.gz``)."""
+    if not segmentation.name:  # "." or ".." (e.g. inside a DICOM folder): name it by its absolute path
+        segmentation = Path(os.path.abspath(segmentation))
     name = segmentation.name.rstrip("/")
     for suffix in (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".dcm"):
         if name.endswith(suffix):
@@ -228,13 +231,14 @@ def generate(
     targets = [(out_path, fmt == "dicom"), (side_path, False)]
     if preview is not None:
         targets.append((Path(preview), False))
+    model_dir = Path(model) if model is not None else default_model_dir()
+    protected = [("input", seg_path), ("reference", reference), ("model folder", model_dir)]
     for path, is_dir in targets:
-        io.check_output_path(path, overwrite=overwrite, directory=is_dir)
+        io.check_output_path(path, overwrite=overwrite, directory=is_dir, protected=protected)
     for path, _ in targets:  # hidden temporaries a killed run (kill -9, power loss) left for these outputs
         for stale in io.remove_stale_temporaries(path):
             logger.info("removed %s (left by an interrupted run)", stale)
 
-    model_dir = Path(model) if model is not None else default_model_dir()
     if loaded is None:
         loaded = load_model(model_dir)
     meta = loaded.metadata
@@ -245,6 +249,7 @@ def generate(
     keep_arg = None if len(keep_indices) == label_map.num_classes - 1 else keep_indices
 
     seg_image = io.read_label(seg_path)
+    patient_info = io.patient_info_of(seg_path) if copy_patient_info and fmt == "dicom" else None
     classes = label_map.remap(
         sitk.GetArrayViewFromImage(seg_image), unknown=settings.unknown_labels, source=seg_path
     )
@@ -324,7 +329,6 @@ def generate(
         generated = sitk.Cast(sitk.Round(generated), sitk.sitkInt16)
     io.Geometry.of(seg_image).apply(generated)  # exact input geometry, bit for bit
 
-    patient_info = _patient_info(seg_path) if copy_patient_info and fmt == "dicom" else None
     # All or nothing: if a later write fails (disk full) or the run is interrupted, what this call already
     # wrote is removed again, so a volume never stands without its sidecar.
     written: list[Path] = []
@@ -337,6 +341,7 @@ def generate(
             modality=meta.intensity.modality,
             series_description=f"SYNTHETIC volgen {meta.name}",
             patient_info=patient_info,
+            protected=protected,
         )
         written.append(out_path)
         seconds = time.perf_counter() - started
@@ -366,9 +371,10 @@ def generate(
             "device": str(dev),
             "precision": "fp32" if autocast is None else str(autocast).removeprefix("torch."),
             "seconds": round(seconds, 3),
+            "patient_info_copied": None if patient_info is None else sorted(patient_info),
         }
         try:
-            with io.atomic_write(side_path, overwrite=overwrite) as tmp:
+            with io.atomic_write(side_path, overwrite=overwrite, protected=protected) as tmp:
                 tmp.write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
         except OSError as exc:
             raise OutputError(side_path, f"could not write the file ({exc.strerror or exc})") from exc
@@ -438,32 +444,3 @@ def _enable_xformers(unet: Any) -> None:
         logger.info("using xformers attention")
     except Exception as e:  # noqa: BLE001 - xformers builds often mismatch torch; SDPA is the fallback
         logger.warning("xformers is installed but unusable (%s); using PyTorch SDPA", e)
-
-
-def _patient_info(segmentation: Path) -> dict[str, str] | None:
-    """Patient identifiers of a DICOM input (only with ``copy_patient_info``)."""
-    try:
-        import pydicom
-    except ImportError:  # pragma: no cover
-        return None
-    files = (
-        [segmentation] if segmentation.is_file() else sorted(p for p in segmentation.iterdir() if p.is_file())
-    )
-    for path in files:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception:  # noqa: BLE001 - not DICOM: nothing to copy
-            continue
-        keys = (
-            "PatientName",
-            "PatientID",
-            "PatientBirthDate",
-            "PatientSex",
-            "StudyInstanceUID",
-            "StudyID",
-            "AccessionNumber",
-            "StudyDate",
-            "StudyTime",
-        )
-        return {k: str(ds.get(k, "")) for k in keys if ds.get(k) is not None}
-    return None

@@ -112,6 +112,32 @@ def display_path(path: object) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+_BIDI = {0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)}
+
+
+def printable(text: object) -> str:
+    """``text`` safe to print on a terminal, in one line: control characters (newlines, escape sequences,
+    C1 codes) and bidirectional overrides shown as ``\\n``, ``\\x1b``, ``\\u202e``; bytes that are not UTF-8
+    as ``\\xNN`` (:func:`display_path`). A file name can then neither forge a second line nor drive the
+    terminal."""
+    out = []
+    for char in display_path(text):
+        code = ord(char)
+        if char == "\n":
+            out.append("\\n")
+        elif char == "\r":
+            out.append("\\r")
+        elif char == "\t":
+            out.append("\\t")
+        elif code < 0x20 or 0x7F <= code < 0xA0:
+            out.append(f"\\x{code:02x}")
+        elif code in _BIDI:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
 def is_utf8(path: object) -> bool:
     """Whether ``path`` is valid UTF-8 text.
 

@@ -30,6 +30,7 @@ __all__ = [
     "check_model_files",
     "check_seed",
     "check_steps",
+    "parse_memory_size",
 ]
 
 #: Files of a model folder that volgen (and diffusers' ``from_pretrained``) read.
@@ -156,6 +157,26 @@ def check_memory_size(value: float, text: str) -> int:
     if not math.isfinite(value) or value <= 0 or value >= 2**63:
         raise VolgenError(f"--max-memory {text}: expected a positive size such as 8G or 512M")
     return int(value)
+
+
+def parse_memory_size(text: str | None) -> int | None:
+    """``"8G"``, ``"512M"``, ``"2000000"`` -> bytes (``None`` stays ``None``); finite and positive only.
+
+    Raises:
+        VolgenError: "cannot read memory size ...", "--max-memory inf: expected a positive size ...".
+    """
+    if text is None:
+        return None
+    value = str(text).strip().upper().removesuffix("B")
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    scale = 1
+    if value and value[-1] in units:
+        value, scale = value[:-1], units[value[-1]]
+    try:
+        number = float(value) * scale
+    except ValueError:
+        raise VolgenError(f"cannot read memory size {text!r}; use e.g. 8G or 512M") from None
+    return check_memory_size(number, str(text))
 
 
 def check_device(device: str) -> None:
