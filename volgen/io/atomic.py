@@ -87,9 +87,27 @@ def remove_stale_temporaries(path: PathLike) -> list[Path]:
     return removed
 
 
+#: Longest file name most file systems take (bytes), and the longest final name volgen can write there (its
+#: temporary name adds the prefix, 8 hex digits, an optional "-old" and a dot).
+NAME_MAX = 255
+MAX_OUTPUT_NAME = NAME_MAX - len(TEMP_PREFIX) - 13
+
+
 def _temp_sibling(path: Path, tag: str = "") -> Path:
     # The temporary name ends with the final name, so format detection by extension still works.
     return path.parent / f"{TEMP_PREFIX}{secrets.token_hex(4)}{tag}.{path.name}"
+
+
+def _check_name(path: Path) -> None:
+    size = len(os.fsencode(path.name))
+    if size > MAX_OUTPUT_NAME:
+        raise OutputError(
+            path, f"file name too long ({size} bytes; volgen writes names of at most {MAX_OUTPUT_NAME})"
+        )
+
+
+def _create_failed(path: Path, exc: OSError) -> OutputError:
+    return OutputError(path, f"cannot create files in {path.parent} ({exc.strerror or exc})")
 
 
 @contextlib.contextmanager
@@ -129,11 +147,16 @@ def atomic_write(
             the temporary file; or what ``verify`` raises.
     """
     path = check_output_path(path, overwrite=overwrite, protected=protected)
+    _check_name(path)
     tmp = _temp_sibling(path)
     stem = tmp.name[: -len(path.name)]
     try:
+        try:
+            tmp.touch(exist_ok=False)  # fails early and clearly in a read-only folder
+        except OSError as exc:
+            raise _create_failed(path, exc) from exc
         yield tmp
-        if not tmp.exists():
+        if not tmp.exists() or (tmp.is_file() and tmp.stat().st_size == 0):
             raise OutputError(path, "nothing was written")
         if verify is not None:
             verify(tmp)
@@ -183,8 +206,12 @@ def atomic_directory(
         OutputError: As :func:`check_output_path`, before the block runs.
     """
     path = check_output_path(path, overwrite=overwrite, directory=True, protected=protected)
+    _check_name(path)
     tmp = _temp_sibling(path)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise _create_failed(path, exc) from exc
     old: Path | None = None
     try:
         yield tmp
