@@ -63,15 +63,18 @@ def sigterm_as_interrupt() -> Iterator[None]:
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
+    # SIGHUP (the terminal closed, an ssh session lost) cleans up the same way
+    signals = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
     try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
+        previous = {sig: signal.signal(sig, interrupt) for sig in signals}
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def handle_errors(func: F) -> F:
@@ -89,7 +92,9 @@ def handle_errors(func: F) -> F:
             if state.debug:
                 raise
             # escaped: file names and messages may hold [brackets] that rich would read as markup
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            from volgen.io import printable  # control characters in file names: one line, no escapes
+
+            err_console.print(f"[bold red]error:[/] {escape(printable(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]")

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -97,9 +94,9 @@ def batch(
     """
     import logging
 
-    from volgen.api import parse_memory
     from volgen.batch import BatchOptions, parse_shard
     from volgen.errors import VolgenError
+    from volgen.io.checks import check_device, parse_memory_size
 
     if merge:
         if out_dir is not None:
@@ -129,10 +126,11 @@ def batch(
         dataset_name=dataset_name,
         device=device,
         precision=precision,
-        max_memory=parse_memory(max_memory),
+        max_memory=parse_memory_size(max_memory),
         copy_patient_info=copy_patient_info,
     )
     options.check()
+    check_device(device)
     shard_spec = parse_shard(shard) if shard is not None else (0, 1)
     if model is None:
         notify_default_model(progress)
@@ -147,36 +145,18 @@ def batch(
 # --------------------------------------------------------------------------------------------------- run
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Let SIGTERM (a scheduler's kill, torchrun stopping workers) unwind like Ctrl-C."""
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _run(source: Path, out_dir: Path, options: Any, shard: tuple[int, int], progress: ProgressMode) -> None:
     from volgen.batch import process_group, run_batch
 
     group = process_group(options.device)
     mode = progress if group.is_main or progress == ProgressMode.json else ProgressMode.none
-    with _sigterm_as_interrupt():
-        if mode == ProgressMode.rich:
-            with _RichObserver() as observer:
-                result = run_batch(source, out_dir, options, shard=shard, observer=observer, group=group)
-        else:
-            observer = _JsonObserver(group.rank) if mode == ProgressMode.json else None
+    # SIGTERM/SIGHUP unwind like Ctrl-C through handle_errors (cli.app), which covers the whole command
+    if mode == ProgressMode.rich:
+        with _RichObserver() as observer:
             result = run_batch(source, out_dir, options, shard=shard, observer=observer, group=group)
+    else:
+        observer = _JsonObserver(group.rank) if mode == ProgressMode.json else None
+        result = run_batch(source, out_dir, options, shard=shard, observer=observer, group=group)
     if mode == ProgressMode.json:
         emit_json(
             event="summary",
@@ -184,6 +164,7 @@ def _run(source: Path, out_dir: Path, options: Any, shard: tuple[int, int], prog
             done=result.count("done"),
             skipped=result.count("skipped"),
             failed=result.count("failed"),
+            elsewhere=len(result.elsewhere),
             seconds=round(result.seconds, 2),
             volumes_per_hour=round(result.volumes_per_hour, 2),
             manifest=str(result.manifest),
@@ -214,12 +195,26 @@ def _print_summary(result: BatchResult) -> None:
     for record in result.records:
         if record.status == "failed":
             console.print(
-                f"[red]failed[/] {record.case} (sample {record.sample}): {escape(record.error)}",
+                f"[red]failed[/] {_shown(record.case)} (sample {record.sample}): {_shown(record.error)}",
                 highlight=False,
             )
-    console.print(f"manifest: {result.manifest}", highlight=False)
+    if result.elsewhere:
+        console.print(
+            f"{len(result.elsewhere)} items were left to another run working on "
+            f"{_shown(result.manifest.parent)}",
+            highlight=False,
+        )
+    console.print(f"manifest: {_shown(result.manifest)}", highlight=False)
     if result.dataset_json is not None:
-        console.print(f"nnU-Net dataset: {result.dataset_json.parent}", highlight=False)
+        console.print(f"nnU-Net dataset: {_shown(result.dataset_json.parent)}", highlight=False)
+
+
+def _shown(text: object) -> str:
+    """Text from file names or errors, safe for the terminal: control characters escaped (one line, no
+    terminal escape sequences) and rich markup escaped."""
+    from volgen.io import printable
+
+    return escape(printable(text))
 
 
 def _duration(seconds: float) -> str:
@@ -334,7 +329,9 @@ class _RichObserver:
         self.bar.update(self.slices, visible=False)
         self.bar.advance(self.cases)
         if record.status == "failed":
-            self.bar.console.print(f"[red]failed[/] {record.case}: {escape(record.error)}", highlight=False)
+            self.bar.console.print(
+                f"[red]failed[/] {_shown(record.case)}: {_shown(record.error)}", highlight=False
+            )
 
 
 # ------------------------------------------------------------------------------------------------- merge
@@ -349,7 +346,7 @@ def _merge(out_dir: Path, progress: ProgressMode) -> None:
         emit_json(event="merged", manifest=str(out_dir / MANIFEST_NAME), items=len(records), **counts)
     else:
         console.print(
-            f"merged {len(records)} items into {out_dir / MANIFEST_NAME}: {counts['done']} done, "
+            f"merged {len(records)} items into {_shown(out_dir / MANIFEST_NAME)}: {counts['done']} done, "
             f"{counts['skipped']} skipped, {counts['failed']} failed",
             highlight=False,
         )
@@ -402,7 +399,7 @@ def _print_plan(estimates: list[ItemEstimate], time_model: TimeModel, out_dir: P
 
     from volgen.batch import total_seconds
 
-    table = Table(title=f"volgen batch --dry-run: {len(estimates)} items -> {out_dir}")
+    table = Table(title=f"volgen batch --dry-run: {len(estimates)} items -> {_shown(out_dir)}")
     table.add_column("case", overflow="fold")
     table.add_column("seed", justify="right", no_wrap=True)
     table.add_column("input", overflow="fold")
@@ -416,18 +413,19 @@ def _print_plan(estimates: list[ItemEstimate], time_model: TimeModel, out_dir: P
         table.add_row(
             item.case.id if item.name == item.case.id else f"{item.case.id} #{item.sample}",
             str(item.settings.seed),
-            item.case.segmentation.name,
-            _relative(item.output, out_dir),
+            _shown(item.case.segmentation.name),
+            _shown(_relative(item.output, out_dir)),
             "" if e.slices is None else f"{e.slices}×{e.forwards // max(1, e.slices)}",
             "" if e.seconds is None else _duration(e.seconds),
             "" if e.peak_bytes is None else f"{e.peak_bytes / 2**20:.0f} MiB",
-            f"[red]{e.state}[/]" if e.state.startswith("would fail") else e.state,
+            f"[red]{_shown(e.state)}[/]" if e.state.startswith("would fail") else _shown(e.state),
         )
     console.print(table)
     peak = max((e.peak_bytes or 0 for e in estimates), default=0)
     console.print(
         f"estimated total: {_duration(total_seconds(estimates))} in one process; largest peak memory "
-        f"{peak / 2**20:.0f} MiB (model weights + volume arrays + one chunk's activations)",
+        f"{peak / 2**20:.0f} MiB (this process with the model loaded + volume arrays + one chunk's "
+        "activations + an allowance for writing)",
         highlight=False,
     )
     console.print(

@@ -39,6 +39,8 @@ INPUTS = {
     "label map",
     "config",
     "model",
+    "batch options",
+    "output",
 }
 
 

@@ -650,18 +650,24 @@ def test_atomic_write_and_directory(tmp_path: Path) -> None:
 
     folder = tmp_path / "model"
     with atomic_directory(folder) as tmp:
-        (tmp / "a.txt").write_text("a")
-    assert _listing(folder) == ["a.txt"]
+        (tmp / "volgen.json").write_text("a")
+    assert _listing(folder) == ["volgen.json"]
     with pytest.raises(OutputError, match="already exists"), atomic_directory(folder):
         pass
     with pytest.raises(KeyError), atomic_directory(folder, overwrite=True) as tmp:
-        (tmp / "b.txt").write_text("b")
+        (tmp / "volgen.json").write_text("b")
         raise KeyError("interrupted")
-    assert _listing(folder) == ["a.txt"]
+    assert (folder / "volgen.json").read_text() == "a"
     with atomic_directory(folder, overwrite=True) as tmp:
-        (tmp / "b.txt").write_text("b")
-    assert _listing(folder) == ["b.txt"]
+        (tmp / "volgen.json").write_text("b")
+        (tmp / "unet").mkdir()
+    assert _listing(folder) == ["unet", "volgen.json"]
     assert _listing(tmp_path) == ["model", "model.json"]
+    # a folder holding anything volgen does not write there is never replaced, even with overwrite
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="volgen did not write"), atomic_directory(folder, overwrite=True):
+        pass
+    assert (folder / "notes.txt").read_text() == "mine"
 
 
 # -------------------------------------------------------------------------------------------- torchio

@@ -27,6 +27,7 @@ from pydantic import Field, model_validator
 
 from volgen.config import StrictModel, load_yaml, preset_path, validate
 from volgen.errors import ConfigError, ModelError
+from volgen.io.checks import check_finite_weights, check_model_files
 from volgen.labels import LabelMap
 from volgen.types import Encoding, PathLike
 
@@ -328,6 +329,7 @@ def load_model(folder: PathLike) -> LoadedModel:
     if not folder.is_dir():
         raise ModelError(folder, "model folder not found" if not folder.exists() else "not a folder")
     check_safe_folder(folder)
+    check_model_files(folder)  # regular files only (a FIFO blocks), a usable schedule
     metadata = read_metadata(folder)
     digest = weights_hash(folder)
     _check_schedule(folder)
@@ -338,6 +340,7 @@ def load_model(folder: PathLike) -> LoadedModel:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(folder, f"cannot load the UNet or scheduler: {first}") from None
     unet = unet.float().eval()
+    check_finite_weights(unet, folder)
     expected = 1 + metadata.condition_channels
     if unet.config.in_channels != expected:
         raise ModelError(

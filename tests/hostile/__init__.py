@@ -742,3 +742,286 @@ def _model_schedule(ws: Workspace) -> Invocation:
     config["num_train_timesteps"] = 10**12
     path.write_text(json.dumps(config))
     return ws.generate(ws.good_segmentation(), model=model, names="scheduler/scheduler_config.json")
+
+
+# ------------------------------------------------------------------------ headers and geometry (issue 16)
+
+
+def _nifti_patch(data: bytes, offset: int, fmt: str, *values: float) -> bytes:
+    """A NIfTI-1 file with ``values`` packed (little endian ``fmt``) at byte ``offset`` of its header."""
+    header = bytearray(data)
+    size = struct.calcsize("<" + fmt)
+    header[offset : offset + size] = struct.pack("<" + fmt, *values)
+    return bytes(header)
+
+
+@case("seg-nifti-offset-nan", "segmentation", "NIfTI data offset (vox_offset) is nan")
+def _offset_nan(ws: Workspace) -> Invocation:
+    """A .nii whose vox_offset (a float in NIfTI-1) is NaN."""
+    return ws.generate(ws.raw("seg.nii", _nifti_patch(nifti_bytes(), 108, "f", float("nan"))))
+
+
+@case("info-nifti-offset-inf", "segmentation", "NIfTI data offset (vox_offset) is inf")
+def _offset_inf_info(ws: Workspace) -> Invocation:
+    """`volgen info` of a .nii whose vox_offset is +Inf."""
+    path = ws.raw("seg.nii", _nifti_patch(nifti_bytes(), 108, "f", float("inf")))
+    return Invocation(["info", str(path)], path.name)
+
+
+@case("seg-nifti-bitpix", "segmentation", "bitpix 16 but datatype 2 has 8 bits per voxel")
+def _bitpix(ws: Workspace) -> Invocation:
+    """A uint8 .nii whose bitpix says 16 (ITK would read the missing half as zeros)."""
+    return ws.generate(ws.raw("seg.nii", _nifti_patch(nifti_bytes(), 72, "h", 16)))
+
+
+@case("seg-nifti-sheared", "segmentation", "NIfTI sform axes are not orthogonal")
+def _sheared_nifti(ws: Workspace) -> Invocation:
+    """A .nii whose sform shears its grid (ITK would straighten it silently)."""
+    data = _nifti_patch(nifti_bytes(), 254, "h", 1)  # sform_code: scanner
+    data = _nifti_patch(data, 280, "12f", 0.7, 0.6, 0, 10, 0, 0.9, 0, 20, 0, 0, 2.5, 30)
+    return ws.generate(ws.raw("seg.nii", data))
+
+
+@case("seg-nrrd-sheared", "segmentation", "direction matrix is not orthonormal")
+def _sheared_nrrd(ws: Workspace) -> Invocation:
+    """An .nrrd whose space directions are not orthogonal."""
+    header = (
+        "NRRD0004\ntype: uint8\ndimension: 3\nspace: left-posterior-superior\nsizes: 4 5 6\n"
+        "space directions: (1,0,0) (0.5,1,0) (0,0,2)\nencoding: raw\nspace origin: (0,0,0)\n\n"
+    )
+    return ws.generate(ws.raw("seg.nrrd", header.encode() + bytes(4 * 5 * 6)))
+
+
+@case("seg-one-voxel", "segmentation", "expected a 3D volume")
+def _one_voxel(ws: Workspace) -> Invocation:
+    """A 1x1x1 segmentation (refused before any generation)."""
+    return ws.generate(ws.write(sitk.Image([1, 1, 1], sitk.sitkUInt8), "seg.nii.gz"))
+
+
+@case("seg-one-slice", "segmentation", "expected a 3D volume")
+def _one_slice(ws: Workspace) -> Invocation:
+    """A 16x16x1 segmentation (one slice; refused before any generation)."""
+    return ws.generate(ws.write(sitk.Image([16, 16, 1], sitk.sitkUInt8), "seg.nrrd"))
+
+
+@case("seg-layered-undeclared-value", "segmentation", "holds value 7 that no segment declares")
+def _layered_undeclared(ws: Workspace) -> Invocation:
+    """A layered Slicer .seg.nrrd with a voxel value no segment declares."""
+    labels = sitk.GetArrayFromImage(make_volume("label"))
+    layers = [np.where(labels == 1, 1, 0).astype(np.uint8), np.where(labels >= 2, 7, 0).astype(np.uint8)]
+    image = sitk.Compose([sitk.GetImageFromArray(layer) for layer in layers])
+    for i, (name, value, layer) in enumerate([("a", 1, 0), ("b", 2, 1)]):
+        image.SetMetaData(f"Segment{i}_ID", f"Segment_{i + 1}")
+        image.SetMetaData(f"Segment{i}_Name", name)
+        image.SetMetaData(f"Segment{i}_LabelValue", str(value))
+        image.SetMetaData(f"Segment{i}_Layer", str(layer))
+    path = ws.root / "layers.seg.nrrd"
+    sitk.WriteImage(image, str(path), True)
+    return ws.generate(path)
+
+
+@case("seg-fifo", "segmentation", "is a named pipe (FIFO), not a regular file")
+def _fifo(ws: Workspace) -> Invocation:
+    """A named pipe called seg.nii.gz (reading it would block forever)."""
+    os.mkfifo(ws.root / "seg.nii.gz")
+    return ws.generate(ws.root / "seg.nii.gz")
+
+
+@case("seg-nrrd-fifo-data-file", "segmentation", "is a named pipe (FIFO)")
+def _nrrd_fifo(ws: Workspace) -> Invocation:
+    """A detached .nrrd header whose data file is a named pipe."""
+    os.mkfifo(ws.root / "seg.raw")
+    header = "NRRD0004\ntype: uint8\ndimension: 3\nsizes: 4 5 6\nencoding: raw\ndata file: seg.raw\n"
+    return ws.generate(ws.raw("seg.nrrd", header.encode()), names="seg.raw")
+
+
+@case("seg-mha-missing-data-file", "segmentation", "the data file the .mha names is missing (gone.raw)")
+def _mha_missing(ws: Workspace) -> Invocation:
+    """A MetaImage header naming a data file that does not exist (MetaIO would print its own line)."""
+    header = "ObjectType = Image\nNDims = 3\nDimSize = 4 5 6\nElementType = MET_UCHAR\n"
+    header += "ElementDataFile = gone.raw\n"
+    return ws.generate(ws.raw("seg.mha", header.encode()))
+
+
+@case("seg-newline-in-name", "segmentation", "corrupt gzip data")
+def _newline_name(ws: Workspace) -> Invocation:
+    """A corrupt file whose name holds a newline and a forged error line, and a terminal escape sequence."""
+    path = ws.raw("seg\nerror: all good\x1b[2J.nii.gz", b"\x1f\x8bnot really")
+    return ws.generate(path, names="seg\\nerror: all good\\x1b[2J.nii.gz")
+
+
+@case("dicom-nan-position", "dicom", "ImagePositionPatient/ImageOrientationPatient hold NaN/Inf")
+def _dicom_nan(ws: Workspace) -> Invocation:
+    """A series whose third slice has ImagePositionPatient (nan, 0, 0)."""
+    import pydicom
+
+    files = dicom_series(ws.root / "series")
+    ds = pydicom.dcmread(files[3])
+    ds["ImagePositionPatient"].value = ["nan", "0", "0"]
+    ds.save_as(files[3])
+    return ws.generate(ws.root / "series", names="series")
+
+
+@case("dicom-non-orthogonal", "dicom", "ImageOrientationPatient is not two orthogonal unit vectors")
+def _dicom_skew(ws: Workspace) -> Invocation:
+    """A series whose row and column directions are 60 degrees apart (ITK would straighten them)."""
+    import pydicom
+
+    for path in dicom_series(ws.root / "series"):
+        ds = pydicom.dcmread(path)
+        ds.ImageOrientationPatient = [1, 0, 0, 0.5, 0.8660254, 0]
+        ds.save_as(path)
+    return ws.generate(ws.root / "series", names="series")
+
+
+@case("dicom-fifo-in-folder", "dicom", "is a named pipe (FIFO)")
+def _dicom_fifo(ws: Workspace) -> Invocation:
+    """A series folder that also holds a named pipe (GDCM would block opening it)."""
+    dicom_series(ws.root / "series")
+    os.mkfifo(ws.root / "series" / "IM9999.dcm")
+    return ws.generate(ws.root / "series", names="IM9999.dcm")
+
+
+@case("ref-absurd-values", "reference", "holds values beyond +-1e+09")
+def _ref_absurd(ws: Workspace) -> Invocation:
+    """A reference with voxels of +-3e38 (a damaged float file)."""
+    values = sitk.GetArrayFromImage(make_volume("image"))
+    values[1, 1, 1], values[2, 2, 2] = 3e38, -3e38
+    return ws.reference(ws.write(_labels(values), "ref.nii.gz"))
+
+
+@case("model-nan-weights", "model", "the UNet weights hold NaN/Inf")
+def _model_nan(ws: Workspace) -> Invocation:
+    """A model whose safetensors weights hold a NaN (it would write an all-zero volume)."""
+    from safetensors.numpy import load_file, save_file
+
+    model = ws.model_copy()
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(weights))
+    name = sorted(k for k, v in tensors.items() if v.dtype.kind == "f")[0]
+    tensors[name] = tensors[name].copy()
+    tensors[name].flat[0] = np.nan
+    save_file(tensors, str(weights))
+    return ws.generate(ws.good_segmentation(), model=model, names="model")
+
+
+def _scheduler_config(ws: Workspace, **changes: object) -> Path:
+    model = ws.model_copy()
+    path = model / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+    return model
+
+
+@case("model-one-timestep", "model", "num_train_timesteps must be an integer >= 2, got 1")
+def _model_one_step(ws: Workspace) -> Invocation:
+    """A scheduler config with a single training timestep."""
+    model = _scheduler_config(ws, num_train_timesteps=1)
+    return ws.generate(ws.good_segmentation(), model=model, names="scheduler_config.json")
+
+
+@case("model-nan-beta", "model", "beta_end must be a finite number in (0, 1), got nan")
+def _model_nan_beta(ws: Workspace) -> Invocation:
+    """A scheduler config whose beta_end is NaN (JSON's NaN)."""
+    model = _scheduler_config(ws, beta_end=float("nan"))
+    return ws.generate(ws.good_segmentation(), model=model, names="scheduler_config.json")
+
+
+@case("model-fifo-config", "model", "is a named pipe (FIFO)")
+def _model_fifo(ws: Workspace) -> Invocation:
+    """A model whose scheduler_config.json is a named pipe (reading it would block forever)."""
+    model = ws.model_copy()
+    path = model / "scheduler" / "scheduler_config.json"
+    path.unlink()
+    os.mkfifo(path)
+    return ws.generate(ws.good_segmentation(), model=model, names="scheduler_config.json")
+
+
+# -------------------------------------------------------------------------------- batch options (issue 16)
+
+
+def _batch_with(ws: Workspace, *extra: str, names: str) -> Invocation:
+    folder = ws.root / "cases"
+    folder.mkdir(exist_ok=True)
+    io.write_volume(make_volume("label"), folder / "a.nii.gz", overwrite=True)
+    invocation = ws.batch(folder, names=names)
+    invocation.args += list(extra)
+    return invocation
+
+
+@case("batch-samples-per-case-huge", "batch options", "--samples-per-case must be in 1..10000")
+def _batch_samples(ws: Workspace) -> Invocation:
+    """--samples-per-case 1000000000 (planning it would take gigabytes)."""
+    return _batch_with(ws, "--samples-per-case", "1000000000", names="--samples-per-case")
+
+
+@case("batch-steps-beyond-schedule", "batch options", "the model's schedule has 1000 timesteps")
+def _batch_steps(ws: Workspace) -> Invocation:
+    """--steps 5000 with a model trained on 1000 timesteps."""
+    invocation = _batch_with(ws, names="--steps 5000")
+    invocation.args[invocation.args.index("--steps") + 1] = "5000"
+    return invocation
+
+
+@case("batch-seed-huge", "batch options", "--seed must be an integer in 0..9223372036854775807")
+def _batch_seed(ws: Workspace) -> Invocation:
+    """--seed 2**70 (torch generators take 64-bit seeds)."""
+    return _batch_with(ws, "--seed", str(2**70), names="--seed")
+
+
+@case("batch-max-memory-inf", "batch options", "--max-memory inf: expected a positive size")
+def _batch_memory(ws: Workspace) -> Invocation:
+    """--max-memory inf."""
+    return _batch_with(ws, "--max-memory", "inf", names="--max-memory")
+
+
+@case("batch-out-dir-links-to-input", "batch options", "is the input folder")
+def _batch_link(ws: Workspace) -> Invocation:
+    """OUT_DIR is a symbolic link to the input folder (it would replace every input)."""
+    invocation = _batch_with(ws, names="out_link")
+    link = ws.root / "out_link"
+    link.symlink_to(ws.root / "cases")
+    invocation.args[2] = str(link)
+    invocation.untouched = []
+    return invocation
+
+
+# ------------------------------------------------------------------------------------- outputs (issue 16)
+
+
+@case("out-is-the-input", "output", "the output is the input")
+def _out_input(ws: Workspace) -> Invocation:
+    """`-o` names the input itself, with --overwrite."""
+    seg = ws.good_segmentation()
+    invocation = ws.generate(seg, "--overwrite")
+    invocation.args[3] = str(seg)
+    return invocation
+
+
+@case("out-dicom-folder-holds-the-input", "output", "the output contains the input")
+def _out_dicom_contains(ws: Workspace) -> Invocation:
+    """`-o data --format dicom --overwrite` where data/ holds the input (it would delete data/)."""
+    (ws.root / "data").mkdir()
+    seg = ws.good_segmentation("data/seg.nii.gz")
+    invocation = ws.generate(seg, "--format", "dicom", "--overwrite", names="data")
+    invocation.args[3] = str(ws.root / "data")
+    return invocation
+
+
+@case("out-sidecar-in-model-folder", "output", "lies inside the model folder")
+def _out_model(ws: Workspace) -> Invocation:
+    """`-o model/volgen.nii`: its sidecar model/volgen.json would replace the model's metadata."""
+    model = ws.model_copy()
+    invocation = ws.generate(ws.good_segmentation(), "--overwrite", model=model, names="volgen")
+    invocation.args[3] = str(model / "volgen.nii")
+    return invocation
+
+
+@case("out-name-too-long", "output", "file name too long")
+def _out_long(ws: Workspace) -> Invocation:
+    """A DICOM output folder whose name (240 bytes) leaves no room for volgen's temporary name."""
+    name = "d" * 240
+    invocation = ws.generate(ws.good_segmentation(), "--format", "dicom", names=name)
+    invocation.args[3] = str(ws.out / name)
+    return invocation

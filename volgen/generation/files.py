@@ -7,7 +7,6 @@ with one :class:`~volgen.generation.VolumeGenerator` for all its volumes.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +50,8 @@ class OutputPlan:
     format: str
     sidecar: Path
     preview: Path | None
+    #: (what, path) pairs no output may be, contain or lie inside: the input, the reference, the model.
+    protected: list[tuple[str, Path | None]] = field(default_factory=list)
 
     @classmethod
     def make(
@@ -61,19 +62,23 @@ class OutputPlan:
         output_format: str | None = None,
         preview: PathLike | None = None,
         overwrite: bool = False,
+        protected: list[tuple[str, Path | None]] | None = None,
     ) -> OutputPlan:
-        """Decide and check the outputs (refused if they exist without ``overwrite``); temporaries a killed
-        run left for them are removed."""
+        """Decide and check the outputs (refused if they exist without ``overwrite``, or if one is, holds or
+        lies inside a ``protected`` path, links resolved); temporaries a killed run left for them are
+        removed."""
         from volgen import io
 
         out = Path(output) if output is not None else default_output(segmentation)
         fmt = io.output_format(out, output_format)
-        plan = cls(out, fmt, sidecar_path(out), None if preview is None else Path(preview))
+        plan = cls(
+            out, fmt, sidecar_path(out), None if preview is None else Path(preview), list(protected or [])
+        )
         targets = [(plan.output, fmt == "dicom"), (plan.sidecar, False)]
         if plan.preview is not None:
             targets.append((plan.preview, False))
         for path, is_dir in targets:
-            io.check_output_path(path, overwrite=overwrite, directory=is_dir)
+            io.check_output_path(path, overwrite=overwrite, directory=is_dir, protected=plan.protected)
         for path, _ in targets:
             for stale in io.remove_stale_temporaries(path):
                 logger.info("removed %s (left by an interrupted run)", stale)
@@ -127,8 +132,19 @@ def generate(
     started = time.perf_counter()
     settings = settings or GenerateSettings()
     seg_path = Path(segmentation)
+    model_dir = getattr(loaded, "path", None) if model is None else Path(model)
+    protected = [
+        ("input", seg_path),
+        ("reference", None if reference is None else Path(reference)),
+        ("model folder", Path(model_dir) if model_dir is not None else defaults.MODEL_DIR),
+    ]
     plan = OutputPlan.make(
-        seg_path, output, output_format=output_format, preview=preview, overwrite=overwrite
+        seg_path,
+        output,
+        output_format=output_format,
+        preview=preview,
+        overwrite=overwrite,
+        protected=protected,
     )
     if generator is None:
         generator = VolumeGenerator(
@@ -143,6 +159,8 @@ def generate(
     from volgen import io
 
     seg_image = io.read_label(seg_path)
+    # Read before the work: the identifiers of the series generated from (never another file in the folder).
+    patient_info = io.patient_info_of(seg_path) if copy_patient_info and plan.format == "dicom" else None
     ref_image = None
     if reference is not None:
         ref_image = match_reference(
@@ -167,7 +185,7 @@ def generate(
         reference=reference,
         resample_reference=resample_reference,
     )
-    patient_info = _patient_info(seg_path) if copy_patient_info and plan.format == "dicom" else None
+    sidecar.patient_info_copied = None if patient_info is None else sorted(patient_info)
     warnings = write_outputs(
         plan,
         volume,
@@ -200,7 +218,7 @@ def write_outputs(
     overwrite: bool,
     started: float,
     title: str,
-    patient_info: dict[str, str] | None = None,
+    patient_info: dict[str, Any] | None = None,
     reference_image: Any = None,
 ) -> list[str]:
     """Write the volume, then its sidecar (each atomically), then the optional preview.
@@ -223,10 +241,11 @@ def write_outputs(
             modality=meta.intensity.modality,
             series_description=f"SYNTHETIC volgen {meta.name}",
             patient_info=patient_info,
+            protected=plan.protected,
         )
         written.append(plan.output)
         sidecar.seconds = round(time.perf_counter() - started, 3)
-        sidecar.write(plan.sidecar, overwrite=overwrite)
+        sidecar.write(plan.sidecar, overwrite=overwrite, protected=plan.protected)
         written.append(plan.sidecar)
         if plan.preview is None:
             return []
@@ -261,41 +280,7 @@ def write_preview(
 
 
 def remove_written(path: Path) -> None:
-    """Remove an output this run wrote (a file, or a DICOM folder)."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+    """Remove an output this run wrote (a file, or a DICOM folder volgen wrote)."""
+    from volgen.io import remove_output
 
-
-#: The patient and study identifiers ``--copy-patient-info`` copies (the I/O layer's full list also holds
-#: physician names and more, which are never copied).
-COPIED_PATIENT_KEYS = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyInstanceUID",
-    "StudyID",
-    "AccessionNumber",
-    "StudyDate",
-    "StudyTime",
-)
-
-
-def _patient_info(segmentation: Path) -> dict[str, str] | None:
-    """Patient identifiers of a DICOM input (only with ``copy_patient_info``)."""
-    try:
-        import pydicom
-    except ImportError:  # pragma: no cover
-        return None
-    files = (
-        [segmentation] if segmentation.is_file() else sorted(p for p in segmentation.iterdir() if p.is_file())
-    )
-    for path in files:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception:  # noqa: BLE001 - not DICOM: nothing to copy
-            continue
-        return {k: str(ds.get(k, "")) for k in COPIED_PATIENT_KEYS if ds.get(k) is not None}
-    return None
+    remove_output(path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -12,16 +11,8 @@ from pydantic import BaseModel, ConfigDict
 
 from volgen import __version__
 from volgen.errors import InputError, OutputError
+from volgen.io.files import file_sha256
 from volgen.types import PathLike
-
-
-def file_sha256(path: PathLike) -> str:
-    """SHA-256 of a file's bytes (hex)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class SidecarModel(BaseModel):
@@ -61,6 +52,8 @@ class Sidecar(BaseModel):
     device: str = "cpu"
     precision: str = "fp32"
     seconds: float = 0.0
+    #: DICOM keys ``--copy-patient-info`` copied from the input series (``None``: nothing was copied).
+    patient_info_copied: list[str] | None = None
 
     @classmethod
     def describe(
@@ -103,12 +96,12 @@ class Sidecar(BaseModel):
             precision=generator.precision,
         )
 
-    def write(self, path: PathLike, *, overwrite: bool = False) -> None:
-        """Write atomically as indented JSON."""
+    def write(self, path: PathLike, *, overwrite: bool = False, protected: Any = ()) -> None:
+        """Write atomically as indented JSON (never over one of the ``protected`` (what, path) pairs)."""
         from volgen.io import atomic_write
 
         try:
-            with atomic_write(path, overwrite=overwrite) as tmp:
+            with atomic_write(path, overwrite=overwrite, protected=protected) as tmp:
                 Path(tmp).write_text(
                     json.dumps(self.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8"
                 )

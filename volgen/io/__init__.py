@@ -9,6 +9,7 @@ geometry. Problems with inputs raise :class:`~volgen.errors.InputError`, problem
 
 from __future__ import annotations
 
+from volgen.io._common import printable
 from volgen.io.atomic import (
     atomic_directory,
     atomic_write,
@@ -21,9 +22,13 @@ from volgen.io.dicom import (
     SYNTHETIC_STATEMENT,
     DicomSeries,
     list_dicom_series,
+    patient_info_of,
     write_dicom_series,
 )
+from volgen.io.files import file_sha256, remove_output
 from volgen.io.geometry import Geometry
+from volgen.io.naming import FORMAT_ENDINGS, sidecar_path
+from volgen.io.paths import check_output, check_readable, overlap, resolve
 from volgen.io.torchio_bridge import from_torchio, to_torchio
 from volgen.io.volumes import (
     INPUT_EXTENSIONS,
@@ -31,13 +36,16 @@ from volgen.io.volumes import (
     VolumeInfo,
     describe,
     output_format,
+    read_header,
     read_image,
     read_label,
     read_volume,
+    verify_written,
     write_volume,
 )
 
 __all__ = [
+    "FORMAT_ENDINGS",
     "INPUT_EXTENSIONS",
     "OUTPUT_EXTENSIONS",
     "PATIENT_INFO_KEYS",
@@ -47,17 +55,28 @@ __all__ = [
     "VolumeInfo",
     "atomic_directory",
     "atomic_write",
+    "check_output",
     "check_output_path",
+    "check_readable",
     "describe",
+    "file_sha256",
     "from_torchio",
     "list_dicom_series",
     "output_format",
+    "overlap",
+    "patient_info_of",
+    "printable",
+    "read_header",
     "read_image",
     "read_label",
     "read_volume",
+    "remove_output",
     "remove_stale_temporaries",
+    "resolve",
+    "sidecar_path",
     "stale_temporaries",
     "to_torchio",
+    "verify_written",
     "write_dicom_series",
     "write_volume",
 ]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,9 +68,33 @@ def quiet_itk() -> Iterator[None]:
     previous = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        yield
+        with _stderr_to_log():
+            yield
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+@contextlib.contextmanager
+def _stderr_to_log() -> Iterator[None]:
+    """Send what C++ code writes to file descriptor 2 (MetaIO's "Cannot open data file", GDCM's notes) to
+    the debug log instead of the terminal, where volgen promises one line per error."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read(4096).decode("utf-8", "replace").strip()
+            if text:
+                logger.debug("ITK said: %s", text)
 
 
 def itk_reason(exc: BaseException) -> str:
@@ -83,6 +110,32 @@ def display_path(path: object) -> str:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+_BIDI = {0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)}
+
+
+def printable(text: object) -> str:
+    """``text`` safe to print on a terminal, in one line: control characters (newlines, escape sequences,
+    C1 codes) and bidirectional overrides shown as ``\\n``, ``\\x1b``, ``\\u202e``; bytes that are not UTF-8
+    as ``\\xNN`` (:func:`display_path`). A file name can then neither forge a second line nor drive the
+    terminal."""
+    out = []
+    for char in display_path(text):
+        code = ord(char)
+        if char == "\n":
+            out.append("\\n")
+        elif char == "\r":
+            out.append("\\r")
+        elif char == "\t":
+            out.append("\\t")
+        elif code < 0x20 or 0x7F <= code < 0xA0:
+            out.append(f"\\x{code:02x}")
+        elif code in _BIDI:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(char)
+    return "".join(out)
 
 
 def is_utf8(path: object) -> bool:
@@ -115,6 +168,46 @@ def check_voxel_count(path: Path, size: tuple[int, ...], components: int = 1) ->
         raise InputError(path, f"header claims {count} voxels, more than volgen reads ({MAX_VOXELS})")
 
 
+#: Largest departure from orthonormality accepted in a direction matrix (|D^T D - I|, element-wise). File
+#: formats store direction cosines as float32 (NIfTI) or as short decimal strings (DICOM), so exact
+#: orthonormality cannot be asked for; a sheared or scaled direction is refused, never straightened.
+ORTHONORMAL_TOLERANCE = 1e-3
+
+#: Largest coordinate or spacing (mm) accepted in a header: 10 km; anything beyond is a damaged header.
+MAX_COORDINATE_MM = 1e7
+
+
+def check_geometry(
+    path: Path,
+    spacing: tuple[float, ...],
+    origin: tuple[float, ...],
+    direction: tuple[float, ...],
+) -> None:
+    """Refuse a header whose geometry is not finite, has a spacing <= 0, or a direction that is not a
+    rotation (orthonormal columns within :data:`ORTHONORMAL_TOLERANCE`).
+
+    Raises:
+        InputError: "non-finite origin", "spacing must be positive", "direction is not orthonormal", ...
+    """
+    values = np.asarray([*spacing, *origin, *direction], dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise InputError(path, "header holds NaN/Inf in its geometry (spacing, origin or direction)")
+    if any(s <= 0 for s in spacing):
+        raise InputError(path, f"voxel spacing must be positive, got {tuple(float(s) for s in spacing)}")
+    if np.abs(values[: len(spacing) + len(origin)]).max() > MAX_COORDINATE_MM:
+        raise InputError(path, "header claims a spacing or origin beyond 10 km; damaged header?")
+    n = len(spacing)
+    if len(direction) == n * n:
+        matrix = np.asarray(direction, dtype=np.float64).reshape(n, n)
+        error = float(np.abs(matrix.T @ matrix - np.eye(n)).max())
+        if error > ORTHONORMAL_TOLERANCE:
+            raise InputError(
+                path,
+                f"direction matrix is not orthonormal (off by {error:.2g}; sheared or scaled axes); volgen "
+                "does not straighten it silently: resample the volume to an orthogonal grid first",
+            )
+
+
 def check_shape(path: Path, dimension: int, size: tuple[int, ...], components: int) -> None:
     """Check that a header describes a 3D single-component volume of sensible size.
 
@@ -132,6 +225,11 @@ def check_shape(path: Path, dimension: int, size: tuple[int, ...], components: i
         raise InputError(path, "2D image; expected a 3D volume")
     if dimension != 3:
         raise InputError(path, f"{dimension}D image; expected a 3D volume")
+    if min(int(s) for s in size) < 2:
+        shown = "x".join(str(int(s)) for s in size)
+        raise InputError(
+            path, f"volume of {shown} voxels; expected a 3D volume with at least 2 voxels along each axis"
+        )
     if components != 1:
         raise InputError(
             path, f"multi-component image ({components} values per voxel, e.g. RGB); expected one value"

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-from collections.abc import Mapping
+import os
+import stat
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from volgen.io._common import (
     DICOM_SERIES,
     MAX_VOXELS,
     NOT_UTF8,
+    ORTHONORMAL_TOLERANCE,
     Loaded,
     clear_metadata,
     display_path,
@@ -38,6 +41,8 @@ from volgen.io._common import (
     quiet_itk,
 )
 from volgen.io.atomic import atomic_directory
+from volgen.io.geometry import Geometry
+from volgen.io.paths import check_readable
 from volgen.types import Modality, PathLike
 
 __all__ = [
@@ -48,6 +53,7 @@ __all__ = [
     "SYNTHETIC_STATEMENT",
     "DicomSeries",
     "list_dicom_series",
+    "patient_info_of",
     "read_dicom_file",
     "read_dicom_folder",
     "read_dicom_seg",
@@ -129,6 +135,7 @@ def list_dicom_series(folder: PathLike) -> list[DicomSeries]:
         InputError: The folder cannot be scanned or a header cannot be read.
     """
     folder = Path(folder)
+    _check_folder_entries(folder)
     try:
         with quiet_itk():
             uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
@@ -155,6 +162,90 @@ def list_dicom_series(folder: PathLike) -> list[DicomSeries]:
     return found
 
 
+def _check_folder_entries(folder: Path) -> None:
+    """Refuse a folder holding a FIFO, socket or device (GDCM opens every entry; a FIFO blocks forever)."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as exc:
+        raise InputError(folder, f"cannot list the folder ({exc.strerror or exc})") from exc
+    for entry in entries:
+        try:
+            mode = entry.stat().st_mode  # links followed
+        except OSError:
+            continue  # a dangling link: GDCM skips it
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            check_readable(Path(entry.path))  # raises, naming the entry and what it is
+
+
+def _choose_series(folder: Path, series: str | None) -> DicomSeries:
+    """The series of ``folder`` that volgen reads: the one given by UID, or the only one."""
+    found = list_dicom_series(folder)
+    if not found:
+        raise InputError(folder, "no DICOM series found in the folder (subfolders are not searched)")
+    if series is not None:
+        chosen = [s for s in found if s.uid == series]
+        if not chosen:
+            listing = "; ".join(s.summary() for s in found)
+            raise InputError(folder, f"no series {series} in the folder; it holds: {listing}")
+        return chosen[0]
+    if len(found) > 1:
+        listing = "; ".join(s.summary() for s in found)
+        raise InputError(folder, f"folder holds {len(found)} DICOM series, expected one: {listing}")
+    return found[0]
+
+
+def patient_info_of(path: PathLike, *, series: str | None = None) -> dict[str, Any]:
+    """The :data:`PATIENT_INFO_KEYS` of the DICOM input volgen generates from, as DICOM values.
+
+    The values come from the files of the series that is read (:func:`read_dicom_folder` picks the same one),
+    never from another file in the folder (a stray file of another patient, a ``DICOMDIR``). Every file of the
+    series must agree on them. Multi-valued elements stay multi-valued (a list), person names stay person
+    names. Elements the input lacks or leaves empty are not in the result.
+
+    Args:
+        path: A DICOM series folder or a DICOM SEG file.
+        series: SeriesInstanceUID, as for :func:`read_dicom_folder`.
+
+    Returns:
+        Keyword -> value, ready for ``write_dicom_series(patient_info=...)``.
+
+    Raises:
+        InputError: The input is not DICOM, or the series' files disagree on a patient or study attribute.
+    """
+    path = Path(path)
+    if path.is_dir():
+        one = _choose_series(path, series)
+        files, source = list(one.files), f"series {one.uid}"
+    elif path.is_file() and str(_header(path).get("SOPClassUID", "")) == SEGMENTATION_STORAGE:
+        files, source = [path], "the DICOM SEG"
+    else:
+        raise InputError(
+            path, "--copy-patient-info needs a DICOM input (a series folder or a DICOM SEG file)"
+        )
+    info: dict[str, Any] = {}
+    for index, file in enumerate(files):
+        header = _header(file)
+        for key in PATIENT_INFO_KEYS:
+            element = header.get(key)
+            value = None if element is None or element == "" else _dicom_value(element)
+            if index == 0:
+                if value is not None:
+                    info[key] = value
+            elif info.get(key) != value:
+                raise InputError(
+                    path, f"the files of {source} disagree on {key}; cannot copy patient information"
+                )
+    logger.info("copied %s from %s of %s", ", ".join(info) or "nothing", source, path)
+    return info
+
+
+def _dicom_value(value: Any) -> Any:
+    """A header value as :func:`write_dicom_series` sets it: a list when multi-valued, else text."""
+    if isinstance(value, pydicom.multival.MultiValue | list | tuple):
+        return [str(v) for v in value]
+    return str(value)
+
+
 def read_dicom_folder(folder: PathLike, *, series: str | None = None) -> Loaded:
     """Read the one DICOM series held by ``folder`` (or the series ``series``).
 
@@ -172,21 +263,7 @@ def read_dicom_folder(folder: PathLike, *, series: str | None = None) -> Loaded:
             (missing, duplicate or sheared slices, mixed orientations); a single slice; unreadable data.
     """
     folder = Path(folder)
-    found = list_dicom_series(folder)
-    if not found:
-        raise InputError(folder, "no DICOM series found in the folder (subfolders are not searched)")
-    if series is not None:
-        chosen = [s for s in found if s.uid == series]
-        if not chosen:
-            listing = "; ".join(s.summary() for s in found)
-            raise InputError(folder, f"no series {series} in the folder; it holds: {listing}")
-        one = chosen[0]
-    elif len(found) > 1:
-        listing = "; ".join(s.summary() for s in found)
-        raise InputError(folder, f"folder holds {len(found)} DICOM series, expected one: {listing}")
-    else:
-        one = found[0]
-
+    one = _choose_series(folder, series)
     headers = [_header(f) for f in one.files]
     first = headers[0]
     if str(first.get("SOPClassUID", "")) == SEGMENTATION_STORAGE:
@@ -224,8 +301,8 @@ def read_dicom_folder(folder: PathLike, *, series: str | None = None) -> Loaded:
     return Loaded(image=clear_metadata(image), format=DICOM_SERIES)
 
 
-def _check_series_geometry(folder: Path, headers: list[Dataset]) -> None:
-    """Check that the slices of a series form one regular grid (what ITK assumes silently)."""
+def _check_series_geometry(folder: Path, headers: list[Dataset]) -> Geometry:
+    """Check that the slices of a series form one regular grid (what ITK assumes silently); return it."""
     try:
         orientations = np.array([[float(v) for v in h.ImageOrientationPatient] for h in headers])
         positions = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
@@ -234,8 +311,20 @@ def _check_series_geometry(folder: Path, headers: list[Dataset]) -> None:
             folder,
             "DICOM slices lack ImagePositionPatient/ImageOrientationPatient; cannot place them in space",
         ) from exc
-    if orientations.shape[1] != 6 or positions.shape[1] != 3:
+    if orientations.ndim != 2 or positions.ndim != 2 or orientations.shape[1] != 6 or positions.shape[1] != 3:
         raise InputError(folder, "malformed ImagePositionPatient/ImageOrientationPatient")
+    if not (np.isfinite(orientations).all() and np.isfinite(positions).all()):
+        raise InputError(
+            folder, "ImagePositionPatient/ImageOrientationPatient hold NaN/Inf; cannot place the slices"
+        )
+    row, column = orientations[0, :3], orientations[0, 3:]
+    error = max(abs(np.linalg.norm(row) - 1), abs(np.linalg.norm(column) - 1), abs(float(row @ column)))
+    if error > ORTHONORMAL_TOLERANCE:
+        raise InputError(
+            folder,
+            f"ImageOrientationPatient is not two orthogonal unit vectors (off by {error:.2g}); volgen "
+            "does not straighten it silently",
+        )
     if np.abs(orientations - orientations[0]).max() > 1e-4:
         raise InputError(folder, "slices have different orientations (ImageOrientationPatient)")
     if len({(int(h.Rows), int(h.Columns)) for h in headers}) > 1:
@@ -244,7 +333,9 @@ def _check_series_geometry(folder: Path, headers: list[Dataset]) -> None:
         pixel_spacings = np.array([[float(v) for v in h.get("PixelSpacing", [1.0, 1.0])] for h in headers])
     except (TypeError, ValueError) as exc:
         raise InputError(folder, "malformed PixelSpacing") from exc
-    spread = np.abs(pixel_spacings - pixel_spacings[0]).max() if pixel_spacings.ndim == 2 else np.inf
+    if pixel_spacings.ndim != 2 or not np.isfinite(pixel_spacings).all() or (pixel_spacings <= 0).any():
+        raise InputError(folder, "malformed PixelSpacing (not two positive finite numbers)")
+    spread = np.abs(pixel_spacings - pixel_spacings[0]).max()
     if spread > 1e-4 * np.abs(pixel_spacings).max():
         raise InputError(folder, "slices have different pixel spacing (PixelSpacing)")
     normal = np.cross(orientations[0, :3], orientations[0, 3:])
@@ -265,6 +356,29 @@ def _check_series_geometry(folder: Path, headers: list[Dataset]) -> None:
         raise InputError(
             folder, "slices are sheared (gantry tilt); resample the series to a regular grid first"
         )
+    direction = np.stack([orientations[0, :3], orientations[0, 3:], normal], axis=1)
+    return Geometry(
+        size=(int(headers[0].Columns), int(headers[0].Rows), len(headers)),
+        spacing=(float(pixel_spacings[0][1]), float(pixel_spacings[0][0]), step),
+        origin=tuple(float(v) for v in positions[order[0]]),  # type: ignore[arg-type]
+        direction=tuple(float(v) for v in direction.ravel()),
+    )
+
+
+def series_geometry(folder: PathLike, *, series: str | None = None) -> Geometry:
+    """The grid of the series :func:`read_dicom_folder` would read, from the headers only (no pixel data).
+
+    Raises:
+        InputError: As :func:`read_dicom_folder`, for what the headers show.
+    """
+    folder = Path(folder)
+    one = _choose_series(folder, series)
+    headers = [_header(f) for f in one.files]
+    if str(headers[0].get("SOPClassUID", "")) == SEGMENTATION_STORAGE or "Rows" not in headers[0]:
+        return Geometry.of(read_dicom_folder(folder, series=series).image)
+    if len(one.files) == 1:
+        raise InputError(folder, "DICOM series has a single slice; expected a 3D volume")
+    return _check_series_geometry(folder, headers)
 
 
 def read_dicom_file(path: PathLike) -> Loaded:
@@ -448,6 +562,7 @@ def write_dicom_series(
     series_description: str | None = None,
     patient_info: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    protected: Iterable[tuple[str, PathLike | None]] = (),
 ) -> Path:
     """Write a 3D image as a synthetic DICOM series, one file per slice.
 
@@ -472,7 +587,9 @@ def write_dicom_series(
         modality: "CT" or "MR".
         series_description: SeriesDescription (at most 64 characters); default "SYNTHETIC CT (volgen)".
         patient_info: Optional DICOM attributes by keyword, see above.
-        overwrite: Whether an existing non-empty folder may be replaced.
+        overwrite: Whether an existing non-empty folder may be replaced (only one volgen wrote: it holds
+            volgen's marker file or only ``IM*.dcm`` slices; see :func:`volgen.io.paths.check_output`).
+        protected: Paths the folder must not be, contain or lie inside (inputs, reference, model).
 
     Returns:
         The folder.
@@ -599,11 +716,11 @@ def write_dicom_series(
         base.EchoTrainLength = ""
     for key, value in info.items():
         setattr(base, key, value)
-    if any(isinstance(v, str) and not v.isascii() for v in info.values()):
+    if any(not str(v).isascii() for v in info.values()):
         base.SpecificCharacterSet = "ISO_IR 192"
 
     width_digits = max(4, len(str(array.shape[0])))
-    with atomic_directory(folder, overwrite=overwrite) as tmp:
+    with atomic_directory(folder, overwrite=overwrite, protected=protected) as tmp:
         for k in range(array.shape[0]):
             ds = base.copy()
             sop_uid = generate_uid()

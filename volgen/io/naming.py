@@ -1,4 +1,4 @@
-"""File naming of generated outputs, in one place: default output names and provenance-sidecar names.
+"""File naming: the one home of volgen's extensions, output formats, default output names and sidecar names.
 
 Rules (documented in the README):
 
@@ -11,9 +11,50 @@ Rules (documented in the README):
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from volgen.io._common import METAIMAGE, NIFTI, NRRD, SLICER_SEG
 from volgen.types import PathLike
+
+__all__ = [
+    "DEFAULT_OUTPUT_HELP",
+    "FORMAT_ENDINGS",
+    "INPUT_EXTENSIONS",
+    "OUTPUT_EXTENSIONS",
+    "OUTPUT_FORMATS",
+    "default_output",
+    "extension",
+    "sidecar_path",
+    "split_extension",
+    "strip_extension",
+]
+
+#: File extensions volgen reads, with the format name each gives (a folder is read as DICOM).
+INPUT_EXTENSIONS: dict[str, str] = {
+    ".nii.gz": NIFTI,
+    ".nii": NIFTI,
+    ".seg.nrrd": SLICER_SEG,
+    ".nrrd": NRRD,
+    ".mha": METAIMAGE,
+    ".mhd": METAIMAGE,
+    ".dcm": "DICOM",
+}
+
+#: Output extensions and the format each selects.
+OUTPUT_EXTENSIONS: dict[str, str] = {
+    ".nii.gz": "nifti",
+    ".nii": "nifti",
+    ".seg.nrrd": "nrrd",
+    ".nrrd": "nrrd",
+    ".mha": "mha",
+    ".mhd": "mha",
+}
+
+#: Output formats, each with the file ending volgen gives it when it names an output (a DICOM series is a
+#: folder without ending).
+FORMAT_ENDINGS: dict[str, str] = {"nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha", "dicom": ""}
+OUTPUT_FORMATS = tuple(FORMAT_ENDINGS)
 
 SIDECAR_SUFFIX = ".json"
 #: Appended to the segmentation's name for the default output.
@@ -23,16 +64,31 @@ DEFAULT_OUTPUT_EXTENSION = ".nii.gz"
 #: What ``volgen generate --help`` shows for the default output.
 DEFAULT_OUTPUT_HELP = f"SEGMENTATION{DEFAULT_OUTPUT_TAG}{DEFAULT_OUTPUT_EXTENSION} next to the input"
 
+_ALL_EXTENSIONS = tuple(sorted(set(INPUT_EXTENSIONS) | set(OUTPUT_EXTENSIONS), key=len, reverse=True))
+
+
+def extension(path: PathLike) -> str:
+    """The known (multi-part) extension of ``path``, lower case (``.nii.gz``, ``.seg.nrrd``); else its last
+    suffix ("" for none)."""
+    name = Path(path).name.lower()
+    for ext in _ALL_EXTENSIONS:
+        if name.endswith(ext):
+            return ext
+    return Path(path).suffix.lower()
+
 
 def split_extension(name: str) -> tuple[str, str]:
     """``"a.nii.gz"`` -> ``("a", ".nii.gz")``; the longest known image extension (any case), else ``""``."""
-    from volgen.io.volumes import INPUT_EXTENSIONS, OUTPUT_EXTENSIONS
-
     lower = name.lower()
-    for ext in sorted({*INPUT_EXTENSIONS, *OUTPUT_EXTENSIONS}, key=len, reverse=True):
+    for ext in _ALL_EXTENSIONS:
         if lower.endswith(ext) and len(name) > len(ext):
             return name[: -len(ext)], name[-len(ext) :]
     return name, ""
+
+
+def strip_extension(name: str) -> str:
+    """``name`` without its known extension (``seg.nii.gz`` -> ``seg``); unchanged when it has none."""
+    return split_extension(name)[0]
 
 
 def sidecar_path(output: PathLike) -> Path:
@@ -43,9 +99,9 @@ def sidecar_path(output: PathLike) -> Path:
 
 def default_output(segmentation: PathLike) -> Path:
     """``seg.nrrd`` -> ``seg_synthetic.nrrd``; DICOM inputs and unknown extensions -> ``.nii.gz``."""
-    from volgen.io.volumes import OUTPUT_EXTENSIONS
-
     segmentation = Path(segmentation)
+    if not segmentation.name:  # "." or ".." (e.g. run inside a DICOM folder): named by its absolute path
+        segmentation = Path(os.path.abspath(segmentation))
     base, ext = split_extension(segmentation.name)
     if ext.lower() not in OUTPUT_EXTENSIONS or ext.lower() == ".seg.nrrd":
         ext = DEFAULT_OUTPUT_EXTENSION

@@ -126,12 +126,9 @@ def slicer_segmentation(path: Path, image: sitk.Image) -> Loaded:
         present = np.unique(data)
         for value in present[present != 0]:
             key = (layer, int(value))
-            if key in mapping:
-                merged[data == value] = mapping[key]
-            elif keep_values:
-                merged[data == value] = int(value)
-            else:
+            if key not in mapping:  # no name, no meaning (and maybe beyond the merged type's range)
                 raise InputError(path, f"layer {layer} holds value {int(value)} that no segment declares")
+            merged[data == value] = mapping[key]
     out = sitk.GetImageFromArray(merged)
     out.CopyInformation(image)
     names = {mapping[(s.layer, s.label_value)]: s.name for s in segments}

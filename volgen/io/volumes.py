@@ -18,7 +18,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,27 +31,34 @@ import SimpleITK as sitk
 from volgen.errors import InputError, OutputError
 from volgen.io import dicom as _dicom
 from volgen.io._common import (
-    METAIMAGE,
+    DICOM_SERIES,
     NIFTI,
     NOT_UTF8,
     NRRD,
     SLICER_SEG,
     Loaded,
+    check_geometry,
     check_shape,
     check_voxel_count,
     clear_metadata,
     display_path,
     is_utf8,
     itk_reason,
+    quiet_itk,
 )
 from volgen.io._nifti import check_nifti
+from volgen.io._nifti import read_header as _nifti_header
 from volgen.io.atomic import TEMP_PREFIX, atomic_write, check_output_path
 from volgen.io.geometry import Geometry
+from volgen.io.naming import INPUT_EXTENSIONS, OUTPUT_EXTENSIONS, OUTPUT_FORMATS, extension
+from volgen.io.paths import check_readable
 from volgen.io.slicer import is_slicer_segmentation, slicer_segmentation
 from volgen.types import Modality, PathLike, VolumeKind
 
 __all__ = [
     "INPUT_EXTENSIONS",
+    "read_header",
+    "verify_written",
     "OUTPUT_EXTENSIONS",
     "VolumeInfo",
     "describe",
@@ -62,37 +71,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: File extensions volgen reads, with the format name each gives (a folder is read as DICOM).
-INPUT_EXTENSIONS: dict[str, str] = {
-    ".nii.gz": NIFTI,
-    ".nii": NIFTI,
-    ".seg.nrrd": SLICER_SEG,
-    ".nrrd": NRRD,
-    ".mha": METAIMAGE,
-    ".mhd": METAIMAGE,
-    ".dcm": "DICOM",
-}
-
-#: Output extensions and the format each selects.
-OUTPUT_EXTENSIONS: dict[str, str] = {
-    ".nii.gz": "nifti",
-    ".nii": "nifti",
-    ".seg.nrrd": "nrrd",
-    ".nrrd": "nrrd",
-    ".mha": "mha",
-    ".mhd": "mha",
-}
-
-_OUTPUT_FORMATS = ("nifti", "nrrd", "mha", "dicom")
+_OUTPUT_FORMATS = OUTPUT_FORMATS
 _UNSIGNED_LABEL_TYPES = (sitk.sitkUInt8, sitk.sitkUInt16, sitk.sitkUInt32)
 
 
 def _extension(path: Path) -> str:
-    name = path.name.lower()
-    for ext in sorted(set(INPUT_EXTENSIONS) | set(OUTPUT_EXTENSIONS), key=len, reverse=True):
-        if name.endswith(ext):
-            return ext
-    return path.suffix.lower()
+    return extension(path)
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -101,28 +85,55 @@ def _extension(path: Path) -> str:
 def _read_raw(path: PathLike, *, series: str | None = None) -> Loaded:
     """Read any supported input as a 3D single-component image (no label/image rules yet)."""
     path = Path(path)
+    reader, fmt, nonfinite = _open_file(path, series=series, scan=True)
+    if reader is None:
+        return (
+            _dicom.read_dicom_folder(path, series=series) if path.is_dir() else _dicom.read_dicom_file(path)
+        )
+    size = tuple(int(s) for s in reader.GetSize())
+    squeeze = reader.GetDimension() == 4 and size[3] == 1
+    slicer = fmt in (NRRD, SLICER_SEG) and is_slicer_segmentation(reader.GetMetaDataKeys())
+    try:
+        with quiet_itk():
+            image = reader.Execute()
+    except RuntimeError as exc:
+        logger.debug("ITK could not read the data of %s: %s", path, itk_reason(exc))
+        problem = f"{_format_word(fmt)} image data is truncated or corrupt"
+        if _extension(path) == ".mhd":
+            problem += " (or the data file the .mhd names is missing)"
+        raise InputError(path, problem) from exc
+    if squeeze:
+        image = sitk.Extract(image, [*size[:3], 0], [0, 0, 0, 0])
+    if slicer:
+        return slicer_segmentation(path, image)
+    return Loaded(image=clear_metadata(image), format=NRRD if fmt == SLICER_SEG else fmt, nonfinite=nonfinite)
+
+
+def _open_file(
+    path: Path, *, series: str | None, scan: bool
+) -> tuple[sitk.ImageFileReader | None, str, bool]:
+    """Check a file's header (and, with ``scan``, a NIfTI file's whole data) before any pixel is read.
+
+    Returns:
+        ``(reader, format, nonfinite)``: an ITK reader whose header information is read and checked; ``None``
+        for DICOM (a folder or a ``.dcm`` file), which :mod:`volgen.io.dicom` reads.
+    """
     if not is_utf8(path):
         raise InputError(display_path(path), NOT_UTF8)
-    if path.is_dir():
-        return _dicom.read_dicom_folder(path, series=series)
-    if not path.exists():
-        if path.is_symlink():
-            raise InputError(path, "symbolic link that leads nowhere (missing target or a loop of links)")
-        raise InputError(path, "file not found")
-    if not path.is_file():
-        raise InputError(path, "not a regular file")
+    info = check_readable(path)
+    if stat.S_ISDIR(info.st_mode):
+        return None, DICOM_SERIES, False
     try:
-        nbytes = path.stat().st_size
         with path.open("rb") as f:
-            head = f.read(132)
+            head = f.read(540)
     except OSError as exc:
         raise InputError(path, f"cannot open the file ({exc.strerror or exc})") from exc
-    if nbytes == 0:
+    if info.st_size == 0:
         raise InputError(path, "file is empty (0 bytes)")
 
     ext = _extension(path)
     if ext == ".dcm" or (ext not in INPUT_EXTENSIONS and head[128:132] == b"DICM"):
-        return _dicom.read_dicom_file(path)
+        return None, "DICOM", False
     if ext not in INPUT_EXTENSIONS:
         known = ", ".join(e for e in INPUT_EXTENSIONS if e != ".dcm")
         shown = ext or "no extension"
@@ -133,14 +144,20 @@ def _read_raw(path: PathLike, *, series: str | None = None) -> Loaded:
         gz = ext.endswith(".gz")
         if gz and head[:2] != b"\x1f\x8b":
             raise InputError(path, "corrupt gzip data (not gzip-compressed)")
-        nonfinite = check_nifti(path, gz=gz)
-    if ext == ".mhd":
+        if scan:
+            nonfinite = check_nifti(path, gz=gz)
+        elif not gz:
+            _nifti_header(path, head)
+    if ext in (".mhd", ".mha"):
         _check_mhd_data_file(path)
+    if fmt in (NRRD, SLICER_SEG):
+        _check_nrrd_data_files(path)
 
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        with quiet_itk():
+            reader.ReadImageInformation()
     except RuntimeError as exc:
         logger.debug("ITK could not read the header of %s: %s", path, itk_reason(exc))
         raise InputError(
@@ -149,37 +166,89 @@ def _read_raw(path: PathLike, *, series: str | None = None) -> Loaded:
     size = tuple(int(s) for s in reader.GetSize())
     dimension = reader.GetDimension()
     components = reader.GetNumberOfComponents()
-    keys = reader.GetMetaDataKeys()
-    slicer = fmt in (NRRD, SLICER_SEG) and is_slicer_segmentation(keys)
+    slicer = fmt in (NRRD, SLICER_SEG) and is_slicer_segmentation(reader.GetMetaDataKeys())
     squeeze = dimension == 4 and size[3] == 1
     if slicer:  # layers arrive as components
         check_shape(path, dimension, size, 1)
         check_voxel_count(path, size, components)
     else:
         check_shape(path, 3 if squeeze else dimension, size[:3] if squeeze else size, components)
-    pixel_type = reader.GetPixelID()
-    if pixel_type in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+    direction = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(dimension, dimension)[:3, :3]
+    check_geometry(
+        path,
+        tuple(reader.GetSpacing())[:3],
+        tuple(reader.GetOrigin())[:3],
+        tuple(float(v) for v in direction.ravel()),
+    )
+    if reader.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
         raise InputError(path, "complex-valued image; expected real values")
+    return reader, fmt, nonfinite
 
+
+def read_header(path: PathLike, *, series: str | None = None) -> Geometry:
+    """The grid of a volume from its header only: no voxel data is read or decompressed.
+
+    Use it to check sizes against a memory budget before reading (a few KiB of ``.nii.gz`` can hold
+    gigabytes of voxels). Every check of the header that :func:`read_volume` makes is made here too.
+
+    Args:
+        path: Any input :func:`read_volume` accepts.
+        series: SeriesInstanceUID, for DICOM folders.
+
+    Returns:
+        Size, spacing, origin and direction (LPS, mm).
+
+    Raises:
+        InputError: As :func:`read_volume`, for what the header shows.
+    """
+    path = Path(path)
+    reader, _, _ = _open_file(path, series=series, scan=False)
+    if reader is None:
+        if path.is_dir():
+            return _dicom.series_geometry(path, series=series)
+        return Geometry.of(_dicom.read_dicom_file(path).image)
+    size = tuple(int(s) for s in reader.GetSize())[:3]
+    n = reader.GetDimension()
+    direction = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(n, n)[:3, :3]
+    return Geometry(
+        size=size,  # type: ignore[arg-type]
+        spacing=tuple(float(v) for v in reader.GetSpacing()[:3]),  # type: ignore[arg-type]
+        origin=tuple(float(v) for v in reader.GetOrigin()[:3]),  # type: ignore[arg-type]
+        direction=tuple(float(v) for v in direction.ravel()),
+    )
+
+
+def _check_nrrd_data_files(path: Path) -> None:
+    """Check the detached data file(s) a ``.nrrd`` header names: they must be regular files (a FIFO there
+    would block the reader forever)."""
     try:
-        image = reader.Execute()
-    except RuntimeError as exc:
-        logger.debug("ITK could not read the data of %s: %s", path, itk_reason(exc))
-        problem = f"{_format_word(fmt)} image data is truncated or corrupt"
-        if ext == ".mhd":
-            problem += " (or the data file the .mhd names is missing)"
-        raise InputError(path, problem) from exc
-    if squeeze:
-        image = sitk.Extract(image, [*size[:3], 0], [0, 0, 0, 0])
-    if slicer:
-        return slicer_segmentation(path, image)
-    return Loaded(image=clear_metadata(image), format=NRRD if fmt == SLICER_SEG else fmt, nonfinite=nonfinite)
+        with path.open("rb") as f:
+            text = f.read(65536).decode("latin-1")
+    except OSError as exc:
+        raise InputError(path, f"cannot open the file ({exc.strerror or exc})") from exc
+    lines = text.split("\n\n", 1)[0].splitlines()
+    for index, line in enumerate(lines):
+        key, sep, value = line.partition(":")
+        if not sep or key.strip().lower() not in ("data file", "datafile"):
+            continue
+        value = value.lstrip("=").strip()
+        if value.upper().startswith("LIST"):
+            names = [n.strip() for n in lines[index + 1 :] if n.strip()]
+        elif "%" in value:
+            return  # a numbered pattern; ITK reports missing parts itself
+        else:
+            names = [value]
+        for name in names:
+            data = Path(name) if Path(name).is_absolute() else path.parent / name
+            check_readable(data, folder_ok=False, what="data file the .nrrd names")
+        return
 
 
 def _check_mhd_data_file(path: Path) -> None:
     """Check that the data file a ``.mhd`` header names exists (MetaIO prints to stderr otherwise)."""
     try:
-        text = path.read_bytes()[:65536].decode("latin-1")
+        with path.open("rb") as f:
+            text = f.read(65536).decode("latin-1")
     except OSError as exc:
         raise InputError(path, f"cannot open the file ({exc.strerror or exc})") from exc
     for line in text.splitlines():
@@ -187,8 +256,12 @@ def _check_mhd_data_file(path: Path) -> None:
         if key.strip() == "ElementDataFile":
             name = value.strip()
             single = name and name.upper() not in ("LOCAL", "LIST") and "%" not in name and " " not in name
-            if single and not (path.parent / name).is_file():
-                raise InputError(path, f"the data file the .mhd names is missing ({name})")
+            if single:
+                data = path.parent / name
+                what = f"data file the {path.suffix.lower()} names"
+                if not (data.exists() or data.is_symlink()):
+                    raise InputError(path, f"the {what} is missing ({name})")
+                check_readable(data, folder_ok=False, what=what)
             return
 
 
@@ -228,6 +301,10 @@ def _as_label(image: sitk.Image, source: PathLike | None, *, nonfinite: bool = F
     return sitk.Cast(image, sitk.sitkUInt16 if high < 65536 else sitk.sitkUInt32)
 
 
+#: Largest magnitude accepted in an intensity image (HU, MR units): anything beyond is a damaged file.
+MAX_IMAGE_VALUE = 1e9
+
+
 def _as_image(image: sitk.Image, source: PathLike | None, *, nonfinite: bool = False) -> sitk.Image:
     """Apply the image rules (module docstring): ``Float32``, finite values."""
     if nonfinite:
@@ -235,8 +312,15 @@ def _as_image(image: sitk.Image, source: PathLike | None, *, nonfinite: bool = F
     was_float = image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64)
     if image.GetPixelID() != sitk.sitkFloat32:
         image = sitk.Cast(image, sitk.sitkFloat32)
-    if was_float and not np.all(np.isfinite(sitk.GetArrayViewFromImage(image))):
+    array = sitk.GetArrayViewFromImage(image)
+    if was_float and not all(np.isfinite(s).all() for s in array):
         raise InputError(source, "NaN/Inf values in image")
+    if array.size and max(float(np.abs(s).max()) for s in array) > MAX_IMAGE_VALUE:
+        raise InputError(
+            source,
+            f"holds values beyond +-{MAX_IMAGE_VALUE:g} (largest {float(np.abs(array).max()):.3g}); not an "
+            "image in physical units (damaged file?)",
+        )
     return image
 
 
@@ -447,6 +531,7 @@ def write_volume(
     modality: Modality = "MR",
     series_description: str | None = None,
     patient_info: dict[str, Any] | None = None,
+    protected: Iterable[tuple[str, PathLike | None]] = (),
 ) -> Path:
     """Write a 3D volume atomically, keeping its geometry exactly.
 
@@ -468,6 +553,11 @@ def write_volume(
         modality: DICOM only: "CT" or "MR".
         series_description: DICOM only: SeriesDescription.
         patient_info: DICOM only: patient/study attributes to set (nothing is copied otherwise).
+        protected: Paths the output must not be, contain or lie inside (inputs, reference, model folder):
+            ``(what, path)`` pairs, see :func:`volgen.io.paths.check_output`.
+
+    Every file is read back before it is renamed into place (:func:`verify_written`): a write cut short by a
+    full disk, a quota or a file-size limit is an :class:`~volgen.errors.OutputError`, never a result.
 
     Returns:
         The written path.
@@ -492,15 +582,21 @@ def write_volume(
             series_description=series_description,
             patient_info=patient_info,
             overwrite=overwrite,
+            protected=protected,
         )
     if image.GetMetaDataKeys():
         image = clear_metadata(sitk.Image(image))
     compress = fmt != "nifti" or path.name.lower().endswith(".gz")
     try:
         if _extension(path) == ".mhd":
-            _write_mhd(image, path, overwrite=overwrite)
+            _write_mhd(image, path, overwrite=overwrite, protected=protected)
         else:
-            with atomic_write(path, overwrite=overwrite) as tmp:
+            with atomic_write(
+                path,
+                overwrite=overwrite,
+                protected=protected,
+                verify=lambda tmp: verify_written(tmp, image, final=path),
+            ) as tmp:
                 sitk.WriteImage(image, str(tmp), compress)
     except RuntimeError as exc:
         logger.debug("ITK could not write %s: %s", path, itk_reason(exc))
@@ -511,17 +607,53 @@ def write_volume(
     return path
 
 
-def _write_mhd(image: sitk.Image, path: Path, *, overwrite: bool) -> None:
+def verify_written(written: Path, image: sitk.Image, *, final: Path | None = None) -> None:
+    """Check that the file ITK wrote holds ``image``: complete data (NIfTI: the size its header needs, an
+    intact gzip stream), the same size and pixel type, the same voxel values.
+
+    ITK's writers do not report every failed write (a full disk, a quota, ``RLIMIT_FSIZE``), so every volume
+    file is read back before it takes its final name.
+
+    Raises:
+        OutputError: Named after ``final`` (default ``written``): "the written file is incomplete".
+    """
+    name = final if final is not None else written
+    problem = (
+        "the written file is incomplete or differs from what was written (disk full, quota, size limit?)"
+    )
+    try:
+        if _extension(written) in (".nii", ".nii.gz"):
+            check_nifti(written, gz=written.name.lower().endswith(".gz"))
+        with quiet_itk():
+            back = sitk.ReadImage(str(written))
+    except (InputError, RuntimeError, OSError) as exc:
+        logger.debug("reading back %s failed: %s", written, exc)
+        raise OutputError(name, problem) from exc
+    same = (
+        back.GetSize() == image.GetSize()
+        and back.GetPixelID() == image.GetPixelID()
+        and np.array_equal(
+            sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image), equal_nan=True
+        )
+    )
+    if not same:
+        raise OutputError(name, problem)
+
+
+def _write_mhd(
+    image: sitk.Image, path: Path, *, overwrite: bool, protected: Iterable[tuple[str, PathLike | None]] = ()
+) -> None:
     """A ``.mhd`` header names its data file, so both are written in a temporary folder under their final
-    names, then moved next to each other: the data file first, the header last."""
-    check_output_path(path, overwrite=overwrite)
+    names, verified, then moved next to each other: the data file first, the header last."""
+    check_output_path(path, overwrite=overwrite, protected=protected)
     tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=path.parent))
     try:
         sitk.WriteImage(image, str(tmp / path.name), True)
+        verify_written(tmp / path.name, image, final=path)
         parts = sorted(tmp.iterdir(), key=lambda p: p.name == path.name)  # header last
         for part in parts:
             if part.name != path.name:
-                check_output_path(path.parent / part.name, overwrite=overwrite)
+                check_output_path(path.parent / part.name, overwrite=overwrite, protected=protected)
         for part in parts:
             os.replace(part, path.parent / part.name)
     finally:

@@ -1,0 +1,158 @@
+"""Claims: several ``volgen batch`` runs (or shards) on one output folder generate each item once.
+
+Before a process works on an item it claims it: it creates ``OUT_DIR/.volgen-claims/<item>.claim`` and holds
+an exclusive ``flock`` on it while it works. Another process that cannot take the lock leaves the item to
+the holder. The kernel (or the NFSv4/Lustre lock manager) drops the lock when its process dies, so the claim
+of a killed run (``kill -9``, a node lost) is taken over by the next run without any timeout.
+
+Where the file system has no locks (``flock`` fails with ``ENOLCK``/``EOPNOTSUPP``), a claim is the file's
+exclusive creation (``O_CREAT | O_EXCL``) holding the host name and process id; it is stale, and taken over,
+when its process no longer runs on this host, or (other hosts) when it was not touched for
+:data:`STALE_AFTER` seconds (a running claim's file is touched at every progress report).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: claims by exclusive creation only
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["CLAIMS_FOLDER", "STALE_AFTER", "Claim", "claim", "release_all"]
+
+logger = logging.getLogger("volgen.batch")
+
+#: The hidden folder of claim files in OUT_DIR.
+CLAIMS_FOLDER = ".volgen-claims"
+#: Seconds after which an untouched claim of another host counts as abandoned (lock-free file systems only).
+STALE_AFTER = 6 * 3600.0
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+@dataclass
+class Claim:
+    """A held claim; :meth:`release` (or the process's death) frees it."""
+
+    path: Path
+    fd: int
+    locked: bool
+
+    def touch(self) -> None:
+        """Mark the claim as alive (for lock-free file systems, where age decides staleness)."""
+        with contextlib.suppress(OSError):
+            os.utime(self.fd if os.utime in os.supports_fd else self.path)
+
+    def release(self) -> None:
+        """Remove the claim file (if it is still this claim's) and drop the lock."""
+        if self.fd < 0:
+            return
+        try:
+            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                self.path.unlink()
+        except OSError:
+            pass
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _owner() -> bytes:
+    data = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+    return (json.dumps(data) + "\n").encode()
+
+
+def claim(out_dir: Path, name: str) -> Claim | None:
+    """Claim the item ``name`` in ``out_dir``; ``None`` when a live process holds it.
+
+    Args:
+        out_dir: The output folder (claims live in its :data:`CLAIMS_FOLDER`).
+        name: The item's name (a validated case id with its sample suffix: a safe file name).
+    """
+    folder = out_dir / CLAIMS_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.claim"
+    for _ in range(8):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # another run removed the empty claims folder just now
+            folder.mkdir(parents=True, exist_ok=True)
+            continue
+        try:
+            if fcntl is None:
+                raise OSError(errno.ENOSYS, "no flock")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None  # a live process holds it
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in _NO_LOCKS:
+                raise
+            return _claim_by_creation(path)
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # released (removed) between our open and our lock: try again on the new file
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        os.write(fd, _owner())
+        return Claim(path=path, fd=fd, locked=True)
+    return None
+
+
+def _claim_by_creation(path: Path) -> Claim | None:
+    """Claim by exclusive creation (file systems without locks); take over stale claims."""
+    for _ in range(8):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            continue
+        except FileExistsError:
+            if not _stale(path):
+                return None
+            stale = path.with_name(f"{path.name}.stale-{os.getpid()}")
+            with contextlib.suppress(OSError):
+                os.replace(path, stale)  # only one process wins this rename
+                stale.unlink()
+            continue
+        os.write(fd, _owner())
+        return Claim(path=path, fd=fd, locked=False)
+    return None
+
+
+def _stale(path: Path) -> bool:
+    try:
+        info = json.loads(path.read_text(encoding="utf-8") or "{}")
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):
+        return False  # being written; ask again later
+    if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
+        try:
+            os.kill(info["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    return age > STALE_AFTER
+
+
+def release_all(out_dir: Path) -> None:
+    """Remove the claims folder when no claim is left in it (after a run)."""
+    with contextlib.suppress(OSError):
+        (out_dir / CLAIMS_FOLDER).rmdir()

@@ -1,0 +1,208 @@
+"""The dry run: what a batch run would do, how long it would take and how much memory it would need.
+
+Nothing is written and no voxel data is read: each segmentation's grid comes from its header
+(:func:`volgen.io.read_header`). The peak memory of an item is the process as it stands (its resident size
+after loading the model and timing one UNet forward: Python, PyTorch, the weights) plus what generating that
+volume adds (:func:`volgen.api.estimate_memory`) plus a fixed allowance for the libraries a real run loads
+on the way (writers, DICOM), so that a cluster memory request based on it is not too small.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from volgen.batch.plan import BatchPlan, WorkItem
+from volgen.batch.resume import unfinished_reason
+from volgen.errors import VolgenError
+
+if TYPE_CHECKING:
+    from volgen.api import GenerateSettings
+    from volgen.models import LoadedModel
+
+#: Memory a real run needs beyond the dry run's process and the volume's arrays (libraries it loads to
+#: write outputs, allocator slack), in bytes.
+RUN_ALLOWANCE = 256 * 2**20
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line (for manifests and plan states)."""
+    text = str(exc) if isinstance(exc, VolgenError) else f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def process_baseline() -> int:
+    """Resident memory of this process now (bytes): what every item's peak starts from."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def item_need(loaded: LoadedModel, settings: GenerateSettings, geometry: object) -> tuple[int, int, int]:
+    """``(slices, input_voxels, bytes)`` of one item from its segmentation's grid: the slices along the
+    model's slice axis, the input voxels and the bytes generating it adds (``volgen.api.estimate_memory``)."""
+    import numpy as np
+
+    from volgen.api import estimate_memory, slices_along
+
+    meta = loaded.metadata
+    size = tuple(int(s) for s in geometry.size)  # type: ignore[attr-defined]
+    direction = geometry.direction  # type: ignore[attr-defined]
+    slices = slices_along(_GridView(size, direction), meta.slice_axis)
+    voxels = int(np.prod(size, dtype=np.int64))
+    need = estimate_memory(
+        slices=slices,
+        slice_size=meta.slice_size,
+        condition_channels=meta.condition_channels,
+        slice_batch_size=settings.slice_batch_size,
+        block_channels=loaded.unet.config.block_out_channels,
+        input_voxels=voxels,
+    )
+    return slices, voxels, need
+
+
+@dataclass(frozen=True)
+class _GridView:
+    """What :func:`volgen.api.slices_along` asks of an image, from a header's grid."""
+
+    size: tuple[int, ...]
+    direction: tuple[float, ...]
+
+    def GetSize(self) -> tuple[int, ...]:  # noqa: N802 - SimpleITK's name
+        return self.size
+
+    def GetDirection(self) -> tuple[float, ...]:  # noqa: N802 - SimpleITK's name
+        return self.direction
+
+
+@dataclass
+class TimeModel:
+    """Seconds per item ≈ ``overhead + slice_forwards × seconds_per_slice_forward``; ``how`` says how."""
+
+    seconds_per_slice_forward: float
+    overhead_seconds: float
+    seconds_per_input_voxel: float
+    how: str
+
+    def seconds(self, forwards: int, input_voxels: int) -> float:
+        return (
+            self.overhead_seconds
+            + input_voxels * self.seconds_per_input_voxel
+            + forwards * self.seconds_per_slice_forward
+        )
+
+
+@dataclass
+class ItemEstimate:
+    """A dry-run line: the item, its slices and slice-forwards, estimated time and peak memory, and state."""
+
+    item: WorkItem
+    state: str
+    slices: int | None = None
+    forwards: int | None = None
+    seconds: float | None = None
+    peak_bytes: int | None = None
+
+
+def measure_time_model(loaded: LoadedModel, *, slice_batch_size: int, device: str = "auto") -> TimeModel:
+    """Time one UNet forward of a padded chunk of ``slice_batch_size`` slices (after one warm-up forward).
+
+    fp32; I/O and resampling are an assumed 1 s per item plus 0.1 µs per input voxel.
+    """
+    import torch
+
+    from volgen.api import resolve_device
+    from volgen.pipeline import BATCH_GRANULE
+
+    dev = resolve_device(device)
+    unet = loaded.unet.to(dev)
+    size = loaded.metadata.slice_size
+    batch = slice_batch_size + (-slice_batch_size % BATCH_GRANULE)
+    x = torch.zeros(batch, unet.config.in_channels, size, size, device=dev)
+    t = torch.tensor(500, device=dev)
+    with torch.no_grad():
+        unet(x, t)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        begin = time.perf_counter()
+        unet(x, t)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        per_slice = (time.perf_counter() - begin) / batch
+    how = (
+        f"measured: one UNet forward of {batch} slices of {size}x{size} on {dev} (fp32) took "
+        f"{per_slice * 1000:.2f} ms per slice; assumed: 1 s + 0.1 µs per input voxel for I/O and resampling"
+    )
+    return TimeModel(
+        seconds_per_slice_forward=per_slice, overhead_seconds=1.0, seconds_per_input_voxel=1e-7, how=how
+    )
+
+
+def slice_forwards(loaded: LoadedModel, settings: GenerateSettings, slices: int) -> int:
+    """UNet slice-forwards of one volume: steps run (fewer for λ < 1) × slices padded per chunk."""
+    from volgen.pipeline import BATCH_GRANULE, make_scheduler
+
+    scheduler = make_scheduler(settings.scheduler, loaded.scheduler.config)
+    scheduler.set_timesteps(settings.num_inference_steps)
+    timesteps = scheduler.timesteps
+    if settings.strength < 1.0:
+        t_star = round(settings.strength * loaded.scheduler.config.num_train_timesteps)
+        timesteps = timesteps[timesteps <= t_star]
+    sbs = settings.slice_batch_size
+    padded = sum(n + (-n % BATCH_GRANULE) for n in (min(sbs, slices - s) for s in range(0, slices, sbs)))
+    return len(timesteps) * padded
+
+
+def estimate_plan(
+    plan: BatchPlan, loaded: LoadedModel, time_model: TimeModel, items: Sequence[WorkItem] | None = None
+) -> list[ItemEstimate]:
+    """Dry run: read each segmentation's header (nothing is written, no voxel data read) and estimate time
+    and peak memory per item.
+
+    Peak memory is this process's resident size now (:func:`process_baseline`) plus what the item adds
+    (:func:`item_need`) plus :data:`RUN_ALLOWANCE`. The state says whether the item would be skipped
+    (complete), generated, or fails on what its header shows.
+    """
+    from volgen import io
+
+    baseline = process_baseline() + RUN_ALLOWANCE
+    cache: dict[Path, object | str] = {}
+    estimates = []
+    for item in items if items is not None else plan.items:
+        seg = item.case.segmentation
+        if seg not in cache:
+            try:
+                cache[seg] = io.read_header(seg)
+            except VolgenError as e:
+                cache[seg] = one_line(e)
+        grid = cache[seg]
+        if isinstance(grid, str):
+            estimates.append(ItemEstimate(item=item, state=f"would fail: {grid}"))
+            continue
+        slices, voxels, need = item_need(loaded, item.settings, grid)
+        reason = unfinished_reason(
+            item, weights_sha256=loaded.weights_sha256, output_format=plan.options.output_format
+        )
+        state = (
+            "complete (skip)" if reason is None else ("to do" if reason == "no output" else f"redo: {reason}")
+        )
+        forwards = slice_forwards(loaded, item.settings, slices)
+        estimates.append(
+            ItemEstimate(
+                item=item,
+                state=state,
+                slices=slices,
+                forwards=forwards,
+                seconds=0.0 if reason is None else time_model.seconds(forwards, voxels),
+                peak_bytes=baseline + need,
+            )
+        )
+    return estimates
+
+
+def total_seconds(estimates: Iterable[ItemEstimate]) -> float:
+    return math.fsum(e.seconds or 0.0 for e in estimates)

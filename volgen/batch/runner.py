@@ -1,0 +1,382 @@
+"""Running a batch: each process works through its items, claiming each, and records every outcome.
+
+For each item: claim it (:mod:`volgen.batch.claims`; an item another live process holds is left to it),
+remove the temporaries a killed run left for it, skip it when its outputs are complete and current
+(:func:`volgen.batch.resume.unfinished_reason`), refuse it before reading voxels when its header's grid
+needs more memory than allowed, else generate it; then append its row to the manifest and release the claim.
+A failing item is recorded (its stale outputs removed, only what volgen wrote) and the run goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from volgen.batch import claims
+from volgen.batch.dryrun import item_need, one_line
+from volgen.batch.group import ProcessGroup, process_group
+from volgen.batch.nnunet import write_dataset_json, write_label
+from volgen.batch.plan import BatchOptions, BatchPlan, WorkItem, plan_batch, select_shard
+from volgen.batch.records import (
+    MANIFEST_NAME,
+    ItemRecord,
+    append_record,
+    compact_manifest,
+    merge_manifests,
+    read_manifest,
+    shard_manifest_name,
+    shard_manifests,
+)
+from volgen.batch.resume import find_temporaries, remove_temporaries, unfinished_reason
+from volgen.errors import ResourceError, VolgenError
+from volgen.io.checks import check_steps
+from volgen.io.files import remove_output
+from volgen.types import PathLike
+
+if TYPE_CHECKING:
+    from volgen.models import LoadedModel
+    from volgen.pipeline import Progress
+
+logger = logging.getLogger("volgen.batch")
+
+#: Status of an item another live process had claimed (not written to the manifest: the holder records it).
+ELSEWHERE = "elsewhere"
+
+
+class BatchObserver:
+    """Receives the events of a run (the CLI renders them); every method does nothing by default."""
+
+    def started(self, items: Sequence[WorkItem], *, total: int, shard: tuple[int, int]) -> None:
+        """Before the first item: this process's items, the number of items of all shards, this shard."""
+
+    def item_started(self, item: WorkItem, index: int, count: int) -> None:
+        """An item starts (``index`` from 0 of ``count`` items of this process)."""
+
+    def item_progress(self, item: WorkItem, progress: Progress) -> None:
+        """After every UNet chunk of a generating item."""
+
+    def item_finished(self, item: WorkItem, record: ItemRecord, index: int, count: int) -> None:
+        """An item is done, skipped or failed (its record is in the manifest)."""
+
+
+@dataclass
+class BatchResult:
+    """What a run did.
+
+    Attributes:
+        records: Rows of the run's items: this shard's for an independent ``--shard`` job, all ranks' for a
+            multi-process run (every rank reports the whole run), all items otherwise.
+        seconds: Wall time of this process.
+        manifest: ``OUT_DIR/manifest.csv``.
+        dataset_json: nnU-Net ``dataset.json`` (``None`` for the flat layout).
+        elsewhere: Items this process left to another run that held their claim.
+    """
+
+    records: list[ItemRecord]
+    seconds: float
+    manifest: Path
+    dataset_json: Path | None = None
+    elsewhere: list[WorkItem] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.records)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.status != "failed" for r in self.records)
+
+    @property
+    def volumes_per_hour(self) -> float:
+        """Generated (not skipped) volumes per hour of wall time."""
+        return self.count("done") * 3600.0 / self.seconds if self.seconds > 0 else 0.0
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return path.relative_to(base).as_posix()
+    except ValueError:
+        return str(path)
+
+
+@dataclass
+class _Context:
+    """What every item of one process's run shares."""
+
+    plan: BatchPlan
+    loaded: LoadedModel
+    manifest: Path
+    device: str
+    observer: BatchObserver
+    temporaries: dict[Path, list[Path]]
+    limit: int | None
+
+
+def run_items(
+    plan: BatchPlan,
+    items: Sequence[WorkItem],
+    *,
+    loaded: LoadedModel,
+    manifest: Path,
+    device: str,
+    observer: BatchObserver | None = None,
+    elsewhere: list[WorkItem] | None = None,
+) -> list[ItemRecord]:
+    """Convert ``items`` one after the other, appending each outcome to ``manifest``; return their records.
+
+    Items another live process has claimed are left to it (added to ``elsewhere``, not recorded here).
+    ``KeyboardInterrupt`` stops the run (finished items stay recorded; the current claim is released).
+    """
+    context = _Context(
+        plan=plan,
+        loaded=loaded,
+        manifest=manifest,
+        device=device,
+        observer=observer or BatchObserver(),
+        temporaries={},
+        limit=plan.options.max_memory,
+    )
+    for folder in plan.folders():
+        folder.mkdir(parents=True, exist_ok=True)
+    context.temporaries = find_temporaries({p.parent for item in items for p in item.outputs})
+    records: list[ItemRecord] = []
+    for index, item in enumerate(items):
+        held = claims.claim(plan.out_dir, f"{item.name}")
+        if held is None:
+            logger.info("%s sample %d: another run is working on it; left to it", item.case.id, item.sample)
+            if elsewhere is not None:
+                elsewhere.append(item)
+            continue
+        try:
+            context.observer.item_started(item, index, len(items))
+            record = _run_item(item, context, held)
+            append_record(manifest, record)
+        finally:
+            held.release()
+        records.append(record)
+        context.observer.item_finished(item, record, index, len(items))
+    claims.release_all(plan.out_dir)
+    return records
+
+
+def _run_item(item: WorkItem, context: _Context, held: claims.Claim) -> ItemRecord:
+    """Skip, refuse or generate one claimed item; its record."""
+    plan, loaded = context.plan, context.loaded
+    started = time.perf_counter()
+    remove_temporaries(item, context.temporaries)
+    fmt = plan.options.output_format
+    reason = unfinished_reason(item, weights_sha256=loaded.weights_sha256, output_format=fmt)
+    error = ""
+    if reason is None:
+        status = "skipped"
+    else:
+        logger.info("%s sample %d: generating (%s)", item.case.id, item.sample, reason)
+        try:
+            _check_budget(item, context)
+            _generate(item, context, held)
+            status = "done"
+        except Exception as exc:  # noqa: BLE001 - one bad case must not stop the run; it is recorded
+            logger.debug("%s sample %d failed", item.case.id, item.sample, exc_info=True)
+            for path in item.outputs:  # stale outputs of an earlier run must not pass as results
+                remove_output(path)
+            status, error = "failed", one_line(exc)
+    return ItemRecord(
+        case=item.case.id,
+        sample=item.sample,
+        input=str(item.case.segmentation),
+        outputs=[] if status == "failed" else [_relative(p, plan.out_dir) for p in item.outputs],
+        seed=item.settings.seed,
+        status=status,
+        seconds=time.perf_counter() - started,
+        error=error,
+    )
+
+
+def _check_budget(item: WorkItem, context: _Context) -> None:
+    """Refuse an item whose segmentation's grid (its header only: nothing decompressed) needs more memory
+    than ``--max-memory`` (or 80% of what is available), before any voxel is read."""
+    from volgen import io
+    from volgen.api import available_memory, resolve_device
+
+    grid = io.read_header(item.case.segmentation)
+    _, _, need = item_need(context.loaded, item.settings, grid)
+    limit = context.limit
+    if limit is None:
+        limit = int(0.8 * available_memory(resolve_device(context.device)))
+    if need > limit:
+        raise ResourceError(
+            f"{item.case.segmentation}: generating this volume needs about {need / 2**30:.2f} GiB, above the "
+            f"limit of {limit / 2**30:.2f} GiB (--max-memory; or lower --slice-batch-size)"
+        )
+
+
+def _generate(item: WorkItem, context: _Context, held: claims.Claim) -> None:
+    from volgen.api import generate
+
+    plan = context.plan
+    if item.label is not None:
+        write_label(item, plan)
+
+    def progress(p: Progress) -> None:
+        held.touch()
+        context.observer.item_progress(item, p)
+
+    generate(
+        item.case.segmentation,
+        item.output,
+        model=plan.options.model,
+        settings=item.settings,
+        reference=item.case.reference,
+        output_format=plan.options.output_format,
+        overwrite=True,
+        device=context.device,
+        precision=plan.options.precision,
+        max_memory=plan.options.max_memory,
+        copy_patient_info=plan.options.copy_patient_info,
+        loaded=context.loaded,
+        progress=progress,
+    )
+
+
+def prepare(source: PathLike, out_dir: PathLike, options: BatchOptions) -> tuple[BatchPlan, LoadedModel]:
+    """Read the cases, load the model once and plan the run (nothing is written).
+
+    The source (folder or manifest), every input and reference and the model folder are protected: no
+    output may be, contain or lie inside them (paths resolved, links followed).
+    """
+    from volgen.api import default_model_dir
+    from volgen.batch.cases import read_cases
+    from volgen.models import load_model
+
+    source, out_dir = Path(source), Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise VolgenError(f"OUT_DIR {out_dir} exists and is not a folder")
+    options.check()
+    model_dir = Path(options.model) if options.model is not None else default_model_dir()
+    protected = [("input folder" if source.is_dir() else "manifest", source), ("model folder", model_dir)]
+    from volgen.batch.plan import check_outputs
+
+    check_outputs(out_dir, [], protected)  # before the (slow) case scan and model load
+    cases = read_cases(source)
+    loaded = load_model(model_dir)
+    check_steps(options.settings.num_inference_steps, loaded.scheduler.config.num_train_timesteps)
+    return plan_batch(cases, out_dir, options, loaded.metadata, protected=protected), loaded
+
+
+def run_batch(
+    source: PathLike,
+    out_dir: PathLike,
+    options: BatchOptions,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    observer: BatchObserver | None = None,
+    group: ProcessGroup | None = None,
+) -> BatchResult:
+    """Convert every case of ``source`` (a folder or manifest) into ``out_dir``.
+
+    Several runs (or shards) may work on one ``out_dir`` at the same time: each item is claimed before it
+    is worked on, so it is generated once.
+
+    Args:
+        source: See :func:`volgen.batch.read_cases`.
+        out_dir: Output folder (created).
+        options: Model, settings, samples, format, layout.
+        shard: ``(i, n)``: do shard ``i`` of ``n`` (independent jobs, e.g. a SLURM array).
+        observer: Receives progress events.
+        group: The process group (default: :func:`process_group`, which joins a torchrun/accelerate launch).
+            With ``world`` ranks, rank ``r`` of shard ``i/n`` does shard ``i*world + r`` of ``n*world``.
+
+    Returns:
+        :class:`BatchResult`; ``ok`` is False when an item failed.
+    """
+    started = time.perf_counter()
+    plan, loaded = prepare(source, out_dir, options)
+    group = group or process_group(options.device)
+    shard_index, shard_count = shard
+    index, count = shard_index * group.world + group.rank, shard_count * group.world
+    mine = select_shard(plan.items, index, count)
+    if observer is not None:
+        observer.started(mine, total=len(plan.items), shard=(index, count))
+    out = plan.out_dir
+    manifest = out / MANIFEST_NAME
+    elsewhere: list[WorkItem] = []
+    if count == 1:
+        records = run_items(
+            plan,
+            mine,
+            loaded=loaded,
+            manifest=manifest,
+            device=group.device,
+            observer=observer,
+            elsewhere=elsewhere,
+        )
+        compact_manifest(manifest)
+        for stale in shard_manifests(out):  # superseded by this whole run's manifest.csv
+            stale.unlink(missing_ok=True)
+        return BatchResult(
+            records=records,
+            seconds=time.perf_counter() - started,
+            manifest=manifest,
+            dataset_json=write_dataset_json(plan),
+            elsewhere=elsewhere,
+        )
+    return _run_shard(plan, loaded, mine, group, shard, observer, started)
+
+
+def _run_shard(
+    plan: BatchPlan,
+    loaded: LoadedModel,
+    mine: list[WorkItem],
+    group: ProcessGroup,
+    shard: tuple[int, int],
+    observer: BatchObserver | None,
+    started: float,
+) -> BatchResult:
+    """One shard of a sharded or multi-process run: its own manifest, merged at the end."""
+    out = plan.out_dir
+    manifest = out / MANIFEST_NAME
+    shard_index, shard_count = shard
+    index, count = shard_index * group.world + group.rank, shard_count * group.world
+    part = out / shard_manifest_name(index, count)
+    out.mkdir(parents=True, exist_ok=True)
+    elsewhere: list[WorkItem] = []
+    records = run_items(
+        plan, mine, loaded=loaded, manifest=part, device=group.device, observer=observer, elsewhere=elsewhere
+    )
+    compact_manifest(part)
+    group.barrier()
+    if group.is_main:
+        merge_manifests(out)
+        write_dataset_json(plan)
+    group.barrier()
+    dataset_json = None if plan.dataset_dir is None else plan.dataset_dir / "dataset.json"
+    if group.world > 1:  # every rank reports on the whole run of its --shard group
+        expected = {
+            it.key: it
+            for r in range(group.world)
+            for it in select_shard(plan.items, shard_index * group.world + r, count)
+        }
+        merged = {rec.key: rec for rec in read_manifest(manifest) if rec.key in expected}
+        records = [
+            merged.get(key)
+            or ItemRecord(
+                case=key[0],
+                sample=key[1],
+                input=str(it.case.segmentation),
+                outputs=[],
+                seed=it.settings.seed,
+                status="failed",
+                error="no record from its process",
+            )
+            for key, it in sorted(expected.items())
+        ]
+    return BatchResult(
+        records=records,
+        seconds=time.perf_counter() - started,
+        manifest=manifest,
+        dataset_json=dataset_json,
+        elsewhere=elsewhere,
+    )
