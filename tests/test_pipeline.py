@@ -179,3 +179,19 @@ def test_timestep_selection_is_one_method(pipe):
     assert pipe.slice_forwards(11, num_inference_steps=4, strength=0.5, slice_batch_size=4) == 2 * 24
     with pytest.raises(VolgenError, match=r"1\.\.1000"):
         pipe.set_timesteps(1001)
+
+
+def test_from_pretrained_imports_nothing_the_folder_names(pipe, tmp_path):
+    """model_index.json names classes to import; volgen's from_pretrained never imports them."""
+    import json
+
+    pipe.save_pretrained(tmp_path / "p")
+    index = tmp_path / "p" / "model_index.json"
+    config = json.loads(index.read_text())
+    config["unet"] = ["evil_module_that_does_not_exist", "Payload"]
+    index.write_text(json.dumps(config))
+    again = SegmentationToVolumePipeline.from_pretrained(tmp_path / "p")
+    assert type(again.unet).__name__ == "UNet2DModel"
+    (tmp_path / "p" / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(VolgenError, match="pickle"):
+        SegmentationToVolumePipeline.from_pretrained(tmp_path / "p")

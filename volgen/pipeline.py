@@ -24,6 +24,7 @@ from diffusers import (
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    UNet2DModel,
 )
 from torch import Tensor
 
@@ -186,25 +187,34 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         )
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> SegmentationToVolumePipeline:
-        """Load a volgen model folder (or any ``save_pretrained`` folder of this pipeline).
+    def from_pretrained(cls, folder, *, scheduler=None) -> SegmentationToVolumePipeline:
+        """Load a volgen model folder, or a folder this pipeline's ``save_pretrained`` wrote.
 
-        Weights are read from safetensors only. Unless a ``scheduler=`` is passed, the folder's training
-        schedule is turned into volgen's default sampler (:data:`DEFAULT_SCHEDULER`); the UNet is float32 in
-        eval mode.
+        Unlike ``DiffusionPipeline.from_pretrained`` this never imports the classes ``model_index.json``
+        names (a folder cannot make volgen import code): the UNet is a ``UNet2DModel`` read from safetensors
+        only (float32, eval mode) and the scheduler config is read as the model's noise schedule.
+
+        Args:
+            folder: A local folder (volgen model folder, or ``save_pretrained`` output).
+            scheduler: A scheduler instance to use; ``None`` builds volgen's default sampler
+                (:data:`DEFAULT_SCHEDULER`) on the folder's noise schedule.
         """
         from pathlib import Path
 
-        if Path(pretrained_model_name_or_path).is_dir():
-            from volgen.models import check_safe_folder
+        from volgen.models import METADATA_FILE, load_model
 
-            check_safe_folder(pretrained_model_name_or_path)
-        kwargs.setdefault("use_safetensors", True)
-        chosen = "scheduler" in kwargs
-        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        pipe.unet.float().eval()
-        if not chosen:
+        folder = Path(folder)
+        if (folder / METADATA_FILE).is_file():  # a volgen model folder: load it with all its checks
+            loaded = load_model(folder)
+            unet, schedule = loaded.unet, loaded.scheduler
+            settings = {k: getattr(loaded.metadata, k) for k in ("encoding", "context_slices", "slice_axis")}
+            settings["num_classes"] = loaded.metadata.num_classes
+        else:
+            unet, schedule, settings = _load_parts(folder)
+        pipe = cls(unet=unet, scheduler=scheduler if scheduler is not None else schedule, **settings)
+        if scheduler is None:
             pipe.set_scheduler(DEFAULT_SCHEDULER)
+        pipe.set_progress_bar_config(disable=True)
         return pipe
 
     def set_scheduler(self, name: str) -> None:
@@ -433,6 +443,27 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             timesteps=[int(t) for t in timesteps],
             start_timestep=int(timesteps[0]),
         )
+
+
+def _load_parts(folder) -> tuple[object, object, dict]:
+    """UNet (safetensors), noise schedule and pipeline settings of a ``save_pretrained`` folder."""
+    import json
+
+    from volgen.models import check_safe_folder
+
+    if not folder.is_dir():
+        raise VolgenError(f"{folder}: not a folder")
+    check_safe_folder(folder)
+    try:
+        config = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        unet = UNet2DModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
+        schedule = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise VolgenError(f"{folder}: cannot load the pipeline ({first})") from None
+    keys = ("encoding", "context_slices", "num_classes", "slice_axis")
+    settings = {k: config[k] for k in keys if isinstance(config, dict) and k in config}
+    return unet.float().eval(), schedule, settings
 
 
 def _chunks(num_slices: int, slice_batch_size: int) -> list[tuple[int, int]]:
