@@ -442,11 +442,12 @@ def _subprocess_env() -> dict[str, str]:
     return env
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
 def test_torchrun_two_processes_match_one(full_run, cases_dir, tiny_model_dir, tmp_path):
     out = tmp_path / "ddp"
-    command = [
-        "torchrun",
+    command = [  # torchrun of this interpreter (a `torchrun` on PATH may belong to another Python)
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
         "--nproc_per_node",
         "2",
         "--master_port",

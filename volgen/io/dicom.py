@@ -48,6 +48,7 @@ from volgen.types import Modality, PathLike
 __all__ = [
     "CT_IMAGE_STORAGE",
     "MR_IMAGE_STORAGE",
+    "COPIED_PATIENT_KEYS",
     "PATIENT_INFO_KEYS",
     "SEGMENTATION_STORAGE",
     "SYNTHETIC_STATEMENT",
@@ -87,6 +88,10 @@ PATIENT_INFO_KEYS = (
     "ReferringPhysicianName",
     "FrameOfReferenceUID",
 )
+
+#: What ``--copy-patient-info`` copies from the input series: the patient, the study and the frame of
+#: reference (so the synthetic series registers with its source), never staff names.
+COPIED_PATIENT_KEYS = tuple(k for k in PATIENT_INFO_KEYS if k != "ReferringPhysicianName")
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -195,7 +200,7 @@ def _choose_series(folder: Path, series: str | None) -> DicomSeries:
 
 
 def patient_info_of(path: PathLike, *, series: str | None = None) -> dict[str, Any]:
-    """The :data:`PATIENT_INFO_KEYS` of the DICOM input volgen generates from, as DICOM values.
+    """The :data:`COPIED_PATIENT_KEYS` of the DICOM input volgen generates from, as DICOM values.
 
     The values come from the files of the series that is read (:func:`read_dicom_folder` picks the same one),
     never from another file in the folder (a stray file of another patient, a ``DICOMDIR``). Every file of the
@@ -225,7 +230,7 @@ def patient_info_of(path: PathLike, *, series: str | None = None) -> dict[str, A
     info: dict[str, Any] = {}
     for index, file in enumerate(files):
         header = _header(file)
-        for key in PATIENT_INFO_KEYS:
+        for key in COPIED_PATIENT_KEYS:
             element = header.get(key)
             value = None if element is None or element == "" else _dicom_value(element)
             if index == 0:
