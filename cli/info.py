@@ -26,7 +26,8 @@ def looks_like_intensities(array) -> bool:
     import numpy as np
 
     values = np.asarray(array)
-    background = np.bincount(values.ravel().astype(np.int64)).argmax()
+    found, counts = np.unique(values, return_counts=True)
+    background = found[counts.argmax()]  # the most common value
     left, right = values[..., :-1], values[..., 1:]
     both = (left != background) & (right != background)
     if not both.any():

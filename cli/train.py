@@ -131,6 +131,7 @@ def train(
         raise ConfigError(config, describe_validation_error(e)) from None
     if output_dir is not None:
         cfg.output_dir = output_dir.resolve()
+    _check_training_data(Path(cfg.data.source), str(cfg.data.label_map))
 
     main = _is_main_process()
     with _logging(verbose or (main and not console.is_terminal)):
@@ -145,6 +146,22 @@ def train(
     if result.previews:
         console.print(f"preview: {result.previews[-1]}", highlight=False)
     console.print(f"model: {result.model_dir}", highlight=False)
+
+
+def _check_training_data(source: Path, label_map: str) -> None:
+    """Missing training data: say how to make it (the Colin27 configs read what prepare.py writes)."""
+    from volgen.errors import ConfigError
+
+    if source.exists():
+        return
+    if "colin27" in label_map or "colin27" in source.name:
+        hint = f"create it first: python examples/colin27/prepare.py {source}"
+    else:
+        hint = (
+            "data.source must be a folder with images/ and labels/, or a CSV/YAML manifest (the Colin27 "
+            "example makes one: python examples/colin27/prepare.py data/colin27)"
+        )
+    raise ConfigError(source, f"training data not found; {hint}")
 
 
 def _parse_window(text: str | None) -> tuple[float, float] | None:

@@ -48,7 +48,8 @@ def _seen(result: subprocess.CompletedProcess) -> str:
 
 
 def test_python_api_sets_the_policy_before_torch_loads():
-    assert _seen(_run("from volgen.api import generate\nimport torch  # as generate() does when called")) == WAIT_POLICY
+    code = "from volgen.api import generate\nimport torch  # as generate() does when called"
+    assert _seen(_run(code)) == WAIT_POLICY
 
 
 def test_command_line_sets_the_same_policy_before_torch_loads():

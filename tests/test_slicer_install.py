@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import re
 import shutil
 import subprocess
 import sys
@@ -167,3 +168,22 @@ def test_panel_defaults_are_volgens_defaults():
     slider = ui.find(".//widget[@name='noiseCorrelationSlider']")
     value = slider.find("./property[@name='value']/double").text
     assert float(value) == pytest.approx(library.noise_correlation)
+
+
+def test_extension_metadata_has_no_placeholders():
+    cmake = (MODULE_DIR.parent / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert "github.com/volgen/volgen" not in cmake  # an invented home
+    assert "must point at" not in cmake
+    values = dict(re.findall(r'set\((EXTENSION_\w+) "([^"]*)"\)', cmake))
+    keys = ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "DEPENDS")
+    for key in keys:
+        assert values.get(f"EXTENSION_{key}"), key
+    # without a repository URL the icon and screenshot URLs name files of this tree, which must exist
+    for key in ("ICONURL", "SCREENSHOTURLS"):
+        relative = values[f"EXTENSION_{key}"].replace("${_volgen_files}/", "")
+        assert (MODULE_DIR.parent / relative).is_file(), relative
+    screenshot = MODULE_DIR.parent / "Screenshots" / "VolGen.png"
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 'VOLGEN_MINIMUM_SLICER_VERSION "5.10"' in cmake
+    readme = (MODULE_DIR.parent / "README.md").read_text(encoding="utf-8")
+    assert "Slicer **5.10 or newer**" in readme and "Screenshots/VolGen.png" in readme

@@ -492,7 +492,9 @@ def _ema_unet(accelerator, model, ema):
     unet = UNet2DModel.from_config(trained.config)
     unet.load_state_dict(trained.state_dict())
     ema.copy_to(unet.parameters())
-    return unet.to(device=next(trained.parameters()).device, dtype=torch.float32).eval()
+    # from_config builds float32 parameters and load_state_dict casts into them: no dtype for .to(), which
+    # would make diffusers warn about modules to keep in float32 on every preview and export
+    return unet.to(device=next(trained.parameters()).device).eval()
 
 
 def write_preview(

@@ -1,6 +1,6 @@
 """Where the module installs volgen from: a wheel, an sdist or a source folder the user picked, or a URL the
-user typed. Never a bare project name: no project called ``volgen`` is published on the Python Package Index,
-and a name anyone could register there must not be what a button installs.
+user typed. Never a bare project name: volgen is not distributed through the Python Package Index, and a name
+anyone could register there must not be what a button installs.
 
 The widget asks the user (file dialog, folder dialog or a text field) and hands the answer to
 :func:`install_source`, which checks it and says what pip will get; :func:`pip_arguments` is what goes to
