@@ -46,6 +46,7 @@ from volgen.io.paths import check_readable
 from volgen.types import Modality, PathLike
 
 __all__ = [
+    "COPIED_KEYS",
     "CT_IMAGE_STORAGE",
     "MR_IMAGE_STORAGE",
     "PATIENT_INFO_KEYS",
@@ -85,6 +86,22 @@ PATIENT_INFO_KEYS = (
     "StudyDescription",
     "AccessionNumber",
     "ReferringPhysicianName",
+    "FrameOfReferenceUID",
+)
+
+#: What ``--copy-patient-info`` copies from the source series (:func:`patient_info_of`): the patient's identity
+#: and the study and frame of reference, so the synthetic series files with its source and registers with it.
+#: Nothing else (physicians, institution, descriptions) is ever copied.
+COPIED_KEYS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyID",
+    "AccessionNumber",
+    "StudyDate",
+    "StudyTime",
     "FrameOfReferenceUID",
 )
 
@@ -195,7 +212,7 @@ def _choose_series(folder: Path, series: str | None) -> DicomSeries:
 
 
 def patient_info_of(path: PathLike, *, series: str | None = None) -> dict[str, Any]:
-    """The :data:`PATIENT_INFO_KEYS` of the DICOM input volgen generates from, as DICOM values.
+    """The :data:`COPIED_KEYS` of the DICOM input volgen generates from, as DICOM values.
 
     The values come from the files of the series that is read (:func:`read_dicom_folder` picks the same one),
     never from another file in the folder (a stray file of another patient, a ``DICOMDIR``). Every file of the
@@ -225,7 +242,7 @@ def patient_info_of(path: PathLike, *, series: str | None = None) -> dict[str, A
     info: dict[str, Any] = {}
     for index, file in enumerate(files):
         header = _header(file)
-        for key in PATIENT_INFO_KEYS:
+        for key in COPIED_KEYS:
             element = header.get(key)
             value = None if element is None or element == "" else _dicom_value(element)
             if index == 0:

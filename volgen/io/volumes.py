@@ -591,16 +591,19 @@ def write_volume(
         if _extension(path) == ".mhd":
             _write_mhd(image, path, overwrite=overwrite, protected=protected)
         else:
-            with atomic_write(
-                path,
-                overwrite=overwrite,
-                protected=protected,
-                verify=lambda tmp: verify_written(tmp, image, final=path),
-            ) as tmp:
+            with (
+                atomic_write(
+                    path,
+                    overwrite=overwrite,
+                    protected=protected,
+                    verify=lambda tmp: verify_written(tmp, image, final=path),
+                ) as tmp,
+                quiet_itk(),
+            ):  # niftilib prints its own "wrote only N bytes" line
                 sitk.WriteImage(image, str(tmp), compress)
     except RuntimeError as exc:
         logger.debug("ITK could not write %s: %s", path, itk_reason(exc))
-        raise OutputError(path, f"could not write the {fmt} file") from exc
+        raise OutputError(path, f"could not write the {fmt} file (disk full, quota or size limit?)") from exc
     except OSError as exc:
         raise OutputError(path, f"could not write the file ({exc.strerror or exc})") from exc
     logger.info("wrote %s", path)
@@ -648,7 +651,8 @@ def _write_mhd(
     check_output_path(path, overwrite=overwrite, protected=protected)
     tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=path.parent))
     try:
-        sitk.WriteImage(image, str(tmp / path.name), True)
+        with quiet_itk():
+            sitk.WriteImage(image, str(tmp / path.name), True)
         verify_written(tmp / path.name, image, final=path)
         parts = sorted(tmp.iterdir(), key=lambda p: p.name == path.name)  # header last
         for part in parts:
