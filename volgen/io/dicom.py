@@ -89,8 +89,9 @@ PATIENT_INFO_KEYS = (
     "FrameOfReferenceUID",
 )
 
-#: What ``--copy-patient-info`` copies from the source series (:func:`patient_info_of`): the patient's identity
-#: and the study and frame of reference, so the synthetic series files with its source and registers with it.
+#: What ``--copy-patient-info`` copies from the source series (:func:`patient_info_of`): the patient's
+#: identity, the study and the frame of reference, so the synthetic series files with its source and registers
+#: with it.
 #: Nothing else (physicians, institution, descriptions) is ever copied.
 COPIED_KEYS = (
     "PatientName",
