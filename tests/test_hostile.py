@@ -338,7 +338,7 @@ def _direction(quaternion: tuple[float, ...], flip: bool) -> np.ndarray:
 @given(
     extension=st.sampled_from([".nrrd", ".mha", ".seg.nrrd", ".mhd"]),
     kind=st.sampled_from(["label", "image", "ct"]),
-    size=st.tuples(st.integers(1, 6), st.integers(1, 6), st.integers(1, 5)),
+    size=st.tuples(st.integers(2, 6), st.integers(2, 6), st.integers(2, 5)),  # volgen reads >= 2 per axis
     spacing=st.tuples(*[st.floats(0.05, 8.0)] * 3),
     origin=st.tuples(*[st.floats(-500.0, 500.0)] * 3),
     quaternion=st.tuples(*[st.floats(-1.0, 1.0)] * 4).filter(lambda q: np.linalg.norm(q) > 0.1),

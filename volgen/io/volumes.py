@@ -146,8 +146,8 @@ def _open_file(
             raise InputError(path, "corrupt gzip data (not gzip-compressed)")
         if scan:
             nonfinite = check_nifti(path, gz=gz)
-        elif not gz:
-            _nifti_header(path, head)
+        else:  # the header only (for .nii.gz: its first 540 decompressed bytes)
+            _nifti_header(path, _gunzip_head(path) if gz else head)
     if ext in (".mhd", ".mha"):
         _check_mhd_data_file(path)
     if fmt in (NRRD, SLICER_SEG):
@@ -216,6 +216,18 @@ def read_header(path: PathLike, *, series: str | None = None) -> Geometry:
         origin=tuple(float(v) for v in reader.GetOrigin()[:3]),  # type: ignore[arg-type]
         direction=tuple(float(v) for v in direction.ravel()),
     )
+
+
+def _gunzip_head(path: Path, size: int = 540) -> bytes:
+    """The first ``size`` bytes of a gzip file, decompressed (nothing more is decompressed)."""
+    import gzip
+    import zlib
+
+    try:
+        with gzip.open(path, "rb") as f:
+            return f.read(size)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(path, "corrupt gzip data (damaged or truncated .gz file)") from exc
 
 
 def _check_nrrd_data_files(path: Path) -> None:
