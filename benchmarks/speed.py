@@ -44,8 +44,8 @@ from volgen.conditioning import condition_slices
 from volgen.frames import to_slice_frame
 from volgen.io import read_label
 from volgen.labels import load_label_map
-from volgen.models import ModelMetadata, UNetConfig, build_training_scheduler, build_unet
-from volgen.pipeline import SegmentationToVolumePipeline, make_scheduler
+from volgen.models import ModelMetadata, UNetConfig, build_pipeline, build_training_scheduler, build_unet
+from volgen.pipeline import make_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_2MM = ROOT / "examples" / "colin27_tissues_2mm.nii.gz"
@@ -189,19 +189,10 @@ def volgen_pipeline(
     warmup: bool = True,
 ) -> dict:
     """volgen's pipeline on the whole volume; ``measure_steps < steps`` runs that many and extrapolates."""
-    pipe = SegmentationToVolumePipeline(
-        unet=unet,
-        scheduler=schedule,
-        encoding=meta.encoding,
-        context_slices=meta.context_slices,
-        num_classes=meta.num_classes,
-        slice_axis=meta.slice_axis,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = build_pipeline(unet, schedule, meta, scheduler_name=scheduler)
     measure_steps = min(measure_steps or steps, steps)
     labels = labels.to(device)
     kwargs = {
-        "scheduler": scheduler,
         "slice_batch_size": slice_batch_size,
         "noise_correlation": 0.9,
         "autocast_dtype": autocast_dtype,

@@ -220,9 +220,9 @@ def test_full_run_keeps_geometry(full_run, cases_dir):
     for record in records:
         source = cases_dir / Path(record.input).name
         out = full_run / f"{record.case}.nii.gz"
-        assert record.outputs == [f"{record.case}.nii.gz", f"{record.case}.json"]
+        assert record.outputs == [f"{record.case}.nii.gz", f"{record.case}.nii.gz.json"]
         assert_same_geometry(sitk.ReadImage(str(out)), io.read_label(source))
-        sidecar = json.loads((full_run / f"{record.case}.json").read_text())
+        sidecar = json.loads((full_run / f"{record.case}.nii.gz.json").read_text())
         assert sidecar["settings"]["seed"] == record.seed == derive_seed(3, record.case, 0)
         assert sidecar["settings"]["num_inference_steps"] == 2
     assert len({r.seed for r in records}) == len(records)
@@ -247,7 +247,7 @@ def test_output_independent_of_order_and_company(full_run, cases_dir, tiny_model
     assert set(statuses(out).values()) == {"done"}
     assert run_batch_cli(manifest, out, tiny_model_dir, "--seed", "4", "--steps", "3").exit_code == 0
     assert set(statuses(out).values()) == {"done"}
-    assert json.loads((out / "c.json").read_text())["settings"]["num_inference_steps"] == 3
+    assert json.loads((out / "c.nii.gz.json").read_text())["settings"]["num_inference_steps"] == 3
 
 
 def test_shards_merge_to_the_single_run(full_run, cases_dir, tiny_model_dir, tmp_path):
@@ -275,7 +275,7 @@ def test_resume_redoes_only_unfinished_cases(full_run, cases_dir, tiny_model_dir
     shutil.copytree(full_run, out)
     before = {case: (out / f"{case}.nii.gz").stat().st_mtime_ns for case in GOOD}
     (out / "b.nii.gz").unlink()
-    leftovers = [out / ".volgen-tmp-0123abcd.b.nii.gz", out / ".volgen-tmp-89abcdef.a.json"]
+    leftovers = [out / ".volgen-tmp-0123abcd.b.nii.gz", out / ".volgen-tmp-89abcdef.a.nii.gz.json"]
     for path in leftovers:
         path.write_bytes(b"half written")
     result = run_batch_cli(cases_dir, out, tiny_model_dir, "--seed", "3")
@@ -286,10 +286,10 @@ def test_resume_redoes_only_unfinished_cases(full_run, cases_dir, tiny_model_dir
     assert all((out / f"{c}.nii.gz").stat().st_mtime_ns == before[c] for c in GOOD if c != "b")
 
     # a sidecar from another model or with other settings does not count as finished
-    sidecar = json.loads((out / "c.json").read_text())
+    sidecar = json.loads((out / "c.nii.gz.json").read_text())
     sidecar["model"]["weights_sha256"] = "0" * 64
-    (out / "c.json").write_text(json.dumps(sidecar))
-    (out / "e.json").unlink()
+    (out / "c.nii.gz.json").write_text(json.dumps(sidecar))
+    (out / "e.nii.gz.json").unlink()
     assert run_batch_cli(cases_dir, out, tiny_model_dir, "--seed", "3").exit_code == 0
     assert [k for k, s in statuses(out).items() if s == "done"] == [("c", 0), ("e", 0)]
 
@@ -312,7 +312,7 @@ def test_failing_cases_are_recorded_and_the_run_goes_on(cases_dir, bad_dir, tiny
         "non-integer" in errors["float_labels"] and "2D" in errors["flat"] and "corrupt" in errors["corrupt"]
     )
     assert "failed" in result.output and "float labels" in result.output
-    assert sorted(p.name for p in out.iterdir()) == ["a.json", "a.nii.gz", "manifest.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "a.nii.gz.json", "manifest.csv"]
 
 
 def test_nnunet_layout(cases_dir, tiny_model_dir, tmp_path):

@@ -43,7 +43,7 @@ def test_output_has_the_exact_input_geometry(seg_path, tiny_model_dir, tmp_path)
     assert generated.GetSize() == seg.GetSize()
     assert_same_geometry(generated, seg)
     assert generated.GetPixelID() == sitk.sitkFloat32  # MR model
-    assert result.sidecar == tmp_path / "out.json"
+    assert result.sidecar == tmp_path / "out.nrrd.json"
 
 
 def test_same_seed_gives_identical_bytes_and_batch_size_does_not_matter(seg_path, tiny_model_dir, tmp_path):
@@ -76,12 +76,8 @@ def test_strength_zero_returns_the_reference(seg_path, tiny_model_dir, tmp_path)
         settings=GenerateSettings(num_inference_steps=4, strength=0.0),
     )
     got = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
-    expected = sitk.GetArrayFromImage(smooth)
-    # the reference goes to the model's slicing frame and back: equal up to resampling, interior voxels
-    inner = (slice(1, -1),) * 3
-    err = np.abs(got[inner] - expected[inner]) / (expected.max() - expected.min())
-    assert np.median(err) < 0.03
-    sidecar = json.loads((tmp_path / "lam0.json").read_text())
+    assert np.array_equal(got, sitk.GetArrayFromImage(smooth))  # the reference's own values, exactly
+    sidecar = json.loads((tmp_path / "lam0.nii.gz.json").read_text())
     assert sidecar["settings"]["strength"] == 0.0
     assert sidecar["reference"] == str(ref)
 
@@ -113,7 +109,7 @@ def test_cli_json_progress_and_complete_sidecar(seg_path, tiny_model_dir, tmp_pa
     assert kinds[0] == "start" and kinds[-1] == "done"
     fractions = [e["fraction"] for e in events if e["event"] == "progress"]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
-    sidecar = json.loads((tmp_path / "syn.json").read_text())
+    sidecar = json.loads((tmp_path / "syn.nii.gz.json").read_text())
     for key in ("volgen_version", "model", "settings", "classes_kept", "seconds", "segmentation", "output"):
         assert key in sidecar
     assert sidecar["model"]["weights_sha256"] and sidecar["model"]["id"]
@@ -170,9 +166,18 @@ def _write(image, path):
         ("max_memory", "above the limit"),
         ("unknown_class", "unknown class 'lung'"),
         ("missing_folder", "folder"),
+        ("steps_beyond_schedule", "--steps must be at most the model's 1000 training timesteps, got 1001"),
+        ("seed_negative", "--seed must be an integer in 0..9223372036854775807, got -1"),
+        ("seed_too_large", "--seed must be an integer in 0..9223372036854775807, got 9223372036854775808"),
+        ("max_memory_inf", "--max-memory must be a positive size"),
+        ("max_memory_nan", "--max-memory must be a positive size"),
+        ("cuda_without_cuda", "--device cuda: no CUDA device is available"),
+        ("precision", "--precision must be"),
     ],
 )
-def test_bad_input_is_one_clear_line_and_writes_nothing(case, phrase, seg_path, tiny_model_dir, tmp_path):
+def test_bad_input_is_one_clear_line_and_writes_nothing(
+    case, phrase, seg_path, tiny_model_dir, tmp_path, monkeypatch
+):
     out_dir = tmp_path / "outputs"
     out_dir.mkdir()
     out = out_dir / "out.nii.gz"
@@ -201,6 +206,21 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(case, phrase, seg_path, 
         args += ["--keep", "liver,lung"]
     elif case == "missing_folder":
         args[3] = tmp_path / "no" / "such" / "out.nii.gz"
+    elif case == "steps_beyond_schedule":
+        args += ["--steps", "1001"]
+    elif case == "seed_negative":
+        args += ["--seed", "-1"]
+    elif case == "seed_too_large":
+        args += ["--seed", str(2**63)]
+    elif case in ("max_memory_inf", "max_memory_nan"):
+        args += ["--max-memory", case.rsplit("_", 1)[1]]
+    elif case == "cuda_without_cuda":
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        args += ["--device", "cuda"]
+    elif case == "precision":
+        args += ["--precision", "fp8"]
     result = _cli(*args)
     assert result.exit_code == 1, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
@@ -249,3 +269,54 @@ def test_unknown_labels_background_option(seg_path, tiny_model_dir, tmp_path):
         "none",
     )
     assert result.exit_code == 0, result.output
+
+
+def test_reference_geometry_error_says_what_differs(seg_path, tiny_model_dir, tmp_path):
+    ref = make_volume("image", size=(20, 14, 9), spacing=(1.0, 1.0, 1.0))
+    args = ["generate", seg_path, "-o", tmp_path / "o.nii.gz", "--model", tiny_model_dir, "--steps", 1]
+    result = _cli(*args, "--reference", _write(ref, tmp_path / "ref.nii.gz"), "--strength", "0.5")
+    assert result.exit_code == 1
+    line = " ".join(result.output.split())  # rich may wrap the one line
+    assert (
+        "geometry differs from the segmentation" in line and "spacing (1, 1, 1) vs (0.8, 1.1, 2.5) mm" in line
+    )
+    assert "size" not in line and "origin" not in line and "direction" not in line  # the same: not reported
+    result = _cli(*args, "--reference", tmp_path / "ref.nii.gz", "--strength", "0.5", "--resample-reference")
+    assert result.exit_code == 0, result.output
+
+
+def test_help_shows_the_default_output_name():
+    result = runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
+    assert "SEGMENTATION_synthetic.nii.gz" in " ".join(result.output.split())
+
+
+def test_a_failing_preview_is_one_warning_and_the_volume_stays(
+    seg_path, tiny_model_dir, tmp_path, monkeypatch
+):
+    import volgen.preview
+
+    def no_matplotlib(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(volgen.preview, "save_montage", no_matplotlib)
+    out = tmp_path / "o.nii.gz"
+    args = [
+        "generate",
+        seg_path,
+        "-o",
+        out,
+        "--model",
+        tiny_model_dir,
+        "--steps",
+        1,
+        "--preview",
+        tmp_path / "p.png",
+    ]
+    result = _cli(*args, "--progress", "none")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "matplotlib" in warnings[0]
+    assert out.is_file() and (tmp_path / "o.nii.gz.json").is_file() and not (tmp_path / "p.png").exists()
+    result = _cli(*args, "--progress", "json", "--overwrite")
+    events = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert [e["event"] for e in events][-2:] == ["warning", "done"] and events[-1]["preview"] is None

@@ -139,7 +139,7 @@ def test_an_all_background_segmentation_generates(workspace: Workspace) -> None:
     generated = sitk.ReadImage(str(out))
     assert_same_geometry(generated, empty)
     assert np.isfinite(sitk.GetArrayViewFromImage(generated)).all()
-    assert (workspace.out / "syn.json").is_file()
+    assert (workspace.out / "syn.nii.gz.json").is_file()
 
 
 def test_batch_manifest_paths_may_leave_its_folder_but_outputs_never_do(workspace: Workspace) -> None:
@@ -246,7 +246,7 @@ def test_max_memory_refuses_before_the_pipeline_allocates(workspace: Workspace, 
 def test_default_memory_limit_is_a_fraction_of_what_is_available(
     workspace: Workspace, no_sampling, monkeypatch
 ) -> None:
-    monkeypatch.setattr("volgen.api.available_memory", lambda device: 100 * 2**20)
+    monkeypatch.setattr("volgen.generation.device.available_memory", lambda device: 100 * 2**20)
     seg = workspace.write(make_volume("label", size=(300, 300, 64)), "big.nii.gz")
     line = one_error_line(invoke(*workspace.generate(seg).args))
     assert "above the limit of 0.08 GiB" in line  # 80% of 100 MiB
@@ -306,7 +306,7 @@ def test_disk_full_while_writing_leaves_nothing(where: str, workspace: Workspace
     expected = {
         "itk-error": "syn.nii.gz: could not write the nifti file",
         "oserror": "syn.nii.gz: could not write the file (No space left on device)",
-        "sidecar": "syn.json: could not write the file (No space left on device)",
+        "sidecar": "syn.nii.gz.json: could not write the file (No space left on device)",
         "dicom": "series: could not write DICOM files: No space left on device",
     }[where]
     assert expected in line, line

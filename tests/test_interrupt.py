@@ -122,7 +122,7 @@ def test_sigterm_mid_run_and_kill_9_mid_write(seg, tiny_model_dir, tmp_path):
     # the next run into the same folder removes what the killed run left for its outputs
     result = invoke(*generate_args(seg, kill_out / "syn.nii.gz", tiny_model_dir, "--steps", "1"))
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in kill_out.iterdir()) == sorted([other.name, "syn.json", "syn.nii.gz"])
+    assert sorted(p.name for p in kill_out.iterdir()) == sorted([other.name, "syn.nii.gz.json", "syn.nii.gz"])
 
 
 @pytest.mark.parametrize("moment", ["sampling", "between volume and sidecar"])
@@ -147,16 +147,16 @@ def test_sigint_leaves_nothing(moment, seg, tiny_model_dir, tmp_path, monkeypatc
         monkeypatch.setattr(command, "emit_json", emit)
         extra = ["--steps", "50", "--progress", "json"]
     else:
-        import volgen.api as api
+        from volgen.generation import Sidecar
 
-        real_hash = api._file_sha256
+        real_write = Sidecar.write
 
-        def hash_then_interrupt(path):
+        def interrupt_then_write(self, path, **kwargs):
             assert (out / "syn.nii.gz").is_file()  # the volume is in place
             os.kill(os.getpid(), signal.SIGINT)
-            return real_hash(path)
+            return real_write(self, path, **kwargs)
 
-        monkeypatch.setattr(api, "_file_sha256", hash_then_interrupt)
+        monkeypatch.setattr(Sidecar, "write", interrupt_then_write)
         extra = ["--steps", "1", "--progress", "none"]
     try:
         result = invoke(*generate_args(seg, out / "syn.nii.gz", tiny_model_dir, *extra))

@@ -80,15 +80,36 @@ def test_pickle_weights_are_refused(model_copy):
     assert "diffusion_pytorch_model.bin" in str(error.value)
 
 
-def test_metadata_that_disagrees_with_the_unet_is_refused(model_copy):
-    _edit_metadata(model_copy, context_slices=2)
+def _edit_json(path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def test_each_setting_is_stored_once(tiny_model_dir):
+    own = json.loads((tiny_model_dir / METADATA_FILE).read_text())
+    index = json.loads((tiny_model_dir / "model_index.json").read_text())
+    assert not {"encoding", "context_slices", "slice_axis", "slice_size"} & set(own)
+    assert {"encoding", "context_slices", "slice_axis", "num_classes"} <= set(index)
+
+
+def test_pipeline_config_that_disagrees_with_the_unet_is_refused(model_copy):
+    _edit_json(model_copy / "model_index.json", context_slices=2)
     with pytest.raises(ModelError, match="input channels"):
         load_model(model_copy)
 
 
-def test_slice_size_that_disagrees_with_the_unet_is_refused(model_copy):
+def test_format_1_folders_still_load_and_must_agree(model_copy):
+    """Format 1 repeated the pipeline settings and the slice size in volgen.json (the embedded model did)."""
+    meta = load_model(model_copy).metadata
+    legacy = {"format_version": 1, "encoding": meta.encoding, "context_slices": meta.context_slices}
+    _edit_metadata(model_copy, slice_axis=meta.slice_axis, slice_size=meta.slice_size, **legacy)
+    assert load_model(model_copy).metadata == meta.model_copy(update={"format_version": 1})
     _edit_metadata(model_copy, slice_size=32)
-    with pytest.raises(ModelError, match="slice_size"):
+    with pytest.raises(ModelError, match="slice_size 32 disagrees"):
+        load_model(model_copy)
+    _edit_metadata(model_copy, slice_size=meta.slice_size, context_slices=2)
+    with pytest.raises(ModelError, match="context_slices 2 disagrees"):
         load_model(model_copy)
 
 
@@ -180,7 +201,9 @@ def test_intensity_mappings():
     ct = IntensityMapping.ct(-1000, 1000)
     hu = torch.tensor([-1000, -200, 0, 350, 1000]).numpy()
     assert ct.to_model(hu).tolist() == pytest.approx([-1.0, -0.2, 0.0, 0.35, 1.0])
-    back = ct.from_model(ct.to_model(hu))
+    physical = ct.from_model(ct.to_model(hu))
+    assert physical.dtype.name == "float32"  # stays float until it is stored (rounded once)
+    back = ct.to_storage(physical)
     assert back.dtype.name == "int16" and back.tolist() == hu.tolist()
     mr = IntensityMapping(modality="MR", percentiles=(0, 100), low=0, high=255)
     values = torch.linspace(10, 90, 9).numpy()

@@ -123,3 +123,75 @@ def test_pipeline_config_round_trips(pipe, tmp_path):
     again = SegmentationToVolumePipeline.from_pretrained(tmp_path / "p")
     for key in ("encoding", "context_slices", "num_classes", "slice_axis"):
         assert again.config[key] == pipe.config[key]
+
+
+def test_the_scheduler_set_on_the_pipeline_is_the_one_used(tiny_model_dir, labels):
+    """The diffusers way of swapping samplers works; choosing by name sets the same component."""
+    from diffusers import DDIMScheduler
+
+    pipe = SegmentationToVolumePipeline.from_pretrained(tiny_model_dir)
+    pipe.set_scheduler("ddim")
+    by_name = pipe(labels, num_inference_steps=2, seed=4).volume
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    pipe.set_scheduler("euler")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading")
+    swapped = pipe(labels, num_inference_steps=2, seed=4)
+    assert swapped.timesteps == [500, 0]  # leading spacing: the swapped-in scheduler ran
+    assert not torch.equal(swapped.volume, by_name)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    trailing = pipe(labels, num_inference_steps=2, seed=4)
+    assert trailing.timesteps == [999, 499]
+    assert torch.equal(trailing.volume, by_name)  # the same sampler as set_scheduler("ddim")
+
+
+def test_from_pretrained_loads_a_volgen_model_folder(tiny_model_dir, labels):
+    from volgen.defaults import SCHEDULER
+
+    loaded = load_model(tiny_model_dir)
+    pipe = SegmentationToVolumePipeline.from_pretrained(tiny_model_dir)
+    assert pipe.config.num_classes == loaded.metadata.num_classes
+    assert pipe.config.slice_axis == loaded.metadata.slice_axis
+    assert not pipe.unet.training and pipe.unet.dtype == torch.float32
+    by_hand = loaded.pipeline(scheduler=SCHEDULER)
+    a = pipe(labels, num_inference_steps=2, seed=9).volume
+    b = by_hand(labels, num_inference_steps=2, seed=9).volume
+    assert torch.equal(a, b)
+
+
+def test_numpy_labels_and_reference_are_accepted(pipe, labels):
+    reference = torch.rand(labels.shape, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    a = pipe(labels.numpy().astype("uint8"), num_inference_steps=2, seed=1, output_type="np")
+    b = pipe(labels, num_inference_steps=2, seed=1)
+    assert (a.volume == b.volume.numpy()).all()
+    c = pipe(labels.numpy(), reference=reference.numpy(), strength=0.5, num_inference_steps=4, seed=1)
+    d = pipe(labels, reference=reference, strength=0.5, num_inference_steps=4, seed=1)
+    assert torch.equal(c.volume, d.volume)
+    with pytest.raises(VolgenError, match="integer"):
+        pipe(labels.numpy().astype("float32"), num_inference_steps=1)
+
+
+def test_timestep_selection_is_one_method(pipe):
+    pipe.set_scheduler("ddim")
+    assert pipe.set_timesteps(4).tolist() == [999, 749, 499, 249]
+    assert pipe.set_timesteps(4, strength=0.5).tolist() == [499, 249]
+    assert pipe.set_timesteps(4, strength=0.0).tolist() == []
+    # 11 slices in chunks of 4 -> 4 + 4 + 3 slices, each chunk padded to 8: 24 slice-forwards per step
+    assert pipe.slice_forwards(11, num_inference_steps=4, strength=0.5, slice_batch_size=4) == 2 * 24
+    with pytest.raises(VolgenError, match=r"1\.\.1000"):
+        pipe.set_timesteps(1001)
+
+
+def test_from_pretrained_imports_nothing_the_folder_names(pipe, tmp_path):
+    """model_index.json names classes to import; volgen's from_pretrained never imports them."""
+    import json
+
+    pipe.save_pretrained(tmp_path / "p")
+    index = tmp_path / "p" / "model_index.json"
+    config = json.loads(index.read_text())
+    config["unet"] = ["evil_module_that_does_not_exist", "Payload"]
+    index.write_text(json.dumps(config))
+    again = SegmentationToVolumePipeline.from_pretrained(tmp_path / "p")
+    assert type(again.unet).__name__ == "UNet2DModel"
+    (tmp_path / "p" / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(VolgenError, match="pickle"):
+        SegmentationToVolumePipeline.from_pretrained(tmp_path / "p")

@@ -189,7 +189,7 @@ def identified(tmp_path_factory) -> tuple[Path, Path, list[str]]:
 
 def _outputs(out: Path) -> list[Path]:
     files = sorted(out.iterdir()) if out.is_dir() else [out]
-    return files + [out.with_name(out.name.split(".")[0] + ".json")]
+    return files + [out.with_name(out.name + ".json")]
 
 
 @pytest.mark.parametrize("source", ["series", "seg"])
@@ -243,7 +243,7 @@ def test_sidecars_record_paths_as_given(tiny_model_dir, tmp_path, monkeypatch):
         "--reference", "cases/ref.nii.gz", "--strength", "0.5", "--progress", "none", "--device", "cpu",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    text = (work / "out" / "syn.json").read_text()
+    text = (work / "out" / "syn.nii.gz.json").read_text()
     sidecar = json.loads(text)
     assert sidecar["segmentation"] == "cases/seg.nii.gz"
     assert sidecar["output"] == "out/syn.nii.gz"
@@ -253,7 +253,7 @@ def test_sidecars_record_paths_as_given(tiny_model_dir, tmp_path, monkeypatch):
 
     result = invoke("generate", "cases/seg.nii.gz", "--model", "model", "--steps", "1", "--progress", "none")
     assert result.exit_code == 0, result.output
-    text = (work / "cases" / "seg_synthetic.json").read_text()
+    text = (work / "cases" / "seg_synthetic.nii.gz.json").read_text()
     assert json.loads(text)["output"] == os.path.join("cases", "seg_synthetic.nii.gz")
     assert str(tmp_path) not in text and "Doe_Jane" not in text
 
@@ -261,6 +261,6 @@ def test_sidecars_record_paths_as_given(tiny_model_dir, tmp_path, monkeypatch):
     shutil.copy(work / "cases" / "seg.nii.gz", work / "labels" / "seg.nii.gz")
     result = invoke("batch", "labels", "batch", "--model", "model", "--steps", "1", "--progress", "none")
     assert result.exit_code == 0, result.output
-    text = (work / "batch" / "seg.json").read_text()
+    text = (work / "batch" / "seg.nii.gz.json").read_text()
     assert str(tmp_path) not in text and "Doe_Jane" not in text
     assert json.loads(text)["segmentation"] == os.path.join("labels", "seg.nii.gz")

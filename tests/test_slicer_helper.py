@@ -185,7 +185,7 @@ def test_workspace_cleanup(tmp_path):
     with TempWorkspace(tmp_path) as workspace:
         paths = workspace.paths(with_reference=True)
         assert paths.input.parent == workspace.folder and paths.reference is not None
-        assert paths.sidecar == workspace.folder / "synthetic.json"
+        assert paths.sidecar == workspace.folder / "synthetic.nii.gz.json"
         paths.input.write_bytes(b"x")
     assert not workspace.exists
     kept = TempWorkspace(tmp_path, keep=True)

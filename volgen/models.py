@@ -1,10 +1,16 @@
 """Slice models: build a ``diffusers.UNet2DModel`` from a preset, save and load volgen model folders.
 
 A model folder is diffusers' ``save_pretrained`` layout of
-:class:`volgen.pipeline.SegmentationToVolumePipeline`
-(``model_index.json``, ``unet/``, ``scheduler/``) plus ``volgen.json``: the label map, the encoding, the
-2.5D context, the slice size and axis, the intensity mapping and the training provenance
-(:class:`ModelMetadata`). Weights are read from safetensors only; a folder holding pickle weights is refused.
+:class:`volgen.pipeline.SegmentationToVolumePipeline`, and every fact is stored once:
+
+- ``model_index.json``: the pipeline's config (encoding, 2.5D context, number of classes, slice axis);
+- ``unet/``: the UNet's config (its ``sample_size`` is the slice size) and safetensors weights;
+- ``scheduler/``: the training noise schedule;
+- ``volgen.json``: what only volgen needs: name, label map, intensity mapping and training provenance.
+
+In memory :class:`ModelMetadata` gathers all of it. Folders written before format 2 also repeated the
+pipeline's settings in ``volgen.json``; they still load (and must agree). Weights are read from safetensors
+only; a folder holding pickle weights is refused.
 """
 
 from __future__ import annotations
@@ -28,7 +34,10 @@ from volgen.types import Encoding, PathLike
 logger = logging.getLogger(__name__)
 
 METADATA_FILE = "volgen.json"
-FORMAT_VERSION = 1
+#: 2: the pipeline's settings live in ``model_index.json`` and the slice size in ``unet/config.json`` only.
+FORMAT_VERSION = 2
+#: ModelMetadata fields stored in the pipeline's config (``model_index.json``), not in ``volgen.json``.
+PIPELINE_KEYS: tuple[str, ...] = ("encoding", "context_slices", "slice_axis")
 #: File endings of pickle-based weights: loading one can run arbitrary code, so volgen refuses them.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SLICE_AXES = ("axial", "coronal", "sagittal")
@@ -107,16 +116,24 @@ class IntensityMapping(StrictModel):
         return np.clip(x, -1.0, 1.0).astype(np.float32)
 
     def from_model(self, x: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
-        """Model space -> physical intensities (CT: int16 HU, MR: float32)."""
+        """Model space -> physical intensities (float32; see :meth:`to_storage` for the stored type)."""
         lo, hi = window if window is not None else (self.low, self.high)
         values = (np.clip(np.asarray(x, dtype=np.float32), -1.0, 1.0) + 1.0) / 2.0 * (hi - lo) + lo
-        if self.modality == "CT":
-            return np.round(values).clip(-32768, 32767).astype(np.int16)
         return values.astype(np.float32)
+
+    def to_storage(self, values: np.ndarray) -> np.ndarray:
+        """Physical intensities -> the type they are written as: CT int16 HU (rounded once), MR float32."""
+        if self.modality == "CT":
+            return np.round(np.asarray(values, dtype=np.float64)).clip(-32768, 32767).astype(np.int16)
+        return np.asarray(values, dtype=np.float32)
 
 
 class ModelMetadata(StrictModel):
-    """What ``volgen.json`` says about a model beyond its UNet and scheduler."""
+    """Everything volgen knows about a model beyond its weights and noise schedule.
+
+    On disk ``encoding``, ``context_slices`` and ``slice_axis`` are the pipeline's config
+    (``model_index.json``) and ``slice_size`` is the UNet's ``sample_size``; the rest is ``volgen.json``.
+    """
 
     format_version: int = FORMAT_VERSION
     name: str = "volgen-model"
@@ -181,6 +198,34 @@ class LoadedModel:
     def model_id(self) -> str:
         return f"{self.metadata.name}@{self.weights_sha256[:12]}"
 
+    def pipeline(self, scheduler: str | None = None):
+        """A :class:`~volgen.pipeline.SegmentationToVolumePipeline` over this model's UNet (not a copy).
+
+        Args:
+            scheduler: A sampler name (:data:`volgen.defaults.SCHEDULERS`); ``None`` keeps the training
+                schedule as the pipeline's scheduler.
+        """
+        return build_pipeline(self.unet, self.scheduler, self.metadata, scheduler_name=scheduler)
+
+
+def build_pipeline(unet: Any, scheduler: Any, metadata: ModelMetadata, *, scheduler_name: str | None = None):
+    """The pipeline of a UNet, a noise schedule and the metadata's pipeline settings (the one place it is
+    assembled: loading, saving, training previews and generation all use it)."""
+    from volgen.pipeline import SegmentationToVolumePipeline
+
+    pipe = SegmentationToVolumePipeline(
+        unet=unet,
+        scheduler=scheduler,
+        encoding=metadata.encoding,
+        context_slices=metadata.context_slices,
+        num_classes=metadata.num_classes,
+        slice_axis=metadata.slice_axis,
+    )
+    if scheduler_name is not None:
+        pipe.set_scheduler(scheduler_name)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
 
 def check_safe_folder(folder: PathLike) -> None:
     """Refuse a folder holding pickle weights (``.bin``, ``.pt``, ``.ckpt`` ...): loading one runs code."""
@@ -195,17 +240,44 @@ def check_safe_folder(folder: PathLike) -> None:
         )
 
 
-def read_metadata(folder: PathLike) -> ModelMetadata:
-    """Read and validate ``volgen.json`` of a model folder."""
-    path = Path(folder) / METADATA_FILE
-    if not path.is_file():
-        raise ModelError(folder, f"not a volgen model folder (no {METADATA_FILE})")
+def _read_json(path: Path) -> Any:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelError(path, f"not valid JSON: {e}") from None
     except RecursionError:  # the JSON parser recurses once per nesting level
         raise ModelError(path, "not valid metadata: nested too deeply") from None
+
+
+def _folder_facts(folder: Path) -> dict[str, Any]:
+    """The metadata fields a model folder stores outside ``volgen.json`` (pipeline config, UNet size)."""
+    facts: dict[str, Any] = {}
+    index, unet = folder / "model_index.json", folder / "unet" / "config.json"
+    if index.is_file():
+        config = _read_json(index)
+        if isinstance(config, dict):
+            facts.update({k: config[k] for k in PIPELINE_KEYS if k in config})
+    if unet.is_file():
+        config = _read_json(unet)
+        if isinstance(config, dict) and "sample_size" in config:
+            facts["slice_size"] = config["sample_size"]
+    return facts
+
+
+def read_metadata(folder: PathLike) -> ModelMetadata:
+    """Read and validate a model folder's metadata (``volgen.json`` with the pipeline and UNet configs)."""
+    folder = Path(folder)
+    path = folder / METADATA_FILE
+    if not path.is_file():
+        raise ModelError(folder, f"not a volgen model folder (no {METADATA_FILE})")
+    data = _read_json(path)
+    if isinstance(data, dict):
+        for key, value in _folder_facts(folder).items():
+            if key in data and data[key] != value:  # format 1 repeated these; they must agree
+                raise ModelError(
+                    path, f"{key} {data[key]!r} disagrees with the pipeline/UNet config ({value!r})"
+                )
+            data[key] = value
     try:
         metadata = validate(data, ModelMetadata, source=path)
     except ConfigError as e:
@@ -273,9 +345,16 @@ def load_model(folder: PathLike) -> LoadedModel:
     if unet.config.in_channels != expected:
         raise ModelError(
             folder,
-            f"volgen.json ({metadata.num_classes} classes, {metadata.encoding}, "
+            f"the model's settings ({metadata.num_classes} classes, {metadata.encoding}, "
             f"context {metadata.context_slices})"
             f" needs a UNet with {expected} input channels, but unet/ has {unet.config.in_channels}",
+        )
+    pipeline_classes = _read_json(folder / "model_index.json").get("num_classes", metadata.num_classes)
+    if pipeline_classes != metadata.num_classes:
+        raise ModelError(
+            folder,
+            f"model_index.json says {pipeline_classes} classes, the label map in {METADATA_FILE} has "
+            f"{metadata.num_classes}",
         )
     if unet.config.out_channels != 1:
         raise ModelError(folder, f"the UNet must output 1 channel, it has {unet.config.out_channels}")
@@ -296,7 +375,8 @@ def save_model(
     overwrite: bool = False,
     dtype: Any = None,
 ) -> Path:
-    """Write a model folder atomically: the pipeline's ``save_pretrained`` layout plus ``volgen.json``.
+    """Write a model folder atomically: the pipeline's ``save_pretrained`` layout plus ``volgen.json``
+    (current format: each setting stored once, see the module docstring).
 
     Args:
         folder: Target folder; refused if it exists unless ``overwrite``.
@@ -308,20 +388,18 @@ def save_model(
     import copy
 
     from volgen.io.atomic import atomic_directory
-    from volgen.pipeline import SegmentationToVolumePipeline
 
     unet = copy.deepcopy(unet).to("cpu")
     if dtype is not None:
         unet = unet.to(dtype)
-    pipeline = SegmentationToVolumePipeline(
-        unet=unet,
-        scheduler=scheduler,
-        encoding=metadata.encoding,
-        context_slices=metadata.context_slices,
-        num_classes=metadata.num_classes,
-        slice_axis=metadata.slice_axis,
-    )
+    if unet.config.sample_size != metadata.slice_size:
+        raise ModelError(
+            folder, f"UNet sample_size {unet.config.sample_size} != slice_size {metadata.slice_size}"
+        )
+    pipeline = build_pipeline(unet, scheduler, metadata)
+    own = metadata.model_dump(mode="json", exclude={*PIPELINE_KEYS, "slice_size"})
+    own["format_version"] = FORMAT_VERSION
     with atomic_directory(folder, overwrite=overwrite) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)
-        Path(tmp, METADATA_FILE).write_text(json.dumps(metadata.model_dump(mode="json"), indent=2) + "\n")
+        Path(tmp, METADATA_FILE).write_text(json.dumps(own, indent=2) + "\n")
     return Path(folder)

@@ -16,6 +16,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from diffusers import (
     DDIMScheduler,
@@ -23,19 +24,35 @@ from diffusers import (
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    UNet2DModel,
 )
 from torch import Tensor
 
+from volgen import defaults
 from volgen.conditioning import condition_slices, selection_to_removed
 from volgen.errors import VolgenError
 
 logger = logging.getLogger(__name__)
 
-SCHEDULERS: tuple[str, ...] = ("ddpm", "ddim", "dpmsolver++", "euler")
-DEFAULT_SCHEDULER = "dpmsolver++"
-DEFAULT_STEPS = 20
-DEFAULT_NOISE_CORRELATION = 0.99
-DEFAULT_X0_SMOOTHING = 0.0
+SCHEDULERS = defaults.SCHEDULERS
+DEFAULT_SCHEDULER = defaults.SCHEDULER
+DEFAULT_STEPS = defaults.STEPS
+DEFAULT_NOISE_CORRELATION = defaults.NOISE_CORRELATION
+DEFAULT_X0_SMOOTHING = defaults.X0_SMOOTHING
+#: The keys of a scheduler config that describe the model's noise schedule (what training fixed). A sampler
+#: chosen by name is built from these only, so it does not matter which sampler the config came from.
+NOISE_SCHEDULE_KEYS: tuple[str, ...] = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+    "rescale_betas_zero_snr",
+    "steps_offset",
+    "clip_sample",
+    "clip_sample_range",
+)
 #: The UNet always runs on a multiple of this many slices (a short chunk is padded with empty slices). CPU
 #: kernels (oneDNN convolutions, GEMM) give bitwise different per-sample results for different batch sizes
 #: (small multiples of 4 agree, but 16 and more take other code paths), so on the CPU every forward is exactly
@@ -77,8 +94,12 @@ def make_scheduler(name: str, config: dict):
     their x0 prediction to [-1, 1] (``clip_sample`` of the training schedule) and DPM-Solver++ thresholds it
     the same way: with linear betas ᾱ_T ≈ 4e-5, so the x0 predicted at the first steps is ill-conditioned and
     unclipped it turns a short schedule into noise. Euler has no such option; it needs a well-trained model.
+
+    Args:
+        name: One of :data:`SCHEDULERS`.
+        config: Any scheduler config of the model (only :data:`NOISE_SCHEDULE_KEYS` are used).
     """
-    base = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    base = {k: v for k, v in dict(config).items() if k in NOISE_SCHEDULE_KEYS}
     if name == "ddpm":
         return DDPMScheduler.from_config(base, timestep_spacing="trailing")
     if name == "ddim":
@@ -140,8 +161,12 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
     """Generate an image volume whose anatomy follows a label volume, with a 2D segmentation-guided UNet.
 
     Registered modules: ``unet`` (``diffusers.UNet2DModel`` taking the noisy slice and the conditioning
-    channels) and ``scheduler`` (the training noise schedule). The scalar settings (encoding, 2.5D context,
-    class names, slice axis) are part of the pipeline's config and round-trip through ``save_pretrained``.
+    channels) and ``scheduler``, the sampler every call uses. Swap it the diffusers way
+    (``pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)``) or by name
+    (``pipe.set_scheduler("ddim")``, which also sets the options volgen's samplers need: see
+    :func:`make_scheduler`). The scalar settings (encoding, 2.5D context, number of classes, slice axis) are
+    the pipeline's config: they are stored in ``model_index.json`` and round-trip through ``save_pretrained``
+    and :meth:`from_pretrained`.
     """
 
     model_cpu_offload_seq = "unet"
@@ -161,13 +186,90 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             encoding=encoding, context_slices=context_slices, num_classes=num_classes, slice_axis=slice_axis
         )
 
+    @classmethod
+    def from_pretrained(cls, folder, *, scheduler=None) -> SegmentationToVolumePipeline:
+        """Load a volgen model folder, or a folder this pipeline's ``save_pretrained`` wrote.
+
+        Unlike ``DiffusionPipeline.from_pretrained`` this never imports the classes ``model_index.json``
+        names (a folder cannot make volgen import code): the UNet is a ``UNet2DModel`` read from safetensors
+        only (float32, eval mode) and the scheduler config is read as the model's noise schedule.
+
+        Args:
+            folder: A local folder (volgen model folder, or ``save_pretrained`` output).
+            scheduler: A scheduler instance to use; ``None`` builds volgen's default sampler
+                (:data:`DEFAULT_SCHEDULER`) on the folder's noise schedule.
+        """
+        from pathlib import Path
+
+        from volgen.models import METADATA_FILE, load_model
+
+        folder = Path(folder)
+        if (folder / METADATA_FILE).is_file():  # a volgen model folder: load it with all its checks
+            loaded = load_model(folder)
+            unet, schedule = loaded.unet, loaded.scheduler
+            settings = {k: getattr(loaded.metadata, k) for k in ("encoding", "context_slices", "slice_axis")}
+            settings["num_classes"] = loaded.metadata.num_classes
+        else:
+            unet, schedule, settings = _load_parts(folder)
+        pipe = cls(unet=unet, scheduler=scheduler if scheduler is not None else schedule, **settings)
+        if scheduler is None:
+            pipe.set_scheduler(DEFAULT_SCHEDULER)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def set_scheduler(self, name: str) -> None:
+        """Use the sampler ``name`` (one of :data:`SCHEDULERS`), built on the model's noise schedule."""
+        self.scheduler = make_scheduler(name, self.scheduler.config)
+
+    def set_timesteps(
+        self, num_inference_steps: int, strength: float = 1.0, device: torch.device | str | None = None
+    ) -> Tensor:
+        """Set the scheduler's timesteps for a run and return the ones that run will denoise.
+
+        With ``strength`` λ < 1 the run starts from the reference noised to ``t* = round(λ T)`` and denoises
+        only the scheduled timesteps ``<= t*`` (none when λ is 0 or below the last one); this is the one place
+        that choice is made (the batch dry run asks it too).
+
+        Raises:
+            VolgenError: ``num_inference_steps`` outside ``1..T`` or λ outside [0, 1].
+        """
+        total = int(self.scheduler.config.num_train_timesteps)
+        steps = num_inference_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= total:
+            raise VolgenError(
+                f"num_inference_steps (--steps) must be an integer in 1..{total} (the model's training "
+                f"timesteps), got {steps!r}"
+            )
+        if not 0.0 <= strength <= 1.0:
+            raise VolgenError(f"strength (λ) must be in [0, 1], got {strength}")
+        self.scheduler.set_timesteps(steps, device=device)
+        timesteps = self.scheduler.timesteps
+        if strength < 1.0:
+            timesteps = timesteps[timesteps <= round(strength * total)]
+            if len(timesteps) and hasattr(self.scheduler, "set_begin_index"):
+                self.scheduler.set_begin_index(len(self.scheduler.timesteps) - len(timesteps))
+        return timesteps
+
+    def slice_forwards(
+        self,
+        num_slices: int,
+        *,
+        num_inference_steps: int = DEFAULT_STEPS,
+        strength: float = 1.0,
+        slice_batch_size: int = defaults.SLICE_BATCH_SIZE,
+    ) -> int:
+        """UNet slice-forwards a run over ``num_slices`` slices costs: steps run × slices padded per chunk."""
+        steps = len(self.set_timesteps(num_inference_steps, strength))
+        padded = sum(_padded(stop - start) for start, stop in _chunks(num_slices, slice_batch_size))
+        return steps * padded
+
     def _validate(
         self, labels: Tensor, reference: Tensor | None, strength: float, slice_batch_size: int
     ) -> None:
         size = self.unet.config.sample_size
         if labels.ndim != 3 or tuple(labels.shape[1:]) != (size, size):
             raise VolgenError(f"labels must be (Z, {size}, {size}) class indices, got {tuple(labels.shape)}")
-        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
             raise VolgenError(f"labels must be an integer tensor of class indices, got {labels.dtype}")
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.config.num_classes):
             raise VolgenError(f"class indices must be in 0..{self.config.num_classes - 1}")
@@ -179,8 +281,9 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             raise VolgenError(
                 f"reference shape {tuple(reference.shape)} != labels shape {tuple(labels.shape)}"
             )
-        if slice_batch_size < 1:
-            raise VolgenError(f"slice_batch_size must be >= 1, got {slice_batch_size}")
+        sbs = slice_batch_size
+        if isinstance(sbs, bool) or not isinstance(sbs, int) or sbs < 1:
+            raise VolgenError(f"slice_batch_size must be an integer >= 1, got {slice_batch_size!r}")
 
     def _smooth_x0(self, eps: Tensor, model_input: Tensor, t: Tensor, sigma: float) -> Tensor:
         """Smooth the x0 prediction through-plane and return the ε that predicts it.
@@ -195,33 +298,85 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         x0 = smooth_through_plane(x0.clamp(-1.0, 1.0), sigma)
         return (model_input.float() - a * x0) / s
 
+    def predict_noise(
+        self,
+        model_input: Tensor,
+        t: Tensor,
+        labels: Tensor,
+        *,
+        removed: Tensor | None = None,
+        slice_batch_size: int = defaults.SLICE_BATCH_SIZE,
+        autocast_dtype: torch.dtype | None = None,
+        on_chunk: Callable[[int], None] | None = None,
+    ) -> Tensor:
+        """The UNet's output for the whole volume at timestep ``t``, run in chunks of ``slice_batch_size``.
+
+        Args:
+            model_input: ``(Z, C, H, W)`` noisy volume as the UNet sees it (``scheduler.scale_model_input``).
+            t: The timestep.
+            labels: ``(Z, H, W)`` class indices (long) on the UNet's device.
+            removed: Classes shown to the UNet as background (see :func:`selection_to_removed`).
+            slice_batch_size: Slices per forward; each forward is padded to a multiple of
+                :data:`BATCH_GRANULE`, so the result does not depend on it.
+            autocast_dtype: Run the UNet under autocast with this dtype (not on the CPU).
+            on_chunk: Called with the number of slices after every chunk.
+        """
+        device = model_input.device
+        use_autocast = autocast_dtype is not None and device.type != "cpu"
+        eps = torch.empty_like(model_input)
+        for start, stop in _chunks(model_input.shape[0], slice_batch_size):
+            index = torch.arange(start, stop, device=device)
+            cond = condition_slices(
+                labels,
+                index,
+                num_classes=self.config.num_classes,
+                encoding=self.config.encoding,
+                context_slices=self.config.context_slices,
+                removed=removed,
+            ).to(model_input.dtype)
+            unet_in = torch.cat([model_input[start:stop], cond], dim=1)
+            pad = _padded(stop - start) - (stop - start)
+            if pad:
+                unet_in = torch.cat([unet_in, unet_in.new_zeros(pad, *unet_in.shape[1:])])
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
+                if device.type == "cpu":  # fixed-size forwards: see BATCH_GRANULE
+                    out = torch.cat([self.unet(part, t).sample for part in unet_in.split(BATCH_GRANULE)])
+                else:
+                    out = self.unet(unet_in, t).sample
+            eps[start:stop] = out[: stop - start].float()
+            if on_chunk is not None:
+                on_chunk(stop - start)
+        return eps
+
     @torch.no_grad()
     def __call__(
         self,
-        labels: Tensor,
+        labels: Tensor | np.ndarray,
         *,
         num_inference_steps: int = DEFAULT_STEPS,
         generator: torch.Generator | None = None,
         seed: int | None = None,
-        scheduler: str = DEFAULT_SCHEDULER,
-        slice_batch_size: int = 16,
+        scheduler: str | None = None,
+        slice_batch_size: int = defaults.SLICE_BATCH_SIZE,
         noise_correlation: float = DEFAULT_NOISE_CORRELATION,
         x0_smoothing: float = DEFAULT_X0_SMOOTHING,
         keep: Sequence[int] | None = None,
-        reference: Tensor | None = None,
+        reference: Tensor | np.ndarray | None = None,
         strength: float = 1.0,
         autocast_dtype: torch.dtype | None = None,
         callback: Callable[[Progress], None] | None = None,
         output_type: str = "pt",
     ) -> VolumeGenerationOutput:
-        """Generate a volume.
+        """Generate a volume with ``self.scheduler``.
 
         Args:
-            labels: ``(Z, H, W)`` integer class indices in the model's slicing frame (``H = W`` = slice size).
+            labels: ``(Z, H, W)`` integer class indices in the model's slicing frame (``H = W`` = slice size),
+                a tensor or a numpy array.
             num_inference_steps: Denoising steps over the full schedule (λ < 1 runs the last ``≈λ·N``).
             generator: Source of all randomness; ``seed`` makes one when it is ``None``.
             seed: Seed for a fresh CPU generator (ignored when ``generator`` is given).
-            scheduler: ``ddpm``, ``ddim`` (η = 0), ``dpmsolver++`` or ``euler``.
+            scheduler: Convenience: ``pipe.set_scheduler(scheduler)`` before the run (it stays set).
+                ``None`` uses ``self.scheduler`` as it is.
             slice_batch_size: Slices per UNet forward; does not change the result.
             noise_correlation: ρ of the initial noise along the slice axis.
             x0_smoothing: σ (in slices) of a Gaussian applied along the slice axis to the clean-image (x0)
@@ -236,21 +391,17 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         Returns:
             :class:`VolumeGenerationOutput` with the volume in model space.
         """
+        labels = torch.as_tensor(labels)
+        reference = None if reference is None else torch.as_tensor(reference)
+        if scheduler is not None:
+            self.set_scheduler(scheduler)
         self._validate(labels, reference, strength, slice_batch_size)
         device = self.unet.device
         if generator is None:
             generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
-        num_classes = self.config.num_classes
-        removed = None if keep is None else selection_to_removed(keep, num_classes)
-        labels = labels.to(device)
-
-        sched = make_scheduler(scheduler, self.scheduler.config)
-        sched.set_timesteps(num_inference_steps, device=device)
-        timesteps = sched.timesteps
-        total_t = self.scheduler.config.num_train_timesteps
-        t_star = round(strength * total_t)
-        if strength < 1.0:
-            timesteps = timesteps[timesteps <= t_star]
+        removed = None if keep is None else selection_to_removed(keep, self.config.num_classes)
+        labels = labels.to(device=device, dtype=torch.long)
+        timesteps = self.set_timesteps(num_inference_steps, strength, device=device)
         z = labels.shape[0]
         shape = (z, self.unet.config.out_channels, *labels.shape[1:])
         noise = correlated_noise(shape, noise_correlation, generator).to(device)
@@ -260,49 +411,66 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             if len(timesteps) == 0:
                 out = ref[:, 0].float().cpu()
                 return VolumeGenerationOutput(volume=out if output_type == "pt" else out.numpy())
-            if hasattr(sched, "set_begin_index"):
-                sched.set_begin_index(len(sched.timesteps) - len(timesteps))
-            x = sched.add_noise(ref, noise, timesteps[:1])
+            x = self.scheduler.add_noise(ref, noise, timesteps[:1])
         else:
-            x = noise * sched.init_noise_sigma
+            x = noise * self.scheduler.init_noise_sigma
 
-        steps = len(timesteps)
-        slices_total = steps * z
-        done = 0
-        use_autocast = autocast_dtype is not None and device.type != "cpu"
+        steps, done = len(timesteps), 0
         for i, t in enumerate(timesteps):
-            model_input = sched.scale_model_input(x, t)
-            eps = torch.empty_like(x)
-            for start in range(0, z, slice_batch_size):
-                stop = min(start + slice_batch_size, z)
-                index = torch.arange(start, stop, device=device)
-                cond = condition_slices(
-                    labels,
-                    index,
-                    num_classes=num_classes,
-                    encoding=self.config.encoding,
-                    context_slices=self.config.context_slices,
-                    removed=removed,
-                ).to(model_input.dtype)
-                unet_in = torch.cat([model_input[start:stop], cond], dim=1)
-                pad = -(stop - start) % BATCH_GRANULE
-                if pad:
-                    unet_in = torch.cat([unet_in, unet_in.new_zeros(pad, *unet_in.shape[1:])])
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
-                    if device.type == "cpu":  # fixed-size forwards: see BATCH_GRANULE
-                        out = torch.cat([self.unet(part, t).sample for part in unet_in.split(BATCH_GRANULE)])
-                    else:
-                        out = self.unet(unet_in, t).sample
-                eps[start:stop] = out[: stop - start].float()
-                done += stop - start
+
+            def on_chunk(n: int, step: int = i) -> None:
+                nonlocal done
+                done += n
                 if callback is not None:
-                    callback(Progress(step=i, steps=steps, slices_done=done, slices_total=slices_total))
+                    callback(Progress(step=step, steps=steps, slices_done=done, slices_total=steps * z))
+
+            model_input = self.scheduler.scale_model_input(x, t)
+            eps = self.predict_noise(
+                model_input,
+                t,
+                labels,
+                removed=removed,
+                slice_batch_size=slice_batch_size,
+                autocast_dtype=autocast_dtype,
+                on_chunk=on_chunk,
+            )
             if x0_smoothing > 0:
                 eps = self._smooth_x0(eps, model_input, t, x0_smoothing)
-            x = sched.step(eps, t, x, generator=generator).prev_sample
+            x = self.scheduler.step(eps, t, x, generator=generator).prev_sample
         volume = x[:, 0].float().clamp(-1.0, 1.0).cpu()
         return VolumeGenerationOutput(
             volume=volume if output_type == "pt" else volume.numpy(),
             timesteps=[int(t) for t in timesteps],
             start_timestep=int(timesteps[0]),
         )
+
+
+def _load_parts(folder) -> tuple[object, object, dict]:
+    """UNet (safetensors), noise schedule and pipeline settings of a ``save_pretrained`` folder."""
+    import json
+
+    from volgen.models import check_safe_folder
+
+    if not folder.is_dir():
+        raise VolgenError(f"{folder}: not a folder")
+    check_safe_folder(folder)
+    try:
+        config = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        unet = UNet2DModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
+        schedule = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise VolgenError(f"{folder}: cannot load the pipeline ({first})") from None
+    keys = ("encoding", "context_slices", "num_classes", "slice_axis")
+    settings = {k: config[k] for k in keys if isinstance(config, dict) and k in config}
+    return unet.float().eval(), schedule, settings
+
+
+def _chunks(num_slices: int, slice_batch_size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the UNet chunks over ``num_slices`` slices."""
+    return [(s, min(s + slice_batch_size, num_slices)) for s in range(0, num_slices, slice_batch_size)]
+
+
+def _padded(n: int) -> int:
+    """Slices a chunk of ``n`` costs: it is padded up to a multiple of :data:`BATCH_GRANULE`."""
+    return n + (-n % BATCH_GRANULE)

@@ -1,19 +1,36 @@
-"""File naming: the one home of volgen's extensions, output formats and sidecar names."""
+"""File naming, in one place: extensions volgen reads and writes, output formats, default output names and
+provenance-sidecar names.
+
+Rules (documented in the README):
+
+- The sidecar of an output is the output's full name plus ``.json``: ``t.nii.gz`` -> ``t.nii.gz.json``,
+  ``t.nrrd`` -> ``t.nrrd.json``, a DICOM folder ``t/`` -> ``t.json``. Two outputs never share a sidecar
+  (``-o t.nrrd`` and ``-o t.mha`` used to collide on ``t.json``).
+- Without ``--output``, ``seg.EXT`` gives ``seg_synthetic.EXT`` next to it; a DICOM input (folder, ``.dcm``
+  file or ``.seg.nrrd`` segmentation) gives ``seg_synthetic.nii.gz``.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from volgen.io._common import METAIMAGE, NIFTI, NRRD, SLICER_SEG
 from volgen.types import PathLike
 
 __all__ = [
+    "DEFAULT_OUTPUT_EXTENSION",
+    "DEFAULT_OUTPUT_HELP",
+    "DEFAULT_OUTPUT_TAG",
     "FORMAT_ENDINGS",
     "INPUT_EXTENSIONS",
     "OUTPUT_EXTENSIONS",
     "OUTPUT_FORMATS",
+    "SIDECAR_SUFFIX",
+    "default_output",
     "extension",
     "sidecar_path",
+    "split_extension",
     "strip_extension",
 ]
 
@@ -43,6 +60,14 @@ OUTPUT_EXTENSIONS: dict[str, str] = {
 FORMAT_ENDINGS: dict[str, str] = {"nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha", "dicom": ""}
 OUTPUT_FORMATS = tuple(FORMAT_ENDINGS)
 
+SIDECAR_SUFFIX = ".json"
+#: Appended to the segmentation's name for the default output.
+DEFAULT_OUTPUT_TAG = "_synthetic"
+#: Extension of the default output when the input's own extension is not an output format.
+DEFAULT_OUTPUT_EXTENSION = ".nii.gz"
+#: What ``volgen generate --help`` shows for the default output.
+DEFAULT_OUTPUT_HELP = f"SEGMENTATION{DEFAULT_OUTPUT_TAG}{DEFAULT_OUTPUT_EXTENSION} next to the input"
+
 _ALL_EXTENSIONS = tuple(sorted(set(INPUT_EXTENSIONS) | set(OUTPUT_EXTENSIONS), key=len, reverse=True))
 
 
@@ -56,21 +81,36 @@ def extension(path: PathLike) -> str:
     return Path(path).suffix.lower()
 
 
-def strip_extension(name: str) -> str:
-    """``name`` without its known extension (``seg.nii.gz`` -> ``seg``); unchanged when it has none."""
+def split_extension(name: str) -> tuple[str, str]:
+    """``"a.nii.gz"`` -> ``("a", ".nii.gz")``; the longest known image extension (any case), else ``""``."""
     lower = name.lower()
     for ext in _ALL_EXTENSIONS:
         if lower.endswith(ext) and len(name) > len(ext):
-            return name[: -len(ext)]
-    return name
+            return name[: -len(ext)], name[-len(ext) :]
+    return name, ""
+
+
+def strip_extension(name: str) -> str:
+    """``name`` without its known extension (``seg.nii.gz`` -> ``seg``); unchanged when it has none."""
+    return split_extension(name)[0]
 
 
 def sidecar_path(output: PathLike) -> Path:
-    """The JSON sidecar of an output: ``out.nii.gz`` -> ``out.json``; a DICOM folder ``out/`` -> ``out.json``
-    next to it."""
+    """The provenance sidecar of an output file or DICOM folder: its full name plus ``.json``."""
     output = Path(output)
-    name = output.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
-        if name.endswith(suffix):
-            return output.with_name(name[: -len(suffix)] + ".json")
-    return output.with_name(name + ".json")
+    return output.with_name(output.name + SIDECAR_SUFFIX)
+
+
+def default_output(segmentation: PathLike) -> Path:
+    """``seg.nrrd`` -> ``seg_synthetic.nrrd``; DICOM inputs and unknown extensions -> ``.nii.gz``.
+
+    A segmentation given as ``.`` or ``..`` (e.g. ``volgen generate .`` inside a DICOM folder) is named by its
+    absolute path: the output goes next to that folder.
+    """
+    segmentation = Path(segmentation)
+    if not segmentation.name or segmentation.name == "..":
+        segmentation = Path(os.path.abspath(segmentation))
+    base, ext = split_extension(segmentation.name)
+    if ext.lower() not in OUTPUT_EXTENSIONS or ext.lower() == ".seg.nrrd":
+        ext = DEFAULT_OUTPUT_EXTENSION
+    return segmentation.with_name(f"{base}{DEFAULT_OUTPUT_TAG}{ext}")

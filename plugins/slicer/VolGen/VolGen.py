@@ -117,7 +117,7 @@ class VolGenParameterNode:
     steps: Annotated[int, WithinRange(1, 1000)] = 20
     scheduler: Annotated[str, Choice(list(SCHEDULERS))] = "dpmsolver++"
     seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
-    noiseCorrelation: Annotated[float, WithinRange(0.0, 0.99)] = 0.9
+    noiseCorrelation: Annotated[float, WithinRange(0.0, 0.99)] = 0.99
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     unknownLabelsAsBackground: bool = False
     keepTemporaryFiles: bool = False

@@ -28,10 +28,9 @@ class GenerationPaths:
 
     @property
     def sidecar(self) -> Path:
-        """The provenance JSON the CLI writes next to the output (``synthetic.json``)."""
-        name = self.output.name
-        base = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else self.output.stem
-        return self.output.with_name(base + ".json")
+        """The provenance JSON the CLI writes next to the output (its name plus ``.json``, the rule of
+        ``volgen.io.naming.sidecar_path``: ``synthetic.nii.gz.json``)."""
+        return self.output.with_name(self.output.name + ".json")
 
 
 class TempWorkspace:

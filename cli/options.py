@@ -1,0 +1,111 @@
+"""What ``volgen generate`` and ``volgen batch`` share: option declarations, settings, progress output.
+
+Defaults are :mod:`volgen.defaults` (``tests/test_defaults.py`` compares every command's defaults with it);
+the values are checked once, by :class:`volgen.generation.GenerateSettings`, where :func:`build_settings`
+builds them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from volgen import defaults
+from volgen.cli.app import err_console
+
+if TYPE_CHECKING:
+    from volgen.generation import GenerateSettings
+
+SchedulerOption = Annotated[str, typer.Option(help="Sampler: " + ", ".join(defaults.SCHEDULERS) + ".")]
+StepsOption = Annotated[int, typer.Option(help="Denoising steps (at most the model's training timesteps).")]
+RhoOption = Annotated[
+    float,
+    typer.Option("--noise-correlation", "--rho", help="ρ in [0, 1): initial-noise correlation of slices."),
+]
+SliceBatchOption = Annotated[int, typer.Option(help="Slices per UNet forward (does not change the result).")]
+UnknownLabelsOption = Annotated[
+    str, typer.Option(help="Label values the model does not know: 'error' or 'background'.")
+]
+PrecisionOption = Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16 (CUDA autocast).")]
+X0SmoothingOption = Annotated[
+    float, typer.Option(help="σ in slices of through-plane smoothing of the x0 prediction (0: off).")
+]
+
+
+class ProgressMode(str, Enum):
+    rich = "rich"
+    json = "json"
+    none = "none"
+
+
+def split_names(text: str | None) -> list[str] | None:
+    """``"liver,kidney"`` -> ``["liver", "kidney"]``; ``None`` stays ``None``."""
+    if text is None:
+        return None
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def build_settings(
+    *,
+    seed: int = defaults.SEED,
+    scheduler: str = defaults.SCHEDULER,
+    steps: int = defaults.STEPS,
+    noise_correlation: float = defaults.NOISE_CORRELATION,
+    strength: float = defaults.STRENGTH,
+    keep: str | None = None,
+    drop: str | None = None,
+    unknown_labels: str = defaults.UNKNOWN_LABELS,
+    precision: str = defaults.PRECISION,
+    slice_batch_size: int = defaults.SLICE_BATCH_SIZE,
+    x0_smoothing: float = defaults.X0_SMOOTHING,
+) -> GenerateSettings:
+    """The generation settings of ``generate`` and ``batch`` from their command-line values, validated once
+    (a :class:`volgen.generation.SettingsError` naming the option)."""
+    from volgen.generation import GenerateSettings
+    from volgen.generation.settings import check_precision
+
+    check_precision(precision)
+    return GenerateSettings(
+        seed=seed,
+        scheduler=scheduler,
+        num_inference_steps=steps,
+        noise_correlation=noise_correlation,
+        x0_smoothing=x0_smoothing,
+        strength=strength,
+        keep=split_names(keep),
+        drop=split_names(drop),
+        unknown_labels=unknown_labels,  # type: ignore[arg-type]
+        slice_batch_size=slice_batch_size,
+    )
+
+
+def notify_default_model(progress: ProgressMode) -> None:
+    """Say, once, that the embedded default model is in use and what it was trained on."""
+    from volgen.models import read_metadata
+
+    note = (
+        f"using the embedded default model, trained on {read_metadata(defaults.MODEL_DIR).trained_on}; "
+        "real use needs --model trained on real data"
+    )
+    if progress == ProgressMode.json:
+        emit_json(event="notice", message=note)
+    else:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+
+
+def warn(message: str, progress: ProgressMode) -> None:
+    """One warning line (an optional output failed; the result stands)."""
+    if progress == ProgressMode.json:
+        emit_json(event="warning", message=message)
+    else:
+        err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def emit_json(**event: object) -> None:
+    """One JSON object per line on stdout (the contract with the Slicer module and other programs)."""
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()

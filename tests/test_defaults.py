@@ -1,0 +1,107 @@
+"""One source of generation defaults: every surface (CLI, API, pipeline, Slicer module) agrees with
+:mod:`volgen.defaults`. A drift anywhere fails here."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+
+from volgen import defaults
+from volgen.cli.app import _register, app
+from volgen.generation import GenerateSettings
+from volgen.pipeline import SegmentationToVolumePipeline
+
+_register()
+PLUGIN = Path(__file__).resolve().parents[1] / "plugins" / "slicer" / "VolGen"
+
+#: setting -> its value in volgen.defaults
+EXPECTED = {
+    "seed": defaults.SEED,
+    "scheduler": defaults.SCHEDULER,
+    "steps": defaults.STEPS,
+    "noise_correlation": defaults.NOISE_CORRELATION,
+    "x0_smoothing": defaults.X0_SMOOTHING,
+    "strength": defaults.STRENGTH,
+    "slice_batch_size": defaults.SLICE_BATCH_SIZE,
+    "unknown_labels": defaults.UNKNOWN_LABELS,
+    "device": defaults.DEVICE,
+    "precision": defaults.PRECISION,
+}
+
+
+def _command_defaults(name: str) -> dict[str, object]:
+    command = typer.main.get_command(app).commands[name]
+    return {p.name: p.default for p in command.params}
+
+
+@pytest.mark.parametrize("command", ["generate", "batch"])
+def test_cli_option_defaults(command):
+    found = _command_defaults(command)
+    for key, value in EXPECTED.items():
+        if key in found:  # batch has no x0-smoothing
+            assert found[key] == value, f"volgen {command} --{key.replace('_', '-')}"
+    assert {"seed", "scheduler", "steps", "noise_correlation", "strength"} <= set(found)
+
+
+def test_generate_settings_defaults():
+    fields = {f.name: f.default for f in dataclasses.fields(GenerateSettings)}
+    fields["steps"] = fields.pop("num_inference_steps")
+    for key, value in EXPECTED.items():
+        if key in fields:
+            assert fields[key] == value, f"GenerateSettings.{key}"
+
+
+def test_pipeline_call_defaults():
+    params = inspect.signature(SegmentationToVolumePipeline.__call__).parameters
+    assert params["num_inference_steps"].default == defaults.STEPS
+    assert params["noise_correlation"].default == defaults.NOISE_CORRELATION
+    assert params["x0_smoothing"].default == defaults.X0_SMOOTHING
+    assert params["slice_batch_size"].default == defaults.SLICE_BATCH_SIZE
+    assert params["strength"].default == defaults.STRENGTH
+
+
+def _plugin_node_defaults() -> dict[str, object]:
+    """The Slicer module's parameter-node defaults, read from VolGen.py (it imports Slicer, so parse it)."""
+    tree = ast.parse((PLUGIN / "VolGen.py").read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and any(
+            isinstance(s, ast.AnnAssign) and getattr(s.target, "id", "") == "noiseCorrelation"
+            for s in node.body
+        ):
+            return {
+                s.target.id: ast.literal_eval(s.value)
+                for s in node.body
+                if isinstance(s, ast.AnnAssign)
+                and s.value is not None
+                and isinstance(s.target, ast.Name)
+                and isinstance(s.value, ast.Constant)
+            }
+    raise AssertionError("no parameter node class with noiseCorrelation in VolGen.py")
+
+
+def test_slicer_module_defaults():
+    node = _plugin_node_defaults()
+    assert node["noiseCorrelation"] == defaults.NOISE_CORRELATION, "Slicer panel ρ"
+    assert node["steps"] == defaults.STEPS
+    assert node["scheduler"] == defaults.SCHEDULER
+    assert node["seed"] == defaults.SEED
+    assert node["strength"] == defaults.STRENGTH
+    assert node["device"] == defaults.DEVICE
+
+    sys.path.insert(0, str(PLUGIN))
+    try:
+        from VolGenLib.parameters import SCHEDULERS, GenerationParameters
+    finally:
+        sys.path.remove(str(PLUGIN))
+    params = GenerationParameters()
+    assert params.noise_correlation == defaults.NOISE_CORRELATION
+    assert params.steps == defaults.STEPS and params.scheduler == defaults.SCHEDULER
+    assert params.seed == defaults.SEED and params.strength == defaults.STRENGTH
+    assert params.device == defaults.DEVICE and params.unknown_labels == defaults.UNKNOWN_LABELS
+    assert set(SCHEDULERS) == set(defaults.SCHEDULERS)

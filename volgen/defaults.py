@@ -1,0 +1,39 @@
+"""Every default and limit of a generation, written once.
+
+The pipeline, :class:`volgen.generation.GenerateSettings`, the ``volgen generate`` and ``volgen batch``
+options and the 3D Slicer module's parameters all take their defaults from here;
+``tests/test_defaults.py`` fails if one of them drifts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: Inference samplers by name (see :func:`volgen.pipeline.make_scheduler`).
+SCHEDULERS: tuple[str, ...] = ("ddpm", "ddim", "dpmsolver++", "euler")
+SCHEDULER = "dpmsolver++"
+#: Denoising steps over the whole schedule.
+STEPS = 20
+#: ρ: correlation of the initial noise between neighbouring slices, in [0, 1).
+NOISE_CORRELATION = 0.99
+#: σ in slices of the through-plane smoothing of the x0 prediction (0: off), at most ``MAX_X0_SMOOTHING``.
+X0_SMOOTHING = 0.0
+MAX_X0_SMOOTHING = 10.0
+#: λ: 1 generates freely, 0 returns the reference.
+STRENGTH = 1.0
+SEED = 0
+#: Largest seed: torch's generators take 64-bit seeds; volgen keeps them in signed int64 (JSON, numpy).
+MAX_SEED = 2**63 - 1
+#: Slices per UNet forward (does not change the result).
+SLICE_BATCH_SIZE = 16
+#: What to do with label values the model does not know.
+UNKNOWN_LABELS_CHOICES: tuple[str, ...] = ("error", "background")
+UNKNOWN_LABELS = "error"
+DEVICE = "auto"
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "fp16", "bf16")
+PRECISION = "auto"
+#: Without ``--max-memory``: refuse a volume estimated to need more than this share of the free memory.
+MEMORY_FRACTION = 0.8
+
+#: The embedded default model (a small demonstration model trained on Colin27).
+MODEL_DIR = Path(__file__).resolve().parent / "default_model" / "colin27-small"

@@ -1,0 +1,279 @@
+"""The file level, paths in and out: ``generate`` checks outputs, reads, generates, writes (all or nothing).
+
+This is what ``volgen generate`` (and the Slicer module, through the CLI) calls; batch conversion calls it
+with one :class:`~volgen.generation.VolumeGenerator` for all its volumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from volgen import defaults
+from volgen.generation.generator import GeneratedVolume, VolumeGenerator
+from volgen.generation.reference import match_reference
+from volgen.generation.settings import GenerateSettings
+from volgen.generation.sidecar import Sidecar
+from volgen.io.naming import default_output, sidecar_path
+from volgen.types import PathLike
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerateResult:
+    """What :func:`generate` wrote and how long it took.
+
+    Attributes:
+        warnings: Optional outputs that failed without touching the result (e.g. the preview), one line each.
+    """
+
+    output: Path
+    sidecar: Path
+    preview: Path | None
+    model_id: str
+    seconds: float
+    classes_kept: list[str] = field(default_factory=list)
+    device: str = "cpu"
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class OutputPlan:
+    """The paths one generation writes, checked before any work is done."""
+
+    output: Path
+    format: str
+    sidecar: Path
+    preview: Path | None
+    protected: list[tuple[str, PathLike | None]] = field(default_factory=list)
+
+    @classmethod
+    def make(
+        cls,
+        segmentation: Path,
+        output: PathLike | None,
+        *,
+        output_format: str | None = None,
+        preview: PathLike | None = None,
+        overwrite: bool = False,
+        protected: list[tuple[str, PathLike | None]] | None = None,
+    ) -> OutputPlan:
+        """Decide and check the outputs (refused if they exist without ``overwrite``, or if one is, contains
+        or lies inside a ``protected`` path: the input, the reference, the model folder; links resolved);
+        temporaries a killed run left for them are removed."""
+        from volgen import io
+
+        out = Path(output) if output is not None else default_output(segmentation)
+        fmt = io.output_format(out, output_format)
+        plan = cls(out, fmt, sidecar_path(out), None if preview is None else Path(preview), protected or [])
+        targets = [(plan.output, fmt == "dicom"), (plan.sidecar, False)]
+        if plan.preview is not None:
+            targets.append((plan.preview, False))
+        for path, is_dir in targets:
+            io.check_output_path(path, overwrite=overwrite, directory=is_dir, protected=plan.protected)
+        for path, _ in targets:
+            for stale in io.remove_stale_temporaries(path):
+                logger.info("removed %s (left by an interrupted run)", stale)
+        return plan
+
+
+def generate(
+    segmentation: PathLike,
+    output: PathLike | None = None,
+    *,
+    model: PathLike | None = None,
+    settings: GenerateSettings | None = None,
+    reference: PathLike | None = None,
+    resample_reference: bool = False,
+    output_format: str | None = None,
+    overwrite: bool = False,
+    preview: PathLike | None = None,
+    device: str = defaults.DEVICE,
+    precision: str = defaults.PRECISION,
+    max_memory: int | None = None,
+    copy_patient_info: bool = False,
+    progress: Callable[[Any], None] | None = None,
+    loaded: Any = None,
+    generator: VolumeGenerator | None = None,
+) -> GenerateResult:
+    """Generate a synthetic volume for a segmentation file and write it with the segmentation's geometry.
+
+    Args:
+        segmentation: A label volume (NIfTI, NRRD, MHA, DICOM folder or DICOM SEG).
+        output: Where to write (format by extension, or ``output_format="dicom"`` for a folder). Default:
+            ``<segmentation>_synthetic.<ext>`` next to the input (see :mod:`volgen.io.naming`).
+        model: A volgen model folder; ``None`` uses the embedded default model.
+        settings: Seed, scheduler, steps, ρ, λ, class selection (see :class:`GenerateSettings`).
+        reference: A real image for adjustable anatomy (``settings.strength``), on the segmentation's grid
+            unless ``resample_reference``.
+        resample_reference: Resample the reference onto the segmentation's grid (linear) instead of
+            refusing a reference whose grid differs.
+        output_format: ``nifti``, ``nrrd``, ``mha`` or ``dicom``; ``None`` follows the extension.
+        overwrite: Replace existing outputs (the output, its sidecar and the preview).
+        preview: Also write a PNG montage here. Optional: if it fails, the volume and sidecar stay and the
+            failure is one line in ``GenerateResult.warnings``.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        precision: ``auto`` is bf16 autocast on CUDA (fp16 where bf16 is unsupported), fp32 on CPU.
+        max_memory: Refuse to start above this many bytes (estimated); default 80% of what is available.
+        copy_patient_info: DICOM output only: copy patient identifiers from a DICOM input.
+        progress: Called with :class:`volgen.pipeline.Progress` after every UNet chunk.
+        loaded: ``model`` already loaded with :func:`volgen.models.load_model`.
+        generator: A :class:`VolumeGenerator` to reuse (batch conversion keeps one); overrides ``model``,
+            ``loaded``, ``device`` and ``precision``.
+    """
+    started = time.perf_counter()
+    settings = settings or GenerateSettings()
+    seg_path = Path(segmentation)
+    model_dir = model if model is not None else getattr(loaded, "path", None) or defaults.MODEL_DIR
+    protected = [("input", seg_path), ("reference", reference), ("model folder", model_dir)]
+    plan = OutputPlan.make(
+        seg_path,
+        output,
+        output_format=output_format,
+        preview=preview,
+        overwrite=overwrite,
+        protected=protected,
+    )
+    if generator is None:
+        generator = VolumeGenerator(
+            loaded if loaded is not None else model, device=device, precision=precision
+        )
+    if model is None and loaded is None:  # the CLI says it once, in its own words
+        logger.info(
+            "using the embedded default model (%s); real use needs --model", generator.metadata.trained_on
+        )
+    generator.check(settings, reference=reference is not None)
+
+    from volgen import io
+
+    seg_image = io.read_label(seg_path)
+    patient_info = io.patient_info_of(seg_path) if copy_patient_info and plan.format == "dicom" else None
+    ref_image = None
+    if reference is not None:
+        ref_image = match_reference(
+            io.read_image(reference),
+            seg_image,
+            resample=resample_reference,
+            source=reference,
+            segmentation=seg_path,
+        )
+    generator.check_memory(seg_image, settings, max_memory, source=seg_path)
+    volume = generator.generate(
+        seg_image, settings=settings, reference=ref_image, progress=progress, source=seg_path
+    )
+    sidecar = Sidecar.describe(
+        volume,
+        generator,
+        settings,
+        segmentation=segmentation,
+        output=output if output is not None else plan.output,
+        output_format=plan.format,
+        model_path=model,
+        reference=reference,
+        resample_reference=resample_reference,
+    )
+    if patient_info is not None:
+        sidecar.patient_info_copied = sorted(patient_info)  # what --copy-patient-info copied
+    warnings = write_outputs(
+        plan,
+        volume,
+        sidecar,
+        generator,
+        overwrite=overwrite,
+        patient_info=patient_info,
+        started=started,
+        title=f"{seg_path.name} -> {plan.output.name} ({generator.metadata.name}, seed {settings.seed})",
+        reference_image=ref_image,
+    )
+    return GenerateResult(
+        output=plan.output,
+        sidecar=plan.sidecar,
+        preview=plan.preview if plan.preview is not None and not warnings else None,
+        model_id=generator.model.model_id,
+        seconds=time.perf_counter() - started,
+        classes_kept=volume.classes_kept,
+        device=str(generator.device),
+        warnings=warnings,
+    )
+
+
+def write_outputs(
+    plan: OutputPlan,
+    volume: GeneratedVolume,
+    sidecar: Sidecar,
+    generator: VolumeGenerator,
+    *,
+    overwrite: bool,
+    started: float,
+    title: str,
+    patient_info: dict[str, Any] | None = None,
+    reference_image: Any = None,
+) -> list[str]:
+    """Write the volume, then its sidecar (each atomically), then the optional preview.
+
+    All or nothing for the result: if the sidecar cannot be written or the run is interrupted (Ctrl-C,
+    SIGTERM) before both are in place, what this call wrote is removed again, so a volume never stands
+    without its sidecar. A failing preview is optional: it is reported (returned as one line) and the volume
+    and sidecar stay.
+    """
+    from volgen import io
+
+    meta = generator.metadata
+    written: list[Path] = []
+    try:
+        io.write_volume(
+            volume.image,
+            plan.output,
+            overwrite=overwrite,
+            format=plan.format,
+            modality=meta.intensity.modality,
+            series_description=f"SYNTHETIC volgen {meta.name}",
+            patient_info=patient_info,
+            protected=plan.protected,
+        )
+        written.append(plan.output)
+        sidecar.seconds = round(time.perf_counter() - started, 3)
+        sidecar.write(plan.sidecar, overwrite=overwrite)
+        written.append(plan.sidecar)
+        if plan.preview is None:
+            return []
+        return write_preview(plan, volume, title=title, reference=reference_image, overwrite=overwrite)
+    except BaseException:
+        for path in written:
+            remove_written(path)
+        raise
+
+
+def write_preview(
+    plan: OutputPlan, volume: GeneratedVolume, *, title: str, reference: Any = None, overwrite: bool = False
+) -> list[str]:
+    """The PNG montage, or one warning line if it cannot be made (the result it shows is kept)."""
+    try:
+        from volgen.preview import save_montage
+
+        save_montage(
+            volume.condition,
+            volume.image,
+            plan.preview,
+            reference=reference,
+            overwrite=overwrite,
+            title=title,
+        )
+    except Exception as exc:  # noqa: BLE001 - an optional output: any failure becomes one line, result kept
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        message = f"{plan.preview}: preview not written ({detail}); {plan.output} is complete"
+        logger.warning(message)
+        return [message]
+    return []
+
+
+def remove_written(path: Path) -> None:
+    """Remove an output this run wrote (a file, or a DICOM folder): :func:`volgen.io.remove_output`."""
+    from volgen import io
+
+    io.remove_output(path)

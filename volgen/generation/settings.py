@@ -1,0 +1,108 @@
+"""What decides a generated volume: :class:`GenerateSettings`, validated once, when it is built."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from volgen import defaults
+from volgen.errors import VolgenError
+from volgen.types import UnknownLabels
+
+
+class SettingsError(VolgenError):
+    """A generation setting is out of range; the message names the option and the allowed values."""
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    """Everything that decides the generated volume (recorded in the sidecar).
+
+    Defaults come from :mod:`volgen.defaults`. Every value is checked when the settings are built (a
+    :class:`SettingsError` naming the command-line option); what depends on the model (steps up to its
+    training timesteps, class names) is checked by :meth:`volgen.generation.VolumeGenerator.check`.
+
+    Attributes:
+        seed: Seed of all randomness, ``0 .. 2**63 - 1``.
+        scheduler: Sampler name (:data:`volgen.defaults.SCHEDULERS`).
+        num_inference_steps: Denoising steps over the full schedule (``>= 1``).
+        noise_correlation: ρ of the initial noise between slices, in [0, 1).
+        x0_smoothing: σ in slices of the through-plane smoothing of the x0 prediction, in [0, 10].
+        strength: λ in [0, 1] (below 1 needs a reference).
+        keep: Class names kept in the condition (the rest become background); ``None``: all.
+        drop: Class names dropped (become background).
+        unknown_labels: ``error`` or ``background`` for label values the model does not know.
+        slice_batch_size: Slices per UNet forward (does not change the result).
+    """
+
+    seed: int = defaults.SEED
+    scheduler: str = defaults.SCHEDULER
+    num_inference_steps: int = defaults.STEPS
+    noise_correlation: float = defaults.NOISE_CORRELATION
+    x0_smoothing: float = defaults.X0_SMOOTHING
+    strength: float = defaults.STRENGTH
+    keep: list[str] | None = None
+    drop: list[str] | None = None
+    unknown_labels: UnknownLabels = defaults.UNKNOWN_LABELS  # type: ignore[assignment]
+    slice_batch_size: int = defaults.SLICE_BATCH_SIZE
+
+    def __post_init__(self) -> None:
+        for problem in self._problems():
+            raise SettingsError(problem)
+
+    def _problems(self):
+        if not _is_int(self.seed) or not 0 <= self.seed <= defaults.MAX_SEED:
+            yield f"--seed must be an integer in 0..{defaults.MAX_SEED}, got {self.seed!r}"
+        if self.scheduler not in defaults.SCHEDULERS:
+            yield f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(defaults.SCHEDULERS)}"
+        if not _is_int(self.num_inference_steps) or self.num_inference_steps < 1:
+            yield f"--steps must be an integer >= 1, got {self.num_inference_steps!r}"
+        if not _is_number(self.noise_correlation) or not 0.0 <= self.noise_correlation < 1.0:
+            yield f"--noise-correlation (ρ) must be in [0, 1), got {self.noise_correlation!r}"
+        if not _is_number(self.x0_smoothing) or not 0.0 <= self.x0_smoothing <= defaults.MAX_X0_SMOOTHING:
+            top = defaults.MAX_X0_SMOOTHING
+            yield f"--x0-smoothing must be in [0, {top:g}] slices, got {self.x0_smoothing!r}"
+        if not _is_number(self.strength) or not 0.0 <= self.strength <= 1.0:
+            yield f"--strength (λ) must be in [0, 1], got {self.strength!r}"
+        if self.unknown_labels not in defaults.UNKNOWN_LABELS_CHOICES:
+            choices = " or ".join(repr(c) for c in defaults.UNKNOWN_LABELS_CHOICES)
+            yield f"--unknown-labels must be {choices}, got {self.unknown_labels!r}"
+        if not _is_int(self.slice_batch_size) or self.slice_batch_size < 1:
+            yield f"--slice-batch-size must be an integer >= 1, got {self.slice_batch_size!r}"
+        for name in ("keep", "drop"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, str) or not all(isinstance(v, str) for v in value)):
+                yield f"--{name} must be a list of class names, got {value!r}"
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` if it is one of :data:`volgen.defaults.PRECISIONS`, else a :class:`SettingsError`."""
+    if precision not in defaults.PRECISIONS:
+        raise SettingsError(f"--precision must be {', '.join(defaults.PRECISIONS)}; got {precision!r}")
+    return precision
+
+
+def parse_memory(text: str | int | None) -> int | None:
+    """``"8G"``, ``"512M"``, ``"2000000"`` -> bytes (``None`` stays ``None``); inf, NaN, <= 0 are refused."""
+    if text is None:
+        return None
+    value = str(text).strip().upper().removesuffix("B")
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    scale = 1
+    if value and value[-1] in units:
+        value, scale = value[:-1], units[value[-1]]
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number * scale < 1:
+        raise SettingsError(f"--max-memory must be a positive size such as 8G or 512M, got {text!r}")
+    return int(number * scale)

@@ -1,0 +1,131 @@
+"""The provenance sidecar written next to every generated volume: one typed model, written and read here."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from volgen import __version__
+from volgen.errors import InputError, OutputError
+from volgen.types import PathLike
+
+
+def file_sha256(path: PathLike) -> str:
+    """SHA-256 of a file's bytes (hex)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class SidecarModel(BaseModel):
+    """The model that made a volume."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    name: str
+    path: str
+    weights_sha256: str
+    trained_on: str = ""
+
+
+class Sidecar(BaseModel):
+    """Provenance of one generated volume (``<output>.json``, see :mod:`volgen.io.naming`).
+
+    Unknown keys are kept (a newer volgen may add some); :meth:`read` is what batch resume uses.
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    volgen_version: str = __version__
+    synthetic: bool = True
+    segmentation: str
+    output: str
+    format: str
+    model: SidecarModel
+    settings: dict[str, Any]
+    classes_kept: list[str]
+    reference: str | None = None
+    reference_sha256: str | None = None
+    reference_resampled: bool = False
+    segmentation_sha256: str | None = None
+    start_timestep: int = -1
+    timesteps: int = 0
+    device: str = "cpu"
+    precision: str = "fp32"
+    seconds: float = 0.0
+
+    @classmethod
+    def describe(
+        cls,
+        volume: Any,
+        generator: Any,
+        settings: Any,
+        *,
+        segmentation: PathLike,
+        output: PathLike,
+        output_format: str,
+        model_path: PathLike | None,
+        reference: PathLike | None = None,
+        resample_reference: bool = False,
+    ) -> Sidecar:
+        """The sidecar of a :class:`~volgen.generation.GeneratedVolume` (paths recorded as given;
+        ``model_path`` ``None`` is recorded as the embedded default)."""
+        loaded = generator.model
+        seg, ref = Path(segmentation), None if reference is None else Path(reference)
+        return cls(
+            segmentation=str(segmentation),
+            output=str(output),
+            format=output_format,
+            model=SidecarModel(
+                id=loaded.model_id,
+                name=loaded.metadata.name,
+                path=str(model_path) if model_path is not None else "(embedded default)",
+                weights_sha256=loaded.weights_sha256,
+                trained_on=loaded.metadata.trained_on,
+            ),
+            settings=asdict(settings),
+            classes_kept=volume.classes_kept,
+            reference=None if ref is None else str(reference),
+            reference_sha256=None if ref is None or ref.is_dir() else file_sha256(ref),
+            reference_resampled=bool(resample_reference and ref is not None),
+            segmentation_sha256=None if seg.is_dir() else file_sha256(seg),
+            start_timestep=volume.start_timestep,
+            timesteps=len(volume.timesteps),
+            device=str(generator.device),
+            precision=generator.precision,
+        )
+
+    def write(self, path: PathLike, *, overwrite: bool = False) -> None:
+        """Write atomically as indented JSON."""
+        from volgen.io import atomic_write
+
+        try:
+            with atomic_write(path, overwrite=overwrite) as tmp:
+                Path(tmp).write_text(
+                    json.dumps(self.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8"
+                )
+        except OSError as exc:
+            raise OutputError(path, f"could not write the file ({exc.strerror or exc})") from exc
+
+    @classmethod
+    def read(cls, path: PathLike) -> Sidecar:
+        """Read a sidecar; a missing, unreadable or malformed one is an :class:`InputError`."""
+        from pydantic import ValidationError
+
+        from volgen.config import describe_validation_error
+
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            return cls.model_validate(data)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise InputError(path, f"not a readable sidecar ({exc})") from None
+        except ValidationError as exc:
+            raise InputError(path, f"not a volgen sidecar: {describe_validation_error(exc)}") from None
