@@ -664,3 +664,24 @@ def test_sighup_cleans_up_like_sigterm(cases, tiny_model_dir, tmp_path) -> None:
     assert "interrupted" in stderr and "Traceback" not in stderr
     left = [p for p in out.rglob("*") if p.name.startswith(".volgen-tmp-") or p.suffix == ".claim"]
     assert left == []
+
+
+@pytest.mark.parametrize(
+    ("name", "header", "data"),
+    [
+        ("seg.mhd", "ElementDataFile = seg.raw\n", b"\0" * 100),  # data file too short: MetaIO complains
+        ("seg.mha", "ElementDataFile = gone.raw\n", None),  # data file missing
+    ],
+)
+def test_itk_prints_nothing_of_its_own(name, header, data, tmp_path) -> None:
+    """ITK/MetaIO write to file descriptor 2 directly (past Python); volgen keeps that off the terminal."""
+    text = "ObjectType = Image\nNDims = 3\nDimSize = 10 10 10\nElementType = MET_UCHAR\n" + header
+    (tmp_path / name).write_text(text)
+    if data is not None:
+        (tmp_path / "seg.raw").write_bytes(data)
+    proc = subprocess.run(
+        [sys.executable, "-m", "volgen", "info", str(tmp_path / name)],
+        capture_output=True, text=True, env=_env(), timeout=120,
+    )  # fmt: skip
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), lines

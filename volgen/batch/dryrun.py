@@ -43,25 +43,6 @@ def process_baseline() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-@dataclass(frozen=True)
-class GridView:
-    """A volume's grid as the generator asks for it (``GetSize``, ``GetDirection``), from a header: the
-    generator's memory and time estimates need no voxel."""
-
-    size: tuple[int, ...]
-    direction: tuple[float, ...]
-
-    @classmethod
-    def of(cls, geometry: Geometry) -> GridView:
-        return cls(tuple(int(s) for s in geometry.size), tuple(geometry.direction))
-
-    def GetSize(self) -> tuple[int, ...]:  # noqa: N802 - SimpleITK's name
-        return self.size
-
-    def GetDirection(self) -> tuple[float, ...]:  # noqa: N802 - SimpleITK's name
-        return self.direction
-
-
 @dataclass
 class TimeModel:
     """Seconds per item ≈ ``overhead + slice_forwards × seconds_per_slice_forward``; ``how`` says how."""
@@ -143,13 +124,13 @@ def estimate_plan(
     from volgen import io
 
     baseline = process_baseline() + RUN_ALLOWANCE
-    cache: dict[Path, GridView | str] = {}
+    cache: dict[Path, Geometry | str] = {}
     estimates = []
     for item in items if items is not None else plan.items:
         seg = item.case.segmentation
         if seg not in cache:
             try:
-                cache[seg] = GridView.of(io.read_header(seg))
+                cache[seg] = io.read_header(seg)
             except VolgenError as e:
                 cache[seg] = one_line(e)
         grid = cache[seg]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from volgen.batch import claims
-from volgen.batch.dryrun import GridView, one_line
+from volgen.batch.dryrun import one_line
 from volgen.batch.group import ProcessGroup, process_group
 from volgen.batch.nnunet import write_dataset_json, write_label
 from volgen.batch.plan import BatchOptions, BatchPlan, WorkItem, plan_batch, select_shard
@@ -200,7 +200,7 @@ def _check_budget(item: WorkItem, context: _Context) -> None:
     than ``--max-memory`` (or 80% of what is available), before any voxel is read."""
     from volgen import io
 
-    grid = GridView.of(io.read_header(item.case.segmentation))
+    grid = io.read_header(item.case.segmentation)  # a Geometry stands in for the image
     context.generator.check_memory(grid, item.settings, context.limit, source=item.case.segmentation)
 
 

@@ -151,6 +151,8 @@ def generate(
 
     from volgen import io
 
+    # from the header first: a small .nii.gz can hold gigabytes of voxels; refuse it before decompressing
+    generator.check_memory(io.read_header(seg_path), settings, max_memory, source=seg_path)
     seg_image = io.read_label(seg_path)
     patient_info = io.patient_info_of(seg_path) if copy_patient_info and plan.format == "dicom" else None
     ref_image = None
