@@ -685,3 +685,26 @@ def test_itk_prints_nothing_of_its_own(name, header, data, tmp_path) -> None:
     )  # fmt: skip
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), lines
+
+
+def test_a_folder_volgen_may_not_write_into_is_one_line(tmp_path, monkeypatch) -> None:
+    """A read-only output folder (simulated: the tests may run as root, who may write anywhere)."""
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    monkeypatch.setattr(Path, "touch", refuse)
+    with pytest.raises(OutputError, match=r"cannot create files in .* \(Permission denied\)"):
+        io.write_volume(make_volume("ct"), tmp_path / "series", format="dicom", modality="CT")
+    with pytest.raises(OutputError, match=r"cannot create files in .* \(Permission denied\)"):
+        io.write_volume(make_volume("ct"), tmp_path / "ct.nii.gz")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_batch_on_a_cuda_device_this_machine_lacks(cases, tiny_model_dir, tmp_path) -> None:
+    result = run_cli("batch", cases, tmp_path / "out", "--model", tiny_model_dir, "--device", "cuda:0")
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and "no CUDA device is available" in lines[0], lines
+    assert not (tmp_path / "out").exists()
