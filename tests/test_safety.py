@@ -725,3 +725,14 @@ def test_batch_on_a_cuda_device_this_machine_lacks(cases, tiny_model_dir, tmp_pa
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 1 and len(lines) == 1 and "no CUDA device is available" in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+def test_batch_never_appends_to_its_input_manifest(cases, tiny_model_dir, tmp_path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    manifest = out / "manifest.csv"  # the user's manifest, where the run's own manifest would go
+    manifest.write_text("segmentation\n" + "\n".join(str(p) for p in sorted(cases.iterdir())) + "\n")
+    before = manifest.read_bytes()
+    result = run_cli("batch", manifest, out, "--model", tiny_model_dir, "--steps", "1", "--progress", "none")
+    assert result.exit_code == 1 and "is the manifest" in result.output, result.output
+    assert manifest.read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["manifest.csv"]

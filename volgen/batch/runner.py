@@ -270,7 +270,8 @@ def prepare(source: PathLike, out_dir: PathLike, options: BatchOptions) -> tuple
     protected = [("input folder" if source.is_dir() else "manifest", source), ("model folder", model_dir)]
     from volgen.batch.plan import check_outputs
 
-    check_outputs(out_dir, [], protected)  # before the (slow) case scan and model load
+    # before the (slow) case scan and model load; the run's own manifest may not be the input manifest
+    check_outputs(out_dir, [out_dir / MANIFEST_NAME], protected)
     cases = read_cases(source)
     loaded = load_model(model_dir)
     return plan_batch(cases, out_dir, options, loaded.metadata, protected=protected), loaded
