@@ -736,3 +736,31 @@ def test_batch_never_appends_to_its_input_manifest(cases, tiny_model_dir, tmp_pa
     result = run_cli("batch", manifest, out, "--model", tiny_model_dir, "--steps", "1", "--progress", "none")
     assert result.exit_code == 1 and "is the manifest" in result.output, result.output
     assert manifest.read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["manifest.csv"]
+
+
+def test_claims_without_file_locks(tmp_path, monkeypatch) -> None:
+    """File systems without locks: a claim is the file's exclusive creation; a dead process's claim on this
+    host is taken over, a live one's is not."""
+    import errno
+    import socket
+
+    from volgen.batch import claims
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(claims.fcntl, "flock", no_locks)
+    held = claims.claim(tmp_path, "case")
+    assert held is not None and not held.locked
+    assert claims.claim(tmp_path, "case") is None  # this (live) process holds it
+    held.release()
+    assert not (tmp_path / claims.CLAIMS_FOLDER / "case.claim").exists()
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale = {"host": socket.gethostname(), "pid": int(dead.stdout), "since": 0}
+    (tmp_path / claims.CLAIMS_FOLDER / "case.claim").write_text(json.dumps(stale))
+    again = claims.claim(tmp_path, "case")
+    assert again is not None  # the dead process's claim was taken over
+    again.release()
