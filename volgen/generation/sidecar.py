@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -12,16 +11,8 @@ from pydantic import BaseModel, ConfigDict
 
 from volgen import __version__
 from volgen.errors import InputError, OutputError
+from volgen.io.files import file_sha256  # the one SHA-256 of volgen (re-exported here)
 from volgen.types import PathLike
-
-
-def file_sha256(path: PathLike) -> str:
-    """SHA-256 of a file's bytes (hex)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class SidecarModel(BaseModel):
