@@ -96,7 +96,7 @@ def batch(
 
     from volgen.batch import BatchOptions, parse_shard
     from volgen.errors import VolgenError
-    from volgen.io.checks import check_device, parse_memory_size
+    from volgen.generation import parse_memory, resolve_device
 
     if merge:
         if out_dir is not None:
@@ -126,11 +126,11 @@ def batch(
         dataset_name=dataset_name,
         device=device,
         precision=precision,
-        max_memory=parse_memory_size(max_memory),
+        max_memory=parse_memory(max_memory),
         copy_patient_info=copy_patient_info,
     )
     options.check()
-    check_device(device)
+    resolve_device(device)  # a device this machine has, before anything is read
     shard_spec = parse_shard(shard) if shard is not None else (0, 1)
     if model is None:
         notify_default_model(progress)
@@ -360,14 +360,20 @@ def _merge(out_dir: Path, progress: ProgressMode) -> None:
 def _dry_run(
     source: Path, out_dir: Path, options: Any, shard: tuple[int, int], progress: ProgressMode
 ) -> None:
-    from volgen.batch import estimate_plan, measure_time_model, prepare, select_shard, total_seconds
+    from volgen.batch import (
+        estimate_plan,
+        make_generator,
+        measure_time_model,
+        prepare,
+        select_shard,
+        total_seconds,
+    )
 
     plan, loaded = prepare(source, out_dir, options)
     items = select_shard(plan.items, *shard)
-    time_model = measure_time_model(
-        loaded, slice_batch_size=options.settings.slice_batch_size, device=options.device
-    )
-    estimates = estimate_plan(plan, loaded, time_model, items)
+    generator = make_generator(loaded, options.device, options)
+    time_model = measure_time_model(generator, slice_batch_size=options.settings.slice_batch_size)
+    estimates = estimate_plan(plan, generator, time_model, items)
     if progress == ProgressMode.json:
         for e in estimates:
             emit_json(

@@ -535,3 +535,32 @@ def test_sigterm_and_kill_9_then_resume(cases_dir, tiny_model_dir, tmp_path):
         third[key] == ("skipped" if key in finished else "done") for key in third
     )  # nothing done twice
     assert not any(p.name.startswith(".volgen-tmp-") for p in out.iterdir())
+
+
+def test_one_generator_per_process_and_each_segmentation_read_once(
+    cases_dir, tiny_model_dir, tmp_path, monkeypatch
+):
+    """Issue 14: the model is set up once for all items, and each item reads its segmentation once (the
+    nnU-Net label file is made from the same image)."""
+    from volgen.generation import VolumeGenerator
+
+    made, reads = [], []
+    original_init, original_read = VolumeGenerator.__init__, io.read_label
+
+    def counting_init(self, *args, **kwargs):
+        made.append(1)
+        original_init(self, *args, **kwargs)
+
+    def counting_read(path, *args, **kwargs):
+        reads.append(Path(path).name)
+        return original_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(VolumeGenerator, "__init__", counting_init)
+    monkeypatch.setattr(io, "read_label", counting_read)
+    out = tmp_path / "out"
+    extra = ["--layout", "nnunet", "--dataset-id", "8", "--dataset-name", "Once"]
+    result = run_batch_cli(cases_dir, out, tiny_model_dir, *extra)
+    assert result.exit_code == 0, result.output
+    assert len(made) == 1
+    assert len(reads) == len(set(reads)) == len(GOOD), reads  # one read per case
+    assert len(list((out / "Dataset008_Once" / "labelsTr").iterdir())) == len(GOOD)

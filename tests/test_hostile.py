@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -66,6 +67,27 @@ def nothing_written(paths: list[Path]) -> bool:
     return all(not p.exists() or (p.is_dir() and not any(p.iterdir())) for p in paths)
 
 
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every entry under ``root`` (links not followed): its kind and, for regular files, size and SHA-256.
+    Special files (FIFOs) are listed by kind only: they are never opened."""
+    import hashlib
+    import stat as st
+
+    found: dict[str, tuple] = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder, name)
+            info = path.lstat()
+            key = str(path.relative_to(root))
+            if st.S_ISREG(info.st_mode):
+                found[key] = ("file", info.st_size, hashlib.sha256(path.read_bytes()).hexdigest())
+            elif st.S_ISLNK(info.st_mode):
+                found[key] = ("link", os.readlink(path))
+            else:
+                found[key] = (st.S_IFMT(info.st_mode),)
+    return found
+
+
 @pytest.fixture
 def workspace(tmp_path, tiny_model_dir) -> Workspace:
     return Workspace(tmp_path, tiny_model_dir)
@@ -89,12 +111,18 @@ def test_the_documentation_lists_every_case() -> None:
 @pytest.mark.parametrize("case", CORPUS, ids=[c.id for c in CORPUS])
 def test_hostile_input_gives_one_clear_line(case: Hostile, workspace: Workspace) -> None:
     invocation = case.build(workspace)
+    before = snapshot(workspace.root)
     started = time.monotonic()
     result = invoke(*invocation.args)
     line = one_error_line(result)
     assert invocation.names in line, f"the line does not name the input: {line}"
     assert case.expect in line, line
     assert nothing_written(invocation.untouched), sorted(map(str, invocation.untouched))
+    # no input or unrelated file is removed or changed; at most empty output folders appear
+    after = snapshot(workspace.root)
+    assert {k: v for k, v in before.items() if after.get(k) != v} == {}
+    created = sorted(after.keys() - before.keys())
+    assert all(after[k] == (stat.S_IFDIR,) for k in created), created
     assert not (workspace.root / "pwned").exists()  # no YAML tag ran code
     assert time.monotonic() - started < 30  # refused, not ground through
 
@@ -310,7 +338,7 @@ def _direction(quaternion: tuple[float, ...], flip: bool) -> np.ndarray:
 @given(
     extension=st.sampled_from([".nrrd", ".mha", ".seg.nrrd", ".mhd"]),
     kind=st.sampled_from(["label", "image", "ct"]),
-    size=st.tuples(st.integers(1, 6), st.integers(1, 6), st.integers(1, 5)),
+    size=st.tuples(st.integers(2, 6), st.integers(2, 6), st.integers(2, 5)),  # volgen reads >= 2 per axis
     spacing=st.tuples(*[st.floats(0.05, 8.0)] * 3),
     origin=st.tuples(*[st.floats(-500.0, 500.0)] * 3),
     quaternion=st.tuples(*[st.floats(-1.0, 1.0)] * 4).filter(lambda q: np.linalg.norm(q) > 0.1),

@@ -15,7 +15,6 @@ only; a folder holding pickle weights is refused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -292,11 +291,9 @@ def weights_hash(folder: PathLike) -> str:
     path = Path(folder) / "unet" / "diffusion_pytorch_model.safetensors"
     if not path.is_file():
         raise ModelError(folder, "no unet/diffusion_pytorch_model.safetensors (safetensors weights)")
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from volgen.io.files import file_sha256
+
+    return str(file_sha256(path))
 
 
 #: Most training timesteps a model's schedule may have (T = 1000 in practice; the tables scale with T).

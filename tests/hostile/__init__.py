@@ -956,10 +956,14 @@ def _batch_samples(ws: Workspace) -> Invocation:
     return _batch_with(ws, "--samples-per-case", "1000000000", names="--samples-per-case")
 
 
-@case("batch-steps-beyond-schedule", "batch options", "the model's schedule has 1000 timesteps")
+@case(
+    "batch-steps-beyond-schedule",
+    "batch options",
+    "--steps must be at most the model's 1000 training timesteps",
+)
 def _batch_steps(ws: Workspace) -> Invocation:
     """--steps 5000 with a model trained on 1000 timesteps."""
-    invocation = _batch_with(ws, names="--steps 5000")
+    invocation = _batch_with(ws, names="got 5000")
     invocation.args[invocation.args.index("--steps") + 1] = "5000"
     return invocation
 
@@ -970,10 +974,10 @@ def _batch_seed(ws: Workspace) -> Invocation:
     return _batch_with(ws, "--seed", str(2**70), names="--seed")
 
 
-@case("batch-max-memory-inf", "batch options", "--max-memory inf: expected a positive size")
+@case("batch-max-memory-inf", "batch options", "--max-memory must be a positive size such as 8G or 512M")
 def _batch_memory(ws: Workspace) -> Invocation:
     """--max-memory inf."""
-    return _batch_with(ws, "--max-memory", "inf", names="--max-memory")
+    return _batch_with(ws, "--max-memory", "inf", names="'inf'")
 
 
 @case("batch-out-dir-links-to-input", "batch options", "is the input folder")

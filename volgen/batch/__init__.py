@@ -37,7 +37,6 @@ from volgen.batch.dryrun import (
     TimeModel,
     estimate_plan,
     measure_time_model,
-    slice_forwards,
     total_seconds,
 )
 from volgen.batch.group import BARRIER_TIMEOUT, ProcessGroup, process_group
@@ -74,7 +73,7 @@ from volgen.batch.records import (
     write_manifest,
 )
 from volgen.batch.resume import unfinished_reason
-from volgen.batch.runner import BatchObserver, BatchResult, prepare, run_batch, run_items
+from volgen.batch.runner import BatchObserver, BatchResult, make_generator, prepare, run_batch, run_items
 from volgen.io.naming import FORMAT_ENDINGS
 
 __all__ = [
@@ -106,6 +105,7 @@ __all__ = [
     "derive_seed",
     "estimate_plan",
     "item_settings",
+    "make_generator",
     "measure_time_model",
     "merge_manifests",
     "nnunet_dataset_json",
@@ -121,7 +121,6 @@ __all__ = [
     "select_shard",
     "shard_manifest_name",
     "shard_manifests",
-    "slice_forwards",
     "total_seconds",
     "unfinished_reason",
     "write_dataset_json",

@@ -81,6 +81,8 @@ def claim(out_dir: Path, name: str) -> Claim | None:
     folder = out_dir / CLAIMS_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.claim"
+    if not _locks_work(folder):
+        return _claim_by_creation(path)
     for _ in range(8):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -95,9 +97,12 @@ def claim(out_dir: Path, name: str) -> Claim | None:
             os.close(fd)
             return None  # a live process holds it
         except OSError as exc:
+            empty = os.fstat(fd).st_size == 0  # the file this open just created
             os.close(fd)
             if exc.errno not in _NO_LOCKS:
                 raise
+            if empty:
+                path.unlink(missing_ok=True)
             return _claim_by_creation(path)
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
@@ -110,6 +115,25 @@ def claim(out_dir: Path, name: str) -> Claim | None:
         os.write(fd, _owner())
         return Claim(path=path, fd=fd, locked=True)
     return None
+
+
+def _locks_work(folder: Path) -> bool:
+    """Whether the file system of ``folder`` supports ``flock`` (asked once per folder, on the folder)."""
+    if fcntl is None:
+        return False
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except BlockingIOError:
+        return True  # locks work; someone holds this one
+    except OSError as exc:
+        if exc.errno in _NO_LOCKS:
+            return False
+        raise
+    finally:
+        os.close(fd)
+    return True
 
 
 def _claim_by_creation(path: Path) -> Claim | None:

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING
 from volgen.batch.plan import BatchPlan, WorkItem
 from volgen.batch.resume import unfinished_reason
 from volgen.errors import VolgenError
+from volgen.generation.generator import slices_along
 
 if TYPE_CHECKING:
-    from volgen.api import GenerateSettings
-    from volgen.models import LoadedModel
+    from volgen.generation import VolumeGenerator
+    from volgen.io.geometry import Geometry
 
 #: Memory a real run needs beyond the dry run's process and the volume's arrays (libraries it loads to
 #: write outputs, allocator slack), in bytes.
@@ -40,43 +41,6 @@ def process_baseline() -> int:
     import psutil
 
     return int(psutil.Process().memory_info().rss)
-
-
-def item_need(loaded: LoadedModel, settings: GenerateSettings, geometry: object) -> tuple[int, int, int]:
-    """``(slices, input_voxels, bytes)`` of one item from its segmentation's grid: the slices along the
-    model's slice axis, the input voxels and the bytes generating it adds (``volgen.api.estimate_memory``)."""
-    import numpy as np
-
-    from volgen.api import estimate_memory, slices_along
-
-    meta = loaded.metadata
-    size = tuple(int(s) for s in geometry.size)  # type: ignore[attr-defined]
-    direction = geometry.direction  # type: ignore[attr-defined]
-    slices = slices_along(_GridView(size, direction), meta.slice_axis)
-    voxels = int(np.prod(size, dtype=np.int64))
-    need = estimate_memory(
-        slices=slices,
-        slice_size=meta.slice_size,
-        condition_channels=meta.condition_channels,
-        slice_batch_size=settings.slice_batch_size,
-        block_channels=loaded.unet.config.block_out_channels,
-        input_voxels=voxels,
-    )
-    return slices, voxels, need
-
-
-@dataclass(frozen=True)
-class _GridView:
-    """What :func:`volgen.api.slices_along` asks of an image, from a header's grid."""
-
-    size: tuple[int, ...]
-    direction: tuple[float, ...]
-
-    def GetSize(self) -> tuple[int, ...]:  # noqa: N802 - SimpleITK's name
-        return self.size
-
-    def GetDirection(self) -> tuple[float, ...]:  # noqa: N802 - SimpleITK's name
-        return self.direction
 
 
 @dataclass
@@ -108,19 +72,19 @@ class ItemEstimate:
     peak_bytes: int | None = None
 
 
-def measure_time_model(loaded: LoadedModel, *, slice_batch_size: int, device: str = "auto") -> TimeModel:
-    """Time one UNet forward of a padded chunk of ``slice_batch_size`` slices (after one warm-up forward).
+def measure_time_model(generator: VolumeGenerator, *, slice_batch_size: int) -> TimeModel:
+    """Time one UNet forward of a padded chunk of ``slice_batch_size`` slices (after one warm-up forward) on
+    the generator's device.
 
     fp32; I/O and resampling are an assumed 1 s per item plus 0.1 µs per input voxel.
     """
     import torch
 
-    from volgen.api import resolve_device
     from volgen.pipeline import BATCH_GRANULE
 
-    dev = resolve_device(device)
-    unet = loaded.unet.to(dev)
-    size = loaded.metadata.slice_size
+    dev = generator.device
+    unet = generator.pipeline.unet
+    size = generator.metadata.slice_size
     batch = slice_batch_size + (-slice_batch_size % BATCH_GRANULE)
     x = torch.zeros(batch, unet.config.in_channels, size, size, device=dev)
     t = torch.tensor(500, device=dev)
@@ -142,35 +106,25 @@ def measure_time_model(loaded: LoadedModel, *, slice_batch_size: int, device: st
     )
 
 
-def slice_forwards(loaded: LoadedModel, settings: GenerateSettings, slices: int) -> int:
-    """UNet slice-forwards of one volume: steps run (fewer for λ < 1) × slices padded per chunk."""
-    from volgen.pipeline import BATCH_GRANULE, make_scheduler
-
-    scheduler = make_scheduler(settings.scheduler, loaded.scheduler.config)
-    scheduler.set_timesteps(settings.num_inference_steps)
-    timesteps = scheduler.timesteps
-    if settings.strength < 1.0:
-        t_star = round(settings.strength * loaded.scheduler.config.num_train_timesteps)
-        timesteps = timesteps[timesteps <= t_star]
-    sbs = settings.slice_batch_size
-    padded = sum(n + (-n % BATCH_GRANULE) for n in (min(sbs, slices - s) for s in range(0, slices, sbs)))
-    return len(timesteps) * padded
-
-
 def estimate_plan(
-    plan: BatchPlan, loaded: LoadedModel, time_model: TimeModel, items: Sequence[WorkItem] | None = None
+    plan: BatchPlan,
+    generator: VolumeGenerator,
+    time_model: TimeModel,
+    items: Sequence[WorkItem] | None = None,
 ) -> list[ItemEstimate]:
     """Dry run: read each segmentation's header (nothing is written, no voxel data read) and estimate time
-    and peak memory per item.
+    and peak memory per item, asking the generator (its memory estimate and slice-forward count).
 
-    Peak memory is this process's resident size now (:func:`process_baseline`) plus what the item adds
-    (:func:`item_need`) plus :data:`RUN_ALLOWANCE`. The state says whether the item would be skipped
-    (complete), generated, or fails on what its header shows.
+    Peak memory is this process's resident size now (:func:`process_baseline`, with the model loaded) plus
+    what the item adds (:meth:`volgen.generation.VolumeGenerator.memory_needed`) plus :data:`RUN_ALLOWANCE`.
+    The state says whether the item would be skipped (complete), generated, or fails on what its header shows.
     """
+    import numpy as np
+
     from volgen import io
 
     baseline = process_baseline() + RUN_ALLOWANCE
-    cache: dict[Path, object | str] = {}
+    cache: dict[Path, Geometry | str] = {}
     estimates = []
     for item in items if items is not None else plan.items:
         seg = item.case.segmentation
@@ -183,22 +137,22 @@ def estimate_plan(
         if isinstance(grid, str):
             estimates.append(ItemEstimate(item=item, state=f"would fail: {grid}"))
             continue
-        slices, voxels, need = item_need(loaded, item.settings, grid)
         reason = unfinished_reason(
-            item, weights_sha256=loaded.weights_sha256, output_format=plan.options.output_format
+            item, weights_sha256=generator.model.weights_sha256, output_format=plan.options.output_format
         )
         state = (
             "complete (skip)" if reason is None else ("to do" if reason == "no output" else f"redo: {reason}")
         )
-        forwards = slice_forwards(loaded, item.settings, slices)
+        forwards = generator.slice_forwards(grid, item.settings)
+        voxels = int(np.prod(grid.size, dtype=np.int64))
         estimates.append(
             ItemEstimate(
                 item=item,
                 state=state,
-                slices=slices,
+                slices=slices_along(grid, generator.metadata.slice_axis),
                 forwards=forwards,
                 seconds=0.0 if reason is None else time_model.seconds(forwards, voxels),
-                peak_bytes=baseline + need,
+                peak_bytes=baseline + generator.memory_needed(grid, item.settings),
             )
         )
     return estimates

@@ -83,16 +83,15 @@ def refresh_dataset_json(dataset_dir: Path) -> None:
     _write_json(path, data)
 
 
-def write_label(item: WorkItem, plan: BatchPlan) -> None:
-    """The nnU-Net label file: the segmentation remapped to class indices (uint8), on its own grid."""
-    import SimpleITK as sitk
+def write_label(item: WorkItem, plan: BatchPlan, classes: Any) -> None:
+    """The nnU-Net label file: the segmentation as the model's class indices (``uint8``, its own grid).
 
+    Args:
+        item: The work item (``item.label`` is the path).
+        plan: The run's plan (output format).
+        classes: The class-index image :meth:`volgen.generation.VolumeGenerator.classes` made from the
+            segmentation (read once for the label and the generation).
+    """
     from volgen import io
 
-    seg = io.read_label(item.case.segmentation)
-    classes = plan.metadata.label_map.remap(
-        sitk.GetArrayViewFromImage(seg), unknown=item.settings.unknown_labels, source=item.case.segmentation
-    )
-    label = sitk.GetImageFromArray(classes)
-    label.CopyInformation(seg)
-    io.write_volume(label, item.label, overwrite=True, format=plan.options.output_format)
+    io.write_volume(classes, item.label, overwrite=True, format=plan.options.output_format)

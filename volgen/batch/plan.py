@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 from volgen.api import GenerateSettings
 from volgen.batch.cases import Case
 from volgen.errors import VolgenError
-from volgen.io.checks import check_seed
 from volgen.io.naming import FORMAT_ENDINGS, sidecar_path
 from volgen.io.paths import overlap, resolve
 from volgen.types import PathLike
@@ -79,7 +78,7 @@ class BatchOptions:
             raise VolgenError(
                 f"--samples-per-case must be in 1..{MAX_SAMPLES_PER_CASE}, got {self.samples_per_case}"
             )
-        check_seed(self.settings.seed)
+
         if self.output_format not in FORMAT_ENDINGS:
             raise VolgenError(f"unknown --format {self.output_format!r}; use {', '.join(FORMAT_ENDINGS)}")
         if self.layout not in LAYOUTS:
@@ -132,6 +131,7 @@ class BatchPlan:
     options: BatchOptions
     metadata: ModelMetadata
     dataset_dir: Path | None = None
+    protected: list[tuple[str, PathLike]] = field(default_factory=list)
 
     def folders(self) -> list[Path]:
         """Folders outputs are written to."""
@@ -221,7 +221,12 @@ def plan_batch(
     guarded += [("reference", c.reference) for c in cases if c.reference is not None]
     check_outputs(out_dir, [p for item in items for p in item.outputs], guarded)
     return BatchPlan(
-        out_dir=out_dir, items=items, options=options, metadata=metadata, dataset_dir=dataset_dir
+        out_dir=out_dir,
+        items=items,
+        options=options,
+        metadata=metadata,
+        dataset_dir=dataset_dir,
+        protected=list(protected),
     )
 
 

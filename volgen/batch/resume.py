@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from volgen.batch.plan import WorkItem
+from volgen.errors import InputError
+from volgen.generation.sidecar import Sidecar
 from volgen.io.atomic import TEMP_NAME
 from volgen.io.files import file_sha256, remove_path
 
@@ -38,25 +40,22 @@ def unfinished_reason(item: WorkItem, *, weights_sha256: str, output_format: str
         return "no output"
     if item.label is not None and not item.label.is_file():
         return "no label file"
-    try:
-        sidecar = json.loads(item.sidecar.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not (item.sidecar.exists() or item.sidecar.is_symlink()):
         return "no sidecar"
-    except (OSError, ValueError):
+    try:
+        sidecar = Sidecar.read(item.sidecar)
+    except InputError:
         return "unreadable sidecar"
-    if not isinstance(sidecar, dict):
-        return "unreadable sidecar"
-    model = sidecar.get("model") if isinstance(sidecar.get("model"), dict) else {}
-    if model.get("weights_sha256") != weights_sha256:
+    if sidecar.model.weights_sha256 != weights_sha256:
         return "made with another model"
-    if sidecar.get("format") != output_format:
+    if sidecar.format != output_format:
         return "another output format"
-    if _comparable_settings(sidecar.get("settings")) != _comparable_settings(asdict(item.settings)):
+    if _comparable_settings(sidecar.settings) != _comparable_settings(asdict(item.settings)):
         return "other settings"
     try:
-        if sidecar.get("segmentation_sha256") != file_sha256(item.case.segmentation):
+        if sidecar.segmentation_sha256 != file_sha256(item.case.segmentation):
             return "the segmentation changed"
-        if sidecar.get("reference_sha256") != file_sha256(item.case.reference):
+        if sidecar.reference_sha256 != file_sha256(item.case.reference):
             return "the reference changed"
     except OSError:
         return "input unreadable"

@@ -1,10 +1,12 @@
 """Running a batch: each process works through its items, claiming each, and records every outcome.
 
-For each item: claim it (:mod:`volgen.batch.claims`; an item another live process holds is left to it),
-remove the temporaries a killed run left for it, skip it when its outputs are complete and current
+Each process holds one :class:`~volgen.generation.VolumeGenerator` (the model set up once on its device) for
+all its items. For each item: claim it (:mod:`volgen.batch.claims`; an item another live process holds is left
+to it), remove the temporaries a killed run left for it, skip it when its outputs are complete and current
 (:func:`volgen.batch.resume.unfinished_reason`), refuse it before reading voxels when its header's grid
-needs more memory than allowed, else generate it; then append its row to the manifest and release the claim.
-A failing item is recorded (its stale outputs removed, only what volgen wrote) and the run goes on.
+needs more memory than allowed, else read its segmentation once (the nnU-Net label file is made from the same
+image) and generate; then append its row to the manifest and release the claim. A failing item is recorded
+(its stale outputs removed, only what volgen wrote) and the run goes on.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from volgen.batch import claims
-from volgen.batch.dryrun import item_need, one_line
+from volgen.batch.dryrun import one_line
 from volgen.batch.group import ProcessGroup, process_group
 from volgen.batch.nnunet import write_dataset_json, write_label
 from volgen.batch.plan import BatchOptions, BatchPlan, WorkItem, plan_batch, select_shard
@@ -32,12 +34,12 @@ from volgen.batch.records import (
     shard_manifests,
 )
 from volgen.batch.resume import find_temporaries, remove_temporaries, unfinished_reason
-from volgen.errors import ResourceError, VolgenError
-from volgen.io.checks import check_steps
+from volgen.errors import VolgenError
 from volgen.io.files import remove_output
 from volgen.types import PathLike
 
 if TYPE_CHECKING:
+    from volgen.generation import VolumeGenerator
     from volgen.models import LoadedModel
     from volgen.pipeline import Progress
 
@@ -107,9 +109,8 @@ class _Context:
     """What every item of one process's run shares."""
 
     plan: BatchPlan
-    loaded: LoadedModel
+    generator: VolumeGenerator
     manifest: Path
-    device: str
     observer: BatchObserver
     temporaries: dict[Path, list[Path]]
     limit: int | None
@@ -119,22 +120,21 @@ def run_items(
     plan: BatchPlan,
     items: Sequence[WorkItem],
     *,
-    loaded: LoadedModel,
+    generator: VolumeGenerator,
     manifest: Path,
-    device: str,
     observer: BatchObserver | None = None,
     elsewhere: list[WorkItem] | None = None,
 ) -> list[ItemRecord]:
-    """Convert ``items`` one after the other, appending each outcome to ``manifest``; return their records.
+    """Convert ``items`` one after the other with one ``generator``, appending each outcome to ``manifest``;
+    return their records.
 
     Items another live process has claimed are left to it (added to ``elsewhere``, not recorded here).
     ``KeyboardInterrupt`` stops the run (finished items stay recorded; the current claim is released).
     """
     context = _Context(
         plan=plan,
-        loaded=loaded,
+        generator=generator,
         manifest=manifest,
-        device=device,
         observer=observer or BatchObserver(),
         temporaries={},
         limit=plan.options.max_memory,
@@ -164,7 +164,7 @@ def run_items(
 
 def _run_item(item: WorkItem, context: _Context, held: claims.Claim) -> ItemRecord:
     """Skip, refuse or generate one claimed item; its record."""
-    plan, loaded = context.plan, context.loaded
+    plan, loaded = context.plan, context.generator.model
     started = time.perf_counter()
     remove_temporaries(item, context.temporaries)
     fmt = plan.options.output_format
@@ -199,46 +199,57 @@ def _check_budget(item: WorkItem, context: _Context) -> None:
     """Refuse an item whose segmentation's grid (its header only: nothing decompressed) needs more memory
     than ``--max-memory`` (or 80% of what is available), before any voxel is read."""
     from volgen import io
-    from volgen.api import available_memory, resolve_device
 
-    grid = io.read_header(item.case.segmentation)
-    _, _, need = item_need(context.loaded, item.settings, grid)
-    limit = context.limit
-    if limit is None:
-        limit = int(0.8 * available_memory(resolve_device(context.device)))
-    if need > limit:
-        raise ResourceError(
-            f"{item.case.segmentation}: generating this volume needs about {need / 2**30:.2f} GiB, above the "
-            f"limit of {limit / 2**30:.2f} GiB (--max-memory; or lower --slice-batch-size)"
-        )
+    grid = io.read_header(item.case.segmentation)  # a Geometry stands in for the image
+    context.generator.check_memory(grid, item.settings, context.limit, source=item.case.segmentation)
 
 
 def _generate(item: WorkItem, context: _Context, held: claims.Claim) -> None:
-    from volgen.api import generate
+    """Read the segmentation once, generate with the process's generator, write the outputs (all or
+    nothing, as the file level does) and, in the nnU-Net layout, the label file from the same image."""
+    from volgen import io
+    from volgen.generation.files import OutputPlan, write_outputs
+    from volgen.generation.reference import match_reference
+    from volgen.generation.sidecar import Sidecar
 
-    plan = context.plan
+    options, generator, settings = context.plan.options, context.generator, item.settings
+    segmentation, reference = item.case.segmentation, item.case.reference
+    started = time.perf_counter()
+    outputs = OutputPlan.make(
+        segmentation, item.output, output_format=options.output_format, overwrite=True,
+        protected=[*context.plan.protected, ("input", segmentation), ("reference", reference)],
+    )  # fmt: skip
+    generator.check(settings, reference=reference is not None)
+    image = io.read_label(segmentation)
+    copy = options.copy_patient_info and options.output_format == "dicom"
+    patient_info = io.patient_info_of(segmentation) if copy else None
+    ref_image = None
+    if reference is not None:
+        ref_image = match_reference(
+            io.read_image(reference), image, resample=False, source=reference, segmentation=segmentation
+        )
+    generator.check_memory(image, settings, options.max_memory, source=segmentation)
     if item.label is not None:
-        write_label(item, plan)
+        classes = generator.classes(image, unknown_labels=settings.unknown_labels, source=segmentation)
+        write_label(item, context.plan, classes)
 
     def progress(p: Progress) -> None:
         held.touch()
         context.observer.item_progress(item, p)
 
-    generate(
-        item.case.segmentation,
-        item.output,
-        model=plan.options.model,
-        settings=item.settings,
-        reference=item.case.reference,
-        output_format=plan.options.output_format,
-        overwrite=True,
-        device=context.device,
-        precision=plan.options.precision,
-        max_memory=plan.options.max_memory,
-        copy_patient_info=plan.options.copy_patient_info,
-        loaded=context.loaded,
-        progress=progress,
+    volume = generator.generate(
+        image, settings=settings, reference=ref_image, progress=progress, source=segmentation
     )
+    sidecar = Sidecar.describe(
+        volume, generator, settings, segmentation=segmentation, output=item.output,
+        output_format=options.output_format, model_path=options.model, reference=reference,
+    )  # fmt: skip
+    if patient_info is not None:
+        sidecar.patient_info_copied = sorted(patient_info)
+    write_outputs(
+        outputs, volume, sidecar, generator, overwrite=True, started=started, title=item.name,
+        patient_info=patient_info,
+    )  # fmt: skip
 
 
 def prepare(source: PathLike, out_dir: PathLike, options: BatchOptions) -> tuple[BatchPlan, LoadedModel]:
@@ -259,11 +270,21 @@ def prepare(source: PathLike, out_dir: PathLike, options: BatchOptions) -> tuple
     protected = [("input folder" if source.is_dir() else "manifest", source), ("model folder", model_dir)]
     from volgen.batch.plan import check_outputs
 
-    check_outputs(out_dir, [], protected)  # before the (slow) case scan and model load
+    # before the (slow) case scan and model load; the run's own manifest may not be the input manifest
+    check_outputs(out_dir, [out_dir / MANIFEST_NAME], protected)
     cases = read_cases(source)
     loaded = load_model(model_dir)
-    check_steps(options.settings.num_inference_steps, loaded.scheduler.config.num_train_timesteps)
     return plan_batch(cases, out_dir, options, loaded.metadata, protected=protected), loaded
+
+
+def make_generator(loaded: LoadedModel, device: str, options: BatchOptions) -> VolumeGenerator:
+    """The one generator of this process: the model set up on its device once, for all its items. The run's
+    settings are checked against the model here, before any item (steps within its schedule, class names)."""
+    from volgen.generation import VolumeGenerator
+
+    generator = VolumeGenerator(loaded, device=device, precision=options.precision)
+    generator.check(options.settings, reference=True)  # λ < 1 without a reference: checked per case
+    return generator
 
 
 def run_batch(
@@ -303,15 +324,10 @@ def run_batch(
     out = plan.out_dir
     manifest = out / MANIFEST_NAME
     elsewhere: list[WorkItem] = []
+    generator = make_generator(loaded, group.device, options)
     if count == 1:
         records = run_items(
-            plan,
-            mine,
-            loaded=loaded,
-            manifest=manifest,
-            device=group.device,
-            observer=observer,
-            elsewhere=elsewhere,
+            plan, mine, generator=generator, manifest=manifest, observer=observer, elsewhere=elsewhere
         )
         compact_manifest(manifest)
         for stale in shard_manifests(out):  # superseded by this whole run's manifest.csv
@@ -323,12 +339,12 @@ def run_batch(
             dataset_json=write_dataset_json(plan),
             elsewhere=elsewhere,
         )
-    return _run_shard(plan, loaded, mine, group, shard, observer, started)
+    return _run_shard(plan, generator, mine, group, shard, observer, started)
 
 
 def _run_shard(
     plan: BatchPlan,
-    loaded: LoadedModel,
+    generator: VolumeGenerator,
     mine: list[WorkItem],
     group: ProcessGroup,
     shard: tuple[int, int],
@@ -344,7 +360,7 @@ def _run_shard(
     out.mkdir(parents=True, exist_ok=True)
     elsewhere: list[WorkItem] = []
     records = run_items(
-        plan, mine, loaded=loaded, manifest=part, device=group.device, observer=observer, elsewhere=elsewhere
+        plan, mine, generator=generator, manifest=part, observer=observer, elsewhere=elsewhere
     )
     compact_manifest(part)
     group.barrier()

@@ -50,8 +50,7 @@ class OutputPlan:
     format: str
     sidecar: Path
     preview: Path | None
-    #: (what, path) pairs no output may be, contain or lie inside: the input, the reference, the model.
-    protected: list[tuple[str, Path | None]] = field(default_factory=list)
+    protected: list[tuple[str, PathLike | None]] = field(default_factory=list)
 
     @classmethod
     def make(
@@ -62,18 +61,16 @@ class OutputPlan:
         output_format: str | None = None,
         preview: PathLike | None = None,
         overwrite: bool = False,
-        protected: list[tuple[str, Path | None]] | None = None,
+        protected: list[tuple[str, PathLike | None]] | None = None,
     ) -> OutputPlan:
-        """Decide and check the outputs (refused if they exist without ``overwrite``, or if one is, holds or
-        lies inside a ``protected`` path, links resolved); temporaries a killed run left for them are
-        removed."""
+        """Decide and check the outputs (refused if they exist without ``overwrite``, or if one is, contains
+        or lies inside a ``protected`` path: the input, the reference, the model folder; links resolved);
+        temporaries a killed run left for them are removed."""
         from volgen import io
 
         out = Path(output) if output is not None else default_output(segmentation)
         fmt = io.output_format(out, output_format)
-        plan = cls(
-            out, fmt, sidecar_path(out), None if preview is None else Path(preview), list(protected or [])
-        )
+        plan = cls(out, fmt, sidecar_path(out), None if preview is None else Path(preview), protected or [])
         targets = [(plan.output, fmt == "dicom"), (plan.sidecar, False)]
         if plan.preview is not None:
             targets.append((plan.preview, False))
@@ -132,12 +129,8 @@ def generate(
     started = time.perf_counter()
     settings = settings or GenerateSettings()
     seg_path = Path(segmentation)
-    model_dir = getattr(loaded, "path", None) if model is None else Path(model)
-    protected = [
-        ("input", seg_path),
-        ("reference", None if reference is None else Path(reference)),
-        ("model folder", Path(model_dir) if model_dir is not None else defaults.MODEL_DIR),
-    ]
+    model_dir = model if model is not None else getattr(loaded, "path", None) or defaults.MODEL_DIR
+    protected = [("input", seg_path), ("reference", reference), ("model folder", model_dir)]
     plan = OutputPlan.make(
         seg_path,
         output,
@@ -158,8 +151,9 @@ def generate(
 
     from volgen import io
 
+    # from the header first: a small .nii.gz can hold gigabytes of voxels; refuse it before decompressing
+    generator.check_memory(io.read_header(seg_path), settings, max_memory, source=seg_path)
     seg_image = io.read_label(seg_path)
-    # Read before the work: the identifiers of the series generated from (never another file in the folder).
     patient_info = io.patient_info_of(seg_path) if copy_patient_info and plan.format == "dicom" else None
     ref_image = None
     if reference is not None:
@@ -185,7 +179,8 @@ def generate(
         reference=reference,
         resample_reference=resample_reference,
     )
-    sidecar.patient_info_copied = None if patient_info is None else sorted(patient_info)
+    if patient_info is not None:
+        sidecar.patient_info_copied = sorted(patient_info)  # what --copy-patient-info copied
     warnings = write_outputs(
         plan,
         volume,
@@ -245,7 +240,7 @@ def write_outputs(
         )
         written.append(plan.output)
         sidecar.seconds = round(time.perf_counter() - started, 3)
-        sidecar.write(plan.sidecar, overwrite=overwrite, protected=plan.protected)
+        sidecar.write(plan.sidecar, overwrite=overwrite)
         written.append(plan.sidecar)
         if plan.preview is None:
             return []
@@ -280,7 +275,7 @@ def write_preview(
 
 
 def remove_written(path: Path) -> None:
-    """Remove an output this run wrote (a file, or a DICOM folder volgen wrote)."""
-    from volgen.io import remove_output
+    """Remove an output this run wrote (a file, or a DICOM folder): :func:`volgen.io.remove_output`."""
+    from volgen import io
 
-    remove_output(path)
+    io.remove_output(path)

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict
 
 from volgen import __version__
 from volgen.errors import InputError, OutputError
-from volgen.io.files import file_sha256
+from volgen.io.files import file_sha256  # the one SHA-256 of volgen (re-exported here)
 from volgen.types import PathLike
 
 
@@ -52,8 +52,6 @@ class Sidecar(BaseModel):
     device: str = "cpu"
     precision: str = "fp32"
     seconds: float = 0.0
-    #: DICOM keys ``--copy-patient-info`` copied from the input series (``None``: nothing was copied).
-    patient_info_copied: list[str] | None = None
 
     @classmethod
     def describe(
@@ -96,12 +94,12 @@ class Sidecar(BaseModel):
             precision=generator.precision,
         )
 
-    def write(self, path: PathLike, *, overwrite: bool = False, protected: Any = ()) -> None:
-        """Write atomically as indented JSON (never over one of the ``protected`` (what, path) pairs)."""
+    def write(self, path: PathLike, *, overwrite: bool = False) -> None:
+        """Write atomically as indented JSON."""
         from volgen.io import atomic_write
 
         try:
-            with atomic_write(path, overwrite=overwrite, protected=protected) as tmp:
+            with atomic_write(path, overwrite=overwrite) as tmp:
                 Path(tmp).write_text(
                     json.dumps(self.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8"
                 )

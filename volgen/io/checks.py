@@ -7,7 +7,9 @@ value enters (model loading, settings), before any work:
   ``scheduler_config.json`` would block), and the scheduler config is a usable schedule (at least 2
   timesteps, finite betas in (0, 1)).
 - :func:`check_finite_weights`: no NaN/Inf in the loaded weights (they give an all-zero volume).
-- :func:`check_steps`, :func:`check_seed`, :func:`check_memory_size`, :func:`check_device`: settings.
+
+Settings (seed, steps, memory sizes, devices) are validated where settings are built
+(:mod:`volgen.generation.settings`, :meth:`volgen.generation.VolumeGenerator.check`).
 """
 
 from __future__ import annotations
@@ -21,17 +23,7 @@ from volgen.errors import ModelError, VolgenError
 from volgen.io.paths import check_readable
 from volgen.types import PathLike
 
-__all__ = [
-    "MAX_SEED",
-    "MODEL_FILES",
-    "check_device",
-    "check_finite_weights",
-    "check_memory_size",
-    "check_model_files",
-    "check_seed",
-    "check_steps",
-    "parse_memory_size",
-]
+__all__ = ["MODEL_FILES", "check_finite_weights", "check_model_files", "check_schedule_config"]
 
 #: Files of a model folder that volgen (and diffusers' ``from_pretrained``) read.
 MODEL_FILES = (
@@ -41,8 +33,6 @@ MODEL_FILES = (
     "unet/diffusion_pytorch_model.safetensors",
     "scheduler/scheduler_config.json",
 )
-#: Seeds are 63-bit (torch generators take 64-bit signed seeds).
-MAX_SEED = 2**63 - 1
 _SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 _MAX_CONFIG_BYTES = 1 << 20
 
@@ -120,83 +110,3 @@ def check_finite_weights(module: Any, folder: PathLike) -> None:
         for name, tensor in module.state_dict().items():
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise ModelError(folder, f"the UNet weights hold NaN/Inf (in {name}); the model is damaged")
-
-
-def check_steps(steps: int, num_train_timesteps: int) -> None:
-    """``--steps`` must lie in 1..T (the model's training timesteps): a sampler cannot take more steps than
-    the schedule has.
-
-    Raises:
-        VolgenError: "--steps 5000: the model's schedule has 1000 timesteps; use 1..1000".
-    """
-    if not 1 <= int(steps) <= int(num_train_timesteps):
-        raise VolgenError(
-            f"--steps {steps}: the model's schedule has {num_train_timesteps} timesteps; "
-            f"use 1..{num_train_timesteps}"
-        )
-
-
-def check_seed(seed: int) -> int:
-    """``--seed`` must be in 0..2**63-1 (what a torch generator takes); return it.
-
-    Raises:
-        VolgenError: "--seed must be in 0..9223372036854775807, got ...".
-    """
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise VolgenError(f"--seed must be an integer in 0..{MAX_SEED}, got {seed}")
-    return seed
-
-
-def check_memory_size(value: float, text: str) -> int:
-    """A memory size in bytes must be finite and positive (``--max-memory inf`` or ``0`` is refused);
-    return it as an int.
-
-    Raises:
-        VolgenError: "--max-memory inf: expected a positive size such as 8G or 512M".
-    """
-    if not math.isfinite(value) or value <= 0 or value >= 2**63:
-        raise VolgenError(f"--max-memory {text}: expected a positive size such as 8G or 512M")
-    return int(value)
-
-
-def parse_memory_size(text: str | None) -> int | None:
-    """``"8G"``, ``"512M"``, ``"2000000"`` -> bytes (``None`` stays ``None``); finite and positive only.
-
-    Raises:
-        VolgenError: "cannot read memory size ...", "--max-memory inf: expected a positive size ...".
-    """
-    if text is None:
-        return None
-    value = str(text).strip().upper().removesuffix("B")
-    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    scale = 1
-    if value and value[-1] in units:
-        value, scale = value[:-1], units[value[-1]]
-    try:
-        number = float(value) * scale
-    except ValueError:
-        raise VolgenError(f"cannot read memory size {text!r}; use e.g. 8G or 512M") from None
-    return check_memory_size(number, str(text))
-
-
-def check_device(device: str) -> None:
-    """``--device`` must name a device this machine has: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` with a
-    GPU ``N``.
-
-    Raises:
-        VolgenError: "--device cuda:0: no CUDA device is available" and the like.
-    """
-    import torch
-
-    if device in ("auto", "cpu"):
-        return
-    if device != "cuda" and not device.startswith("cuda:"):
-        raise VolgenError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise VolgenError(f"--device {device}: no CUDA device is available")
-    if device.startswith("cuda:"):
-        index = device.removeprefix("cuda:")
-        if not index.isdigit() or int(index) >= torch.cuda.device_count():
-            raise VolgenError(
-                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0..)"
-            )

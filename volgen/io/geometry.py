@@ -93,6 +93,23 @@ class Geometry:
             and np.allclose(self.direction, other.direction, rtol=0, atol=atol)
         )
 
+    def GetSize(self) -> tuple[int, int, int]:  # noqa: N802 - SimpleITK's name
+        """The size, as ``sitk.Image.GetSize`` gives it: a geometry stands in for an image wherever only the
+        grid matters (memory and time estimates from a header, before any voxel is read)."""
+        return self.size
+
+    def GetDirection(self) -> tuple[float, ...]:  # noqa: N802 - SimpleITK's name
+        """The direction, as ``sitk.Image.GetDirection`` gives it."""
+        return self.direction
+
+    def GetSpacing(self) -> tuple[float, float, float]:  # noqa: N802 - SimpleITK's name
+        """The spacing, as ``sitk.Image.GetSpacing`` gives it."""
+        return self.spacing
+
+    def GetOrigin(self) -> tuple[float, float, float]:  # noqa: N802 - SimpleITK's name
+        """The origin, as ``sitk.Image.GetOrigin`` gives it."""
+        return self.origin
+
     @property
     def direction_matrix(self) -> np.ndarray:
         """The direction as a 3x3 array; column ``j`` is the LPS unit vector of index axis ``j``."""

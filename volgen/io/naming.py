@@ -1,4 +1,5 @@
-"""File naming: the one home of volgen's extensions, output formats, default output names and sidecar names.
+"""File naming, in one place: extensions volgen reads and writes, output formats, default output names and
+provenance-sidecar names.
 
 Rules (documented in the README):
 
@@ -18,11 +19,14 @@ from volgen.io._common import METAIMAGE, NIFTI, NRRD, SLICER_SEG
 from volgen.types import PathLike
 
 __all__ = [
+    "DEFAULT_OUTPUT_EXTENSION",
     "DEFAULT_OUTPUT_HELP",
+    "DEFAULT_OUTPUT_TAG",
     "FORMAT_ENDINGS",
     "INPUT_EXTENSIONS",
     "OUTPUT_EXTENSIONS",
     "OUTPUT_FORMATS",
+    "SIDECAR_SUFFIX",
     "default_output",
     "extension",
     "sidecar_path",
@@ -98,9 +102,13 @@ def sidecar_path(output: PathLike) -> Path:
 
 
 def default_output(segmentation: PathLike) -> Path:
-    """``seg.nrrd`` -> ``seg_synthetic.nrrd``; DICOM inputs and unknown extensions -> ``.nii.gz``."""
+    """``seg.nrrd`` -> ``seg_synthetic.nrrd``; DICOM inputs and unknown extensions -> ``.nii.gz``.
+
+    A segmentation given as ``.`` or ``..`` (e.g. ``volgen generate .`` inside a DICOM folder) is named by its
+    absolute path: the output goes next to that folder.
+    """
     segmentation = Path(segmentation)
-    if not segmentation.name:  # "." or ".." (e.g. run inside a DICOM folder): named by its absolute path
+    if not segmentation.name or segmentation.name == "..":
         segmentation = Path(os.path.abspath(segmentation))
     base, ext = split_extension(segmentation.name)
     if ext.lower() not in OUTPUT_EXTENSIONS or ext.lower() == ".seg.nrrd":

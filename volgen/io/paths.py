@@ -181,4 +181,5 @@ def check_readable(path: PathLike, *, folder_ok: bool = True, what: str = "file"
         if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)
         else "not a regular file"
     )
-    raise InputError(path, f"is {kind}, not a regular {what}; volgen reads regular files only")
+    named = "" if what == "file" else f" (the {what})"
+    raise InputError(path, f"is {kind}, not a regular file{named}; volgen reads regular files only")
