@@ -90,7 +90,7 @@ def _ds(value: float) -> str:
 
 
 def _choose_scaling(array: np.ndarray, modality: str) -> tuple[float, float]:
-    """Choose Rescale Slope and Intercept so that ``slope * stored + intercept`` reproduces ``array``
+    """CT: choose Rescale Slope and Intercept so that ``slope * stored + intercept`` reproduces ``array``
     with int16 stored values.
 
     Integer values that fit int16 (CT: any values in the int16 range, rounded to whole HU) are stored
@@ -99,7 +99,7 @@ def _choose_scaling(array: np.ndarray, modality: str) -> tuple[float, float]:
     """
     lo, hi = float(array.min()), float(array.max())
     fits = lo >= -32768 and hi <= 32767
-    integral = np.issubdtype(array.dtype, np.integer) or all(np.all(np.mod(s, 1) == 0) for s in array)
+    integral = _integral(array)
     if fits and (integral or modality == "CT"):
         if not integral:
             logger.debug("CT values rounded to whole HU for int16 storage")
@@ -109,10 +109,64 @@ def _choose_scaling(array: np.ndarray, modality: str) -> tuple[float, float]:
     return slope, intercept
 
 
-def _stored(values: np.ndarray, slope: float, intercept: float) -> np.ndarray:
-    """int16 stored values of one slice (little endian)."""
+def _integral(array: np.ndarray) -> bool:
+    return bool(np.issubdtype(array.dtype, np.integer) or all(np.all(np.mod(s, 1) == 0) for s in array))
+
+
+#: Largest stored value of MR output (unsigned 16 bit).
+MR_STORED_MAX = 65535
+
+
+def mr_storage(array: np.ndarray) -> tuple[float, float, bool]:
+    """How MR intensities are stored: without a Modality LUT (no Rescale Slope/Intercept, which the MR Image
+    IOD does not expect and some viewers ignore), as 16-bit integers ``stored`` with
+    ``value ~ slope * stored + intercept``.
+
+    - Whole numbers within [0, 65535] (e.g. a uint8 or uint16 scale): stored as they are, unsigned (slope 1,
+      intercept 0); whole numbers within [-32768, 32767] with negative values: signed, as they are.
+    - Anything else (the float output of an MR model): the value range [min, max] mapped linearly onto
+      [0, 65535], unsigned; precision (max - min) / 131070.
+
+    The mapping is recorded in the Real World Value Mapping Sequence of every file (slope, intercept, MR
+    arbitrary units) and, in words, in DerivationDescription.
+
+    Returns:
+        ``(slope, intercept, signed)``.
+    """
+    lo, hi = float(array.min()), float(array.max())
+    if _integral(array):
+        if lo >= 0 and hi <= MR_STORED_MAX:
+            return 1.0, 0.0, False
+        if lo >= -32768 and hi <= 32767:
+            return 1.0, 0.0, True
+    slope = (hi - lo) / MR_STORED_MAX if hi > lo else 1.0
+    return slope, lo, False
+
+
+def _stored(values: np.ndarray, slope: float, intercept: float, *, signed: bool = True) -> np.ndarray:
+    """16-bit stored values of one slice (little endian; int16, or uint16 when not ``signed``)."""
     scaled = (values.astype(np.float64) - intercept) / slope
-    return np.clip(np.rint(scaled), -32768, 32767).astype("<i2")
+    if signed:
+        return np.clip(np.rint(scaled), -32768, 32767).astype("<i2")
+    return np.clip(np.rint(scaled), 0, MR_STORED_MAX).astype("<u2")
+
+
+def _real_world_values(slope: float, intercept: float, signed: bool) -> Dataset:
+    """One Real World Value Mapping item: MR intensity (arbitrary units) = slope * stored + intercept."""
+    item = Dataset()
+    first, last = (-32768, 32767) if signed else (0, MR_STORED_MAX)
+    item.RealWorldValueFirstValueMapped = first
+    item.RealWorldValueLastValueMapped = last
+    item.RealWorldValueSlope = float(slope)
+    item.RealWorldValueIntercept = float(intercept)
+    item.LUTExplanation = "MR intensity of the synthetic image"
+    item.LUTLabel = "VOLGEN_MR"
+    unit = Dataset()
+    unit.CodeValue = "[arb'U]"
+    unit.CodingSchemeDesignator = "UCUM"
+    unit.CodeMeaning = "arbitrary unit"
+    item.MeasurementUnitsCodeSequence = [unit]
+    return item
 
 
 def _now() -> tuple[str, str]:
@@ -132,8 +186,10 @@ def write_dicom_series(
 ) -> Path:
     """Write a 3D image as a synthetic DICOM series, one file per slice.
 
-    The files are CT Image Storage (modality "CT") or MR Image Storage ("MR"), explicit VR little endian,
-    int16 pixels with Rescale Slope/Intercept (CT: whole HU, slope 1, when the values fit int16), fresh
+    The files are CT Image Storage (modality "CT") or MR Image Storage ("MR"), explicit VR little endian.
+    CT: int16 pixels with Rescale Slope/Intercept (whole HU, slope 1, when the values fit int16). MR: 16-bit
+    pixels without Rescale Slope/Intercept, see :func:`mr_storage` (values on a whole-number scale as they
+    are, float values mapped onto [0, 65535], the mapping in the Real World Value Mapping Sequence). Fresh
     UIDs for study, series, frame of reference and every instance, ``ImageType``
     DERIVED\\SECONDARY\\AXIAL (CT) or DERIVED\\SECONDARY\\OTHER (MR), and a statement that the image is
     synthetic (ImageComments, DerivationDescription; SeriesDescription by default). No identifiers are
@@ -178,9 +234,14 @@ def write_dicom_series(
     array = sitk.GetArrayViewFromImage(image)  # (z, y, x), no copy
     if np.issubdtype(array.dtype, np.floating) and not all(np.isfinite(s).all() for s in array):
         raise OutputError(folder, "image has NaN/Inf values")
-    slope, intercept = _choose_scaling(array, modality)
+    if modality == "CT":
+        slope, intercept, signed = *_choose_scaling(array, modality), True
+    else:
+        slope, intercept, signed = mr_storage(array)
     sample = array.ravel()[:: max(1, array.size // 1_000_000)].astype(np.float64)
     lo, hi = np.percentile(sample, [1, 99])
+    if modality == "MR":  # no Modality LUT: the VOI window is in stored values
+        lo, hi = (lo - intercept) / slope, (hi - intercept) / slope
     center, width = (lo + hi) / 2, max(hi - lo, 1.0)
     spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
     origin = np.asarray(image.GetOrigin(), dtype=np.float64)
@@ -212,7 +273,7 @@ def write_dicom_series(
     base.StudyInstanceUID = study_uid
     base.StudyDate, base.StudyTime = date, time
     base.ReferringPhysicianName = ""
-    base.StudyID = ""
+    base.StudyID = "1"  # a value: DICOMDIR needs one
     base.AccessionNumber = ""
     # General Series
     base.Modality = modality
@@ -221,6 +282,8 @@ def write_dicom_series(
     base.SeriesDate, base.SeriesTime = date, time
     base.SeriesDescription = description
     base.PatientPosition = ""
+    # Empty: the laterality of a synthetic volume is unknown, which is when the standard permits empty
+    # (dciodvfy's one remaining warning); absent would be an error for a paired body part.
     base.Laterality = ""
     # Frame of Reference
     base.FrameOfReferenceUID = frame_uid
@@ -248,9 +311,15 @@ def write_dicom_series(
     base.BitsAllocated = 16
     base.BitsStored = 16
     base.HighBit = 15
-    base.PixelRepresentation = 1
-    base.RescaleIntercept = _ds(intercept)
-    base.RescaleSlope = _ds(slope)
+    base.PixelRepresentation = 1 if signed else 0
+    if modality == "CT":
+        base.RescaleIntercept = _ds(intercept)
+        base.RescaleSlope = _ds(slope)
+    else:
+        base.RealWorldValueMappingSequence = [_real_world_values(slope, intercept, signed)]
+        base.DerivationDescription = (
+            f"{SYNTHETIC_STATEMENT} MR intensity = {_ds(slope)} * stored + {_ds(intercept)}"
+        )
     base.WindowCenter = _ds(center)
     base.WindowWidth = _ds(width)
     if modality == "CT":
@@ -280,7 +349,7 @@ def write_dicom_series(
             position = origin + k * spacing[2] * normal
             ds.ImagePositionPatient = [_ds(v) for v in position]
             ds.SliceLocation = _ds(float(position @ normal))
-            ds.PixelData = _stored(array[k], slope, intercept).tobytes()
+            ds.PixelData = _stored(array[k], slope, intercept, signed=signed).tobytes()
             meta = FileMetaDataset()
             meta.MediaStorageSOPClassUID = sop_class
             meta.MediaStorageSOPInstanceUID = sop_uid

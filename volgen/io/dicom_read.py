@@ -276,7 +276,27 @@ def read_dicom_folder(folder: PathLike, *, series: str | None = None) -> Loaded:
         raise InputError(
             folder, "cannot read the DICOM pixel data (corrupt files or unsupported compression)"
         ) from exc
-    return Loaded(image=clear_metadata(image), format=DICOM_SERIES)
+    return Loaded(image=_real_world_values(clear_metadata(image), first), format=DICOM_SERIES)
+
+
+def _real_world_values(image: sitk.Image, header: Dataset) -> sitk.Image:
+    """Apply a Real World Value Mapping (intensity = slope * stored + intercept) to a series without Rescale
+    Slope/Intercept, as volgen writes MR: the values read back are the intensities that were written.
+
+    Only a single linear mapping covering every stored value is applied; anything else is left as stored.
+    """
+    if "RescaleSlope" in header or "RealWorldValueMappingSequence" not in header:
+        return image
+    items = header.RealWorldValueMappingSequence
+    if len(items) != 1 or "RealWorldValueSlope" not in items[0]:
+        return image
+    slope = float(items[0].RealWorldValueSlope)
+    intercept = float(items[0].get("RealWorldValueIntercept", 0.0))
+    if not (np.isfinite(slope) and np.isfinite(intercept)) or (slope == 1.0 and intercept == 0.0):
+        return image
+    mapped = sitk.Cast(image, sitk.sitkFloat32) * slope + intercept
+    mapped.CopyInformation(image)
+    return mapped
 
 
 def _check_series_geometry(folder: Path, headers: list[Dataset]) -> Geometry:
