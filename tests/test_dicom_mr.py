@@ -49,3 +49,14 @@ def test_mr_storage_rules():
     assert mr_storage(np.array([[0.0, 70000.0]]))[2] is False  # too large for 16 bit: mapped
     slope, intercept, signed = mr_storage(np.array([[0.5, 2.5]], np.float32))
     assert (slope, intercept, signed) == (pytest.approx(2.0 / MR_STORED_MAX), 0.5, False)
+
+
+def test_volgen_reads_its_mr_output_back_as_intensities(tmp_path):
+    from volgen.io import read_image
+
+    image = make_volume("image", size=(9, 8, 5))
+    _, _, slope, _ = _write(image, tmp_path / "mr")
+    back = read_image(tmp_path / "mr")
+    np.testing.assert_allclose(
+        sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image), rtol=0, atol=slope * 0.51 + 1e-5
+    )

@@ -244,7 +244,14 @@ def write_outputs(
         written.append(plan.sidecar)
         if plan.preview is None:
             return []
-        return write_preview(plan, volume, title=title, reference=reference_image, overwrite=overwrite)
+        return write_preview(
+            plan,
+            volume,
+            title=title,
+            reference=reference_image,
+            overwrite=overwrite,
+            class_names=meta.label_map.class_names,
+        )
     except BaseException:
         for path in written:
             remove_written(path)
@@ -252,7 +259,13 @@ def write_outputs(
 
 
 def write_preview(
-    plan: OutputPlan, volume: GeneratedVolume, *, title: str, reference: Any = None, overwrite: bool = False
+    plan: OutputPlan,
+    volume: GeneratedVolume,
+    *,
+    title: str,
+    reference: Any = None,
+    overwrite: bool = False,
+    class_names: Any = None,
 ) -> list[str]:
     """The PNG montage, or one warning line if it cannot be made (the result it shows is kept)."""
     try:
@@ -263,6 +276,7 @@ def write_preview(
             volume.image,
             plan.preview,
             reference=reference,
+            class_names=class_names,
             overwrite=overwrite,
             title=title,
         )

@@ -115,6 +115,8 @@ def _integral(array: np.ndarray) -> bool:
 
 #: Largest stored value of MR output (unsigned 16 bit).
 MR_STORED_MAX = 65535
+#: LUTLabel of the Real World Value Mapping volgen writes (and reads back: :func:`volgen_mr_mapping`).
+_MR_LUT_LABEL = "VOLGEN_MR"
 
 
 def mr_storage(array: np.ndarray) -> tuple[float, float, bool]:
@@ -160,13 +162,25 @@ def _real_world_values(slope: float, intercept: float, signed: bool) -> Dataset:
     item.RealWorldValueSlope = float(slope)
     item.RealWorldValueIntercept = float(intercept)
     item.LUTExplanation = "MR intensity of the synthetic image"
-    item.LUTLabel = "VOLGEN_MR"
+    item.LUTLabel = _MR_LUT_LABEL
     unit = Dataset()
     unit.CodeValue = "[arb'U]"
     unit.CodingSchemeDesignator = "UCUM"
     unit.CodeMeaning = "arbitrary unit"
     item.MeasurementUnitsCodeSequence = [unit]
     return item
+
+
+def volgen_mr_mapping(header: Dataset) -> tuple[float, float] | None:
+    """``(slope, intercept)`` of an MR file volgen wrote with its intensities mapped (see :func:`mr_storage`),
+    ``None`` for anything else (other files keep the reader's usual Rescale Slope/Intercept handling)."""
+    if "RescaleSlope" in header or "RealWorldValueMappingSequence" not in header:
+        return None
+    items = header.RealWorldValueMappingSequence
+    if len(items) != 1 or items[0].get("LUTLabel", "") != _MR_LUT_LABEL:
+        return None
+    slope, intercept = float(items[0].RealWorldValueSlope), float(items[0].RealWorldValueIntercept)
+    return None if (slope, intercept) == (1.0, 0.0) else (slope, intercept)
 
 
 def _now() -> tuple[str, str]:

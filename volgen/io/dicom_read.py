@@ -280,20 +280,15 @@ def read_dicom_folder(folder: PathLike, *, series: str | None = None) -> Loaded:
 
 
 def _real_world_values(image: sitk.Image, header: Dataset) -> sitk.Image:
-    """Apply a Real World Value Mapping (intensity = slope * stored + intercept) to a series without Rescale
-    Slope/Intercept, as volgen writes MR: the values read back are the intensities that were written.
+    """volgen's own MR series (no Rescale Slope/Intercept; the intensity mapping in a Real World Value
+    Mapping labelled by volgen) read back as the intensities that were written. Other series stay as stored:
+    another vendor's mapping may describe quantities the user expects as stored values."""
+    from volgen.io.dicom import volgen_mr_mapping
 
-    Only a single linear mapping covering every stored value is applied; anything else is left as stored.
-    """
-    if "RescaleSlope" in header or "RealWorldValueMappingSequence" not in header:
+    mapping = volgen_mr_mapping(header)
+    if mapping is None:
         return image
-    items = header.RealWorldValueMappingSequence
-    if len(items) != 1 or "RealWorldValueSlope" not in items[0]:
-        return image
-    slope = float(items[0].RealWorldValueSlope)
-    intercept = float(items[0].get("RealWorldValueIntercept", 0.0))
-    if not (np.isfinite(slope) and np.isfinite(intercept)) or (slope == 1.0 and intercept == 0.0):
-        return image
+    slope, intercept = mapping
     mapped = sitk.Cast(image, sitk.sitkFloat32) * slope + intercept
     mapped.CopyInformation(image)
     return mapped
