@@ -171,6 +171,7 @@ def test_resume_matches_an_uninterrupted_run(reference_run, workdir):
 
     _, reference, _ = reference_run
     config = TrainConfig.from_yaml(write_config(workdir, output_dir="interrupted"))
+    assert config.augmentation.enabled  # the default: resuming repeats the augmentation draws too
 
     class Interrupt(Exception):
         pass

@@ -63,6 +63,7 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from volgen.augmentation import AugmentationConfig, Augmenter, AugmentingCollate
 from volgen.config import StrictModel, load_yaml, save_yaml
 from volgen.errors import ConfigError, OutputError, VolgenError
 from volgen.models import IntensityMapping, UNetConfig
@@ -84,6 +85,7 @@ PREVIEW_SLICES = 4
 _STREAM_DATA = 0
 _STREAM_NOISE = 1
 _STREAM_ABLATION = 2
+_STREAM_AUGMENT = 3
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -208,6 +210,7 @@ class TrainConfig(StrictModel):
     data: DataConfig
     model: ModelSection = Field(default_factory=ModelSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
+    augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
 
     @classmethod
     def from_yaml(cls, path: PathLike) -> TrainConfig:
@@ -246,7 +249,12 @@ def _resume_relevant(config: TrainConfig) -> dict[str, Any]:
             "mixed_precision",
         )
     }
-    return {"data": dump["data"], "model": dump["model"], "training": training}
+    return {
+        "data": dump["data"],
+        "model": dump["model"],
+        "training": training,
+        "augmentation": dump["augmentation"],
+    }
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
@@ -284,6 +292,9 @@ class StepBatchSampler(torch.utils.data.Sampler):
         weights: Per-sample weights (draw with replacement, ``WeightedRandomSampler``-style) or ``None``
             (uniform: seeded permutations, every sample once per epoch).
         rank, world_size: This process's slice of the global batch.
+        augment_seeds: Yield ``(index, seed)`` pairs instead of bare indices: the seed of each sample's
+            augmentation, derived from ``(seed, step, position in the global batch)``; ``samples_per_draw``
+            consecutive positions share one.
     """
 
     def __init__(
@@ -297,6 +308,8 @@ class StepBatchSampler(torch.utils.data.Sampler):
         weights: torch.Tensor | None = None,
         rank: int = 0,
         world_size: int = 1,
+        augment_seeds: bool = False,
+        samples_per_draw: int = 1,
     ) -> None:
         if batch_size % world_size:
             raise ConfigError(
@@ -310,6 +323,8 @@ class StepBatchSampler(torch.utils.data.Sampler):
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         self.rank = rank
         self.world_size = world_size
+        self.augment_seeds = augment_seeds
+        self.samples_per_draw = samples_per_draw
         self._permutations: dict[int, torch.Tensor] = {}
 
     def _permutation(self, epoch: int) -> torch.Tensor:
@@ -333,8 +348,18 @@ class StepBatchSampler(torch.utils.data.Sampler):
         return slice(self.rank * share, (self.rank + 1) * share)
 
     def __iter__(self):
+        local = self.local_slice()
         for step in range(self.start_step, self.end_step):
-            yield self.global_indices(step)[self.local_slice()]
+            indices = self.global_indices(step)
+            if not self.augment_seeds:
+                yield indices[local]
+                continue
+            base, group = step * self.batch_size, self.samples_per_draw
+            positions = range(local.start, local.stop)
+            yield [
+                (indices[p], step_seed(self.seed, _STREAM_AUGMENT, base + p // group * group))
+                for p in positions
+            ]
 
     def __len__(self) -> int:
         return max(0, self.end_step - self.start_step)
@@ -841,6 +866,14 @@ def train(
     )
     num_classes = metadata.num_classes
     padding = metadata.condition.context_padding if metadata.condition is not None else "background"
+    augmenter = None
+    if config.augmentation.enabled:
+        augmenter = Augmenter(
+            config.augmentation,
+            slice_size=metadata.slice_size,
+            modality=metadata.intensity.modality,
+            slice_axis=metadata.slice_axis,
+        )
     dataset = SliceDataset(data.volumes, config.model.context_slices, padding=padding)
 
     torch.manual_seed(cfg.seed)
@@ -879,9 +912,15 @@ def train(
         weights=weights,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
+        augment_seeds=augmenter is not None,
+        samples_per_draw=config.augmentation.samples_per_draw,
     )
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=cuda
+        dataset,
+        batch_sampler=sampler,
+        num_workers=cfg.num_workers,
+        pin_memory=cuda,
+        collate_fn=AugmentingCollate(augmenter) if augmenter is not None else None,
     )
     local = sampler.local_slice()
     image_shape = (1, unet_config.sample_size, unet_config.sample_size)
