@@ -1053,6 +1053,7 @@ def train(
             "zero_terminal_snr": config.model.zero_terminal_snr,
             "offset_noise": cfg.offset_noise,
             "snr_gamma": cfg.snr_gamma,
+            "augmentation": config.augmentation.enabled,
             "ema_decay": cfg.ema_decay,
             "seed": cfg.seed,
             "final_loss": final_loss,
