@@ -196,8 +196,23 @@ def example_figures(model: Path, work: Path, seeds: int, device: str) -> dict[st
                 "empty_slices_with_anatomy": empty,
             }
         )
+    dropped = []  # --drop head: the enclosing class dropped (what it does is documented in the README)
+    for seed in range(2):
+        out = work / f"example-drop-head-seed-{seed}.nii.gz"
+        settings = GenerateSettings(seed=seed, drop=["head"])
+        generate(EXAMPLE, out, model=model, loaded=loaded, settings=settings, overwrite=True, device=device)
+        generated = sitk.GetArrayFromImage(read_image(out)).astype(np.float32)
+        dropped.append(
+            {
+                "seed": seed,
+                "empty_slices_with_anatomy": heldout_slab.empty_slices_with_anatomy(generated, mask, level),
+                "outside_brain_mean_pct_of_range": float(
+                    (generated[mask <= 1].mean() - loaded.metadata.intensity.low) / span * 100
+                ),
+            }
+        )
     return {"model_id": loaded.model_id, "intensity_range": [loaded.metadata.intensity.low,
-            loaded.metadata.intensity.high], "per_seed": per_seed}  # fmt: skip
+            loaded.metadata.intensity.high], "per_seed": per_seed, "drop_head": dropped}  # fmt: skip
 
 
 def _views(array: np.ndarray) -> list[np.ndarray]:
@@ -294,6 +309,15 @@ def default_table(record: dict[str, Any]) -> str:
             f"| {s['seed']} | {s['background_mean']:.2f} | {s['background_mean_pct_of_range']:.1f} | "
             f"{len(s['empty_slices_with_anatomy'])} |"
         )
+    lines += [
+        "",
+        "`--drop head` (seed: empty slices with anatomy, mean outside the brain as % of the range): ",
+    ]
+    lines += [
+        f"seed {d['seed']}: {len(d['empty_slices_with_anatomy'])}, "
+        f"{d['outside_brain_mean_pct_of_range']:.1f} %"
+        for d in record["example"].get("drop_head", [])
+    ]
     return "\n".join(lines) + "\n"
 
 
