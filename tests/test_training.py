@@ -377,3 +377,17 @@ def test_ablated_classes_reach_the_unet_as_unspecified_flags(workdir, monkeypatc
     for c in range(2):
         unspecified = per_sample[:, c] == 0
         assert float(masks[unspecified][:, c::2].abs().sum()) == 0.0  # an unspecified class is never drawn
+
+
+def test_learning_rate_is_a_function_of_the_step_matching_diffusers_cosine_with_warmup():
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    from volgen.training import lr_factor
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = get_cosine_schedule_with_warmup(optimizer, 5, 40)
+    for step in range(40):
+        assert lr_factor(step, 5, 40) == pytest.approx(optimizer.param_groups[0]["lr"], abs=1e-12)
+        optimizer.step()
+        reference.step()
+    assert lr_factor(0, 5, 40) == 0.0 and lr_factor(40, 5, 40) == 0.0
