@@ -67,15 +67,15 @@ def budget(args: argparse.Namespace) -> dict[str, Any]:
             threads=1,
         )
     return dict(
-        steps=args.steps or 4000,
-        default_steps=args.default_steps or 6000,
+        steps=args.steps or 3000,
+        default_steps=args.default_steps or 5000,
         batch_size=16,
         preset="small",
         size=None,
         seeds=args.seeds or 8,
         parallel=args.parallel or 8,
         workers=args.workers,
-        samples_per_draw=4,
+        samples_per_draw=8,  # two augmentation draws per batch of 16: the CPU keeps up with the GPU
         max_minutes=args.max_minutes,
         threads=2,
     )
