@@ -55,6 +55,7 @@ OLDER = {
         "zero_terminal_snr": False,
     },
     "augmentation": {"enabled": False},
+    "data": {"empty_slices": 0},
 }
 #: Recipe variants (overrides of configs/train/colin27-small.yaml): each part of the recipe off in turn.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -62,9 +63,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no-flags": {"model": {"specified_flags": False}},
     "no-augmentation": {"augmentation": {"enabled": False}},
     "epsilon-linear": {"model": {"prediction_type": "epsilon", "zero_terminal_snr": False}},
-    "background-padding": {"model": {"context_padding": "background"}},
+    "no-edges": {"model": {"context_padding": "background"}, "data": {"empty_slices": 0}},
     "older-recipe": OLDER,
-    # optional extras of the schedule (not in the default set)
+    # optional extras (not in the default set)
+    "background-padding": {"model": {"context_padding": "background"}},
+    "no-empty-slices": {"data": {"empty_slices": 0}},
     "min-snr-5": {"training": {"snr_gamma": 5.0}},
     "offset-noise": {"training": {"offset_noise": 0.1}},
 }

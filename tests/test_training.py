@@ -391,3 +391,20 @@ def test_learning_rate_is_a_function_of_the_step_matching_diffusers_cosine_with_
         optimizer.step()
         reference.step()
     assert lr_factor(0, 5, 40) == 0.0 and lr_factor(40, 5, 40) == 0.0
+
+
+def test_empty_slices_pad_each_volume_with_air_on_both_ends():
+    from volgen.data import PreparedVolume, with_empty_slices
+
+    volume = PreparedVolume(
+        case="c",
+        image=torch.rand(5, 4, 4) * 2 - 1,
+        labels=torch.ones(5, 4, 4, dtype=torch.uint8),
+        window=(0, 1),
+    )
+    padded = with_empty_slices(volume, 2)
+    assert padded.labels.shape == (9, 4, 4) and padded.image.shape == (9, 4, 4)
+    assert not padded.labels[:2].any() and not padded.labels[-2:].any()
+    assert torch.all(padded.image[:2] == -1.0) and torch.all(padded.image[-2:] == -1.0)
+    assert torch.equal(padded.image[2:7], volume.image) and torch.equal(padded.labels[2:7], volume.labels)
+    assert with_empty_slices(volume, 0) is volume

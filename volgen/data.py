@@ -158,6 +158,21 @@ def prepare_case(
     return PreparedVolume(case=case.case, image=model_space, labels=frame.labels, window=window)
 
 
+def with_empty_slices(volume: PreparedVolume, count: int) -> PreparedVolume:
+    """``volume`` with ``count`` all-background slices (image -1, the model-space minimum) on both ends."""
+    if count == 0:
+        return volume
+    _, h, w = volume.labels.shape
+    labels = volume.labels.new_zeros(count, h, w)
+    image = volume.image.new_full((count, h, w), -1.0)
+    return PreparedVolume(
+        case=volume.case,
+        image=torch.cat([image, volume.image, image]),
+        labels=torch.cat([labels, volume.labels, labels]),
+        window=volume.window,
+    )
+
+
 class SliceDataset(Dataset):
     """2D training samples from prepared volumes.
 

@@ -26,6 +26,9 @@ class DataConfig(StrictModel):
     slice_axis: Literal["axial", "coronal", "sagittal"] = "axial"
     unknown_labels: UnknownLabels = "error"
     foreground_weight: float = Field(0.0, ge=0.0)
+    #: All-background slices (image at the model-space minimum, i.e. air) added below and above every
+    #: volume: the model sees empty masks next to anatomy, as at the ends of generated volumes.
+    empty_slices: int = Field(0, ge=0, le=64)
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:

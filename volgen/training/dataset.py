@@ -25,7 +25,7 @@ class TrainingData:
 
 def prepare_training_data(config: TrainConfig) -> TrainingData:
     """Find, read, check and resample every case into the slicing frame (see :mod:`volgen.data`)."""
-    from volgen.data import find_cases, prepare_case
+    from volgen.data import find_cases, prepare_case, with_empty_slices
     from volgen.labels import load_label_map
 
     data = config.data
@@ -47,7 +47,7 @@ def prepare_training_data(config: TrainConfig) -> TrainingData:
         )
         if not bool((volume.labels > 0).any()):
             logger.warning("case %s has no foreground in label map '%s'", case.case, label_map.name)
-        volumes.append(volume)
+        volumes.append(with_empty_slices(volume, data.empty_slices))
     intensity = data.intensity_mapping([v.window for v in volumes])
     names = ", ".join(c.case for c in cases[:5]) + (" ..." if len(cases) > 5 else "")
     description = f"{len(cases)} case(s) from {data.source} ({names})"
