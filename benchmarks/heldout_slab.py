@@ -76,7 +76,7 @@ DEFAULT_VARIANTS = (
     "no-flags",
     "no-augmentation",
     "epsilon-linear",
-    "background-padding",
+    "no-edges",
     "older-recipe",
 )
 
