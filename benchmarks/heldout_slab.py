@@ -21,7 +21,7 @@
    - background error: |mean generated − mean real| over the mask's background voxels (slab and empty
      slices), as % of the real slab's intensity range (0.5-99.5th percentiles);
    - anatomy in the empty slices: a seed counts when any empty slice has more than 1 % of its voxels above
-     the real background + 15 % of the range.
+     the real background + 15 % of the range; and the empty slices' mean intensity (% of the range).
 
 Writes ``heldout.json`` (every seed of every variant) and ``heldout.md`` (the table) under ``--out``;
 ``--variant NAME`` trains and scores one variant and writes ``variant-NAME.json`` (for running variants as
@@ -240,6 +240,7 @@ def summarise(seeds: list[dict[str, Any]]) -> dict[str, Any]:
         "background_error_mean_pct": float(np.mean(background)),
         "background_error_worst_pct": float(np.max(background)),
         "seeds_with_anatomy_in_empty_slices": int(sum(bool(s["empty_slices_with_anatomy"]) for s in seeds)),
+        "empty_slice_mean_pct": float(np.mean([s["empty_slice_mean_pct"] for s in seeds])),
         "seeds": len(seeds),
     }
 
@@ -317,8 +318,8 @@ def table(records: list[dict[str, Any]]) -> str:
         f"{first['ceiling_model_frame']:.3f}.",
         "",
         "| variant | steps | faithfulness mean | worst | background error mean % | worst % "
-        "| seeds with anatomy in empty slices | per-seed faithfulness |",
-        "|---|---|---|---|---|---|---|---|",
+        "| seeds with anatomy in empty slices | empty-slice mean % | per-seed faithfulness |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         s = r["summary"]
@@ -327,7 +328,8 @@ def table(records: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['variant']} | {steps} | {s['faithfulness_mean']:.3f} | {s['faithfulness_worst']:.3f} | "
             f"{s['background_error_mean_pct']:.1f} | {s['background_error_worst_pct']:.1f} | "
-            f"{s['seeds_with_anatomy_in_empty_slices']}/{s['seeds']} | {per_seed} |"
+            f"{s['seeds_with_anatomy_in_empty_slices']}/{s['seeds']} | "
+            f"{s.get('empty_slice_mean_pct', float('nan')):.1f} | {per_seed} |"
         )
     return "\n".join(lines) + "\n"
 
