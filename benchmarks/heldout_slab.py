@@ -322,14 +322,14 @@ def table(records: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        s = r["summary"]
+        s = summarise(r["per_seed"])
         per_seed = " ".join(f"{x['faithfulness']:.2f}" for x in r["per_seed"])
         steps = f"{r['steps']}{' (time cap)' if r['stopped_early'] else ''}"
         lines.append(
             f"| {r['variant']} | {steps} | {s['faithfulness_mean']:.3f} | {s['faithfulness_worst']:.3f} | "
             f"{s['background_error_mean_pct']:.1f} | {s['background_error_worst_pct']:.1f} | "
             f"{s['seeds_with_anatomy_in_empty_slices']}/{s['seeds']} | "
-            f"{s.get('empty_slice_mean_pct', float('nan')):.1f} | {per_seed} |"
+            f"{s['empty_slice_mean_pct']:.1f} | {per_seed} |"
         )
     return "\n".join(lines) + "\n"
 
