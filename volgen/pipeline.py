@@ -29,7 +29,14 @@ from diffusers import (
 from torch import Tensor
 
 from volgen import defaults
-from volgen.conditioning import condition_slices, selection_to_removed
+from volgen.conditioning import (
+    ConditionLayout,
+    condition_slices,
+    condition_vector,
+    selection_to_removed,
+    specified_from_removed,
+    unet_condition,
+)
 from volgen.errors import VolgenError
 
 logger = logging.getLogger(__name__)
@@ -179,12 +186,28 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         context_slices: int = 1,
         num_classes: int = 2,
         slice_axis: str = "axial",
+        condition: dict | None = None,
     ) -> None:
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(
             encoding=encoding, context_slices=context_slices, num_classes=num_classes, slice_axis=slice_axis
         )
+        if condition is not None:  # models without a condition vector keep their config as it was
+            self.register_to_config(
+                condition=ConditionLayout.model_validate(condition).model_dump(mode="json")
+            )
+
+    @property
+    def condition_layout(self) -> ConditionLayout | None:
+        """The model's :class:`~volgen.conditioning.ConditionLayout` (``None``: mask channels only)."""
+        condition = self.config.get("condition")
+        return None if condition is None else ConditionLayout.model_validate(condition)
+
+    def condition_for(self, removed: Tensor | None, batch: int, axis: int | None = None) -> Tensor | None:
+        """The ``(batch, D)`` condition vector: kept classes specified, dropped ones not (or ``None``)."""
+        specified = specified_from_removed(removed, batch, self.config.num_classes)
+        return condition_vector(specified, axis=axis, layout=self.condition_layout)
 
     @classmethod
     def from_pretrained(cls, folder, *, scheduler=None) -> SegmentationToVolumePipeline:
@@ -209,6 +232,8 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             unet, schedule = loaded.unet, loaded.scheduler
             settings = {k: getattr(loaded.metadata, k) for k in ("encoding", "context_slices", "slice_axis")}
             settings["num_classes"] = loaded.metadata.num_classes
+            if loaded.metadata.condition is not None:
+                settings["condition"] = loaded.metadata.condition.model_dump(mode="json")
         else:
             unet, schedule, settings = _load_parts(folder)
         pipe = cls(unet=unet, scheduler=scheduler if scheduler is not None else schedule, **settings)
@@ -294,9 +319,13 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         """
         alpha = self.scheduler.alphas_cumprod[int(t)].to(eps.device, torch.float32)
         a, s = alpha.sqrt(), (1 - alpha).sqrt()
-        x0 = (model_input.float() - s * eps) / a
+        x_t = model_input.float()
+        if self.scheduler.config.prediction_type == "v_prediction":  # eps holds v = a·ε - s·x0
+            x0 = smooth_through_plane((a * x_t - s * eps).clamp(-1.0, 1.0), sigma)
+            return a * (x_t - a * x0) / s - s * x0
+        x0 = (x_t - s * eps) / a
         x0 = smooth_through_plane(x0.clamp(-1.0, 1.0), sigma)
-        return (model_input.float() - a * x0) / s
+        return (x_t - a * x0) / s
 
     def predict_noise(
         self,
@@ -323,6 +352,11 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         """
         device = model_input.device
         use_autocast = autocast_dtype is not None and device.type != "cpu"
+        layout = self.condition_layout
+        padding = layout.context_padding if layout is not None else "background"
+        vector = self.condition_for(removed, 1)  # (1, D): the same for every slice
+        if vector is not None:
+            vector = vector.to(device)
         eps = torch.empty_like(model_input)
         for start, stop in _chunks(model_input.shape[0], slice_batch_size):
             index = torch.arange(start, stop, device=device)
@@ -333,7 +367,10 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
                 encoding=self.config.encoding,
                 context_slices=self.config.context_slices,
                 removed=removed,
-            ).to(model_input.dtype)
+                padding=padding,
+            )
+            cond = unet_condition(cond, None if vector is None else vector.expand(stop - start, -1))
+            cond = cond.to(model_input.dtype)
             unet_in = torch.cat([model_input[start:stop], cond], dim=1)
             pad = _padded(stop - start) - (stop - start)
             if pad:
