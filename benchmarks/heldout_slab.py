@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ import numpy as np
 import SimpleITK as sitk
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # volgen from this source tree when it is not installed
+    sys.path.insert(0, str(ROOT))
 BASE_CONFIG = ROOT / "configs" / "train" / "colin27-small.yaml"
 CLASSES = (1, 2, 3, 4)
 #: A slice holds "anatomy" when more than this fraction of its voxels is brighter than background + 15 %.
@@ -367,8 +370,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import sys
-
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args.work = args.work or args.out / "work"

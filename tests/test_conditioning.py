@@ -271,8 +271,10 @@ def test_specified_flags_round_trip_and_reach_the_unet_at_generation(tmp_path):
     meta = load_model(folder).metadata
     assert meta.condition is not None and meta.condition.specified_flags
     assert meta.condition.context_padding == "replicate"
-    stored = json.loads((folder / "volgen.json").read_text())["condition"]
+    # a pipeline setting: stored once, in the pipeline's config (model_index.json), not in volgen.json
+    stored = json.loads((folder / "model_index.json").read_text())["condition"]
     assert stored == {"specified_flags": True, "axes": [], "context_padding": "replicate"}
+    assert "condition" not in json.loads((folder / "volgen.json").read_text())
     assert load_model(folder).unet.config.in_channels == 1 + 3 * 3 + 3
 
     pipe = _pipeline(folder)
