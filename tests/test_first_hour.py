@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from volgen.io.naming import sidecar_path
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,7 +49,7 @@ def test_quick_start_outputs_are_git_ignored():
     main_job, _ = _readme_commands()
     output = re.search(r"-o (\S+)", main_job).group(1)
     preview = re.search(r"--preview (\S+)", main_job).group(1)
-    sidecar = output.removesuffix(".nii.gz") + ".json"
+    sidecar = str(sidecar_path(output))  # the naming rule's one home
     paths = [output, preview, sidecar, "runs/colin27-small/model", "data/colin27/images/colin27.nii.gz"]
     done = subprocess.run(["git", "check-ignore", *paths], cwd=ROOT, capture_output=True, text=True)
     assert sorted(done.stdout.split()) == sorted(paths), done.stdout + done.stderr
