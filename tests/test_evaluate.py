@@ -104,6 +104,8 @@ def test_evaluate_with_the_intensity_segmenter(cases, tmp_path):
     assert result.exit_code == 0, result.output
     assert "perfect" in result.output and "flicker" in result.output
     assert (out / "evaluation.png").stat().st_size > 10_000
+    assert (out / "planes.png").stat().st_size > 10_000  # real and generated in three planes
+    assert "per plane" in result.output and "texture" in result.output
     report = json.loads((out / "evaluation.json").read_text())
     assert report["classes"] == ["background", "a", "b", "c"]
     perfect, flicker = report["cases"]
@@ -118,6 +120,14 @@ def test_evaluate_with_the_intensity_segmenter(cases, tmp_path):
     ratio = flicker["consistency"]["ratio"]
     assert ratio["z"] > 1.3 and abs(ratio["x"] - 1) < 1e-6 and abs(ratio["y"] - 1) < 1e-6
     assert flicker["consistency"]["anisotropy"] > 1.3
+    # per plane: the perfect case scores 1.0 everywhere; the flicker shows along z, inside the body only
+    for metrics in perfect["planes"].values():
+        assert metrics["step_body"]["ratio"] == 1.0 and metrics["texture"]["ratio"] == 1.0
+        assert metrics["feature_distance"] == 0.0
+    planes = flicker["planes"]
+    assert planes["z"]["step_body"]["ratio"] > 1.3 and abs(planes["x"]["step_body"]["ratio"] - 1) < 1e-6
+    assert planes["z"]["step_background"]["ratio"] > 1.3  # the offsets are in the background too
+    assert set(report["summary"]["planes"]) == {"z", "y", "x"}
     assert report["summary"]["cases"] == 2 and report["summary"]["consistency"]["ratio"]["z"] > 1.1
     # the outputs exist now: a second run needs --overwrite
     _one_error_line(runner.invoke(app, args), "evaluation.json", "already exists")
