@@ -168,3 +168,153 @@ def test_condition_channel_counts(num_classes, encoding, context, expected):
 def test_unknown_encoding_is_refused():
     with pytest.raises(ValueError, match="encoding"):
         channels_per_slice(4, "rgb")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The condition vector ("specified" flags, slice axis) and context padding
+
+
+def test_condition_vector_holds_flags_then_axis_onehot():
+    from volgen.conditioning import ConditionLayout, condition_vector
+
+    specified = torch.tensor([[1, 0, 1], [0, 0, 0]], dtype=torch.bool)
+    flags = ConditionLayout(specified_flags=True)
+    assert flags.dim(4) == 3
+    assert torch.equal(condition_vector(specified, layout=flags), specified.float())
+    assert condition_vector(specified, layout=None) is None
+    assert condition_vector(specified, layout=ConditionLayout(specified_flags=False, axes=(0,))) is None
+
+    both = ConditionLayout(specified_flags=True, axes=(0, 2))
+    assert both.dim(4) == 5
+    vector = condition_vector(specified, axis=2, layout=both)
+    assert vector.shape == (2, 5) and vector.dtype == torch.float32
+    assert torch.equal(vector[:, 3:], torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="axis"):
+        condition_vector(specified, axis=1, layout=both)
+    with pytest.raises(ValueError):
+        ConditionLayout(axes=(0, 0))
+
+
+def test_unet_condition_appends_the_vector_as_constant_channels():
+    from volgen.conditioning import specified_from_removed, unet_condition
+
+    masks = torch.rand(2, 6, 5, 7)
+    removed = torch.tensor([[False, True, False, False], [False, False, False, True]])
+    specified = specified_from_removed(removed, 2, 4)
+    assert torch.equal(specified, torch.tensor([[0.0, 1.0, 1.0], [1.0, 1.0, 0.0]]))
+    assert torch.equal(specified_from_removed(None, 3, 4), torch.ones(3, 3))
+    assert torch.equal(
+        specified_from_removed(selection_to_removed([2], 4), 2, 4), torch.tensor([[0.0, 1, 0]] * 2)
+    )
+    out = unet_condition(masks, specified)
+    assert out.shape == (2, 9, 5, 7)
+    assert torch.equal(out[:, :6], masks)
+    assert torch.equal(out[:, 6:], specified[:, :, None, None].expand(2, 3, 5, 7))
+    assert unet_condition(masks, None) is masks
+
+
+def test_replicate_padding_repeats_the_edge_slices():
+    volume = torch.arange(1, 4)[:, None, None].expand(3, 2, 2)  # slices hold 1, 2, 3
+    background = context_stack(volume, [0, 2], 2)
+    replicate = context_stack(volume, [0, 2], 2, padding="replicate")
+    assert background[:, :, 0, 0].tolist() == [[0, 0, 1, 2, 3], [1, 2, 3, 0, 0]]
+    assert replicate[:, :, 0, 0].tolist() == [[1, 1, 1, 2, 3], [1, 2, 3, 3, 3]]
+    with pytest.raises(ValueError, match="padding"):
+        context_stack(volume, [0], 1, padding="mirror")
+
+
+def _capture_unet_inputs(pipe):
+    seen = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    return seen, handle
+
+
+def _flagged_model(tmp_path, padding="background"):
+    from volgen.conditioning import ConditionLayout
+    from volgen.models import ModelMetadata, UNetConfig, build_training_scheduler, build_unet, save_model
+
+    torch.manual_seed(0)
+    label_map = LabelMap(name="test", classes={"liver": [1], "kidney": [2], "spleen": [3]})
+    metadata = ModelMetadata(
+        name="flags",
+        label_map=label_map,
+        slice_size=16,
+        context_slices=1,
+        condition=ConditionLayout(specified_flags=True, context_padding=padding),
+    )
+    unet = build_unet(UNetConfig.preset("tiny"), metadata)
+    return save_model(tmp_path / "flags", unet, build_training_scheduler(), metadata)
+
+
+def _pipeline(folder):
+    from volgen.models import load_model
+    from volgen.pipeline import SegmentationToVolumePipeline
+
+    loaded = load_model(folder)
+    meta = loaded.metadata
+    return SegmentationToVolumePipeline(
+        loaded.unet,
+        loaded.scheduler,
+        encoding=meta.encoding,
+        context_slices=meta.context_slices,
+        num_classes=meta.num_classes,
+        condition=None if meta.condition is None else meta.condition.model_dump(mode="json"),
+    )
+
+
+def test_specified_flags_round_trip_and_reach_the_unet_at_generation(tmp_path):
+    import json
+
+    from volgen.models import load_model
+
+    folder = _flagged_model(tmp_path, padding="replicate")
+    meta = load_model(folder).metadata
+    assert meta.condition is not None and meta.condition.specified_flags
+    assert meta.condition.context_padding == "replicate"
+    stored = json.loads((folder / "volgen.json").read_text())["condition"]
+    assert stored == {"specified_flags": True, "axes": [], "context_padding": "replicate"}
+    assert load_model(folder).unet.config.in_channels == 1 + 3 * 3 + 3
+
+    pipe = _pipeline(folder)
+    labels = torch.randint(0, 4, (5, 16, 16), generator=_generator(2))
+    seen, handle = _capture_unet_inputs(pipe)
+    try:
+        pipe(labels, num_inference_steps=2, seed=0, scheduler="ddim")
+        everything = torch.cat([s[:5] for s in seen])  # each forward is padded to 8 slices
+        seen.clear()
+        pipe(labels, num_inference_steps=2, seed=0, scheduler="ddim", keep=[1, 3])
+        kept = torch.cat([s[:5] for s in seen])
+    finally:
+        handle.remove()
+    assert torch.all(everything[:, -3:] == 1.0)  # every class specified: background means background
+    assert torch.all(kept[:, -3:] == torch.tensor([1.0, 0.0, 1.0])[None, :, None, None])
+    # replicate padding: slice 0's context below it repeats slice 0
+    first = kept[0, 1:10]
+    assert torch.equal(first[0:3], first[3:6])
+
+
+def test_models_without_a_condition_vector_feed_the_unet_exactly_the_mask_channels(tiny_model_dir):
+    import json
+
+    from volgen.models import load_model
+
+    assert load_model(tiny_model_dir).metadata.condition is None
+    assert "condition" not in json.loads((tiny_model_dir / "model_index.json").read_text())
+    pipe = _pipeline(tiny_model_dir)
+    assert pipe.condition_layout is None
+    labels = torch.randint(0, 4, (5, 16, 16), generator=_generator(4))
+    seen, handle = _capture_unet_inputs(pipe)
+    try:
+        pipe(labels, num_inference_steps=1, seed=0, scheduler="ddim", keep=[2], slice_batch_size=8)
+    finally:
+        handle.remove()
+    expected = condition_slices(
+        labels,
+        range(5),
+        num_classes=4,
+        encoding="onehot",
+        context_slices=1,
+        removed=selection_to_removed([2], 4),
+    )
+    assert seen[0].shape[1] == 1 + 9
+    assert torch.equal(seen[0][:5, 1:], expected)  # background padding, no flags: the older behaviour

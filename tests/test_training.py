@@ -124,7 +124,11 @@ def test_train_exports_a_loadable_model(reference_run, workdir):
     np.testing.assert_allclose((meta.intensity.low, meta.intensity.high), np.mean(windows, axis=0), rtol=1e-6)
     assert meta.training["steps"] == 7 and meta.training["num_processes"] == 1
     assert "2 case(s)" in meta.trained_on
-    assert model.unet.config.in_channels == 1 + 3 * 2
+    # 2 foreground classes x 3 context slices of masks, then 2 "specified" flags (the new default)
+    assert model.unet.config.in_channels == 1 + 3 * 2 + 2
+    assert meta.condition is not None and meta.condition.specified_flags
+    assert model.scheduler.config.prediction_type == "v_prediction"
+    assert model.scheduler.config.rescale_betas_zero_snr
     assert len(find_cases(workdir / "data")) == 2
 
     # the resolved config round-trips and the old checkpoints are pruned
@@ -154,6 +158,7 @@ def test_train_exports_a_loadable_model(reference_run, workdir):
         encoding=meta.encoding,
         context_slices=meta.context_slices,
         num_classes=meta.num_classes,
+        condition=meta.condition.model_dump(mode="json"),
     )
     labels = torch.zeros(3, 16, 16, dtype=torch.long)
     labels[:, 4:10, 4:10] = 1
@@ -343,3 +348,31 @@ def test_cli_config_with_an_unknown_key(workdir):
 def test_cli_config_value_out_of_range(workdir):
     line = _one_line_error(_invoke("train", str(write_config(workdir, output_dir="r", ablation_p=1.5))))
     assert "training.ablation_p" in line
+
+
+def test_ablated_classes_reach_the_unet_as_unspecified_flags(workdir, monkeypatch):
+    """In training, a sample's flags are 0 exactly for its ablated classes, whose mask channels are empty."""
+    import volgen.models
+    from volgen.training import TrainConfig, train
+
+    seen = []
+    build = volgen.models.build_unet
+
+    def recording_build(*args, **kwargs):
+        unet = build(*args, **kwargs)
+        unet.register_forward_pre_hook(lambda module, a: seen.append(a[0].detach().clone()))
+        return unet
+
+    monkeypatch.setattr(volgen.models, "build_unet", recording_build)
+    path = write_config(workdir, output_dir="flags", max_steps=4, preview_every=0, ablation_p=0.5)
+    train(TrainConfig.from_yaml(path))
+    inputs = torch.cat([x for x in seen if x.requires_grad is False and x.shape[0] == 4][:4])
+    masks, flags = inputs[:, 1:7], inputs[:, 7:]
+    assert flags.shape[1] == 2
+    assert torch.all((flags == 0) | (flags == 1))
+    assert torch.all(flags == flags[:, :, :1, :1])  # constant channels
+    per_sample = flags[:, :, 0, 0]
+    assert 0 < float(per_sample.mean()) < 1  # ablation p = 0.5 flags some classes off, not all
+    for c in range(2):
+        unspecified = per_sample[:, c] == 0
+        assert float(masks[unspecified][:, c::2].abs().sum()) == 0.0  # an unspecified class is never drawn

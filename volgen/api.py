@@ -300,6 +300,7 @@ def generate(
         context_slices=meta.context_slices,
         num_classes=meta.num_classes,
         slice_axis=meta.slice_axis,
+        condition=None if meta.condition is None else meta.condition.model_dump(mode="json"),
     )
     pipe.set_progress_bar_config(disable=True)
     result = pipe(

@@ -11,10 +11,13 @@ UNet is ``(B, S * channels_per_slice, H, W)``, slice-major (all channels of slic
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
+from pydantic import field_validator
 from torch import Tensor
 
+from volgen.config import StrictModel
 from volgen.types import Encoding
 
 ENCODINGS: tuple[str, ...] = ("onehot", "seed")
@@ -34,13 +37,16 @@ def condition_channels(num_classes: int, encoding: Encoding, context_slices: int
     return (2 * context_slices + 1) * channels_per_slice(num_classes, encoding)
 
 
-def context_stack(volume: Tensor, z: Tensor | Sequence[int], context_slices: int) -> Tensor:
-    """Gather slices ``z-K .. z+K`` for each ``z``; neighbours outside the volume are background (0).
+def context_stack(
+    volume: Tensor, z: Tensor | Sequence[int], context_slices: int, padding: str = "background"
+) -> Tensor:
+    """Gather slices ``z-K .. z+K`` for each ``z``.
 
     Args:
         volume: ``(Z, H, W)`` integer class indices.
         z: ``(B,)`` slice indices.
         context_slices: K.
+        padding: Neighbours outside the volume are ``background`` (0) or ``replicate`` (the edge slice).
 
     Returns:
         ``(B, 2K+1, H, W)`` class indices, same dtype as ``volume``.
@@ -50,6 +56,10 @@ def context_stack(volume: Tensor, z: Tensor | Sequence[int], context_slices: int
     index = z[:, None] + offsets[None, :]  # (B, S)
     inside = (index >= 0) & (index < volume.shape[0])
     stack = volume[index.clamp(0, volume.shape[0] - 1)]  # (B, S, H, W)
+    if padding == "replicate":
+        return stack
+    if padding != "background":
+        raise ValueError(f"unknown context padding {padding!r}; expected background or replicate")
     return stack * inside[:, :, None, None].to(stack.dtype)
 
 
@@ -123,6 +133,7 @@ def condition_slices(
     encoding: Encoding,
     context_slices: int,
     removed: Tensor | None = None,
+    padding: str = "background",
 ) -> Tensor:
     """The UNet's conditioning channels for slices ``z`` of a class-index volume.
 
@@ -133,9 +144,109 @@ def condition_slices(
         encoding: ``onehot`` or ``seed``.
         context_slices: K; the condition covers slices ``z-K .. z+K``.
         removed: ``(B, C)`` (per-sample ablation) or ``(C,)`` (a class selection) bool of removed classes.
+        padding: Context outside the volume: ``background`` or ``replicate`` (see :class:`ConditionLayout`).
 
     Returns:
         ``(B, (2K+1) * channels_per_slice, H, W)`` float32.
     """
-    stack = remove_classes(context_stack(volume, z, context_slices), removed)
+    stack = remove_classes(context_stack(volume, z, context_slices, padding), removed)
     return encode(stack, num_classes, encoding)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Which classes the condition specifies (and, for multi-axis models, the slice axis)
+
+
+class ConditionLayout(StrictModel):
+    """The per-sample condition vector a model takes besides its mask channels (stored in ``volgen.json``).
+
+    Mask ablation alone makes an all-background condition ambiguous: "air" and "a class was removed here"
+    look the same. A model with ``specified_flags`` also gets, per sample, one flag per foreground class:
+    1 = the mask specifies this class (its absence from a region means "not there"), 0 = the class was
+    ablated in training or dropped at generation (its absence means nothing). With every class specified,
+    background means background.
+
+    Attributes:
+        specified_flags: Whether the vector holds the ``C-1`` "specified" flags.
+        axes: Slice axes the model was trained on (0 axial, 1 coronal, 2 sagittal); with more than one the
+            vector ends with a one-hot of the current axis' position in ``axes``.
+        context_padding: What the 2.5D context holds for neighbours outside the volume: ``background``
+            (all-zero masks, the behaviour of older models) or ``replicate`` (the edge slice repeated, so the
+            first and last slices of a cropped volume see the anatomy continue, as they did in training).
+    """
+
+    specified_flags: bool = True
+    axes: tuple[int, ...] = ()
+    context_padding: Literal["background", "replicate"] = "background"
+
+    @field_validator("axes")
+    @classmethod
+    def _check_axes(cls, axes: tuple[int, ...]) -> tuple[int, ...]:
+        if any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
+            raise ValueError("axes must be distinct slice axes 0 (axial), 1 (coronal), 2 (sagittal)")
+        return axes
+
+    def dim(self, num_classes: int) -> int:
+        """Length D of the condition vector for ``num_classes`` classes (background included)."""
+        return (num_classes - 1 if self.specified_flags else 0) + (
+            len(self.axes) if len(self.axes) > 1 else 0
+        )
+
+
+def condition_vector(
+    specified: Tensor, *, axis: int | None = None, layout: ConditionLayout | None
+) -> Tensor | None:
+    """The per-sample condition vector: the "specified" flags, then a one-hot of the slice axis.
+
+    Args:
+        specified: ``(B, C-1)`` bool or float, 1 where the condition specifies the foreground class.
+        axis: The slice axis of these samples (an entry of ``layout.axes``); needed when there are several.
+        layout: The model's :class:`ConditionLayout`; ``None`` (older models) gives ``None``.
+
+    Returns:
+        ``(B, D)`` float32 with ``D = layout.dim(C)``, or ``None`` when ``D = 0``.
+    """
+    if layout is None:
+        return None
+    parts = []
+    if layout.specified_flags:
+        parts.append(specified.float())
+    if len(layout.axes) > 1:
+        if axis not in layout.axes:
+            raise ValueError(f"axis {axis!r} is not one of the model's axes {layout.axes}")
+        onehot = torch.zeros(specified.shape[0], len(layout.axes), device=specified.device)
+        onehot[:, layout.axes.index(axis)] = 1.0
+        parts.append(onehot)
+    if not parts:
+        return None
+    return torch.cat(parts, dim=1)
+
+
+def specified_from_removed(removed: Tensor | None, batch: int, num_classes: int) -> Tensor:
+    """``(B, C-1)`` "specified" flags (float) from a removal: ``(B, C)``, ``(C,)`` or ``None`` (none)."""
+    if removed is None:
+        return torch.ones(batch, num_classes - 1)
+    removed = removed.cpu()
+    if removed.ndim == 1:
+        removed = removed.expand(batch, -1)
+    return (~removed[:, 1:]).float()
+
+
+def unet_condition(mask_channels: Tensor, vector: Tensor | None) -> Tensor:
+    """What the UNet gets besides the noisy slice: the mask channels, then the condition vector.
+
+    The vector enters as ``D`` constant channels (``diffusers.UNet2DModel`` has no vector class embedding),
+    so a model with a :class:`ConditionLayout` has ``D`` more input channels than one without.
+
+    Args:
+        mask_channels: ``(B, M, H, W)`` from :func:`encode` / :func:`condition_slices`.
+        vector: ``(B, D)`` from :func:`condition_vector`, or ``None``.
+
+    Returns:
+        ``(B, M + D, H, W)``.
+    """
+    if vector is None:
+        return mask_channels
+    b, _, h, w = mask_channels.shape
+    planes = vector.to(mask_channels.device, mask_channels.dtype)[:, :, None, None].expand(b, -1, h, w)
+    return torch.cat([mask_channels, planes], dim=1)

@@ -166,11 +166,14 @@ class SliceDataset(Dataset):
     happen per batch in the training loop (:mod:`volgen.conditioning`), the same code sampling uses.
     """
 
-    def __init__(self, volumes: Sequence[PreparedVolume], context_slices: int) -> None:
+    def __init__(
+        self, volumes: Sequence[PreparedVolume], context_slices: int, padding: str = "background"
+    ) -> None:
         if not volumes:
             raise ValueError("no training volumes")
         self.volumes = list(volumes)
         self.context_slices = context_slices
+        self.padding = padding
         self.index = [
             (v, z) for v in range(len(self.volumes)) for z in range(self.volumes[v].labels.shape[0])
         ]
@@ -181,7 +184,7 @@ class SliceDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         v, z = self.index[i]
         volume = self.volumes[v]
-        context = context_stack(volume.labels, [z], self.context_slices)[0]
+        context = context_stack(volume.labels, [z], self.context_slices, self.padding)[0]
         return {"image": volume.image[z][None], "context": context}
 
     def sampling_weights(self, foreground_weight: float) -> Tensor:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
+from volgen.conditioning import ConditionLayout
 from volgen.config import StrictModel, load_yaml, preset_path, validate
 from volgen.errors import ConfigError, ModelError
 from volgen.labels import LabelMap
@@ -128,6 +129,8 @@ class ModelMetadata(StrictModel):
     intensity: IntensityMapping = Field(default_factory=IntensityMapping)
     trained_on: str = ""
     training: dict[str, Any] = Field(default_factory=dict)
+    #: The condition vector ("specified" flags, slice axis) and context padding; ``None``: older models.
+    condition: ConditionLayout | None = None
 
     @property
     def num_classes(self) -> int:
@@ -135,9 +138,11 @@ class ModelMetadata(StrictModel):
 
     @property
     def condition_channels(self) -> int:
+        """Input channels besides the noisy slice: mask channels plus the condition vector's ``D``."""
         from volgen.conditioning import condition_channels
 
-        return condition_channels(self.num_classes, self.encoding, self.context_slices)
+        vector = self.condition.dim(self.num_classes) if self.condition is not None else 0
+        return condition_channels(self.num_classes, self.encoding, self.context_slices) + vector
 
     @model_validator(mode="after")
     def _check(self) -> ModelMetadata:
@@ -159,11 +164,29 @@ def build_unet(config: UNetConfig, metadata: ModelMetadata):
     )
 
 
-def build_training_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "linear"):
-    """The training noise schedule: DDPM, T = 1000, diffusers' default linear betas."""
+def build_training_scheduler(
+    num_train_timesteps: int = 1000,
+    beta_schedule: str = "linear",
+    *,
+    prediction_type: str = "epsilon",
+    zero_terminal_snr: bool = False,
+):
+    """The training noise schedule: DDPM, T = 1000, diffusers' default linear betas.
+
+    ``zero_terminal_snr`` rescales the betas so that ᾱ_T = 0 (diffusers' ``rescale_betas_zero_snr``; Lin et
+    al. 2024): the last timestep is pure noise, as sampling assumes, so the model learns the overall
+    brightness of an image instead of inheriting it from the noise. It needs ``prediction_type =
+    "v_prediction"`` (ε carries no information about the image at ᾱ = 0). The defaults give the schedule of
+    older models unchanged.
+    """
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
+    if zero_terminal_snr and prediction_type == "epsilon":
+        raise ConfigError(None, "a zero terminal SNR schedule needs v_prediction (or sample) prediction")
+    extra = {}
+    if prediction_type != "epsilon" or zero_terminal_snr:
+        extra = {"prediction_type": prediction_type, "rescale_betas_zero_snr": zero_terminal_snr}
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, **extra)
 
 
 @dataclass
@@ -317,6 +340,7 @@ def save_model(
         context_slices=metadata.context_slices,
         num_classes=metadata.num_classes,
         slice_axis=metadata.slice_axis,
+        condition=None if metadata.condition is None else metadata.condition.model_dump(mode="json"),
     )
     with atomic_directory(folder, overwrite=overwrite) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)

@@ -26,7 +26,14 @@ from diffusers import (
 )
 from torch import Tensor
 
-from volgen.conditioning import condition_slices, selection_to_removed
+from volgen.conditioning import (
+    ConditionLayout,
+    condition_slices,
+    condition_vector,
+    selection_to_removed,
+    specified_from_removed,
+    unet_condition,
+)
 from volgen.errors import VolgenError
 
 logger = logging.getLogger(__name__)
@@ -154,12 +161,28 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         context_slices: int = 1,
         num_classes: int = 2,
         slice_axis: str = "axial",
+        condition: dict | None = None,
     ) -> None:
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(
             encoding=encoding, context_slices=context_slices, num_classes=num_classes, slice_axis=slice_axis
         )
+        if condition is not None:  # models without a condition vector keep their config as it was
+            self.register_to_config(
+                condition=ConditionLayout.model_validate(condition).model_dump(mode="json")
+            )
+
+    @property
+    def condition_layout(self) -> ConditionLayout | None:
+        """The model's :class:`~volgen.conditioning.ConditionLayout` (``None``: mask channels only)."""
+        condition = self.config.get("condition")
+        return None if condition is None else ConditionLayout.model_validate(condition)
+
+    def condition_for(self, removed: Tensor | None, batch: int, axis: int | None = None) -> Tensor | None:
+        """The ``(batch, D)`` condition vector: kept classes specified, dropped ones not (or ``None``)."""
+        specified = specified_from_removed(removed, batch, self.config.num_classes)
+        return condition_vector(specified, axis=axis, layout=self.condition_layout)
 
     def _validate(
         self, labels: Tensor, reference: Tensor | None, strength: float, slice_batch_size: int
@@ -191,9 +214,13 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         """
         alpha = self.scheduler.alphas_cumprod[int(t)].to(eps.device, torch.float32)
         a, s = alpha.sqrt(), (1 - alpha).sqrt()
-        x0 = (model_input.float() - s * eps) / a
+        x_t = model_input.float()
+        if self.scheduler.config.prediction_type == "v_prediction":  # eps holds v = a·ε - s·x0
+            x0 = smooth_through_plane((a * x_t - s * eps).clamp(-1.0, 1.0), sigma)
+            return a * (x_t - a * x0) / s - s * x0
+        x0 = (x_t - s * eps) / a
         x0 = smooth_through_plane(x0.clamp(-1.0, 1.0), sigma)
-        return (model_input.float() - a * x0) / s
+        return (x_t - a * x0) / s
 
     @torch.no_grad()
     def __call__(
@@ -242,6 +269,9 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
         num_classes = self.config.num_classes
         removed = None if keep is None else selection_to_removed(keep, num_classes)
+        layout = self.condition_layout
+        padding = layout.context_padding if layout is not None else "background"
+        vector = self.condition_for(removed, 1)  # (1, D): the same for every slice
         labels = labels.to(device)
 
         sched = make_scheduler(scheduler, self.scheduler.config)
@@ -283,7 +313,10 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
                     encoding=self.config.encoding,
                     context_slices=self.config.context_slices,
                     removed=removed,
-                ).to(model_input.dtype)
+                    padding=padding,
+                )
+                cond = unet_condition(cond, None if vector is None else vector.expand(stop - start, -1))
+                cond = cond.to(model_input.dtype)
                 unet_in = torch.cat([model_input[start:stop], cond], dim=1)
                 pad = -(stop - start) % BATCH_GRANULE
                 if pad:

@@ -132,6 +132,29 @@ class ModelSection(StrictModel):
     context_slices: int = Field(1, ge=0, le=8)
     name: str = "volgen-model"
     description: str = ""
+    #: Tell the model which classes each condition specifies (ablated classes unspecified); see
+    #: :class:`volgen.conditioning.ConditionLayout`. ``False`` trains a model of the older kind.
+    specified_flags: bool = True
+    #: Context neighbours outside the volume: the edge slice repeated, or all-background (older models).
+    context_padding: Literal["background", "replicate"] = "replicate"
+    #: What the UNet predicts: ``epsilon`` (the paper, older models) or ``v_prediction``.
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
+    #: Rescale the betas to zero terminal SNR (needs ``v_prediction``).
+    zero_terminal_snr: bool = True
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> ModelSection:
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise ValueError("model.zero_terminal_snr needs model.prediction_type: v_prediction")
+        return self
+
+    def condition_layout(self):
+        """The model's :class:`~volgen.conditioning.ConditionLayout`, or ``None`` for an older-kind model."""
+        from volgen.conditioning import ConditionLayout
+
+        if not self.specified_flags and self.context_padding == "background":
+            return None
+        return ConditionLayout(specified_flags=self.specified_flags, context_padding=self.context_padding)
 
     @model_validator(mode="before")
     @classmethod
@@ -160,6 +183,10 @@ class TrainingSection(StrictModel):
     grad_clip: float | None = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     ablation_p: float = Field(0.5, ge=0, le=1)
+    #: Offset noise (Guttenberg 2023): this much per-sample constant noise added to the Gaussian noise.
+    offset_noise: float = Field(0.0, ge=0, le=1)
+    #: Min-SNR-γ loss weighting (Hang et al. 2023); ``None`` weighs every timestep equally.
+    snr_gamma: float | None = Field(None, gt=0)
     seed: int = Field(0, ge=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     checkpoint_every: int = Field(500, ge=1)
@@ -213,6 +240,8 @@ def _resume_relevant(config: TrainConfig) -> dict[str, Any]:
             "grad_clip",
             "ema_decay",
             "ablation_p",
+            "offset_noise",
+            "snr_gamma",
             "seed",
             "mixed_precision",
         )
@@ -320,17 +349,56 @@ def step_noise(
     num_train_timesteps: int,
     num_classes: int,
     ablation_p: float,
+    offset_noise: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The global batch's noise ``(B, *shape)``, timesteps ``(B,)`` and ablation ``(B, C)`` of one step."""
+    """The global batch's noise ``(B, *shape)``, timesteps ``(B,)`` and ablation ``(B, C)`` of one step.
+
+    ``offset_noise > 0`` adds a per-sample, per-channel constant ``offset_noise * N(0, 1)`` to the noise.
+    """
     from volgen.conditioning import draw_ablation
 
     gen = _generator(seed, _STREAM_NOISE, step)
     timesteps = torch.randint(0, num_train_timesteps, (batch_size,), generator=gen)
     noise = torch.randn((batch_size, *shape), generator=gen)
+    if offset_noise > 0:
+        noise = noise + offset_noise * torch.randn((batch_size, shape[0], 1, 1), generator=gen)
     removed = draw_ablation(
         batch_size, num_classes, ablation_p, generator=_generator(seed, _STREAM_ABLATION, step)
     )
     return noise, timesteps, removed
+
+
+def diffusion_loss(
+    pred: torch.Tensor,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    scheduler: Any,
+    snr_gamma: float | None = None,
+) -> torch.Tensor:
+    """MSE between the UNet's output and its target under ``scheduler``'s parametrisation.
+
+    The target is the noise for ``epsilon`` and the velocity ``√ᾱ·ε - √(1-ᾱ)·x0`` (``get_velocity``) for
+    ``v_prediction``. With ``snr_gamma`` each sample is weighted by Min-SNR-γ: ``min(SNR, γ) / SNR`` for ε and
+    ``min(SNR, γ) / (SNR + 1)`` for v, which equals the x0-space weight ``min(SNR, γ)`` in both.
+    """
+    import torch.nn.functional as F
+
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "v_prediction":
+        target = scheduler.get_velocity(x0, noise, timesteps)
+    elif prediction_type == "epsilon":
+        target = noise
+    else:
+        raise VolgenError(f"training supports epsilon and v_prediction, not {prediction_type!r}")
+    if snr_gamma is None:
+        return F.mse_loss(pred.float(), target.float())
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alphas / (1.0 - alphas).clamp_min(1e-12)
+    clipped = snr.clamp(max=snr_gamma)
+    weight = clipped / (snr + 1.0) if prediction_type == "v_prediction" else clipped / snr.clamp_min(1e-12)
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * weight).mean()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -507,6 +575,7 @@ def write_preview(
     steps: int,
     seed: int,
     title: str = "",
+    condition: dict | None = None,
 ) -> Path:
     """Generate a few slices of ``volume`` with DDIM and save a PNG grid (mask | real | generated).
 
@@ -522,13 +591,15 @@ def write_preview(
 
     zs = preview_slices(volume.labels)
     s = 2 * context_slices + 1
-    blocks = context_stack(volume.labels, zs, context_slices).reshape(-1, *volume.labels.shape[1:])
+    padding = condition["context_padding"] if condition is not None else "background"
+    blocks = context_stack(volume.labels, zs, context_slices, padding).reshape(-1, *volume.labels.shape[1:])
     pipe = SegmentationToVolumePipeline(
         unet=unet,
         scheduler=scheduler,
         encoding=encoding,
         context_slices=context_slices,
         num_classes=num_classes,
+        condition=condition,
     )
     out = pipe(blocks.long(), num_inference_steps=steps, seed=seed, scheduler="ddim", noise_correlation=0.0)
     generated = out.volume[context_slices::s]
@@ -708,14 +779,19 @@ def train(
         KeyboardInterrupt: SIGINT or SIGTERM during the loop, raised once the step under way is finished and
             its checkpoint saved (:class:`StopOnSignal`); ``resume=True`` continues from there.
     """
-    import torch.nn.functional as F
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
     from volgen import __version__
-    from volgen.conditioning import encode, remove_classes
+    from volgen.conditioning import (
+        condition_vector,
+        encode,
+        remove_classes,
+        specified_from_removed,
+        unet_condition,
+    )
     from volgen.data import SliceDataset
     from volgen.models import ModelMetadata, build_training_scheduler, build_unet, save_model
 
@@ -761,13 +837,17 @@ def train(
         slice_axis=config.data.slice_axis,
         intensity=data.intensity,
         trained_on=data.description,
+        condition=config.model.condition_layout(),
     )
     num_classes = metadata.num_classes
-    dataset = SliceDataset(data.volumes, config.model.context_slices)
+    padding = metadata.condition.context_padding if metadata.condition is not None else "background"
+    dataset = SliceDataset(data.volumes, config.model.context_slices, padding=padding)
 
     torch.manual_seed(cfg.seed)
     unet = build_unet(unet_config, metadata)
-    noise_scheduler = build_training_scheduler()
+    noise_scheduler = build_training_scheduler(
+        prediction_type=config.model.prediction_type, zero_terminal_snr=config.model.zero_terminal_snr
+    )
     num_train_timesteps = int(noise_scheduler.config.num_train_timesteps)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
@@ -830,6 +910,7 @@ def train(
                 steps=cfg.preview_steps,
                 seed=cfg.seed,
                 title=f"{metadata.name}: step {step} (EMA, DDIM)",
+                condition=None if metadata.condition is None else metadata.condition.model_dump(mode="json"),
             )
             previews.append(path)
             logger.info("wrote preview %s", path)
@@ -852,16 +933,20 @@ def train(
                 num_train_timesteps=num_train_timesteps,
                 num_classes=num_classes,
                 ablation_p=cfg.ablation_p,
+                offset_noise=cfg.offset_noise,
             )
             x0 = batch["image"].to(device, non_blocking=True)
             noise, timesteps, removed = noise[local].to(device), timesteps[local].to(device), removed[local]
             cond = encode(
                 remove_classes(batch["context"].to(device), removed), num_classes, metadata.encoding
             )
+            # ablated classes are flagged unspecified (the same per-sample ablation as the masks)
+            specified = specified_from_removed(removed, removed.shape[0], num_classes)
+            cond = unet_condition(cond, condition_vector(specified, layout=metadata.condition))
             x_t = noise_scheduler.add_noise(x0, noise, timesteps)
             with accelerator.autocast():
                 pred = model(torch.cat([x_t, cond], dim=1), timesteps).sample
-            loss = F.mse_loss(pred.float(), noise.float())
+            loss = diffusion_loss(pred, x0, noise, timesteps, noise_scheduler, cfg.snr_gamma)
             accelerator.backward(loss)
             if cfg.grad_clip is not None and accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -925,6 +1010,10 @@ def train(
             "batch_size": cfg.batch_size,
             "learning_rate": cfg.learning_rate,
             "ablation_p": cfg.ablation_p,
+            "prediction_type": config.model.prediction_type,
+            "zero_terminal_snr": config.model.zero_terminal_snr,
+            "offset_noise": cfg.offset_noise,
+            "snr_gamma": cfg.snr_gamma,
             "ema_decay": cfg.ema_decay,
             "seed": cfg.seed,
             "final_loss": final_loss,
