@@ -134,3 +134,30 @@ def test_real_round_trip_keeps_the_grid():
     image = make_volume("image", size=labels.GetSize(), spacing=labels.GetSpacing())
     back = cube_round_trip(labels, image, slice_size=16)
     assert_same_geometry(back, labels, atol=0)
+
+
+def test_train_on_three_axes_then_sample_along_them(tmp_path):
+    from test_training import make_case, write_config
+
+    from volgen.models import load_model
+    from volgen.training import TrainConfig, prepare_training_data, train
+
+    make_case(tmp_path / "data", "case0", seed=0, spacing=(1.0, 1.2, 1.5))
+    (tmp_path / "labels.yaml").write_text("name: shapes\nclasses:\n  ball: 1\n  box: [2, 7]\n")
+    axes = ["axial", "coronal", "sagittal"]
+    path = write_config(tmp_path, data={"slice_axes": axes}, max_steps=3, preview_every=3)
+    config = TrainConfig.from_yaml(path)
+    data = prepare_training_data(config)
+    # one cube per axis, each sliced along its axis; the model's slice_axis first
+    assert data.axes == [0, 1, 2] and [v.case for v in data.volumes] == [f"case0:{a}" for a in axes]
+    assert all(tuple(v.labels.shape) == (16, 16, 16) for v in data.volumes)
+    assert torch.equal(data.volumes[1].labels, data.volumes[0].labels.permute(1, 0, 2))
+    result = train(config)
+    loaded = load_model(result.model_dir)
+    assert loaded.metadata.condition.axes == (0, 1, 2)
+    labels = make_volume("label", size=(12, 10, 8), spacing=(1.0, 1.2, 1.5), n_labels=2)
+    out = generate_multiaxis(labels, loaded, num_inference_steps=3)
+    assert out.axes == tuple(axes)
+    assert_same_geometry(out.image, labels, atol=0)
+    with pytest.raises(Exception, match="slice_axes"):
+        TrainConfig.from_yaml(write_config(tmp_path, data={"slice_axes": ["coronal", "sagittal"]}))

@@ -368,3 +368,83 @@ def cube_round_trip(classes: sitk.Image, image: sitk.Image, *, slice_size: int) 
     back = resample_to_grid(frame.to_sitk(frame.image), classes, default=float(frame.image.min()))
     back.CopyInformation(classes)
     return back
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Training on slices along several axes (hooks used by volgen.training)
+
+
+def layout_with_axes(layout: ConditionLayout | None, axes: Sequence[str]) -> ConditionLayout | None:
+    """The model's layout, extended by the slice axes it is trained on (a one-hot when there are several)."""
+    if len(axes) <= 1:
+        return layout
+    base = layout if layout is not None else ConditionLayout(specified_flags=False)
+    return base.model_copy(update={"axes": tuple(axis_code(a) for a in axes)})
+
+
+def prepare_case_axes(
+    case,
+    *,
+    label_map,
+    intensity,
+    slice_size: int,
+    axes: Sequence[str],
+    unknown_labels: str = "error",
+) -> list:
+    """One training pair in the cube frame, as one :class:`volgen.data.PreparedVolume` per slice axis.
+
+    The same reading, geometry check and label remapping as :func:`volgen.data.prepare_case`; the frame is the
+    isotropic cube (:func:`to_cube_frame`) so that slices along every axis have the same pixel. Each volume's
+    ``case`` is ``"<case>:<axis>"``.
+    """
+    from volgen.data import PreparedVolume
+    from volgen.errors import InputError
+    from volgen.io import Geometry, read_image, read_label
+
+    image = read_image(case.image)
+    label = read_label(case.label)
+    if not Geometry.of(image).close_to(Geometry.of(label), atol=1e-3):
+        raise InputError(case.image, f"geometry differs from its segmentation {case.label}")
+    classes = label_map.remap(sitk.GetArrayViewFromImage(label), unknown=unknown_labels, source=case.label)
+    class_image = sitk.GetImageFromArray(classes)
+    class_image.CopyInformation(label)
+    window = intensity.window(sitk.GetArrayViewFromImage(image))
+    frame = to_cube_frame(class_image, image, slice_size=slice_size)
+    assert frame.image is not None
+    model_space = torch.from_numpy(intensity.to_model(frame.image.numpy(), window))
+    return [
+        PreparedVolume(
+            case=f"{case.case}:{axis}",
+            image=volume_to_slices(model_space, axis).contiguous(),
+            labels=volume_to_slices(frame.labels, axis).contiguous(),
+            window=window,
+        )
+        for axis in axes
+    ]
+
+
+class MultiAxisSliceDataset(torch.utils.data.Dataset):
+    """:class:`volgen.data.SliceDataset` over volumes sliced along different axes; items carry ``axis``.
+
+    ``axis`` is the code (0 axial, 1 coronal, 2 sagittal) of the volume the slice came from, for
+    :func:`per_sample_condition_vector`.
+    """
+
+    def __init__(self, volumes: Sequence, axes: Sequence[int], context_slices: int, padding: str) -> None:
+        from volgen.data import SliceDataset
+
+        if len(volumes) != len(axes):
+            raise ValueError("one axis per volume")
+        self.slices = SliceDataset(volumes, context_slices, padding=padding)
+        self.axes = list(axes)
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        item = self.slices[i]
+        item["axis"] = torch.tensor(self.axes[self.slices.index[i][0]])
+        return item
+
+    def sampling_weights(self, foreground_weight: float) -> Tensor:
+        return self.slices.sampling_weights(foreground_weight)

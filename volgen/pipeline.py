@@ -185,6 +185,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         layout = self.condition_layout
         if axis is None and layout is not None and len(layout.axes) > 1:  # multi-axis model: its slice_axis
             axis = ("axial", "coronal", "sagittal").index(self.config.slice_axis)
+            axis = axis if axis in layout.axes else layout.axes[0]
         return condition_vector(specified, axis=axis, layout=layout)
 
     def _validate(

@@ -99,6 +99,9 @@ class DataConfig(StrictModel):
     percentiles: tuple[float, float] = (0.5, 99.5)
     ct_window: tuple[float, float] = (-1000.0, 1000.0)
     slice_axis: Literal["axial", "coronal", "sagittal"] = "axial"
+    #: Multi-axis training (volgen.multiaxis): slices along each of these axes, in the isotropic cube frame,
+    #: with the axis in the condition vector. Empty (default): ``slice_axis`` only, in the usual frame.
+    slice_axes: list[Literal["axial", "coronal", "sagittal"]] = Field(default_factory=list)
     unknown_labels: UnknownLabels = "error"
     foreground_weight: float = Field(0.0, ge=0.0)
 
@@ -108,6 +111,9 @@ class DataConfig(StrictModel):
             raise ValueError("data.percentiles must satisfy 0 <= low < high <= 100")
         if not self.ct_window[1] > self.ct_window[0]:
             raise ValueError("data.ct_window must be [low, high] with high > low")
+        axes = self.slice_axes
+        if axes and (len(set(axes)) != len(axes) or self.slice_axis not in axes):
+            raise ValueError("data.slice_axes must be distinct and include data.slice_axis")
         return self
 
     def intensity_mapping(self, windows: list[tuple[float, float]] | None = None) -> IntensityMapping:
@@ -413,6 +419,8 @@ class TrainingData:
     label_map: Any
     intensity: IntensityMapping
     description: str
+    #: Multi-axis data: the axis code of each volume (see :class:`volgen.multiaxis.MultiAxisSliceDataset`).
+    axes: list[int] | None = None
 
 
 def prepare_training_data(config: TrainConfig) -> TrainingData:
@@ -428,6 +436,23 @@ def prepare_training_data(config: TrainConfig) -> TrainingData:
     cases = find_cases(data.source)
     provisional = data.intensity_mapping()
     volumes = []
+    if len(data.slice_axes) > 1:  # multi-axis: one volume per (case, axis), the model's slice_axis first
+        from volgen.multiaxis import axis_code, prepare_case_axes
+
+        order = [data.slice_axis, *(a for a in data.slice_axes if a != data.slice_axis)]
+        for case in cases:
+            volumes += prepare_case_axes(
+                case,
+                label_map=label_map,
+                intensity=provisional,
+                slice_size=slice_size,
+                axes=order,
+                unknown_labels=data.unknown_labels,
+            )
+        intensity = data.intensity_mapping([v.window for v in volumes])
+        description = f"{len(cases)} case(s) from {data.source}, slices along {', '.join(order)}"
+        axes = [axis_code(v.case.rsplit(":", 1)[1]) for v in volumes]
+        return TrainingData(volumes, label_map, intensity, description, axes=axes)
     for case in cases:
         volume = prepare_case(
             case,
@@ -786,7 +811,6 @@ def train(
 
     from volgen import __version__
     from volgen.conditioning import (
-        condition_vector,
         encode,
         remove_classes,
         specified_from_removed,
@@ -794,6 +818,7 @@ def train(
     )
     from volgen.data import SliceDataset
     from volgen.models import ModelMetadata, build_training_scheduler, build_unet, save_model
+    from volgen.multiaxis import MultiAxisSliceDataset, layout_with_axes, per_sample_condition_vector
 
     cfg = config.training
     output_dir = Path(config.output_dir)
@@ -837,11 +862,15 @@ def train(
         slice_axis=config.data.slice_axis,
         intensity=data.intensity,
         trained_on=data.description,
-        condition=config.model.condition_layout(),
+        condition=layout_with_axes(config.model.condition_layout(), config.data.slice_axes),
     )
     num_classes = metadata.num_classes
     padding = metadata.condition.context_padding if metadata.condition is not None else "background"
-    dataset = SliceDataset(data.volumes, config.model.context_slices, padding=padding)
+    dataset = (
+        SliceDataset(data.volumes, config.model.context_slices, padding=padding)
+        if data.axes is None
+        else MultiAxisSliceDataset(data.volumes, data.axes, config.model.context_slices, padding)
+    )
 
     torch.manual_seed(cfg.seed)
     unet = build_unet(unet_config, metadata)
@@ -942,7 +971,9 @@ def train(
             )
             # ablated classes are flagged unspecified (the same per-sample ablation as the masks)
             specified = specified_from_removed(removed, removed.shape[0], num_classes)
-            cond = unet_condition(cond, condition_vector(specified, layout=metadata.condition))
+            # multi-axis data: each sample's slice axis in its vector (volgen.multiaxis)
+            vector = per_sample_condition_vector(specified, batch.get("axis"), metadata.condition)
+            cond = unet_condition(cond, vector)
             x_t = noise_scheduler.add_noise(x0, noise, timesteps)
             with accelerator.autocast():
                 pred = model(torch.cat([x_t, cond], dim=1), timesteps).sample
