@@ -187,7 +187,8 @@ def main() -> None:
     text = table(groups)
     header = (
         f"Held-out Colin27 slab z = {args.slab[0]}..{args.slab[1] - 1}; `small` models trained "
-        f"{args.train_steps} steps on the rest; DPM-Solver++ {args.steps} steps; {len(args.seeds)} seeds; device {device}.\n"
+        f"{args.train_steps} steps on the rest; DPM-Solver++ {args.steps} steps; {len(args.seeds)} seeds; "
+        f"device {device}.\n"
         f"Segmenter on the real slab (ceiling): raw {ceilings['raw']:.3f}, through the axial frame "
         f"{ceilings['axial']:.3f}, through the cube frame {ceilings['multi']:.3f}.\n\n"
     )
