@@ -98,6 +98,10 @@ def test_thick_slices_restrict_the_axes(multiaxis_model):
     result = generate_multiaxis(labels, multiaxis_model, num_inference_steps=2)
     assert result.axes == ("axial",)
     assert_same_geometry(result.image, labels, atol=0)
+    with pytest.raises(VolgenError, match="allows only axial"):
+        generate_multiaxis(labels, multiaxis_model, schedule=["coronal", "axial"])
+    explicit = generate_multiaxis(_labels(), multiaxis_model, schedule=["sagittal", "coronal", "axial"])
+    assert explicit.axes == ("sagittal", "coronal", "axial")
 
 
 def test_schedule_condition_vector_and_errors(multiaxis_model, tiny_model_dir):

@@ -302,6 +302,7 @@ def generate_multiaxis(
     loaded,
     *,
     axes: Sequence[str] | None = None,
+    schedule: Sequence[str] | None = None,
     seed: int = 0,
     num_inference_steps: int = 20,
     scheduler: str = "dpmsolver++",
@@ -318,6 +319,9 @@ def generate_multiaxis(
         loaded: A :class:`volgen.models.LoadedModel`.
         axes: Axes to cycle through (default: every axis the model was trained on), reduced by
             :func:`usable_axes` for anisotropic input.
+        schedule: Instead of cycling, the axis of every step (its length is the number of steps), e.g.
+            ``["coronal", "sagittal"] * 9 + ["axial"] * 2``; axes that :func:`usable_axes` rules out are an
+            error.
         max_spacing_ratio: See :func:`usable_axes`.
 
     Returns:
@@ -338,11 +342,18 @@ def generate_multiaxis(
     )
     frame = to_cube_frame(classes, slice_size=meta.slice_size)
     wanted = tuple(axes) if axes else model_axes(meta.condition, meta.slice_axis)
+    if schedule is not None:
+        wanted = tuple(dict.fromkeys(schedule))
     used = usable_axes(frame, wanted, max_ratio=max_spacing_ratio)
+    if schedule is not None and len(used) < len(wanted):
+        raise VolgenError(
+            f"the schedule slices along {', '.join(wanted)}, but this volume's spacing allows only "
+            f"{', '.join(used)} (max_spacing_ratio={max_spacing_ratio})"
+        )
     cube = sample_multiaxis(
         pipe,
         frame.labels.long(),
-        schedule=axis_schedule(used, num_inference_steps),
+        schedule=list(schedule) if schedule is not None else axis_schedule(used, num_inference_steps),
         seed=seed,
         scheduler=scheduler,
         slice_batch_size=slice_batch_size,
