@@ -201,14 +201,16 @@ def test_sigterm_during_training_saves_a_checkpoint_and_resume_continues(tmp_pat
         (tmp_path / "data" / sub).mkdir(parents=True)
     config = write_train_config(tmp_path, max_steps=100)
     run = tmp_path / "run"
-    real_noise = training.step_noise
+    import volgen.training.loop as loop
+
+    real_noise = loop.step_noise
 
     def noise_then_signal(step, **kwargs):
         if step == 3:  # 0-based: during the 4th step
             os.kill(os.getpid(), signal.SIGTERM)
         return real_noise(step, **kwargs)
 
-    monkeypatch.setattr(training, "step_noise", noise_then_signal)
+    monkeypatch.setattr(loop, "step_noise", noise_then_signal)
     result = invoke("train", config)
     assert result.exit_code == 130, result.output
     assert "interrupted" in result.output and "Traceback" not in result.output
@@ -218,7 +220,7 @@ def test_sigterm_during_training_saves_a_checkpoint_and_resume_continues(tmp_pat
     assert len(first) == 4
     assert not (run / "model").exists()  # not exported: the run is not finished
 
-    monkeypatch.setattr(training, "step_noise", real_noise)
+    monkeypatch.setattr(loop, "step_noise", real_noise)
     result = invoke("train", config, "--resume", "--max-steps", "6", "--verbose")
     assert result.exit_code == 0, result.output
     assert "resumed from" in result.output and "at step 4" in result.output

@@ -171,6 +171,7 @@ def test_resume_matches_an_uninterrupted_run(reference_run, workdir):
 
     _, reference, _ = reference_run
     config = TrainConfig.from_yaml(write_config(workdir, output_dir="interrupted"))
+    assert config.augmentation.enabled  # the default: resuming repeats the augmentation draws too
 
     class Interrupt(Exception):
         pass
@@ -376,3 +377,34 @@ def test_ablated_classes_reach_the_unet_as_unspecified_flags(workdir, monkeypatc
     for c in range(2):
         unspecified = per_sample[:, c] == 0
         assert float(masks[unspecified][:, c::2].abs().sum()) == 0.0  # an unspecified class is never drawn
+
+
+def test_learning_rate_is_a_function_of_the_step_matching_diffusers_cosine_with_warmup():
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    from volgen.training import lr_factor
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = get_cosine_schedule_with_warmup(optimizer, 5, 40)
+    for step in range(40):
+        assert lr_factor(step, 5, 40) == pytest.approx(optimizer.param_groups[0]["lr"], abs=1e-12)
+        optimizer.step()
+        reference.step()
+    assert lr_factor(0, 5, 40) == 0.0 and lr_factor(40, 5, 40) == 0.0
+
+
+def test_empty_slices_pad_each_volume_with_air_on_both_ends():
+    from volgen.data import PreparedVolume, with_empty_slices
+
+    volume = PreparedVolume(
+        case="c",
+        image=torch.rand(5, 4, 4) * 2 - 1,
+        labels=torch.ones(5, 4, 4, dtype=torch.uint8),
+        window=(0, 1),
+    )
+    padded = with_empty_slices(volume, 2)
+    assert padded.labels.shape == (9, 4, 4) and padded.image.shape == (9, 4, 4)
+    assert not padded.labels[:2].any() and not padded.labels[-2:].any()
+    assert torch.all(padded.image[:2] == -1.0) and torch.all(padded.image[-2:] == -1.0)
+    assert torch.equal(padded.image[2:7], volume.image) and torch.equal(padded.labels[2:7], volume.labels)
+    assert with_empty_slices(volume, 0) is volume

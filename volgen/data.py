@@ -158,16 +158,36 @@ def prepare_case(
     return PreparedVolume(case=case.case, image=model_space, labels=frame.labels, window=window)
 
 
+def with_empty_slices(volume: PreparedVolume, count: int) -> PreparedVolume:
+    """``volume`` with ``count`` all-background slices (image -1, the model-space minimum) on both ends."""
+    if count == 0:
+        return volume
+    _, h, w = volume.labels.shape
+    labels = volume.labels.new_zeros(count, h, w)
+    image = volume.image.new_full((count, h, w), -1.0)
+    return PreparedVolume(
+        case=volume.case,
+        image=torch.cat([image, volume.image, image]),
+        labels=torch.cat([labels, volume.labels, labels]),
+        window=volume.window,
+    )
+
+
 class SliceDataset(Dataset):
     """2D training samples from prepared volumes.
 
     Item ``i`` is a dict with ``image``: ``(1, H, W)`` float32 in [-1, 1] and ``context``: ``(2K+1, H, W)``
-    uint8 class indices of slices ``z-K .. z+K`` (background outside the volume). Mask ablation and encoding
-    happen per batch in the training loop (:mod:`volgen.conditioning`), the same code sampling uses.
+    uint8 class indices of slices ``z-K .. z+K`` (outside the volume: ``padding``, see
+    :func:`volgen.conditioning.context_stack`). Mask ablation and encoding happen per batch in the training
+    loop (:mod:`volgen.conditioning`), the same code sampling uses. Indexing with ``(i, seed)`` adds the
+    ``seed`` of the sample's augmentation, applied by :class:`volgen.augmentation.AugmentingCollate`.
     """
 
     def __init__(
-        self, volumes: Sequence[PreparedVolume], context_slices: int, padding: str = "background"
+        self,
+        volumes: Sequence[PreparedVolume],
+        context_slices: int,
+        padding: str = "background",
     ) -> None:
         if not volumes:
             raise ValueError("no training volumes")
@@ -181,11 +201,15 @@ class SliceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Tensor]:
+        i, seed = item if isinstance(item, tuple) else (item, None)
         v, z = self.index[i]
         volume = self.volumes[v]
         context = context_stack(volume.labels, [z], self.context_slices, self.padding)[0]
-        return {"image": volume.image[z][None], "context": context}
+        sample = {"image": volume.image[z][None], "context": context}
+        if seed is not None:  # augmented when the batch is collated (volgen.augmentation.AugmentingCollate)
+            sample["seed"] = seed
+        return sample
 
     def sampling_weights(self, foreground_weight: float) -> Tensor:
         """Per-sample weights: 1 for every slice plus ``foreground_weight`` x its foreground fraction x 100.

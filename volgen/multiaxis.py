@@ -452,10 +452,11 @@ class MultiAxisSliceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.slices)
 
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        item = self.slices[i]
-        item["axis"] = torch.tensor(self.axes[self.slices.index[i][0]])
-        return item
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Tensor]:
+        i = item[0] if isinstance(item, tuple) else item
+        sample = self.slices[item]
+        sample["axis"] = torch.tensor(self.axes[self.slices.index[i][0]])
+        return sample
 
     def sampling_weights(self, foreground_weight: float) -> Tensor:
         return self.slices.sampling_weights(foreground_weight)

@@ -20,30 +20,32 @@ from volgen.api import default_model_dir
 from volgen.models import load_model, save_model
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("model", type=Path, help="A trained model folder (e.g. runs/colin27-small/model).")
-    parser.add_argument("--target", type=Path, default=default_model_dir())
-    args = parser.parse_args()
-    loaded = load_model(args.model)
-    loaded.metadata.trained_on = (
-        "the Colin27 T1 MRI (one subject, 1 mm, Debian mricron-data) with tissue labels derived from it"
-    )
-    save_model(
-        args.target, loaded.unet, loaded.scheduler, loaded.metadata, overwrite=True, dtype=torch.float16
-    )
-    meta = loaded.metadata
+def model_card(meta) -> str:
+    """The model folder's README.md: what it is, how it was trained, the licence of its data."""
     steps = meta.training.get("steps", "?")
-    card = f"""# {meta.name}: volgen's embedded default model
+    schedule = meta.training.get("prediction_type", "epsilon")
+    zero_snr = meta.training.get("zero_terminal_snr", False)
+    schedule_text = (
+        "v-prediction, DDPM T = 1000 linear betas rescaled to zero terminal SNR"
+        if zero_snr
+        else f"{schedule}, DDPM T = 1000 linear betas"
+    )
+    condition = meta.condition
+    flags = (
+        "per-class 'specified' flags (ablated classes unspecified), edge slices repeated as context"
+        if condition is not None and condition.specified_flags
+        else "masks only"
+    )
+    augmentation = "TorchIO augmentation" if meta.training.get("augmentation") else "no augmentation"
+    return f"""# {meta.name}: volgen's embedded default model
 
 {meta.description}
 
 - Trained on: {meta.trained_on}
 - Architecture: `small` preset (diffusers UNet2DModel, {meta.slice_size} px {meta.slice_axis} slices),
-  ε-prediction, DDPM T = 1000 linear betas, {meta.encoding} masks with {meta.context_slices} context
-  slice(s) each side, mask ablation p = 0.5, {steps} steps; EMA weights stored as float16.
+  {schedule_text}, {meta.encoding} masks with {meta.context_slices} context slice(s) each side and
+  {flags}; mask ablation p = {meta.training.get("ablation_p", 0.5)}, {augmentation}, {steps} steps of batch
+  {meta.training.get("batch_size", "?")}; EMA weights stored as float16.
 - Classes: {", ".join(meta.label_map.class_names)}.
 - Intensities: MR, percentile mapping, written as float32 on the T1 scale of Colin27 (0..255 uint8 source).
 
@@ -59,7 +61,28 @@ and its documentation for any purpose and without fee is hereby granted, provide
 notice appear in all copies. The authors and McGill University make no representations about the
 suitability of this software for any purpose. It is provided "as is" without express or implied warranty.
 """
-    (args.target / "README.md").write_text(card, encoding="utf-8")
+
+
+def export_default_model(model: Path, target: Path) -> Path:
+    """Write ``model`` to ``target`` as the embedded default: float16 weights, Colin27 provenance, a card."""
+    loaded = load_model(model)
+    loaded.metadata.trained_on = (
+        "the Colin27 T1 MRI (one subject, 1 mm, Debian mricron-data) with tissue labels derived from it"
+    )
+    save_model(target, loaded.unet, loaded.scheduler, loaded.metadata, overwrite=True, dtype=torch.float16)
+    (target / "README.md").write_text(model_card(loaded.metadata), encoding="utf-8")
+    load_model(target)  # it loads back
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model", type=Path, help="A trained model folder (e.g. runs/colin27-small/model).")
+    parser.add_argument("--target", type=Path, default=default_model_dir())
+    args = parser.parse_args()
+    export_default_model(args.model, args.target)
     reloaded = load_model(args.target)
     size = sum(p.stat().st_size for p in args.target.rglob("*") if p.is_file())
     print(f"wrote {args.target} ({size / 2**20:.1f} MiB), id {reloaded.model_id}")

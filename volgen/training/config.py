@@ -1,0 +1,199 @@
+"""The training config: typed sections read from YAML (data, model, training, augmentation)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, field_validator, model_validator
+
+from volgen.augmentation import AugmentationConfig
+from volgen.config import StrictModel, load_yaml
+from volgen.models import IntensityMapping, UNetConfig
+from volgen.types import Encoding, Modality, PathLike, UnknownLabels
+
+
+class DataConfig(StrictModel):
+    """Training data: where it is, which label map, how intensities map to [-1, 1]."""
+
+    source: Path
+    label_map: str
+    modality: Modality = "MR"
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    ct_window: tuple[float, float] = (-1000.0, 1000.0)
+    slice_axis: Literal["axial", "coronal", "sagittal"] = "axial"
+    #: Multi-axis training (volgen.multiaxis): slices along each of these axes, in the isotropic cube frame,
+    #: with the axis in the condition vector. Empty (default): ``slice_axis`` only, in the usual frame.
+    slice_axes: list[Literal["axial", "coronal", "sagittal"]] = Field(default_factory=list)
+    unknown_labels: UnknownLabels = "error"
+    foreground_weight: float = Field(0.0, ge=0.0)
+    #: All-background slices (image at the model-space minimum, i.e. air) added below and above every
+    #: volume: the model sees empty masks next to anatomy, as at the ends of generated volumes.
+    empty_slices: int = Field(0, ge=0, le=64)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if not 0.0 <= self.percentiles[0] < self.percentiles[1] <= 100.0:
+            raise ValueError("data.percentiles must satisfy 0 <= low < high <= 100")
+        if not self.ct_window[1] > self.ct_window[0]:
+            raise ValueError("data.ct_window must be [low, high] with high > low")
+        axes = self.slice_axes
+        if axes and (len(set(axes)) != len(axes) or self.slice_axis not in axes):
+            raise ValueError("data.slice_axes must be distinct and include data.slice_axis")
+        return self
+
+    def intensity_mapping(self, windows: list[tuple[float, float]] | None = None) -> IntensityMapping:
+        """The model's intensity mapping. MR: ``low``/``high`` are the mean of the volumes' windows."""
+        if self.modality == "CT":
+            return IntensityMapping.ct(*self.ct_window)
+        if not windows:
+            return IntensityMapping(modality="MR", percentiles=self.percentiles)
+        low = float(np.mean([w[0] for w in windows]))
+        high = float(np.mean([w[1] for w in windows]))
+        return IntensityMapping(
+            modality="MR", percentiles=self.percentiles, low=low, high=max(high, low + 1e-3)
+        )
+
+
+class ModelSection(StrictModel):
+    """The model to train: an architecture preset (or a full ``unet:``), the encoding and 2.5D context."""
+
+    preset: str | None = None
+    unet: UNetConfig | None = None
+    encoding: Encoding = "onehot"
+    context_slices: int = Field(1, ge=0, le=8)
+    name: str = "volgen-model"
+    description: str = ""
+    #: Tell the model which classes each condition specifies (ablated classes unspecified); see
+    #: :class:`volgen.conditioning.ConditionLayout`. ``False`` trains a model of the older kind.
+    specified_flags: bool = True
+    #: Context neighbours outside the volume: the edge slice repeated, or all-background (older models).
+    context_padding: Literal["background", "replicate"] = "replicate"
+    #: What the UNet predicts: ``epsilon`` (the paper, older models) or ``v_prediction``.
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
+    #: Rescale the betas to zero terminal SNR (needs ``v_prediction``).
+    zero_terminal_snr: bool = True
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> ModelSection:
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise ValueError("model.zero_terminal_snr needs model.prediction_type: v_prediction")
+        return self
+
+    def condition_layout(self):
+        """The model's :class:`~volgen.conditioning.ConditionLayout`, or ``None`` for an older-kind model."""
+        from volgen.conditioning import ConditionLayout
+
+        if not self.specified_flags and self.context_padding == "background":
+            return None
+        return ConditionLayout(specified_flags=self.specified_flags, context_padding=self.context_padding)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_architecture(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            if data.get("preset") is not None and data.get("unet") is not None:
+                raise ValueError("give either model.preset or model.unet, not both")
+            if data.get("preset") is None and data.get("unet") is None:
+                data = {**data, "preset": "small"}
+        return data
+
+    def unet_config(self) -> UNetConfig:
+        """The UNet architecture (the preset read from ``configs/models``, or ``unet`` itself)."""
+        return self.unet if self.unet is not None else UNetConfig.preset(str(self.preset))
+
+
+class TrainingSection(StrictModel):
+    """Optimisation, schedule and bookkeeping. ``batch_size`` is the global batch over all processes."""
+
+    max_steps: int = Field(2000, ge=1)
+    max_minutes: float | None = Field(None, gt=0)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(2.0e-4, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    ablation_p: float = Field(0.5, ge=0, le=1)
+    #: Offset noise (Guttenberg 2023): this much per-sample constant noise added to the Gaussian noise.
+    offset_noise: float = Field(0.0, ge=0, le=1)
+    #: Min-SNR-γ loss weighting (Hang et al. 2023); ``None`` weighs every timestep equally.
+    snr_gamma: float | None = Field(None, gt=0)
+    seed: int = Field(0, ge=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    checkpoint_every: int = Field(500, ge=1)
+    preview_every: int = Field(500, ge=0, description="0: a preview at the end only")
+    preview_steps: int = Field(20, ge=1)
+    log_every: int = Field(10, ge=1)
+    num_workers: int = Field(0, ge=0)
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML reads an unquoted `no` as false
+
+
+class TrainConfig(StrictModel):
+    """A training run (YAML). Relative paths in a YAML file are relative to that file."""
+
+    output_dir: Path
+    data: DataConfig
+    model: ModelSection = Field(default_factory=ModelSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
+
+    @classmethod
+    def from_yaml(cls, path: PathLike) -> TrainConfig:
+        """Read a training config; ``output_dir``, ``data.source`` and a label map path resolve against it."""
+        config = load_yaml(path, cls)
+        return config.resolve_paths(Path(path).resolve().parent)
+
+    def resolve_paths(self, base: PathLike) -> TrainConfig:
+        """A copy with relative paths made absolute against ``base``."""
+        base = Path(base)
+        config = self.model_copy(deep=True)
+        config.output_dir = (base / config.output_dir).resolve()
+        config.data.source = (base / config.data.source).resolve()
+        label_map = config.data.label_map
+        if Path(label_map).suffix.lower() in (".yaml", ".yml") or "/" in label_map or os.sep in label_map:
+            config.data.label_map = str((base / label_map).resolve())
+        return config
+
+
+def resume_relevant(config: TrainConfig) -> dict[str, Any]:
+    """The parts of a config that must not change when resuming (they change what the steps compute)."""
+    dump = config.model_dump(mode="json")
+    training = {
+        k: dump["training"][k]
+        for k in (
+            "batch_size",
+            "learning_rate",
+            "warmup_steps",
+            "weight_decay",
+            "grad_clip",
+            "ema_decay",
+            "ablation_p",
+            "offset_noise",
+            "snr_gamma",
+            "seed",
+            "mixed_precision",
+        )
+    }
+    return {
+        "data": dump["data"],
+        "model": dump["model"],
+        "training": training,
+        "augmentation": dump["augmentation"],
+    }
+
+
+def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            found = first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+            if found:
+                return found
+        return None
+    return None if a == b else prefix.rstrip(".")
