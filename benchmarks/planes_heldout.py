@@ -12,7 +12,8 @@
 3. Generates the held-out slab from its labels for every seed and setting: the axial model with ρ in
    ``--rho-axial`` (single-axis sampling, today's way), and the multi-axis model cycling axial, coronal,
    sagittal per step with ρ in ``--rho-multi`` (same UNet evaluations per step as single-axis sampling on a
-   cube; see docs/consistency.md).
+   cube; see docs/consistency.md), and the multi-axis model along axial slices only with ρ in
+   ``--rho-multi-axial`` (same frame and model, single-axis sampling).
 4. Scores each volume against the real slab passed through the same frame (single-axis frame, or the isotropic
    cube frame for multi-axis sampling): faithfulness (intensity segmenter, nearest class median, fitted on
    the training slices' real image), background error, per-plane metrics (volgen.evaluation.planes).
@@ -84,9 +85,11 @@ def train_models(args: argparse.Namespace, work: Path) -> dict[str, Path]:
 
 
 def settings_list(args: argparse.Namespace) -> list[tuple[str, str, float]]:
-    return [(f"axial model, axial slices, ρ {r}", "axial", r) for r in args.rho_axial] + [
-        (f"multi-axis model, axes cycled, ρ {r}", "multi", r) for r in args.rho_multi
-    ]
+    return (
+        [(f"axial model, axial slices, ρ {r}", "axial", r) for r in args.rho_axial]
+        + [(f"multi-axis model, axes cycled, ρ {r}", "multi", r) for r in args.rho_multi]
+        + [(f"multi-axis model, axial slices only, ρ {r}", "multi-axial", r) for r in args.rho_multi_axial]
+    )
 
 
 def main() -> None:
@@ -98,6 +101,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
     parser.add_argument("--rho-axial", type=float, nargs="*", default=[0.0, 0.9, 0.99])
     parser.add_argument("--rho-multi", type=float, nargs="*", default=[0.0, 0.9])
+    parser.add_argument(
+        "--rho-multi-axial",
+        type=float,
+        nargs="*",
+        default=[0.99],
+        help="the multi-axis model sampled along axial slices only (same frame, single-axis sampling)",
+    )
     parser.add_argument("--slab", type=int, nargs=2, default=[80, 110])
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "colin27")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "planes-heldout")
@@ -163,7 +173,7 @@ def main() -> None:
                 result = generate_multiaxis(
                     seg_image,
                     loaded_multi,
-                    axes=AXES,
+                    axes=AXES if kind == "multi" else ["axial"],
                     seed=seed,
                     num_inference_steps=args.steps,
                     noise_correlation=rho,
@@ -171,7 +181,8 @@ def main() -> None:
                 )
                 volume = sitk.GetArrayFromImage(result.image).astype(np.float64)
             seconds = time.perf_counter() - started
-            row = score(volume, reals[kind], mask, segmenter, range(1, 5), direction)
+            real = reals["axial" if kind == "axial" else "multi"]
+            row = score(volume, real, mask, segmenter, range(1, 5), direction)
             row.update(setting=name, seed=seed, rho=rho, kind=kind, seconds=seconds)
             groups.setdefault(name, []).append(row)
             examples.setdefault(name, volume)

@@ -103,8 +103,8 @@ def plane_feature_distance(
     """Fréchet distance of the planes ``index`` perpendicular to ``axis``, generated against real.
 
     Both volumes are scaled with the same ``window`` (the real body's p1, p99) to [0, 1] (not clipped); the
-    features are standardised with the real planes' mean and standard deviation per feature, so the distance
-    counts in units of the real volume's own variation (comparable between planes and volumes of one kind).
+    features of the two sets compared are standardised with their pooled mean and standard deviation per
+    feature (0 for identical sets; two fully separated sets approach ``2 x`` the feature count).
 
     Returns:
         ``(distance, floor)``: generated vs real, and the real volume's even planes vs its odd planes.
@@ -119,9 +119,15 @@ def plane_feature_distance(
     if len(index) < 4:
         return float("nan"), float("nan")
     real_features = features(real, index)
-    # standardised by the real planes' spread per feature: the distance is in units of real variation
-    centre, spread = real_features.mean(axis=0), real_features.std(axis=0) + 1e-12
-    real_features = (real_features - centre) / spread
-    distance = frechet_distance((features(generated, index) - centre) / spread, real_features)
-    floor = frechet_distance(real_features[0::2], real_features[1::2])
+    generated_features = features(generated, index)
+
+    def standardised(*sets: np.ndarray) -> list[np.ndarray]:
+        # by the spread of the sets compared, pooled: a distance in units of their joint variation, bounded
+        # even where the real planes hardly differ from each other (a thin slab)
+        pooled = np.concatenate(sets)
+        centre, spread = pooled.mean(axis=0), pooled.std(axis=0) + 1e-12
+        return [(s - centre) / spread for s in sets]
+
+    distance = frechet_distance(*standardised(generated_features, real_features))
+    floor = frechet_distance(*standardised(real_features[0::2], real_features[1::2]))
     return distance, floor
