@@ -8,7 +8,7 @@
    z = 80..109, 30 mm through the ventricles, as benchmarks/heldout_slab.py); the slab is held out.
 2. Trains the `small` preset (configs/train/colin27-small.yaml, the current recipe) twice on the same data
    and budget: an axial model, and a multi-axis model (``data.slice_axes: [axial, coronal, sagittal]``, the
-   axis in the condition vector). Runs under ``--work`` are resumed when the script runs again.
+   axis in the condition vector). Models already under ``--work`` are reused.
 3. Generates the held-out slab from its labels for every seed and setting: the axial model with ρ in
    ``--rho-axial`` (single-axis sampling, today's way), and the multi-axis model cycling axial, coronal,
    sagittal per step with ρ in ``--rho-multi`` (same UNet evaluations per step as single-axis sampling on a
@@ -69,6 +69,9 @@ def train_models(args: argparse.Namespace, work: Path) -> dict[str, Path]:
     base = TrainConfig.from_yaml(ROOT / "configs" / "train" / "colin27-small.yaml").model_dump(mode="json")
     models = {}
     for name, axes in (("axial", []), ("multi", AXES)):
+        if (work / f"train-{name}" / "model").is_dir():  # trained by an earlier run: reused as it is
+            models[name] = work / f"train-{name}" / "model"
+            continue
         data = json.loads(json.dumps(base))
         data["data"].update(source=str(work / "data"), slice_axes=axes)
         data["training"].update(
