@@ -68,6 +68,13 @@ def test_streaks_are_flagged_along_the_slice_axis(volumes):
         assert planes[axis].feature_distance > 0 and planes[axis].spectral_distance > 0
 
 
+def test_a_volume_of_copies_of_one_slice_is_flagged(volumes):
+    copies = np.repeat(volumes["real"][SHAPE[0] // 2][None], SHAPE[0], axis=0)
+    planes = plane_consistency(copies, volumes["real"], volumes["mask"])
+    assert planes["z"].step_body["ratio"] < 0.85
+    assert planes["z"].texture["ratio"] > 1.25 and planes["z"].texture["generated"] > 0.99
+
+
 def test_flicker_is_flagged_along_the_slice_axis(volumes):
     planes = plane_consistency(volumes["flicker"], volumes["real"], volumes["mask"])
     z = planes["z"].summary()
