@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # volgen from this source tree when it is not installed
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples" / "colin27"))
 
@@ -83,6 +84,7 @@ def budget(args: argparse.Namespace) -> dict[str, Any]:
 
 def launch(command: list[str], log: Path, threads: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env.setdefault("HF_HUB_OFFLINE", "1")
     handle = log.open("w", encoding="utf-8")
     return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -336,8 +338,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=None)
     p.add_argument("--parallel", type=int, default=None, help="processes at a time")
     p.add_argument("--workers", type=int, default=2, help="data-loader workers per augmented training")
-    p.add_argument("--max-minutes", type=float, default=4.0, help="time cap per training (full run)")
+    p.add_argument("--max-minutes", type=float, default=3.5, help="time cap per training loop (full run)")
     p.add_argument("--skip-default", action="store_true", help="only the held-out ablation")
+    p.add_argument(
+        "--deadline-minutes",
+        type=float,
+        default=None,
+        help="stop what still runs then and write what finished (default 6; --quick: 60)",
+    )
     p.add_argument("--train-default", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.train_default:
@@ -347,12 +355,15 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     args.work = args.work or Path(tempfile.mkdtemp(prefix="volgen-recipe-"))
     b = budget(args)
+    deadline = args.deadline_minutes or (60.0 if args.quick else 6.0)
     if not (args.data / "images" / "colin27.nii.gz").is_file():
-        print(
-            f"{args.data}: no Colin27 data; run python examples/colin27/prepare.py {args.data}",
-            file=sys.stderr,
-        )
-        return 2
+        prepare = [sys.executable, str(ROOT / "examples" / "colin27" / "prepare.py"), str(args.data)]
+        if subprocess.run(prepare, cwd=ROOT).returncode != 0:  # needs Debian's mricron-data
+            print(
+                f"{args.data}: no Colin27 data (copy data/colin27 along, or install mricron-data)",
+                file=sys.stderr,
+            )
+            return 2
     heldout_slab.prepare_split(args.data, args.work / "heldout", (80, 110), 4)
     logs = args.work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -372,6 +383,16 @@ def main(argv: list[str] | None = None) -> int:
             name, command = jobs.pop(0)
             running[name] = launch(command, logs / f"{name}.log", b["threads"])
             print(f"[{time.monotonic() - started:5.0f} s] started {name}", flush=True)
+        if time.monotonic() - started > deadline * 60.0:
+            for name, proc in running.items():  # SIGTERM: a training saves a checkpoint and stops
+                print(f"deadline: stopping {name}", file=sys.stderr, flush=True)
+                proc.terminate()
+            jobs.clear()
+            for proc in running.values():
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
         for name, proc in list(running.items()):
             if proc.poll() is not None:
                 codes[name] = proc.returncode

@@ -408,3 +408,20 @@ def test_empty_slices_pad_each_volume_with_air_on_both_ends():
     assert torch.all(padded.image[:2] == -1.0) and torch.all(padded.image[-2:] == -1.0)
     assert torch.equal(padded.image[2:7], volume.image) and torch.equal(padded.labels[2:7], volume.labels)
     assert with_empty_slices(volume, 0) is volume
+
+
+def test_augmented_training_does_not_depend_on_the_number_of_loader_workers(workdir):
+    """Each sample's augmentation is seeded by (seed, step, position), so worker processes change nothing."""
+    from volgen.training import TrainConfig, train
+
+    results = []
+    for workers in (0, 2):
+        path = write_config(
+            workdir, output_dir=f"workers{workers}", max_steps=3, preview_every=0, num_workers=workers
+        )
+        config = TrainConfig.from_yaml(path)
+        assert config.augmentation.enabled
+        results.append(train(config))
+    assert results[0].losses == results[1].losses
+    a, b = (_weights(r.model_dir) for r in results)
+    assert all(torch.equal(a[k], b[k]) for k in a)

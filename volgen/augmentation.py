@@ -149,7 +149,7 @@ class Augmenter:
             labels=tio.LabelMap(tensor=context[..., None].to(torch.int16)),
         )
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed))
+            torch.random.default_generator.manual_seed(int(seed))  # the CPU generator only
             out = self.transform(subject)
         augmented = (out["image"].data[..., 0].float() * 2.0 - 1.0).clamp(-1.0, 1.0)
         labels = out["labels"].data[..., 0].to(context.dtype)

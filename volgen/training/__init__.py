@@ -6,13 +6,16 @@ set), :mod:`~volgen.training.randomness` (per-step draws), :mod:`~volgen.trainin
 :mod:`~volgen.training.preview`, :mod:`~volgen.training.history` (losses.csv),
 :mod:`~volgen.training.signals` (stopping on a signal) and :mod:`~volgen.training.loop` (:func:`train`).
 
-The loop follows Konz et al. (MICCAI 2024): ε-prediction with an MSE loss on the DDPM training schedule
-(T = 1000, linear betas), the condition built from each sample's 2.5D mask context after per-sample mask
-ablation (:mod:`volgen.conditioning`, the same code sampling uses), AdamW with linear warmup and cosine
-decay, gradient clipping and an EMA of the weights, which is what gets exported.
+The loop follows Konz et al. (MICCAI 2024): a DDPM training schedule (T = 1000, linear betas; by default
+rescaled to zero terminal SNR with v-prediction, or ε-prediction as in the paper), the condition built from
+each sample's 2.5D mask context after per-sample mask ablation (:mod:`volgen.conditioning`, the same code
+sampling uses) plus the "specified" flags of the classes kept, TorchIO augmentation of image and masks
+together (:mod:`volgen.augmentation`), AdamW with linear warmup and cosine decay, gradient clipping and an
+EMA of the weights, which is what gets exported.
 
-Determinism. Everything random in a step - which slices form the batch, the timesteps, the noise and the
-ablation - is drawn from generators seeded by ``(seed, step)``, never from a running iterator. So:
+Determinism. Everything random in a step - which slices form the batch, the timesteps, the noise, the
+ablation and each sample's augmentation - is drawn from generators seeded by ``(seed, step)``, never from a
+running iterator. So:
 
 - a run resumed from a checkpoint repeats an uninterrupted run step for step (same losses, same weights,
   bit for bit on the CPU; GPU kernels may add last-bit differences);
