@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 
-from volgen.evaluation import IntensitySegmenter, dice, plane_consistency
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # volgen from this source tree when it is not installed (a GPU box)
+    sys.path.insert(0, str(ROOT))
+
+from volgen.evaluation import IntensitySegmenter, dice, plane_consistency  # noqa: E402
 
 AXES = ("z", "y", "x")
 #: The issue's "done" ranges, per axis: neighbour-difference ratio and texture-correlation ratio.
