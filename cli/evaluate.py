@@ -61,6 +61,13 @@ def evaluate(
     unknown_labels: Annotated[
         str, typer.Option(help="Mask values the label map does not know: 'error' or 'background'.")
     ] = "error",
+    planes: Annotated[
+        bool,
+        typer.Option(
+            help="Per-plane consistency metrics and planes.png for cases with a real volume (about 10 "
+            "float64 copies of a volume in memory at once; --no-planes for very large volumes)."
+        ),
+    ] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace evaluation.json/png in OUT_DIR.")] = False,
 ) -> None:
     """Score generated volumes: faithfulness Dice, 3D consistency in every plane and intensity realism.
@@ -105,6 +112,7 @@ def evaluate(
             slice_axis=slice_axis,
             modality=modality,
             unknown_labels=unknown_labels,
+            planes=planes,
             progress=lambda message: status.update(message),
         )
     json_path, png_path, planes_path = write_report(report, out_dir, overwrite=overwrite)

@@ -129,6 +129,9 @@ def test_evaluate_with_the_intensity_segmenter(cases, tmp_path):
     assert planes["z"]["step_background"]["ratio"] > 1.3  # the offsets are in the background too
     assert set(report["summary"]["planes"]) == {"z", "y", "x"}
     assert report["summary"]["cases"] == 2 and report["summary"]["consistency"]["ratio"]["z"] > 1.1
+    no_planes = runner.invoke(app, [*args[:2], str(tmp_path / "lean"), *args[3:], "--no-planes"])
+    assert no_planes.exit_code == 0 and "per plane" not in no_planes.output
+    assert not (tmp_path / "lean" / "planes.png").exists()
     # the outputs exist now: a second run needs --overwrite
     _one_error_line(runner.invoke(app, args), "evaluation.json", "already exists")
     assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
