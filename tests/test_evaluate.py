@@ -104,6 +104,8 @@ def test_evaluate_with_the_intensity_segmenter(cases, tmp_path):
     assert result.exit_code == 0, result.output
     assert "perfect" in result.output and "flicker" in result.output
     assert (out / "evaluation.png").stat().st_size > 10_000
+    assert (out / "planes.png").stat().st_size > 10_000  # real and generated in three planes
+    assert "per plane" in result.output and "texture" in result.output
     report = json.loads((out / "evaluation.json").read_text())
     assert report["classes"] == ["background", "a", "b", "c"]
     perfect, flicker = report["cases"]
@@ -118,7 +120,18 @@ def test_evaluate_with_the_intensity_segmenter(cases, tmp_path):
     ratio = flicker["consistency"]["ratio"]
     assert ratio["z"] > 1.3 and abs(ratio["x"] - 1) < 1e-6 and abs(ratio["y"] - 1) < 1e-6
     assert flicker["consistency"]["anisotropy"] > 1.3
+    # per plane: the perfect case scores 1.0 everywhere; the flicker shows along z, inside the body only
+    for metrics in perfect["planes"].values():
+        assert metrics["step_body"]["ratio"] == 1.0 and metrics["texture"]["ratio"] == 1.0
+        assert metrics["feature_distance"] == 0.0
+    planes = flicker["planes"]
+    assert planes["z"]["step_body"]["ratio"] > 1.3 and abs(planes["x"]["step_body"]["ratio"] - 1) < 1e-6
+    assert planes["z"]["step_background"]["ratio"] > 1.3  # the offsets are in the background too
+    assert set(report["summary"]["planes"]) == {"z", "y", "x"}
     assert report["summary"]["cases"] == 2 and report["summary"]["consistency"]["ratio"]["z"] > 1.1
+    no_planes = runner.invoke(app, [*args[:2], str(tmp_path / "lean"), *args[3:], "--no-planes"])
+    assert no_planes.exit_code == 0 and "per plane" not in no_planes.output
+    assert not (tmp_path / "lean" / "planes.png").exists()
     # the outputs exist now: a second run needs --overwrite
     _one_error_line(runner.invoke(app, args), "evaluation.json", "already exists")
     assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0

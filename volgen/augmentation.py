@@ -184,4 +184,7 @@ class AugmentingCollate:
             images.append(image[:, None])
             contexts.append(context.reshape(len(group), -1, *context.shape[1:]))
             start = stop
-        return {"image": torch.cat(images), "context": torch.cat(contexts)}
+        batch = {"image": torch.cat(images), "context": torch.cat(contexts)}
+        if "axis" in items[0]:  # multi-axis training (volgen.multiaxis.MultiAxisSliceDataset)
+            batch["axis"] = torch.stack([item["axis"] for item in items])
+        return batch

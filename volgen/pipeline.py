@@ -207,7 +207,11 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
     def condition_for(self, removed: Tensor | None, batch: int, axis: int | None = None) -> Tensor | None:
         """The ``(batch, D)`` condition vector: kept classes specified, dropped ones not (or ``None``)."""
         specified = specified_from_removed(removed, batch, self.config.num_classes)
-        return condition_vector(specified, axis=axis, layout=self.condition_layout)
+        layout = self.condition_layout
+        if axis is None and layout is not None and len(layout.axes) > 1:  # multi-axis model: its slice_axis
+            axis = ("axial", "coronal", "sagittal").index(self.config.slice_axis)
+            axis = axis if axis in layout.axes else layout.axes[0]
+        return condition_vector(specified, axis=axis, layout=layout)
 
     @classmethod
     def from_pretrained(cls, folder, *, scheduler=None) -> SegmentationToVolumePipeline:

@@ -24,6 +24,9 @@ class DataConfig(StrictModel):
     percentiles: tuple[float, float] = (0.5, 99.5)
     ct_window: tuple[float, float] = (-1000.0, 1000.0)
     slice_axis: Literal["axial", "coronal", "sagittal"] = "axial"
+    #: Multi-axis training (volgen.multiaxis): slices along each of these axes, in the isotropic cube frame,
+    #: with the axis in the condition vector. Empty (default): ``slice_axis`` only, in the usual frame.
+    slice_axes: list[Literal["axial", "coronal", "sagittal"]] = Field(default_factory=list)
     unknown_labels: UnknownLabels = "error"
     foreground_weight: float = Field(0.0, ge=0.0)
     #: All-background slices (image at the model-space minimum, i.e. air) added below and above every
@@ -36,6 +39,9 @@ class DataConfig(StrictModel):
             raise ValueError("data.percentiles must satisfy 0 <= low < high <= 100")
         if not self.ct_window[1] > self.ct_window[0]:
             raise ValueError("data.ct_window must be [low, high] with high > low")
+        axes = self.slice_axes
+        if axes and (len(set(axes)) != len(axes) or self.slice_axis not in axes):
+            raise ValueError("data.slice_axes must be distinct and include data.slice_axis")
         return self
 
     def intensity_mapping(self, windows: list[tuple[float, float]] | None = None) -> IntensityMapping:

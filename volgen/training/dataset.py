@@ -21,6 +21,8 @@ class TrainingData:
     label_map: Any
     intensity: IntensityMapping
     description: str
+    #: Multi-axis data: the axis code of each volume (see :class:`volgen.multiaxis.MultiAxisSliceDataset`).
+    axes: list[int] | None = None
 
 
 def prepare_training_data(config: TrainConfig) -> TrainingData:
@@ -36,6 +38,24 @@ def prepare_training_data(config: TrainConfig) -> TrainingData:
     cases = find_cases(data.source)
     provisional = data.intensity_mapping()
     volumes = []
+    if len(data.slice_axes) > 1:  # multi-axis: one volume per (case, axis), the model's slice_axis first
+        from volgen.multiaxis import axis_code, prepare_case_axes
+
+        order = [data.slice_axis, *(a for a in data.slice_axes if a != data.slice_axis)]
+        for case in cases:
+            volumes += prepare_case_axes(
+                case,
+                label_map=label_map,
+                intensity=provisional,
+                slice_size=slice_size,
+                axes=order,
+                unknown_labels=data.unknown_labels,
+            )
+        axes = [axis_code(v.case.rsplit(":", 1)[1]) for v in volumes]
+        volumes = [with_empty_slices(v, data.empty_slices) for v in volumes]
+        intensity = data.intensity_mapping([v.window for v in volumes])
+        description = f"{len(cases)} case(s) from {data.source}, slices along {', '.join(order)}"
+        return TrainingData(volumes, label_map, intensity, description, axes=axes)
     for case in cases:
         volume = prepare_case(
             case,

@@ -23,6 +23,7 @@ import torch
 from volgen.augmentation import Augmenter, AugmentingCollate
 from volgen.config import save_yaml
 from volgen.errors import ConfigError, OutputError, VolgenError
+from volgen.multiaxis import MultiAxisSliceDataset, layout_with_axes, per_sample_condition_vector
 from volgen.training.checkpoint import (
     CHECKPOINTS,
     TRAINER_STATE,
@@ -157,7 +158,7 @@ def _metadata(config: TrainConfig, data: TrainingData):
         slice_axis=config.data.slice_axis,
         intensity=data.intensity,
         trained_on=data.description,
-        condition=config.model.condition_layout(),
+        condition=layout_with_axes(config.model.condition_layout(), config.data.slice_axes),
     )
 
 
@@ -167,11 +168,18 @@ def _loader(config: TrainConfig, data: TrainingData, metadata, accelerator, star
 
     cfg = config.training
     padding = metadata.condition.context_padding if metadata.condition is not None else "background"
-    dataset = SliceDataset(data.volumes, config.model.context_slices, padding=padding)
+    dataset = (
+        SliceDataset(data.volumes, config.model.context_slices, padding=padding)
+        if data.axes is None
+        else MultiAxisSliceDataset(data.volumes, data.axes, config.model.context_slices, padding)
+    )
     augmenter = None
     if config.augmentation.enabled:
+        augmentation = config.augmentation
+        if data.axes is not None and 2 in data.axes:  # sagittal slices: left-right is through-plane
+            augmentation = augmentation.model_copy(update={"flip_left_right": False})
         augmenter = Augmenter(
-            config.augmentation,
+            augmentation,
             slice_size=metadata.slice_size,
             modality=metadata.intensity.modality,
             slice_axis=metadata.slice_axis,
@@ -259,7 +267,6 @@ def _setup(config: TrainConfig, checkpoint: Path | None) -> _Run:
 def _step(run: _Run, batch: dict[str, torch.Tensor], step: int) -> tuple[float, float]:
     """One optimisation step (0-based ``step``); returns the global batch's mean loss and the rate used."""
     from volgen.conditioning import (
-        condition_vector,
         encode,
         remove_classes,
         specified_from_removed,
@@ -285,7 +292,9 @@ def _step(run: _Run, batch: dict[str, torch.Tensor], step: int) -> tuple[float, 
     cond = encode(remove_classes(batch["context"].to(device), removed), num_classes, metadata.encoding)
     # ablated classes are flagged unspecified (the same per-sample ablation as the masks)
     specified = specified_from_removed(removed, removed.shape[0], num_classes)
-    cond = unet_condition(cond, condition_vector(specified, layout=metadata.condition))
+    # multi-axis data: each sample's slice axis in its vector (volgen.multiaxis)
+    vector = per_sample_condition_vector(specified, batch.get("axis"), metadata.condition)
+    cond = unet_condition(cond, vector)
     x_t = run.scheduler.add_noise(x0, noise, timesteps)
     with accelerator.autocast():
         pred = run.model(torch.cat([x_t, cond], dim=1), timesteps).sample

@@ -1,0 +1,81 @@
+"""Shared by benchmarks/planes.py and benchmarks/planes_heldout.py: score volumes, summarise over seeds."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # volgen from this source tree when it is not installed (a GPU box)
+    sys.path.insert(0, str(ROOT))
+
+from volgen.evaluation import IntensitySegmenter, dice, plane_consistency  # noqa: E402
+
+AXES = ("z", "y", "x")
+#: The issue's "done" ranges, per axis: neighbour-difference ratio and texture-correlation ratio.
+STEP_RANGE, TEXTURE_RANGE = (0.85, 1.2), (0.8, 1.25)
+
+
+def score(
+    generated: np.ndarray,
+    real: np.ndarray,
+    mask: np.ndarray,
+    segmenter: IntensitySegmenter,
+    classes: range,
+    direction=None,
+) -> dict:
+    """Faithfulness, background error and per-plane metrics of one generated volume against its real one."""
+    d = dice(segmenter.predict(generated), mask, classes)
+    body = mask > 0
+    low, high = np.percentile(real[body], [1, 99])
+    background = float(np.mean(generated[~body]) - np.mean(real[~body])) / float(high - low)
+    planes = plane_consistency(generated, real, mask, direction=direction)
+    row = {
+        "dice": {int(k): v for k, v in d.items()},
+        "mean_dice": float(np.nanmean(list(d.values()))),
+        "background_error": background,
+        "planes": {a: m.summary() | {"feature_floor": m.feature_floor} for a, m in planes.items()},
+    }
+    row["in_range"] = all(
+        STEP_RANGE[0] <= row["planes"][a]["step_ratio_body"] <= STEP_RANGE[1]
+        and TEXTURE_RANGE[0] <= row["planes"][a]["texture_ratio"] <= TEXTURE_RANGE[1]
+        for a in AXES
+    )
+    return row
+
+
+def _worst_ratio(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v) and v > 0]
+    return max(finite, key=lambda v: abs(math.log(v))) if finite else float("nan")
+
+
+def table(groups: dict[str, list[dict]]) -> str:
+    """A Markdown table: one row per setting, mean [worst seed] over its seeds."""
+    header = (
+        "| setting | seeds | Dice mean [worst] | bg error mean [worst] | step ratio z / y / x "
+        "| step ratio bg z / y / x | texture ratio z / y / x | feature dist. z / y / x | seeds in range |"
+    )
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
+    for name, rows in groups.items():
+
+        def per_axis(key: str, worst: bool = True, rows=rows) -> str:
+            cells = []
+            for a in AXES:
+                values = [r["planes"][a][key] for r in rows]
+                mean = float(np.nanmean(values))
+                cells.append(f"{mean:.2f}" + (f" [{_worst_ratio(values):.2f}]" if worst else ""))
+            return " / ".join(cells)
+
+        dices = [r["mean_dice"] for r in rows]
+        bg = [r["background_error"] for r in rows]
+        worst_bg = max(bg, key=abs)
+        lines.append(
+            f"| {name} | {len(rows)} | {np.mean(dices):.3f} [{min(dices):.3f}] | {np.mean(bg):+.3f} "
+            f"[{worst_bg:+.3f}] | {per_axis('step_ratio_body')} | {per_axis('step_ratio_background', False)} "
+            f"| {per_axis('texture_ratio')} | {per_axis('feature_distance', False)} "
+            f"| {sum(r['in_range'] for r in rows)}/{len(rows)} |"
+        )
+    return "\n".join(lines)
