@@ -10,7 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 
 #: Inference samplers by name (see :func:`volgen.pipeline.make_scheduler`).
-SCHEDULERS: tuple[str, ...] = ("ddpm", "ddim", "dpmsolver++", "euler")
+SCHEDULERS: tuple[str, ...] = (
+    "ddpm",
+    "ddim",
+    "dpmsolver++",
+    "dpmsolver++3m",
+    "sde-dpmsolver++",
+    "unipc",
+    "deis",
+    "euler",
+)
 SCHEDULER = "dpmsolver++"
 #: Denoising steps over the whole schedule.
 STEPS = 20

@@ -242,7 +242,7 @@ def sample_multiaxis(
         ``(X, Y, Z)`` float32 on the CPU in model space [-1, 1].
     """
     from volgen.conditioning import selection_to_removed
-    from volgen.pipeline import correlated_noise, make_scheduler
+    from volgen.pipeline import correlated_noise, make_scheduler, scheduler_step
 
     size = pipe.unet.config.sample_size
     if labels.ndim != 3 or tuple(labels.shape) != (size, size, size):
@@ -284,7 +284,7 @@ def sample_multiaxis(
             on_chunk=count,
         )
         out = volume_to_slices(slices_to_volume(out[:, 0], axis), first).contiguous()[:, None]
-        x = sched.step(out, t, x, generator=generator).prev_sample
+        x = scheduler_step(sched, out, t, x, generator)
     return slices_to_volume(x[:, 0].float().clamp(-1.0, 1.0), first).contiguous().cpu()
 
 

@@ -11,20 +11,24 @@ volume, so the result does not depend on the chunk size.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
+    DEISMultistepScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     UNet2DModel,
+    UniPCMultistepScheduler,
 )
 from torch import Tensor
 
@@ -96,33 +100,60 @@ class VolumeGenerationOutput:
 def make_scheduler(name: str, config: dict):
     """An inference scheduler by name, built from the model's training schedule (same betas, same T).
 
-    ``ddim`` runs with η = 0; ``dpmsolver++`` is the multistep DPM-Solver++ (order 2). Timesteps are spaced
-    "trailing" so the first step starts from pure noise at t = T-1 even with few steps. DDPM and DDIM clip
-    their x0 prediction to [-1, 1] (``clip_sample`` of the training schedule) and DPM-Solver++ thresholds it
-    the same way: with linear betas ᾱ_T ≈ 4e-5, so the x0 predicted at the first steps is ill-conditioned and
-    unclipped it turns a short schedule into noise. Euler has no such option; it needs a well-trained model.
+    ``ddim`` runs with η = 0; ``dpmsolver++`` is the multistep DPM-Solver++ of order 2 (``dpmsolver++3m``:
+    order 3; ``sde-dpmsolver++``: its stochastic variant); ``unipc`` is UniPC (order 2, with corrector) and
+    ``deis`` DEIS (order 2). Timesteps are spaced "trailing" so the first step starts from pure noise at
+    t = T-1 even with few steps. DDPM and DDIM clip their x0 prediction to [-1, 1] (``clip_sample`` of the
+    training schedule) and the multistep solvers threshold it the same way: with linear betas ᾱ_T ≈ 4e-5, so
+    the x0 predicted at the first steps is ill-conditioned and unclipped it turns a short schedule into noise.
+    Euler has no such option; it needs a well-trained model. A zero-terminal-SNR schedule reaches each solver
+    through its ``rescale_betas_zero_snr`` option, or (DEIS, which has none) as the rescaled betas themselves,
+    with the last ᾱ clamped to 2⁻²⁴ as diffusers' multistep solvers do.
 
     Args:
         name: One of :data:`SCHEDULERS`.
         config: Any scheduler config of the model (only :data:`NOISE_SCHEDULE_KEYS` are used).
     """
     base = {k: v for k, v in dict(config).items() if k in NOISE_SCHEDULE_KEYS}
+    x0_clip = {"thresholding": True, "sample_max_value": 1.0}  # like DDPM/DDIM's clip_sample
     if name == "ddpm":
         return DDPMScheduler.from_config(base, timestep_spacing="trailing")
     if name == "ddim":
         return DDIMScheduler.from_config(base, timestep_spacing="trailing", set_alpha_to_one=True)
-    if name == "dpmsolver++":
+    if name in ("dpmsolver++", "dpmsolver++3m", "sde-dpmsolver++"):
         return DPMSolverMultistepScheduler.from_config(
             base,
-            algorithm_type="dpmsolver++",
-            solver_order=2,
+            algorithm_type="sde-dpmsolver++" if name == "sde-dpmsolver++" else "dpmsolver++",
+            solver_order=3 if name == "dpmsolver++3m" else 2,
             timestep_spacing="trailing",
-            thresholding=True,  # clip x0 predictions to model space [-1, 1], like DDPM/DDIM's clip_sample
-            sample_max_value=1.0,
+            **x0_clip,
         )
+    if name == "unipc":
+        return UniPCMultistepScheduler.from_config(base, timestep_spacing="trailing", **x0_clip)
+    if name == "deis":
+        if base.get("rescale_betas_zero_snr"):
+            base = {**base, "trained_betas": _zero_snr_betas(base), "rescale_betas_zero_snr": False}
+        return DEISMultistepScheduler.from_config(base, timestep_spacing="trailing", **x0_clip)
     if name == "euler":
         return EulerDiscreteScheduler.from_config(base, timestep_spacing="trailing")
     raise VolgenError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+
+
+def scheduler_step(scheduler: Any, model_output: Tensor, t: Tensor, sample: Tensor, generator: Any) -> Tensor:
+    """One ``scheduler.step``; the generator goes to the samplers that draw noise (DDPM, SDE solvers) and is
+    left out for deterministic ones whose ``step`` takes none (UniPC, DEIS)."""
+    if "generator" in inspect.signature(scheduler.step).parameters:
+        return scheduler.step(model_output, t, sample, generator=generator).prev_sample
+    return scheduler.step(model_output, t, sample).prev_sample
+
+
+def _zero_snr_betas(config: dict) -> list[float]:
+    """The betas of a zero-terminal-SNR schedule, the last ᾱ clamped to 2⁻²⁴ (finite σ for ODE solvers)."""
+    schedule = DDPMScheduler.from_config(config)  # applies rescale_betas_zero_snr
+    alphas_cumprod = schedule.alphas_cumprod.double().clone()
+    alphas_cumprod[-1] = 2.0**-24
+    previous = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+    return (1.0 - alphas_cumprod / previous).tolist()
 
 
 def smooth_through_plane(x: Tensor, sigma: float) -> Tensor:
@@ -477,7 +508,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             )
             if x0_smoothing > 0:
                 eps = self._smooth_x0(eps, model_input, t, x0_smoothing)
-            x = self.scheduler.step(eps, t, x, generator=generator).prev_sample
+            x = scheduler_step(self.scheduler, eps, t, x, generator)
         volume = x[:, 0].float().clamp(-1.0, 1.0).cpu()
         return VolumeGenerationOutput(
             volume=volume if output_type == "pt" else volume.numpy(),

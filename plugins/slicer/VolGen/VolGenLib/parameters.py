@@ -7,7 +7,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 #: Schedulers ``volgen generate --scheduler`` accepts, in the order the panel lists them.
-SCHEDULERS: tuple[str, ...] = ("dpmsolver++", "ddim", "ddpm", "euler")
+SCHEDULERS: tuple[str, ...] = (
+    "dpmsolver++",
+    "ddim",
+    "ddpm",
+    "unipc",
+    "deis",
+    "dpmsolver++3m",
+    "sde-dpmsolver++",
+    "euler",
+)
 #: Devices ``volgen generate --device`` accepts (``cuda:N`` is accepted too).
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 #: How ``volgen generate --unknown-labels`` treats label values the model does not know.
