@@ -1,0 +1,208 @@
+"""Sampler x steps study on held-out anatomy: faithfulness, background, per-plane consistency and time.
+
+    python benchmarks/samplers.py --model runs/heldout/MODEL --heldout runs/heldout --seeds 8
+    python benchmarks/samplers.py ... --grid ddim:50 dpmsolver++:4,8,20 unipc:4,6,8
+
+``--heldout`` is the folder ``benchmarks/heldout_slab.py`` writes: ``slab_labels.nii.gz`` (the held-out
+segmentation the model never saw), ``slab_real.nii.gz`` (the real image there) and ``data/`` (the training
+split, whose real image fits the fixed intensity segmenter once). For every sampler and step count of
+``--grid`` and every seed, one volume is generated in memory with :class:`volgen.generation.VolumeGenerator`
+(the model is set up once) and scored:
+
+- faithfulness: mean Dice over the foreground classes of :class:`volgen.evaluation.IntensitySegmenter`
+  (class medians fitted on the real training slices) on the generated slab against the input mask;
+- background error: |mean generated - mean real| over the background voxels, as % of the real image's
+  p0.5-p99.5 range;
+- per-plane consistency (:func:`volgen.evaluation.plane_consistency`, features off): neighbour-difference
+  ratio inside the body and texture-correlation ratio along each array axis (1.0 = like the real slab);
+- seconds per volume (wall clock of ``generate``; the first call of each sampler is a warm-up, not timed).
+
+The reference implementation's way (one slice per UNet forward, DDIM 50 steps) is timed with the same UNet as
+one-slice forwards (after a warm-up), extrapolated to slices x 50; each row's ``x ref`` is that time over the
+row's seconds per volume. Rows report mean and worst seed. Output: ``OUT/samplers.json`` and
+``OUT/samplers.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from volgen.evaluation import IntensitySegmenter, dice, plane_consistency
+from volgen.generation import GenerateSettings, VolumeGenerator
+from volgen.io import read_image, read_label
+
+DEFAULT_GRID = (
+    "ddim:50",
+    "ddim:10,20",
+    "dpmsolver++:4,6,8,10,15,20",
+    "dpmsolver++3m:6,10,20",
+    "sde-dpmsolver++:10,20",
+    "unipc:4,6,8,10,15,20",
+    "deis:6,10,20",
+)
+
+
+def parse_grid(items: list[str]) -> list[tuple[str, int]]:
+    """``name:4,6,8`` items -> (sampler, steps) pairs, in order."""
+    grid = []
+    for item in items:
+        name, _, steps = item.partition(":")
+        if not steps:
+            raise SystemExit(f"--grid item {item!r}: write SAMPLER:STEPS[,STEPS...]")
+        grid += [(name, int(s)) for s in steps.split(",")]
+    return grid
+
+
+def fit_segmenter(heldout: Path) -> IntensitySegmenter:
+    """The intensity segmenter, fitted once on the real training slices of the held-out split."""
+    images, masks = [], []
+    for path in sorted((heldout / "data" / "images").glob("*.nii.gz")):
+        images.append(sitk.GetArrayFromImage(sitk.Cast(read_image(path), sitk.sitkFloat32)).ravel())
+        masks.append(sitk.GetArrayFromImage(read_label(heldout / "data" / "labels" / path.name)).ravel())
+    if not images:
+        raise SystemExit(f"{heldout / 'data' / 'images'}: no training images (run heldout_slab.py first)")
+    return IntensitySegmenter().fit(np.concatenate(images), np.concatenate(masks))
+
+
+@torch.no_grad()
+def reference_seconds(generator: VolumeGenerator, slices: int, forwards: int = 6) -> float:
+    """Seconds the reference way takes for ``slices`` slices: one-slice UNet forwards, DDIM 50 steps."""
+    unet = generator.pipeline.unet
+    size = generator.metadata.slice_size
+    x = torch.randn(1, unet.config.in_channels, size, size, device=generator.device)
+    t = torch.tensor([500], device=generator.device)
+    dtype = generator.autocast_dtype
+    enabled = dtype is not None and generator.device.type != "cpu"
+
+    def forward() -> None:
+        with torch.autocast(generator.device.type, dtype=dtype or torch.float32, enabled=enabled):
+            unet(x, t, class_labels=None).sample.float().sum().item()
+
+    forward()
+    started = time.perf_counter()
+    for _ in range(forwards):
+        forward()
+    return (time.perf_counter() - started) / forwards * slices * 50
+
+
+def score(
+    volume: np.ndarray, real: np.ndarray, mask: np.ndarray, segmenter: IntensitySegmenter, span: float
+) -> dict:
+    classes = [int(c) for c in np.unique(mask) if c > 0]
+    d = dice(segmenter.predict(volume), mask, classes)
+    background = mask == 0
+    planes = plane_consistency(volume, real, mask, features=False)
+    return {
+        "faithfulness": float(np.nanmean([d[c] for c in classes])),
+        "background_error_pct": float(100 * abs(volume[background].mean() - real[background].mean()) / span),
+        "step_ratio": {a: p.step_body["ratio"] for a, p in planes.items()},
+        "texture_ratio": {a: p.texture["ratio"] for a, p in planes.items()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, required=True, help="model folder trained without the slab")
+    parser.add_argument("--heldout", type=Path, required=True, help="folder written by heldout_slab.py")
+    parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--grid", nargs="+", default=list(DEFAULT_GRID), help="SAMPLER:STEPS[,STEPS...]")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--out", type=Path, default=Path("runs/samplers"))
+    args = parser.parse_args()
+
+    segmentation = read_label(args.heldout / "slab_labels.nii.gz")
+    real = sitk.GetArrayFromImage(sitk.Cast(read_image(args.heldout / "slab_real.nii.gz"), sitk.sitkFloat32))
+    mask = sitk.GetArrayFromImage(segmentation)
+    lo, hi = np.percentile(real, [0.5, 99.5])
+    span = float(hi - lo) or 1.0
+    segmenter = fit_segmenter(args.heldout)
+    generator = VolumeGenerator(args.model, device=args.device, precision=args.precision)
+    slices = int(mask.shape[0])
+    ref_seconds = reference_seconds(generator, slices)
+    print(f"reference way (one slice per forward, DDIM 50): {ref_seconds:.2f} s / volume", flush=True)
+
+    rows = []
+    warmed = set()
+    for sampler, steps in parse_grid(args.grid):
+        if sampler not in warmed:
+            generator.generate(
+                segmentation, settings=GenerateSettings(scheduler=sampler, num_inference_steps=2)
+            )
+            warmed.add(sampler)
+        per_seed, seconds = [], []
+        for seed in range(args.seeds):
+            settings = GenerateSettings(scheduler=sampler, num_inference_steps=steps, seed=seed)
+            started = time.perf_counter()
+            out = generator.generate(segmentation, settings=settings)
+            seconds.append(time.perf_counter() - started)
+            volume = sitk.GetArrayFromImage(sitk.Cast(out.image, sitk.sitkFloat32))
+            per_seed.append(score(volume, real, mask, segmenter, span))
+        faith = [s["faithfulness"] for s in per_seed]
+        bg = [s["background_error_pct"] for s in per_seed]
+        row = {
+            "sampler": sampler,
+            "steps": steps,
+            "seconds_per_volume": float(np.median(seconds)),
+            "x_reference": ref_seconds / float(np.median(seconds)),
+            "faithfulness_mean": float(np.mean(faith)),
+            "faithfulness_worst": float(np.min(faith)),
+            "background_error_pct_mean": float(np.mean(bg)),
+            "background_error_pct_worst": float(np.max(bg)),
+            "step_ratio": {a: float(np.mean([s["step_ratio"][a] for s in per_seed])) for a in "zyx"},
+            "texture_ratio": {a: float(np.mean([s["texture_ratio"][a] for s in per_seed])) for a in "zyx"},
+            "per_seed": per_seed,
+        }
+        rows.append(row)
+        print(
+            f"{sampler} {steps}: faithfulness {row['faithfulness_mean']:.3f} (worst "
+            f"{row['faithfulness_worst']:.3f}), background {row['background_error_pct_mean']:.1f} %, "
+            f"{row['seconds_per_volume']:.2f} s",
+            flush=True,
+        )
+
+    real_score = score(real, real, mask, segmenter, span)["faithfulness"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "model": str(args.model),
+        "slab": list(mask.shape),
+        "seeds": args.seeds,
+        "device": str(generator.device),
+        "precision": generator.precision,
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if generator.device.type == "cuda" else None,
+        "reference_seconds_per_volume": ref_seconds,
+        "segmenter_on_real": real_score,
+    }
+    (args.out / "samplers.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = [
+        f"Segmenter on the real slab: {real_score:.3f}. Reference way: {ref_seconds:.2f} s / volume.",
+        "",
+        "| sampler | steps | faithfulness mean | worst | background err % mean | worst | step ratio z/y/x "
+        "| texture ratio z/y/x | s / volume | x ref |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        step = "/".join(f"{r['step_ratio'][a]:.2f}" for a in "zyx")
+        texture = "/".join(f"{r['texture_ratio'][a]:.2f}" for a in "zyx")
+        faith = f"{r['faithfulness_mean']:.3f} | {r['faithfulness_worst']:.3f}"
+        background = f"{r['background_error_pct_mean']:.1f} | {r['background_error_pct_worst']:.1f}"
+        lines.append(
+            f"| {r['sampler']} | {r['steps']} | {faith} | {background} | {step} | {texture} "
+            f"| {r['seconds_per_volume']:.2f} | {r['x_reference']:.1f} |"
+        )
+    (args.out / "samplers.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
