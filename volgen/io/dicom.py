@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -244,19 +245,11 @@ def write_dicom_series(
         raise OutputError(
             folder, f"unknown patient_info keys {unknown}; allowed: {', '.join(PATIENT_INFO_KEYS)}"
         )
-
     array = sitk.GetArrayViewFromImage(image)  # (z, y, x), no copy
     if np.issubdtype(array.dtype, np.floating) and not all(np.isfinite(s).all() for s in array):
         raise OutputError(folder, "image has NaN/Inf values")
-    if modality == "CT":
-        slope, intercept, signed = *_choose_scaling(array, modality), True
-    else:
-        slope, intercept, signed = mr_storage(array)
-    sample = array.ravel()[:: max(1, array.size // 1_000_000)].astype(np.float64)
-    lo, hi = np.percentile(sample, [1, 99])
-    if modality == "MR":  # no Modality LUT: the VOI window is in stored values
-        lo, hi = (lo - intercept) / slope, (hi - intercept) / slope
-    center, width = (lo + hi) / 2, max(hi - lo, 1.0)
+
+    storage = _Storage.of(array, modality)
     spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
     origin = np.asarray(image.GetOrigin(), dtype=np.float64)
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
@@ -267,16 +260,68 @@ def write_dicom_series(
         direction = direction.copy()
         direction[:, 2] *= -1
 
-    date, time = _now()
-    study_uid = str(info.pop("StudyInstanceUID", "") or generate_uid())
-    frame_uid = str(info.pop("FrameOfReferenceUID", "") or generate_uid())
-    series_uid = generate_uid()
-    description = (series_description or f"SYNTHETIC {modality} (volgen)")[:64]
-    sop_class = CT_IMAGE_STORAGE if modality == "CT" else MR_IMAGE_STORAGE
-    row_dir, col_dir, normal = direction[:, 0], direction[:, 1], direction[:, 2]
+    base = _series_dataset(
+        modality,
+        storage,
+        rows=int(array.shape[1]),
+        columns=int(array.shape[2]),
+        spacing=spacing,
+        direction=direction,
+        description=(series_description or f"SYNTHETIC {modality} (volgen)")[:64],
+        info=info,
+    )
+    width_digits = max(4, len(str(array.shape[0])))
+    with atomic_directory(folder, overwrite=overwrite, protected=protected) as tmp:
+        for k in range(array.shape[0]):
+            position = origin + k * spacing[2] * direction[:, 2]
+            name = tmp / f"IM{k + 1:0{width_digits}d}.dcm"
+            _write_slice(base, storage.stored(array[k]), k, position, direction[:, 2], name, folder)
+    logger.info("wrote %d %s slices to %s", array.shape[0], modality, folder)
+    return folder
 
+
+@dataclass(frozen=True)
+class _Storage:
+    """How values are stored: ``value = slope * stored + intercept`` (CT: Rescale; MR: Real World Value
+    Mapping), signed or not, and the VOI window in stored values."""
+
+    slope: float
+    intercept: float
+    signed: bool
+    center: float
+    width: float
+
+    @classmethod
+    def of(cls, array: np.ndarray, modality: str) -> _Storage:
+        if modality == "CT":
+            slope, intercept, signed = *_choose_scaling(array, modality), True
+        else:
+            slope, intercept, signed = mr_storage(array)
+        sample = array.ravel()[:: max(1, array.size // 1_000_000)].astype(np.float64)
+        lo, hi = np.percentile(sample, [1, 99])
+        if modality == "MR":  # no Modality LUT: the VOI window is in stored values
+            lo, hi = (lo - intercept) / slope, (hi - intercept) / slope
+        return cls(slope, intercept, signed, (lo + hi) / 2, max(hi - lo, 1.0))
+
+    def stored(self, values: np.ndarray) -> np.ndarray:
+        return _stored(values, self.slope, self.intercept, signed=self.signed)
+
+
+def _series_dataset(
+    modality: str,
+    storage: _Storage,
+    *,
+    rows: int,
+    columns: int,
+    spacing: np.ndarray,
+    direction: np.ndarray,
+    description: str,
+    info: dict[str, Any],
+) -> Dataset:
+    """The attributes every slice of the series shares (patient, study, series, frame, equipment, image)."""
+    date, time = _now()
     base = Dataset()
-    base.SOPClassUID = sop_class
+    base.SOPClassUID = CT_IMAGE_STORAGE if modality == "CT" else MR_IMAGE_STORAGE
     base.InstanceCreationDate, base.InstanceCreationTime = date, time
     # Patient (anonymous unless told otherwise)
     base.PatientName = ""
@@ -284,14 +329,14 @@ def write_dicom_series(
     base.PatientBirthDate = ""
     base.PatientSex = ""
     # General Study
-    base.StudyInstanceUID = study_uid
+    base.StudyInstanceUID = str(info.pop("StudyInstanceUID", "") or generate_uid())
     base.StudyDate, base.StudyTime = date, time
     base.ReferringPhysicianName = ""
     base.StudyID = "1"  # a value: DICOMDIR needs one
     base.AccessionNumber = ""
     # General Series
     base.Modality = modality
-    base.SeriesInstanceUID = series_uid
+    base.SeriesInstanceUID = generate_uid()
     base.SeriesNumber = 1
     base.SeriesDate, base.SeriesTime = date, time
     base.SeriesDescription = description
@@ -300,7 +345,7 @@ def write_dicom_series(
     # (dciodvfy's one remaining warning); absent would be an error for a paired body part.
     base.Laterality = ""
     # Frame of Reference
-    base.FrameOfReferenceUID = frame_uid
+    base.FrameOfReferenceUID = str(info.pop("FrameOfReferenceUID", "") or generate_uid())
     base.PositionReferenceIndicator = ""
     # General Equipment
     base.Manufacturer = "volgen"
@@ -315,63 +360,74 @@ def write_dicom_series(
     base.LossyImageCompression = "00"
     # Image Plane
     base.PixelSpacing = [_ds(spacing[1]), _ds(spacing[0])]
-    base.ImageOrientationPatient = [_ds(v) for v in (*row_dir, *col_dir)]
+    base.ImageOrientationPatient = [_ds(v) for v in (*direction[:, 0], *direction[:, 1])]
     base.SliceThickness = _ds(spacing[2])
     base.SpacingBetweenSlices = _ds(spacing[2])
     # Image Pixel
     base.SamplesPerPixel = 1
     base.PhotometricInterpretation = "MONOCHROME2"
-    base.Rows, base.Columns = int(array.shape[1]), int(array.shape[2])
+    base.Rows, base.Columns = rows, columns
     base.BitsAllocated = 16
     base.BitsStored = 16
     base.HighBit = 15
-    base.PixelRepresentation = 1 if signed else 0
-    if modality == "CT":
-        base.RescaleIntercept = _ds(intercept)
-        base.RescaleSlope = _ds(slope)
-    else:
-        base.RealWorldValueMappingSequence = [_real_world_values(slope, intercept, signed)]
-        base.DerivationDescription = (
-            f"{SYNTHETIC_STATEMENT} MR intensity = {_ds(slope)} * stored + {_ds(intercept)}"
-        )
-    base.WindowCenter = _ds(center)
-    base.WindowWidth = _ds(width)
-    if modality == "CT":
-        base.RescaleType = "HU"
-        base.KVP = ""
-        base.AcquisitionNumber = ""
-    else:
-        base.ScanningSequence = "RM"  # research mode: not an acquisition
-        base.SequenceVariant = "NONE"
-        base.ScanOptions = ""
-        base.MRAcquisitionType = "3D"
-        base.RepetitionTime = ""
-        base.EchoTime = ""
-        base.EchoTrainLength = ""
+    base.PixelRepresentation = 1 if storage.signed else 0
+    base.WindowCenter = _ds(storage.center)
+    base.WindowWidth = _ds(storage.width)
+    _modality_attributes(base, modality, storage)
     for key, value in info.items():
         setattr(base, key, value)
     if any(not str(v).isascii() for v in info.values()):
         base.SpecificCharacterSet = "ISO_IR 192"
+    return base
 
-    width_digits = max(4, len(str(array.shape[0])))
-    with atomic_directory(folder, overwrite=overwrite, protected=protected) as tmp:
-        for k in range(array.shape[0]):
-            ds = base.copy()
-            sop_uid = generate_uid()
-            ds.SOPInstanceUID = sop_uid
-            ds.InstanceNumber = k + 1
-            position = origin + k * spacing[2] * normal
-            ds.ImagePositionPatient = [_ds(v) for v in position]
-            ds.SliceLocation = _ds(float(position @ normal))
-            ds.PixelData = _stored(array[k], slope, intercept, signed=signed).tobytes()
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = sop_class
-            meta.MediaStorageSOPInstanceUID = sop_uid
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds.file_meta = meta
-            try:
-                ds.save_as(tmp / f"IM{k + 1:0{width_digits}d}.dcm", enforce_file_format=True)
-            except OSError as exc:
-                raise OutputError(folder, f"could not write DICOM files: {exc.strerror or exc}") from exc
-    logger.info("wrote %d %s slices to %s", array.shape[0], modality, folder)
-    return folder
+
+def _modality_attributes(base: Dataset, modality: str, storage: _Storage) -> None:
+    """CT: Rescale Slope/Intercept in HU; MR: the Real World Value Mapping and the MR Image module."""
+    if modality == "CT":
+        base.RescaleIntercept = _ds(storage.intercept)
+        base.RescaleSlope = _ds(storage.slope)
+        base.RescaleType = "HU"
+        base.KVP = ""
+        base.AcquisitionNumber = ""
+        return
+    base.RealWorldValueMappingSequence = [
+        _real_world_values(storage.slope, storage.intercept, storage.signed)
+    ]
+    base.DerivationDescription = (
+        f"{SYNTHETIC_STATEMENT} MR intensity = {_ds(storage.slope)} * stored + {_ds(storage.intercept)}"
+    )
+    base.ScanningSequence = "RM"  # research mode: not an acquisition
+    base.SequenceVariant = "NONE"
+    base.ScanOptions = ""
+    base.MRAcquisitionType = "3D"
+    base.RepetitionTime = ""
+    base.EchoTime = ""
+    base.EchoTrainLength = ""
+
+
+def _write_slice(
+    base: Dataset,
+    stored: np.ndarray,
+    k: int,
+    position: np.ndarray,
+    normal: np.ndarray,
+    path: Path,
+    folder: Path,
+) -> None:
+    """Slice ``k`` (0-based) of the series: its own SOP instance, position and pixels."""
+    ds = base.copy()
+    sop_uid = generate_uid()
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceNumber = k + 1
+    ds.ImagePositionPatient = [_ds(v) for v in position]
+    ds.SliceLocation = _ds(float(position @ normal))
+    ds.PixelData = stored.tobytes()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = base.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    try:
+        ds.save_as(path, enforce_file_format=True)
+    except OSError as exc:
+        raise OutputError(folder, f"could not write DICOM files: {exc.strerror or exc}") from exc
