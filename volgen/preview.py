@@ -133,23 +133,38 @@ def montage_figure(
     class_names: Sequence[str] | None = None,
 ) -> Any:
     """The matplotlib figure :func:`save_montage` writes (close it with ``plt.close`` when done)."""
+    rows = [("segmentation", segmentation)]
+    if reference is not None:
+        rows.append(("reference", reference))
+    rows.append(("generated", generated))
+    return rows_figure(rows, title=title, class_names=class_names)
+
+
+def rows_figure(
+    rows: Sequence[tuple[str, sitk.Image]],
+    *,
+    title: str = "",
+    class_names: Sequence[str] | None = None,
+) -> Any:
+    """A figure of middle axial, coronal and sagittal views, one row per image: the first row is the
+    segmentation (class colours, with a legend), the others intensity images on one shared grey window
+    (e.g. several seeds side by side). Close it with ``plt.close`` when done."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [("segmentation", _orthogonal_views(segmentation, label=True), True)]
-    if reference is not None:
-        rows.append(("reference", _orthogonal_views(reference, label=False), False))
-    rows.append(("generated", _orthogonal_views(generated, label=False), False))
-    values = sitk.GetArrayViewFromImage(generated)
+    (seg_name, segmentation), images = rows[0], rows[1:]
+    values = np.concatenate([sitk.GetArrayViewFromImage(image).ravel() for _, image in images])
     vmin, vmax = np.percentile(values, [0.5, 99.5]) if values.size else (0.0, 1.0)
     vmax = vmax if vmax > vmin else vmin + 1
     present = np.unique(sitk.GetArrayViewFromImage(segmentation))
-    fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), squeeze=False)
-    for r, (name, views, is_label) in enumerate(rows):
+    views = [(seg_name, _orthogonal_views(segmentation, label=True), True)]
+    views += [(name, _orthogonal_views(image, label=False), False) for name, image in images]
+    fig, axes = plt.subplots(len(views), 3, figsize=(9, 3 * len(views)), squeeze=False)
+    for r, (name, planes, is_label) in enumerate(views):
         for c, ((view, aspect), plane) in enumerate(
-            zip(views, ("axial", "coronal", "sagittal"), strict=True)
+            zip(planes, ("axial", "coronal", "sagittal"), strict=True)
         ):
             ax = axes[r][c]
             if is_label:
@@ -161,5 +176,5 @@ def montage_figure(
     if title:
         fig.suptitle(title, fontsize=10)
     add_class_legend(fig, class_names, present=present)
-    fig.tight_layout(rect=(0, 0.5 / (3 * len(rows)), 1, 1))  # room for the legend below
+    fig.tight_layout(rect=(0, 0.5 / (3 * len(views)), 1, 1))  # room for the legend below
     return fig
