@@ -31,7 +31,7 @@ import torch
 import torchio as tio
 from torch import Tensor
 
-from volgen.conditioning import ConditionLayout, condition_slices, condition_vector, unet_condition
+from volgen.conditioning import ConditionLayout, condition_vector
 from volgen.errors import VolgenError
 from volgen.frames import resample_to_grid, sitk_to_torchio, slices_to_volume, volume_to_slices
 
@@ -172,44 +172,20 @@ def _predict(
     slice_batch_size: int,
     on_chunk: Callable[[int], None] | None,
 ) -> Tensor:
-    """The UNet output for noisy slices ``(N, 1, H, W)`` along ``axis`` and their labels ``(N, H, W)``.
-
-    Chunks of ``slice_batch_size``; on the CPU every forward runs on exactly ``BATCH_GRANULE`` slices (see
-    :data:`volgen.pipeline.BATCH_GRANULE`), so the result does not depend on the chunk size.
-    """
-    from volgen.pipeline import BATCH_GRANULE
-
+    """The UNet output for noisy slices ``(N, 1, H, W)`` along ``axis`` and their labels ``(N, H, W)``:
+    the pipeline's chunked forward (:meth:`~volgen.pipeline.SegmentationToVolumePipeline.predict_noise`) with
+    the axis in a multi-axis model's condition vector."""
     layout = pipe.condition_layout
-    padding = layout.context_padding if layout is not None else "background"
     several = layout is not None and len(layout.axes) > 1
-    vector = pipe.condition_for(removed, 1, axis=axis_code(axis) if several else None)
-    device = slices.device
-    out = torch.empty_like(slices)
-    n = slices.shape[0]
-    for start in range(0, n, slice_batch_size):
-        stop = min(start + slice_batch_size, n)
-        cond = condition_slices(
-            labels,
-            torch.arange(start, stop, device=device),
-            num_classes=pipe.config.num_classes,
-            encoding=pipe.config.encoding,
-            context_slices=pipe.config.context_slices,
-            removed=removed,
-            padding=padding,
-        )
-        cond = unet_condition(cond, None if vector is None else vector.expand(stop - start, -1))
-        unet_in = torch.cat([slices[start:stop], cond.to(slices.dtype)], dim=1)
-        pad = -(stop - start) % BATCH_GRANULE
-        if pad:
-            unet_in = torch.cat([unet_in, unet_in.new_zeros(pad, *unet_in.shape[1:])])
-        if device.type == "cpu":
-            result = torch.cat([pipe.unet(part, t).sample for part in unet_in.split(BATCH_GRANULE)])
-        else:
-            result = pipe.unet(unet_in, t).sample
-        out[start:stop] = result[: stop - start].float()
-        if on_chunk is not None:
-            on_chunk(stop - start)
-    return out
+    return pipe.predict_noise(
+        slices,
+        t,
+        labels,
+        removed=removed,
+        slice_batch_size=slice_batch_size,
+        on_chunk=on_chunk,
+        axis=axis_code(axis) if several else None,
+    )
 
 
 @torch.no_grad()

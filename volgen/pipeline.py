@@ -372,6 +372,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         slice_batch_size: int = defaults.SLICE_BATCH_SIZE,
         autocast_dtype: torch.dtype | None = None,
         on_chunk: Callable[[int], None] | None = None,
+        axis: int | None = None,
     ) -> Tensor:
         """The UNet's output for the whole volume at timestep ``t``, run in chunks of ``slice_batch_size``.
 
@@ -384,12 +385,13 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
                 :data:`BATCH_GRANULE`, so the result does not depend on it.
             autocast_dtype: Run the UNet under autocast with this dtype (not on the CPU).
             on_chunk: Called with the number of slices after every chunk.
+            axis: Slicing axis code for a multi-axis model's condition vector (``None``: its slice axis).
         """
         device = model_input.device
         use_autocast = autocast_dtype is not None and device.type != "cpu"
         layout = self.condition_layout
         padding = layout.context_padding if layout is not None else "background"
-        vector = self.condition_for(removed, 1)  # (1, D): the same for every slice
+        vector = self.condition_for(removed, 1, axis)  # (1, D): the same for every slice
         if vector is not None:
             vector = vector.to(device)
         eps = torch.empty_like(model_input)
