@@ -35,15 +35,21 @@ T1 = Path("/usr/share/mricron/templates/ch2.nii.gz")
 
 
 def real_on_grid(segmentation: Path, out: Path, model: Path) -> Path:
-    """The real T1 on the segmentation's grid, after the model's slicing-frame round trip (λ = 0)."""
+    """The real T1 on the segmentation's grid after the model's slicing-frame round trip (the resampling every
+    generated volume goes through: into the model's slices and back), so that generated and real are compared
+    at the same resolution."""
     if out.exists():
         return out
+    from volgen.frames import resample_to_grid, to_slice_frame
+    from volgen.models import load_model
+
+    meta = load_model(model).metadata
     grid = read_label(segmentation)
+    classes = sitk.GetImageFromArray(meta.label_map.remap(sitk.GetArrayViewFromImage(grid)))
+    classes.CopyInformation(grid)
     t1 = sitk.Resample(read_image(T1), grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    ref = out.with_name("t1_resampled.nii.gz")
-    write_volume(t1, ref, overwrite=True)
-    settings = GenerateSettings(strength=0.0, num_inference_steps=1)
-    generate(segmentation, out, model=model, reference=ref, overwrite=True, settings=settings)
+    frame = to_slice_frame(classes, t1, slice_size=meta.slice_size, slice_axis=meta.slice_axis)
+    write_volume(resample_to_grid(frame.to_sitk(frame.image.numpy()), grid), out, overwrite=True)
     return out
 
 
