@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.markup import escape
 
+from volgen import defaults
 from volgen.cli.app import app, console, err_console, handle_errors
 from volgen.cli.generate import (
     ProgressMode,
@@ -37,7 +38,7 @@ def batch(
     model: Annotated[Path | None, typer.Option(help="Model folder (default: the embedded model).")] = None,
     strength: Annotated[
         float, typer.Option(help="λ in [0, 1] (below 1 needs a 'reference' per case in the manifest).")
-    ] = 1.0,
+    ] = defaults.STRENGTH,
     keep: Annotated[
         str | None, typer.Option(help="Comma-separated classes to keep; the rest become background.")
     ] = None,
@@ -46,12 +47,12 @@ def batch(
     ] = None,
     seed: Annotated[
         int, typer.Option(help="Base seed; each case's seed derives from it and the case id.")
-    ] = 0,
-    scheduler: SchedulerOption = "dpmsolver++",
-    steps: StepsOption = 20,
-    noise_correlation: RhoOption = 0.99,
-    slice_batch_size: SliceBatchOption = 16,
-    unknown_labels: UnknownLabelsOption = "error",
+    ] = defaults.SEED,
+    scheduler: SchedulerOption = defaults.SCHEDULER,
+    steps: StepsOption = defaults.STEPS,
+    noise_correlation: RhoOption = defaults.NOISE_CORRELATION,
+    slice_batch_size: SliceBatchOption = defaults.SLICE_BATCH_SIZE,
+    unknown_labels: UnknownLabelsOption = defaults.UNKNOWN_LABELS,
     samples_per_case: Annotated[
         int, typer.Option(help="Synthetic volumes per segmentation (outputs CASE_s0, CASE_s1, ...).")
     ] = 1,

@@ -46,7 +46,7 @@ class GenerationParameters:
 
     model_dir: str | None = None
     strength: float = 1.0
-    steps: int = 20
+    steps: int = 10
     scheduler: str = "dpmsolver++"
     seed: int = 0
     noise_correlation: float = 0.99
