@@ -45,8 +45,7 @@ def real_on_grid(segmentation: Path, out: Path, model: Path) -> Path:
 
     meta = load_model(model).metadata
     grid = read_label(segmentation)
-    classes = sitk.GetImageFromArray(meta.label_map.remap(sitk.GetArrayViewFromImage(grid)))
-    classes.CopyInformation(grid)
+    classes = meta.label_map.remap_image(grid)
     t1 = sitk.Resample(read_image(T1), grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     frame = to_slice_frame(classes, t1, slice_size=meta.slice_size, slice_axis=meta.slice_axis)
     write_volume(resample_to_grid(frame.to_sitk(frame.image.numpy()), grid), out, overwrite=True)

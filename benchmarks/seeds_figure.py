@@ -14,7 +14,6 @@ import argparse
 from pathlib import Path
 
 import matplotlib
-import SimpleITK as sitk
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -40,9 +39,7 @@ def main() -> None:
         raise SystemExit("--names: one name per volume")
     label_map = load_label_map(args.labels)
     segmentation = read_label(args.segmentation)
-    classes = label_map.remap(sitk.GetArrayViewFromImage(segmentation))
-    class_image = sitk.GetImageFromArray(classes)
-    class_image.CopyInformation(segmentation)
+    class_image = label_map.remap_image(segmentation)
     rows = [("segmentation", class_image)] + [
         (name, read_image(path)) for name, path in zip(names, args.volumes, strict=True)
     ]

@@ -129,6 +129,20 @@ class PreparedVolume:
     window: tuple[float, float]
 
 
+def read_case(case: TrainingCase, label_map: LabelMap, unknown_labels: str) -> tuple[sitk.Image, sitk.Image]:
+    """Read one training pair: the image and its segmentation as class indices, checked to share a grid."""
+    from volgen.io import Geometry, read_image, read_label
+
+    image = read_image(case.image)
+    label = read_label(case.label)
+    if not Geometry.of(image).close_to(Geometry.of(label), atol=1e-3):
+        raise InputError(
+            case.image,
+            f"geometry differs from its segmentation {case.label} (size, spacing, origin or direction)",
+        )
+    return image, label_map.remap_image(label, unknown=unknown_labels, source=case.label)  # type: ignore[arg-type]
+
+
 def prepare_case(
     case: TrainingCase,
     *,
@@ -139,18 +153,7 @@ def prepare_case(
     unknown_labels: UnknownLabels = "error",
 ) -> PreparedVolume:
     """Read, check, remap and resample one pair into the slicing frame (see module docs)."""
-    from volgen.io import Geometry, read_image, read_label
-
-    image = read_image(case.image)
-    label = read_label(case.label)
-    if not Geometry.of(image).close_to(Geometry.of(label), atol=1e-3):
-        raise InputError(
-            case.image,
-            f"geometry differs from its segmentation {case.label} (size, spacing, origin or direction)",
-        )
-    classes = label_map.remap(sitk.GetArrayViewFromImage(label), unknown=unknown_labels, source=case.label)
-    class_image = sitk.GetImageFromArray(classes)
-    class_image.CopyInformation(label)
+    image, class_image = read_case(case, label_map, unknown_labels)
     values = sitk.GetArrayViewFromImage(image)
     window = intensity.window(values)
     frame = to_slice_frame(class_image, image, slice_size=slice_size, slice_axis=slice_axis)

@@ -21,8 +21,9 @@ SCHEDULERS: tuple[str, ...] = (
     "euler",
 )
 SCHEDULER = "dpmsolver++"
-#: Denoising steps over the whole schedule. 10: DPM-Solver++ is as faithful at 10 as at 20 steps and as DDIM 50
-#: (benchmarks/README.md, sampler x steps on held-out anatomy and quality against steps), at half the time.
+#: Denoising steps over the whole schedule. 10: DPM-Solver++ is as faithful at 10 as at 20 steps and as
+#: DDIM 50 (benchmarks/README.md: sampler x steps on held-out anatomy, quality against steps), in half the
+#: time.
 STEPS = 10
 #: ρ: correlation of the initial noise between neighbouring slices, in [0, 1).
 NOISE_CORRELATION = 0.99

@@ -151,6 +151,18 @@ class LabelMap(StrictModel):
         lut = np.array([table.get(int(v), 0) for v in values], dtype=dtype)
         return lut[inverse].reshape(labels.shape)
 
+    def remap_image(
+        self, image: Any, *, unknown: UnknownLabels = "error", source: PathLike | None = None
+    ) -> Any:
+        """:meth:`remap` of a SimpleITK label image: the class-index image on the same grid."""
+        import SimpleITK as sitk
+
+        classes = sitk.GetImageFromArray(
+            self.remap(sitk.GetArrayViewFromImage(image), unknown=unknown, source=source)
+        )
+        classes.CopyInformation(image)
+        return classes
+
     def present(self, class_indices: np.ndarray) -> dict[str, int]:
         """Voxel count of each class present in an array of class indices (as returned by :meth:`remap`)."""
         counts = np.bincount(np.asarray(class_indices).ravel().astype(np.int64), minlength=self.num_classes)

@@ -230,20 +230,23 @@ class LoadedModel:
         return build_pipeline(self.unet, self.scheduler, self.metadata, scheduler_name=scheduler)
 
 
+def pipeline_settings(metadata: ModelMetadata) -> dict[str, Any]:
+    """The pipeline's constructor settings held by the metadata (what model_index.json stores)."""
+    return {
+        "encoding": metadata.encoding,
+        "context_slices": metadata.context_slices,
+        "num_classes": metadata.num_classes,
+        "slice_axis": metadata.slice_axis,
+        "condition": None if metadata.condition is None else metadata.condition.model_dump(mode="json"),
+    }
+
+
 def build_pipeline(unet: Any, scheduler: Any, metadata: ModelMetadata, *, scheduler_name: str | None = None):
     """The pipeline of a UNet, a noise schedule and the metadata's pipeline settings (the one place it is
     assembled: loading, saving, training previews and generation all use it)."""
     from volgen.pipeline import SegmentationToVolumePipeline
 
-    pipe = SegmentationToVolumePipeline(
-        unet=unet,
-        scheduler=scheduler,
-        encoding=metadata.encoding,
-        context_slices=metadata.context_slices,
-        num_classes=metadata.num_classes,
-        slice_axis=metadata.slice_axis,
-        condition=None if metadata.condition is None else metadata.condition.model_dump(mode="json"),
-    )
+    pipe = SegmentationToVolumePipeline(unet=unet, scheduler=scheduler, **pipeline_settings(metadata))
     if scheduler_name is not None:
         pipe.set_scheduler(scheduler_name)
     pipe.set_progress_bar_config(disable=True)

@@ -384,17 +384,9 @@ def prepare_case_axes(
     isotropic cube (:func:`to_cube_frame`) so that slices along every axis have the same pixel. Each volume's
     ``case`` is ``"<case>:<axis>"``.
     """
-    from volgen.data import PreparedVolume
-    from volgen.errors import InputError
-    from volgen.io import Geometry, read_image, read_label
+    from volgen.data import PreparedVolume, read_case
 
-    image = read_image(case.image)
-    label = read_label(case.label)
-    if not Geometry.of(image).close_to(Geometry.of(label), atol=1e-3):
-        raise InputError(case.image, f"geometry differs from its segmentation {case.label}")
-    classes = label_map.remap(sitk.GetArrayViewFromImage(label), unknown=unknown_labels, source=case.label)
-    class_image = sitk.GetImageFromArray(classes)
-    class_image.CopyInformation(label)
+    image, class_image = read_case(case, label_map, unknown_labels)
     window = intensity.window(sitk.GetArrayViewFromImage(image))
     frame = to_cube_frame(class_image, image, slice_size=slice_size)
     assert frame.image is not None

@@ -11,6 +11,7 @@ volume, so the result does not depend on the chunk size.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -139,10 +140,15 @@ def make_scheduler(name: str, config: dict):
     raise VolgenError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
 
 
+@functools.cache
+def _step_takes_generator(scheduler_class: type) -> bool:
+    return "generator" in inspect.signature(scheduler_class.step).parameters
+
+
 def scheduler_step(scheduler: Any, model_output: Tensor, t: Tensor, sample: Tensor, generator: Any) -> Tensor:
     """One ``scheduler.step``; the generator goes to the samplers that draw noise (DDPM, SDE solvers) and is
     left out for deterministic ones whose ``step`` takes none (UniPC, DEIS)."""
-    if "generator" in inspect.signature(scheduler.step).parameters:
+    if _step_takes_generator(type(scheduler)):
         return scheduler.step(model_output, t, sample, generator=generator).prev_sample
     return scheduler.step(model_output, t, sample).prev_sample
 
@@ -259,16 +265,12 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         """
         from pathlib import Path
 
-        from volgen.models import METADATA_FILE, load_model
+        from volgen.models import METADATA_FILE, load_model, pipeline_settings
 
         folder = Path(folder)
         if (folder / METADATA_FILE).is_file():  # a volgen model folder: load it with all its checks
             loaded = load_model(folder)
-            unet, schedule = loaded.unet, loaded.scheduler
-            settings = {k: getattr(loaded.metadata, k) for k in ("encoding", "context_slices", "slice_axis")}
-            settings["num_classes"] = loaded.metadata.num_classes
-            if loaded.metadata.condition is not None:
-                settings["condition"] = loaded.metadata.condition.model_dump(mode="json")
+            unet, schedule, settings = loaded.unet, loaded.scheduler, pipeline_settings(loaded.metadata)
         else:
             unet, schedule, settings = _load_parts(folder)
         pipe = cls(unet=unet, scheduler=scheduler if scheduler is not None else schedule, **settings)

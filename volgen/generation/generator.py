@@ -146,12 +146,7 @@ class VolumeGenerator:
         source: PathLike | None = None,
     ) -> Any:
         """The segmentation's label values as the model's class indices (same grid)."""
-        import SimpleITK as sitk
-
-        indices = self.metadata.label_map.remap(
-            sitk.GetArrayViewFromImage(segmentation), unknown=unknown_labels, source=source
-        )
-        return _like(indices, segmentation)
+        return self.metadata.label_map.remap_image(segmentation, unknown=unknown_labels, source=source)
 
     @property
     def weights_bytes(self) -> int:
