@@ -58,7 +58,7 @@ OLDER = {
         "zero_terminal_snr": False,
     },
     "augmentation": {"enabled": False},
-    "data": {"empty_slices": 0},
+    "data": {"empty_slices": 0, "edge_cut_p": 0.0},
 }
 #: Recipe variants (overrides of configs/train/colin27-small.yaml): each part of the recipe off in turn.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -66,7 +66,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no-flags": {"model": {"specified_flags": False}},
     "no-augmentation": {"augmentation": {"enabled": False}},
     "epsilon-linear": {"model": {"prediction_type": "epsilon", "zero_terminal_snr": False}},
-    "no-edges": {"model": {"context_padding": "background"}, "data": {"empty_slices": 0}},
+    "no-edges": {"model": {"context_padding": "background"}, "data": {"empty_slices": 0, "edge_cut_p": 0.0}},
+    "no-edge-cuts": {"data": {"edge_cut_p": 0.0}},
     "older-recipe": OLDER,
     # optional extras (not in the default set)
     "background-padding": {"model": {"context_padding": "background"}},

@@ -425,3 +425,52 @@ def test_augmented_training_does_not_depend_on_the_number_of_loader_workers(work
     assert results[0].losses == results[1].losses
     a, b = (_weights(r.model_dir) for r in results)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_edge_cuts_turn_samples_into_the_end_of_a_volume():
+    """A cut sample's centre and one side of its context become background and its image air."""
+    from volgen.data import AIR, apply_edge_cuts
+
+    context = torch.arange(1, 6, dtype=torch.uint8).view(1, 5, 1, 1).repeat(4, 1, 2, 2)  # K = 2: 1..5
+    image = torch.rand(4, 1, 2, 2)
+    cuts = torch.tensor([0, 1, -2, 2])
+    cut_context, cut_image = apply_edge_cuts(context, image, cuts)
+    values = cut_context[:, :, 0, 0].tolist()
+    assert values[0] == [1, 2, 3, 4, 5] and torch.equal(cut_image[0], image[0])  # not cut
+    assert values[1] == [0, 0, 0, 4, 5]  # anatomy starts 1 slice above the centre
+    assert values[2] == [1, 0, 0, 0, 0]  # anatomy ends 2 slices below the centre
+    assert values[3] == [0, 0, 0, 0, 5]
+    assert torch.all(cut_image[1:] == AIR)
+
+
+def test_edge_cuts_are_drawn_per_step_and_reach_the_unet(workdir, monkeypatch):
+    """Edge cuts are a function of (seed, step); with p = 1 every training input has an empty centre mask."""
+    import volgen.models
+    from volgen.training import TrainConfig, train
+    from volgen.training.randomness import step_edge_cuts
+
+    first = step_edge_cuts(3, seed=0, batch_size=64, p=0.5, context_slices=2)
+    assert torch.equal(first, step_edge_cuts(3, seed=0, batch_size=64, p=0.5, context_slices=2))
+    assert not torch.equal(first, step_edge_cuts(4, seed=0, batch_size=64, p=0.5, context_slices=2))
+    assert 0 < int((first != 0).sum()) < 64 and set(first.abs().tolist()) <= {0, 1, 2}
+    assert not step_edge_cuts(3, seed=0, batch_size=64, p=0.0, context_slices=2).any()
+
+    seen = []
+    build = volgen.models.build_unet
+
+    def recording_build(*args, **kwargs):
+        unet = build(*args, **kwargs)
+        unet.register_forward_pre_hook(lambda module, a: seen.append(a[0].detach().clone()))
+        return unet
+
+    monkeypatch.setattr(volgen.models, "build_unet", recording_build)
+    path = write_config(
+        workdir, output_dir="edges", max_steps=2, preview_every=0, ablation_p=0.0, data={"edge_cut_p": 1.0}
+    )
+    train(TrainConfig.from_yaml(path))
+    inputs = torch.cat([x for x in seen if x.shape[0] == 4][:2])
+    masks = inputs[:, 1:7]  # onehot of 2 classes for slices z-1, z, z+1 (slice-major)
+    for sample in masks:
+        below_kept = float(sample[2:6].abs().sum()) == 0.0  # centre and the slice above cleared
+        above_kept = float(sample[0:4].abs().sum()) == 0.0  # slice below and centre cleared
+        assert below_kept or above_kept

@@ -161,13 +161,17 @@ def prepare_case(
     return PreparedVolume(case=case.case, image=model_space, labels=frame.labels, window=window)
 
 
+#: The image of an all-background ("air") slice in model space: the minimum of [-1, 1].
+AIR = -1.0
+
+
 def with_empty_slices(volume: PreparedVolume, count: int) -> PreparedVolume:
-    """``volume`` with ``count`` all-background slices (image -1, the model-space minimum) on both ends."""
+    """``volume`` with ``count`` all-background slices (image :data:`AIR`) on both ends."""
     if count == 0:
         return volume
     _, h, w = volume.labels.shape
     labels = volume.labels.new_zeros(count, h, w)
-    image = volume.image.new_full((count, h, w), -1.0)
+    image = volume.image.new_full((count, h, w), AIR)
     return PreparedVolume(
         case=volume.case,
         image=torch.cat([image, volume.image, image]),
@@ -223,3 +227,29 @@ class SliceDataset(Dataset):
             [float((self.volumes[v].labels[z] > 0).float().mean()) for v, z in self.index], dtype=np.float64
         )
         return torch.as_tensor(1.0 + foreground_weight * 100.0 * fractions)
+
+
+def apply_edge_cuts(
+    context: torch.Tensor, image: torch.Tensor, cuts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn samples into the end of a volume: the training twin of an empty slice next to anatomy.
+
+    ``context`` is ``(B, 2K+1, H, W)`` class indices of slices ``z-K .. z+K``, ``image`` ``(B, 1, H, W)`` and
+    ``cuts`` ``(B,)`` integers (see :func:`volgen.training.randomness.step_edge_cuts`): ``0`` leaves a sample
+    as it is; ``+d`` makes the anatomy start ``d`` slices above the centre (context offsets ``< d`` and the
+    centre become background, the image air); ``-d`` the same below. Masks and anatomy beyond the cut are the
+    sample's own, so the model learns at every position of every volume that an empty mask means air
+    whatever its neighbours hold (without it, the slice next to an abrupt end of a mask shows faint anatomy).
+    """
+    k = (context.shape[1] - 1) // 2
+    offsets = torch.arange(-k, k + 1, device=context.device)
+    cuts = cuts.to(context.device)
+    cut = cuts != 0
+    if not bool(cut.any()):
+        return context, image
+    above = (cuts[:, None] > 0) & (offsets[None, :] < cuts[:, None])
+    below = (cuts[:, None] < 0) & (offsets[None, :] > cuts[:, None])
+    cleared = (above | below) & cut[:, None]
+    context = context.masked_fill(cleared[:, :, None, None], 0)
+    image = torch.where(cut[:, None, None, None], torch.full_like(image, AIR), image)
+    return context, image

@@ -32,6 +32,10 @@ class DataConfig(StrictModel):
     #: All-background slices (image at the model-space minimum, i.e. air) added below and above every
     #: volume: the model sees empty masks next to anatomy, as at the ends of generated volumes.
     empty_slices: int = Field(0, ge=0, le=64)
+    #: Share of training samples turned into the end of a volume at their own position: the centre slice
+    #: and the context on one side become background and the image air, the anatomy on the other side stays
+    #: (:func:`volgen.data.apply_edge_cuts`). Teaches that an empty mask means air next to any anatomy.
+    edge_cut_p: float = Field(0.0, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:

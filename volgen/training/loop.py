@@ -22,6 +22,7 @@ import torch
 
 from volgen.augmentation import Augmenter, AugmentingCollate
 from volgen.config import save_yaml
+from volgen.data import apply_edge_cuts
 from volgen.errors import ConfigError, OutputError, VolgenError
 from volgen.multiaxis import MultiAxisSliceDataset, layout_with_axes, per_sample_condition_vector
 from volgen.training.checkpoint import (
@@ -37,7 +38,7 @@ from volgen.training.dataset import TrainingData, prepare_training_data
 from volgen.training.history import write_losses
 from volgen.training.objective import diffusion_loss
 from volgen.training.preview import ema_unet, write_preview
-from volgen.training.randomness import StepBatchSampler, step_noise
+from volgen.training.randomness import StepBatchSampler, step_edge_cuts, step_noise
 from volgen.training.schedule import set_learning_rate
 from volgen.training.signals import StopOnSignal
 from volgen.types import PathLike
@@ -286,10 +287,19 @@ def _step(run: _Run, batch: dict[str, torch.Tensor], step: int) -> tuple[float, 
         ablation_p=cfg.ablation_p,
         offset_noise=cfg.offset_noise,
     )
+    cuts = step_edge_cuts(
+        step,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        p=run.config.data.edge_cut_p,
+        context_slices=run.config.model.context_slices,
+    )
     local = run.local
-    x0 = batch["image"].to(device, non_blocking=True)
     noise, timesteps, removed = noise[local].to(device), timesteps[local].to(device), removed[local]
-    cond = encode(remove_classes(batch["context"].to(device), removed), num_classes, metadata.encoding)
+    context, x0 = apply_edge_cuts(
+        batch["context"].to(device), batch["image"].to(device, non_blocking=True), cuts[local]
+    )
+    cond = encode(remove_classes(context, removed), num_classes, metadata.encoding)
     # ablated classes are flagged unspecified (the same per-sample ablation as the masks)
     specified = specified_from_removed(removed, removed.shape[0], num_classes)
     # multi-axis data: each sample's slice axis in its vector (volgen.multiaxis)
@@ -364,6 +374,8 @@ def _export(run: _Run, step: int, final_loss: float) -> Path:
             "offset_noise": cfg.offset_noise,
             "snr_gamma": cfg.snr_gamma,
             "augmentation": config.augmentation.enabled,
+            "empty_slices": config.data.empty_slices,
+            "edge_cut_p": config.data.edge_cut_p,
             "ema_decay": cfg.ema_decay,
             "seed": cfg.seed,
             "final_loss": final_loss,

@@ -16,6 +16,7 @@ STREAM_DATA = 0
 STREAM_NOISE = 1
 STREAM_ABLATION = 2
 STREAM_AUGMENT = 3
+STREAM_EDGE = 4
 
 
 def step_seed(seed: int, stream: int, step: int) -> int:
@@ -138,3 +139,19 @@ def step_noise(
         batch_size, num_classes, ablation_p, generator=seeded_generator(seed, STREAM_ABLATION, step)
     )
     return noise, timesteps, removed
+
+
+def step_edge_cuts(step: int, *, seed: int, batch_size: int, p: float, context_slices: int) -> torch.Tensor:
+    """The global batch's edge cuts ``(B,)`` of one step (see :func:`volgen.data.apply_edge_cuts`).
+
+    Each sample is cut with probability ``p``: the anatomy starts ``d`` slices above (``+d``) or below
+    (``-d``) its centre, ``d`` uniform in ``1 .. max(1, context_slices)``; uncut samples are ``0``.
+    """
+    cuts = torch.zeros(batch_size, dtype=torch.int64)
+    if p <= 0:
+        return cuts
+    gen = seeded_generator(seed, STREAM_EDGE, step)
+    chosen = torch.rand(batch_size, generator=gen) < p
+    depth = torch.randint(1, max(1, context_slices) + 1, (batch_size,), generator=gen)
+    side = torch.randint(0, 2, (batch_size,), generator=gen) * 2 - 1
+    return torch.where(chosen, depth * side, cuts)
