@@ -3,10 +3,13 @@
 A slice model run along one axis makes volumes whose reslices it never looked at (streaks with correlated
 noise, flicker without). A multi-axis model is trained on slices along several axes (its
 :class:`~volgen.conditioning.ConditionLayout` lists them and the condition vector ends with a one-hot of the
-current axis), and multi-axis sampling changes the slicing axis from step to step (``axial, coronal,
-sagittal, axial, ...``): every step is one pass of the UNet over the slices along that step's axis, so the
-number of UNet evaluations per step is the number of slices along one axis, as for single-axis sampling.
-Correlated initial noise (ρ along the first axis of the schedule) combines with it.
+current axis), and multi-axis sampling changes the slicing axis from step to step by an axis schedule
+(:func:`axis_schedule`: ``cycle`` = ``axial, coronal, sagittal, axial, ...``; ``late`` = the first axis, then
+the axes cycled in the last steps): every step is one pass of the UNet over the slices along that step's axis,
+so the number of UNet evaluations per step is the number of slices along one axis, as for single-axis
+sampling. Correlated initial noise (ρ along the first axis of the schedule) combines with it.
+``volgen generate --slice-axes`` reaches it through :class:`volgen.generation.VolumeGenerator` and
+:func:`generate_in_cube`.
 
 The frame (see ``docs/consistency.md``): all used axes must have the same physical pixel, so the volume is
 brought to an isotropic **cube frame**: reoriented to RAS, resampled to an isotropic voxel of
