@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -172,12 +173,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "colin27")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "planes-heldout")
     parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--quick", action="store_true", help=f"mechanics only: {QUICK}")
-    args = parser.parse_args()
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
-    return args
+    parser.add_argument("--quick", action="store_true", help=f"mechanics only, as defaults: {QUICK}")
+    if "--quick" in sys.argv[1:]:  # tiny defaults; options given on the command line still win
+        parser.set_defaults(**QUICK)
+    return parser.parse_args()
 
 
 def main() -> None:
@@ -217,6 +216,7 @@ def main() -> None:
 
     groups: dict[str, list[dict]] = {}
     examples: dict[str, np.ndarray] = {}
+    (work / "volumes").mkdir(exist_ok=True)
     for name, model, chosen in settings_list(args):
         cube = "slice_axes" in chosen
         for seed in args.seeds:
@@ -249,11 +249,8 @@ def main() -> None:
             )
 
     text = table(groups, split_ranges=True)
-    trained = (
-        ""
-        if args.model and (args.axial_model or not args.rho_axial)
-        else f"; trained {args.train_steps} steps"
-    )
+    given = args.model is not None and (args.axial_model is not None or not args.rho_axial)
+    trained = "" if given else f" (those not given: --train-steps {args.train_steps}, or as found in --work)"
     header = (
         f"Held-out Colin27 slab z = {args.slab[0]}..{args.slab[1] - 1}; models "
         f"{', '.join(f'{k}: {v}' for k, v in models.items())}{trained}; DPM-Solver++ {args.steps} steps; "
