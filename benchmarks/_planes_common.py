@@ -39,11 +39,13 @@ def score(
         "background_error": background,
         "planes": {a: m.summary() | {"feature_floor": m.feature_floor} for a, m in planes.items()},
     }
-    row["in_range"] = all(
-        STEP_RANGE[0] <= row["planes"][a]["step_ratio_body"] <= STEP_RANGE[1]
-        and TEXTURE_RANGE[0] <= row["planes"][a]["texture_ratio"] <= TEXTURE_RANGE[1]
-        for a in AXES
+    row["step_in_range"] = all(
+        STEP_RANGE[0] <= row["planes"][a]["step_ratio_body"] <= STEP_RANGE[1] for a in AXES
     )
+    row["texture_in_range"] = all(
+        TEXTURE_RANGE[0] <= row["planes"][a]["texture_ratio"] <= TEXTURE_RANGE[1] for a in AXES
+    )
+    row["in_range"] = row["step_in_range"] and row["texture_in_range"]
     return row
 
 
@@ -52,13 +54,18 @@ def _worst_ratio(values: list[float]) -> float:
     return max(finite, key=lambda v: abs(math.log(v))) if finite else float("nan")
 
 
-def table(groups: dict[str, list[dict]]) -> str:
-    """A Markdown table: one row per setting, mean [worst seed] over its seeds."""
+def table(groups: dict[str, list[dict]], *, split_ranges: bool = False) -> str:
+    """A Markdown table: one row per setting, mean [worst seed] over its seeds.
+
+    ``split_ranges``: also count the seeds whose step ratios alone, and whose texture ratios alone, are in
+    range along every axis (before the seeds with both)."""
     header = (
         "| setting | seeds | Dice mean [worst] | bg error mean [worst] | step ratio z / y / x "
-        "| step ratio bg z / y / x | texture ratio z / y / x | feature dist. z / y / x | seeds in range |"
+        "| step ratio bg z / y / x | texture ratio z / y / x | feature dist. z / y / x | "
+        + ("step in range | texture in range | " if split_ranges else "")
+        + "seeds in range |"
     )
-    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
+    lines = [header, "|---" * (11 if split_ranges else 9) + "|"]
     for name, rows in groups.items():
 
         def per_axis(key: str, worst: bool = True, rows=rows) -> str:
@@ -75,7 +82,13 @@ def table(groups: dict[str, list[dict]]) -> str:
         lines.append(
             f"| {name} | {len(rows)} | {np.mean(dices):.3f} [{min(dices):.3f}] | {np.mean(bg):+.3f} "
             f"[{worst_bg:+.3f}] | {per_axis('step_ratio_body')} | {per_axis('step_ratio_background', False)} "
-            f"| {per_axis('texture_ratio')} | {per_axis('feature_distance', False)} "
-            f"| {sum(r['in_range'] for r in rows)}/{len(rows)} |"
+            f"| {per_axis('texture_ratio')} | {per_axis('feature_distance', False)} | "
+            + (
+                f"{sum(r['step_in_range'] for r in rows)}/{len(rows)} | "
+                f"{sum(r['texture_in_range'] for r in rows)}/{len(rows)} | "
+                if split_ranges
+                else ""
+            )
+            + f"{sum(r['in_range'] for r in rows)}/{len(rows)} |"
         )
     return "\n".join(lines)

@@ -1,22 +1,28 @@
-"""Per-plane consistency on held-out anatomy: single-axis against multi-axis models and sampling, 8 seeds.
+"""Per-plane consistency on held-out anatomy: multi-axis sampling's axis schedules against axial sampling.
 
     python examples/colin27/prepare.py data/colin27          # once
     python benchmarks/planes_heldout.py --train-steps 3000 --steps 20 --out runs/planes-heldout   # GPU
-    OMP_NUM_THREADS=1 python benchmarks/planes_heldout.py --train-steps 400 --steps 10   # CPU: mechanics only
+    python benchmarks/planes_heldout.py --model runs/planes-heldout/work/train-multi/model \
+        --axial-model runs/planes-heldout/work/train-axial/model --steps 10 --out runs/axes   # trained models
+    OMP_NUM_THREADS=1 python benchmarks/planes_heldout.py --quick --out runs/axes-quick   # mechanics only
 
 1. Splits the Colin27 T1 and its labels (data/colin27) into the slices below and above an axial slab (default
    z = 80..109, 30 mm through the ventricles, as benchmarks/heldout_slab.py); the slab is held out.
-2. Trains the `small` preset (configs/train/colin27-small.yaml, the current recipe) twice on the same data
-   and budget: an axial model, and a multi-axis model (``data.slice_axes: [axial, coronal, sagittal]``, the
-   axis in the condition vector). Models already under ``--work`` are reused.
-3. Generates the held-out slab from its labels for every seed and setting: the axial model with ρ in
-   ``--rho-axial`` (single-axis sampling, today's way), and the multi-axis model cycling axial, coronal,
-   sagittal per step with ρ in ``--rho-multi`` (same UNet evaluations per step as single-axis sampling on a
-   cube; see docs/consistency.md), and the multi-axis model along axial slices only with ρ in
-   ``--rho-multi-axial`` (same frame and model, single-axis sampling).
+2. Models: ``--model DIR`` is the multi-axis model (``data.slice_axes: [axial, coronal, sagittal]``) and
+   ``--axial-model DIR`` the axial one; each one not given is trained on the rest with the `small` preset
+   (configs/train/colin27-small.yaml, the current recipe) and ``--train-steps``, or reused from ``--work``.
+   The axial model is only needed for ``--rho-axial`` rows.
+3. Generates the held-out slab from its labels for every seed and setting through ``volgen.api.generate``
+   (what ``volgen generate`` runs): the axial model along axial slices with ρ in ``--rho-axial`` (today's
+   sampling); the multi-axis model with ``--slice-axes axial,coronal,sagittal`` and ``--axis-schedule cycle``
+   (ρ in ``--rho-cycle``) and ``late`` for every ``--late-fractions`` (ρ in ``--rho-late``); optionally the
+   multi-axis model in the cube frame along axial slices only (``--rho-multi-axial``). Every setting costs the
+   same UNet evaluations per step (one pass over one axis' slices of the cube or the slab).
 4. Scores each volume against the real slab passed through the same frame (single-axis frame, or the isotropic
-   cube frame for multi-axis sampling): faithfulness (intensity segmenter, nearest class median, fitted on
-   the training slices' real image), background error, per-plane metrics (volgen.evaluation.planes).
+   cube frame for multi-axis sampling): faithfulness (intensity segmenter, nearest class median, fitted on the
+   training slices' real image; mean and worst seed), background error, per-plane metrics
+   (volgen.evaluation.planes) with the seeds whose neighbour-difference ratio is in [0.85, 1.2] and whose
+   texture-correlation ratio is in [0.8, 1.25] along every axis, each counted alone and together.
 
 Writes at most 4 files to ``--out``: ``results.json``, ``table.md``, ``planes.png`` (seed 0 of every setting
 in three planes next to the real slab) and ``log.txt``; models and volumes go to ``--work`` (default
@@ -28,25 +34,32 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 import torch
-from _planes_common import score, table
+from _planes_common import STEP_RANGE, TEXTURE_RANGE, score, table
 from heldout_slab import crop
 
 from volgen.api import GenerateSettings, generate
 from volgen.config import validate
 from volgen.evaluation import IntensitySegmenter
+from volgen.frames import resample_to_grid, to_slice_frame
 from volgen.io import read_image, read_label, write_volume
 from volgen.models import load_model
-from volgen.multiaxis import cube_round_trip, generate_multiaxis
+from volgen.multiaxis import cube_round_trip
 from volgen.training import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 AXES = ["axial", "coronal", "sagittal"]
+#: --quick: the mechanics in minutes on a CPU (a short training, 2 seeds, 4 steps; the numbers mean nothing)
+QUICK = dict(
+    train_steps=30, steps=4, seeds=[0, 1], rho_axial=[0.99], rho_cycle=[0.0], rho_late=[0.0, 0.99],
+    late_fractions=[0.5], rho_multi_axial=[],
+)  # fmt: skip
 
 
 def split(args: argparse.Namespace, work: Path) -> tuple[Path, Path, sitk.Image, sitk.Image]:
@@ -66,9 +79,15 @@ def split(args: argparse.Namespace, work: Path) -> tuple[Path, Path, sitk.Image,
 
 
 def train_models(args: argparse.Namespace, work: Path) -> dict[str, Path]:
+    """The multi-axis and (for axial rows) the axial model: given, reused from --work, or trained."""
     base = TrainConfig.from_yaml(ROOT / "configs" / "train" / "colin27-small.yaml").model_dump(mode="json")
+    given = {"multi": args.model, "axial": args.axial_model}
+    wanted = {"multi": AXES, **({"axial": []} if args.rho_axial else {})}
     models = {}
-    for name, axes in (("axial", []), ("multi", AXES)):
+    for name, axes in wanted.items():
+        if given[name] is not None:
+            models[name] = given[name]
+            continue
         if (work / f"train-{name}" / "model").is_dir():  # trained by an earlier run: reused as it is
             models[name] = work / f"train-{name}" / "model"
             continue
@@ -84,38 +103,84 @@ def train_models(args: argparse.Namespace, work: Path) -> dict[str, Path]:
         result = train(validate(data, TrainConfig), resume=(work / f"train-{name}").exists())
         logging.info("trained %s: %d steps in %.0f s", name, args.train_steps, time.perf_counter() - started)
         models[name] = result.model_dir
+    trained = load_model(models["multi"]).metadata
+    axes = trained.condition.axes if trained.condition is not None else ()
+    if len(axes) < 3:
+        raise SystemExit(f"{models['multi']}: not a model trained on axial, coronal and sagittal slices")
     return models
 
 
-def settings_list(args: argparse.Namespace) -> list[tuple[str, str, float]]:
-    return (
-        [(f"axial model, axial slices, ρ {r}", "axial", r) for r in args.rho_axial]
-        + [(f"multi-axis model, axes cycled, ρ {r}", "multi", r) for r in args.rho_multi]
-        + [(f"multi-axis model, axial slices only, ρ {r}", "multi-axial", r) for r in args.rho_multi_axial]
-    )
+def settings_list(args: argparse.Namespace) -> list[tuple[str, str, dict]]:
+    """(row name, model, generation settings) of every setting measured."""
+    multi = dict(slice_axes=AXES)
+    rows = [(f"axial model, axial slices, ρ {r}", "axial", dict(noise_correlation=r)) for r in args.rho_axial]
+    rows += [
+        (f"multi-axis, cycle, ρ {r}", "multi", dict(multi, axis_schedule="cycle", noise_correlation=r))
+        for r in args.rho_cycle
+    ]
+    rows += [
+        (
+            f"multi-axis, late {f:g}, ρ {r}",
+            "multi",
+            dict(multi, axis_schedule="late", late_fraction=f, noise_correlation=r),
+        )
+        for f in args.late_fractions
+        for r in args.rho_late
+    ]
+    rows += [
+        (
+            f"multi-axis, axial slices only (cube), ρ {r}",
+            "multi",
+            dict(slice_axes=["axial"], noise_correlation=r),
+        )
+        for r in args.rho_multi_axial
+    ]
+    return rows
 
 
-def main() -> None:
+def slice_frame_round_trip(labels: sitk.Image, real: sitk.Image, slice_size: int) -> sitk.Image:
+    """The real slab through the axial slicing frame and back (the resolution single-axis sampling has)."""
+    frame = to_slice_frame(labels, real, slice_size=slice_size, slice_axis="axial")
+    assert frame.image is not None
+    return resample_to_grid(frame.to_sitk(frame.image), sitk.Cast(real, sitk.sitkFloat32))
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--model", type=Path, default=None, help="trained multi-axis model (else trained)")
+    parser.add_argument("--axial-model", type=Path, default=None, help="trained axial model (else trained)")
     parser.add_argument("--train-steps", type=int, default=3000)
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (DPM-Solver++)")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
-    parser.add_argument("--rho-axial", type=float, nargs="*", default=[0.0, 0.9, 0.99])
-    parser.add_argument("--rho-multi", type=float, nargs="*", default=[0.0, 0.9])
+    parser.add_argument("--rho-axial", type=float, nargs="*", default=[0.99], help="axial model (today)")
+    parser.add_argument(
+        "--rho-cycle", "--rho-multi", type=float, nargs="*", default=[0.0, 0.9], help="multi-axis, cycle"
+    )
+    parser.add_argument("--late-fractions", type=float, nargs="*", default=[0.3, 0.5, 0.7])
+    parser.add_argument(
+        "--rho-late", type=float, nargs="*", default=[0.0, 0.9, 0.99], help="multi-axis, late"
+    )
     parser.add_argument(
         "--rho-multi-axial",
         type=float,
         nargs="*",
-        default=[0.99],
-        help="the multi-axis model sampled along axial slices only (same frame, single-axis sampling)",
+        default=[],
+        help="the multi-axis model along axial slices only, in the cube frame (single-axis sampling)",
     )
     parser.add_argument("--slab", type=int, nargs=2, default=[80, 110])
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "colin27")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "planes-heldout")
     parser.add_argument("--work", type=Path, default=None)
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help=f"mechanics only, as defaults: {QUICK}")
+    if "--quick" in sys.argv[1:]:  # tiny defaults; options given on the command line still win
+        parser.set_defaults(**QUICK)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     work = args.work or args.out / "work"
     work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -132,79 +197,67 @@ def main() -> None:
         sitk.GetArrayFromImage(sitk.Cast(train_image, sitk.sitkFloat32)), sitk.GetArrayFromImage(train_labels)
     )
     seg_image = read_label(slab_seg)
+    real_image = read_image(slab_real)
     mask = sitk.GetArrayFromImage(seg_image)
     direction = seg_image.GetDirection()
+    slice_size = load_model(models["multi"]).metadata.slice_size
     # the real slab through each frame: what a perfect generator of that frame returns
-    frame_real = work / "real_axial_frame.nii.gz"
-    generate(
-        slab_seg,
-        frame_real,
-        model=models["axial"],
-        reference=slab_real,
-        overwrite=True,
-        settings=GenerateSettings(strength=0.0, num_inference_steps=1),
-    )
     reals = {
-        "axial": sitk.GetArrayFromImage(read_image(frame_real)).astype(np.float64),
-        "multi": sitk.GetArrayFromImage(
-            cube_round_trip(
-                seg_image, read_image(slab_real), slice_size=load_model(models["multi"]).metadata.slice_size
-            )
-        ).astype(np.float64),
+        "axial": sitk.GetArrayFromImage(slice_frame_round_trip(seg_image, real_image, slice_size)),
+        "multi": sitk.GetArrayFromImage(cube_round_trip(seg_image, real_image, slice_size=slice_size)),
     }
-    raw_real = sitk.GetArrayFromImage(read_image(slab_real)).astype(np.float64)
+    reals = {k: v.astype(np.float64) for k, v in reals.items()}
+    raw_real = sitk.GetArrayFromImage(real_image).astype(np.float64)
     ceilings = {
         "raw": score(raw_real, raw_real, mask, segmenter, range(1, 5))["mean_dice"],
         **{k: score(v, v, mask, segmenter, range(1, 5))["mean_dice"] for k, v in reals.items()},
     }
     logging.info("segmenter on the real slab (raw / axial frame / cube frame): %s", ceilings)
 
-    loaded_multi = load_model(models["multi"])
     groups: dict[str, list[dict]] = {}
     examples: dict[str, np.ndarray] = {}
-    for name, kind, rho in settings_list(args):
+    (work / "volumes").mkdir(exist_ok=True)
+    for name, model, chosen in settings_list(args):
+        cube = "slice_axes" in chosen
         for seed in args.seeds:
             started = time.perf_counter()
-            if kind == "axial":
-                out = work / f"gen-axial-rho{rho}-seed{seed}.nii.gz"
-                settings = GenerateSettings(seed=seed, noise_correlation=rho, num_inference_steps=args.steps)
-                generate(
-                    slab_seg, out, model=models["axial"], overwrite=True, settings=settings, device=device
-                )
-                volume = sitk.GetArrayFromImage(read_image(out)).astype(np.float64)
-            else:
-                result = generate_multiaxis(
-                    seg_image,
-                    loaded_multi,
-                    axes=AXES if kind == "multi" else ["axial"],
-                    seed=seed,
-                    num_inference_steps=args.steps,
-                    noise_correlation=rho,
-                    device=device,
-                )
-                volume = sitk.GetArrayFromImage(result.image).astype(np.float64)
+            out = work / "volumes" / f"{len(groups)}-seed{seed}.nii.gz"
+            settings = GenerateSettings(seed=seed, num_inference_steps=args.steps, **chosen)
+            generate(slab_seg, out, model=models[model], overwrite=True, settings=settings, device=device)
+            volume = sitk.GetArrayFromImage(read_image(out)).astype(np.float64)
+            sidecar = json.loads(out.with_name(out.name + ".json").read_text(encoding="utf-8"))
             seconds = time.perf_counter() - started
-            real = reals["axial" if kind == "axial" else "multi"]
-            row = score(volume, real, mask, segmenter, range(1, 5), direction)
-            row.update(setting=name, seed=seed, rho=rho, kind=kind, seconds=seconds)
+            row = score(volume, reals["multi" if cube else "axial"], mask, segmenter, range(1, 5), direction)
+            row.update(
+                setting=name,
+                seed=seed,
+                model=str(models[model]),
+                settings=chosen,
+                axes_run=sidecar["axis_schedule"],
+                seconds=seconds,
+            )
             groups.setdefault(name, []).append(row)
             examples.setdefault(name, volume)
             logging.info(
-                "%s seed %d: Dice %.3f, in range %s (%.0f s)",
+                "%s seed %d: Dice %.3f, in range %s (%.0f s; axes %s)",
                 name,
                 seed,
                 row["mean_dice"],
                 row["in_range"],
                 seconds,
+                "".join(a[0] for a in sidecar["axis_schedule"]),
             )
 
-    text = table(groups)
+    text = table(groups, split_ranges=True)
+    given = args.model is not None and (args.axial_model is not None or not args.rho_axial)
+    trained = "" if given else f" (those not given: --train-steps {args.train_steps}, or as found in --work)"
     header = (
-        f"Held-out Colin27 slab z = {args.slab[0]}..{args.slab[1] - 1}; `small` models trained "
-        f"{args.train_steps} steps on the rest; DPM-Solver++ {args.steps} steps; {len(args.seeds)} seeds; "
-        f"device {device}.\n"
+        f"Held-out Colin27 slab z = {args.slab[0]}..{args.slab[1] - 1}; models "
+        f"{', '.join(f'{k}: {v}' for k, v in models.items())}{trained}; DPM-Solver++ {args.steps} steps; "
+        f"{len(args.seeds)} seeds; device {device}{' (--quick: mechanics only)' if args.quick else ''}.\n"
         f"Segmenter on the real slab (ceiling): raw {ceilings['raw']:.3f}, through the axial frame "
-        f"{ceilings['axial']:.3f}, through the cube frame {ceilings['multi']:.3f}.\n\n"
+        f"{ceilings['axial']:.3f}, through the cube frame {ceilings['multi']:.3f}. In range: step ratio in "
+        f"{STEP_RANGE}, texture ratio in {TEXTURE_RANGE} along z, y and x.\n\n"
     )
     (args.out / "table.md").write_text(header + text + "\n", encoding="utf-8")
     (args.out / "results.json").write_text(

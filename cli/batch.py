@@ -12,9 +12,12 @@ from rich.markup import escape
 from volgen import defaults
 from volgen.cli.app import app, console, err_console, handle_errors
 from volgen.cli.generate import (
+    AxisScheduleOption,
+    LateFractionOption,
     ProgressMode,
     RhoOption,
     SchedulerOption,
+    SliceAxesOption,
     SliceBatchOption,
     StepsOption,
     UnknownLabelsOption,
@@ -51,6 +54,9 @@ def batch(
     scheduler: SchedulerOption = defaults.SCHEDULER,
     steps: StepsOption = defaults.STEPS,
     noise_correlation: RhoOption = defaults.NOISE_CORRELATION,
+    slice_axes: SliceAxesOption = defaults.SLICE_AXES,  # type: ignore[assignment]
+    axis_schedule: AxisScheduleOption = defaults.AXIS_SCHEDULE,
+    late_fraction: LateFractionOption = defaults.LATE_FRACTION,
     slice_batch_size: SliceBatchOption = defaults.SLICE_BATCH_SIZE,
     unknown_labels: UnknownLabelsOption = defaults.UNKNOWN_LABELS,
     samples_per_case: Annotated[
@@ -119,6 +125,9 @@ def batch(
             unknown_labels=unknown_labels,
             precision=precision,
             slice_batch_size=slice_batch_size,
+            slice_axes=slice_axes,
+            axis_schedule=axis_schedule,
+            late_fraction=late_fraction,
         ),
         samples_per_case=samples_per_case,
         output_format=output_format.lower(),

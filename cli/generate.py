@@ -11,10 +11,13 @@ import typer
 from volgen import defaults
 from volgen.cli.app import app, console, err_console, handle_errors
 from volgen.cli.options import (  # noqa: F401 - re-exported for volgen.cli.batch
+    AxisScheduleOption,
+    LateFractionOption,
     PrecisionOption,
     ProgressMode,
     RhoOption,
     SchedulerOption,
+    SliceAxesOption,
     SliceBatchOption,
     StepsOption,
     UnknownLabelsOption,
@@ -65,6 +68,9 @@ def generate(
     scheduler: SchedulerOption = defaults.SCHEDULER,
     steps: StepsOption = defaults.STEPS,
     noise_correlation: RhoOption = defaults.NOISE_CORRELATION,
+    slice_axes: SliceAxesOption = defaults.SLICE_AXES,  # type: ignore[assignment]
+    axis_schedule: AxisScheduleOption = defaults.AXIS_SCHEDULE,
+    late_fraction: LateFractionOption = defaults.LATE_FRACTION,
     x0_smoothing: X0SmoothingOption = defaults.X0_SMOOTHING,
     slice_batch_size: SliceBatchOption = defaults.SLICE_BATCH_SIZE,
     unknown_labels: UnknownLabelsOption = defaults.UNKNOWN_LABELS,
@@ -106,6 +112,9 @@ def generate(
         unknown_labels=unknown_labels,
         precision=precision,
         slice_batch_size=slice_batch_size,
+        slice_axes=slice_axes,
+        axis_schedule=axis_schedule,
+        late_fraction=late_fraction,
     )
     kwargs: dict[str, Any] = dict(
         model=model,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -148,6 +148,7 @@ def _model_info(path: Path, as_json: bool) -> None:
         ("encoding", meta.encoding),
         ("context slices", str(meta.context_slices)),
         ("slice", f"{meta.slice_size} x {meta.slice_size} px, {meta.slice_axis}"),
+        *_trained_axes_row(meta),
         (
             "intensity",
             f"{meta.intensity.modality} {meta.intensity.low:g} .. {meta.intensity.high:g}"
@@ -169,3 +170,13 @@ def _model_info(path: Path, as_json: bool) -> None:
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
+
+
+def _trained_axes_row(meta: Any) -> list[tuple[str, str]]:
+    """A multi-axis model's slice axes (what ``volgen generate --slice-axes`` accepts); none for one axis."""
+    from volgen.multiaxis import model_axes
+
+    axes = model_axes(meta.condition, meta.slice_axis)
+    if len(axes) < 2:
+        return []
+    return [("slice axes", f"{', '.join(axes)} (volgen generate --slice-axes {','.join(axes)})")]

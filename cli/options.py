@@ -31,6 +31,24 @@ UnknownLabelsOption = Annotated[
     str, typer.Option(help="Label values the model does not know: 'error' or 'background'.")
 ]
 PrecisionOption = Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16 (CUDA autocast).")]
+SliceAxesOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Comma-separated slice axes of a multi-axis model, primary first (e.g. axial,coronal,sagittal): "
+        "sample in an isotropic cube, the slicing axis changing by --axis-schedule. Default: the model's own "
+        "axis (single-axis sampling)."
+    ),
+]
+AxisScheduleOption = Annotated[
+    str,
+    typer.Option(
+        help="With --slice-axes: 'cycle' changes the axis every step; 'late' keeps the first axis and cycles "
+        "the axes in the last --late-fraction of the steps."
+    ),
+]
+LateFractionOption = Annotated[
+    float, typer.Option(help="--axis-schedule late: the fraction of the steps (the last) cycling the axes.")
+]
 X0SmoothingOption = Annotated[
     float, typer.Option(help="σ in slices of through-plane smoothing of the x0 prediction (0: off).")
 ]
@@ -62,6 +80,9 @@ def build_settings(
     precision: str = defaults.PRECISION,
     slice_batch_size: int = defaults.SLICE_BATCH_SIZE,
     x0_smoothing: float = defaults.X0_SMOOTHING,
+    slice_axes: str | None = None,
+    axis_schedule: str = defaults.AXIS_SCHEDULE,
+    late_fraction: float = defaults.LATE_FRACTION,
 ) -> GenerateSettings:
     """The generation settings of ``generate`` and ``batch`` from their command-line values, validated once
     (a :class:`volgen.generation.SettingsError` naming the option)."""
@@ -80,6 +101,9 @@ def build_settings(
         drop=split_names(drop),
         unknown_labels=unknown_labels,  # type: ignore[arg-type]
         slice_batch_size=slice_batch_size,
+        slice_axes=None if slice_axes is None else [a.lower() for a in split_names(slice_axes) or []],
+        axis_schedule=axis_schedule,
+        late_fraction=late_fraction,
     )
 
 

@@ -27,3 +27,24 @@ def tiny_model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models") / "tiny"
     save_model(folder, unet, build_training_scheduler(), metadata)
     return folder
+
+
+@pytest.fixture(scope="session")
+def multiaxis_model_dir(tmp_path_factory):
+    """An untrained tiny model folder with the slice axis (axial, coronal, sagittal) in its condition."""
+    from volgen.conditioning import ConditionLayout
+    from volgen.labels import LabelMap
+    from volgen.models import ModelMetadata, UNetConfig, build_training_scheduler, build_unet, save_model
+
+    torch.manual_seed(0)
+    metadata = ModelMetadata(
+        name="tiny-multiaxis",
+        label_map=LabelMap(name="test", classes={"liver": [1], "kidney": [2], "spleen": [3]}),
+        slice_size=16,
+        context_slices=1,
+        condition=ConditionLayout(specified_flags=True, axes=(0, 1, 2), context_padding="replicate"),
+    )
+    unet = build_unet(UNetConfig.preset("tiny"), metadata)
+    folder = tmp_path_factory.mktemp("models") / "multiaxis"
+    save_model(folder, unet, build_training_scheduler(), metadata)
+    return folder

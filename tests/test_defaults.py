@@ -32,6 +32,16 @@ EXPECTED = {
     "unknown_labels": defaults.UNKNOWN_LABELS,
     "device": defaults.DEVICE,
     "precision": defaults.PRECISION,
+    "slice_axes": defaults.SLICE_AXES,
+    "axis_schedule": defaults.AXIS_SCHEDULE,
+    "late_fraction": defaults.LATE_FRACTION,
+}
+#: Settings the Slicer panel does not expose: it never passes them, so ``volgen generate``'s defaults apply
+#: (the model's own slice axis; the axis schedule then has nothing to schedule).
+NOT_IN_PANEL = {
+    "slice_axes": "--slice-axes",
+    "axis_schedule": "--axis-schedule",
+    "late_fraction": "--late-fraction",
 }
 
 
@@ -47,6 +57,7 @@ def test_cli_option_defaults(command):
         if key in found:  # batch has no x0-smoothing
             assert found[key] == value, f"volgen {command} --{key.replace('_', '-')}"
     assert {"seed", "scheduler", "steps", "noise_correlation", "strength"} <= set(found)
+    assert set(NOT_IN_PANEL) <= set(found)
 
 
 def test_generate_settings_defaults():
@@ -120,3 +131,23 @@ def test_slicer_module_defaults():
     assert params.seed == defaults.SEED and params.strength == defaults.STRENGTH
     assert params.device == defaults.DEVICE and params.unknown_labels == defaults.UNKNOWN_LABELS
     assert set(SCHEDULERS) == set(defaults.SCHEDULERS)
+
+
+def test_slicer_module_leaves_the_slice_axes_to_the_model():
+    """The panel has no slice-axes setting and its command line passes none: it generates along the model's
+    own axis, which is ``volgen generate``'s default (``defaults.SLICE_AXES`` is ``None``)."""
+    assert defaults.SLICE_AXES is None
+    sys.path.insert(0, str(PLUGIN))
+    try:
+        from VolGenLib.command import build_command
+        from VolGenLib.parameters import GenerationParameters
+        from VolGenLib.workspace import GenerationPaths
+    finally:
+        sys.path.remove(str(PLUGIN))
+    fields = {f.name for f in dataclasses.fields(GenerationParameters)}
+    assert not fields & set(NOT_IN_PANEL), "the panel exposes a slice-axes setting: compare its default here"
+    node = _plugin_node_defaults()
+    assert not {"sliceAxes", "axisSchedule", "lateFraction"} & set(node)
+    paths = GenerationPaths(input=Path("in.nii.gz"), output=Path("out.nii.gz"), reference=None)
+    command = build_command(GenerationParameters(), paths, python="python")
+    assert not set(NOT_IN_PANEL.values()) & set(command)

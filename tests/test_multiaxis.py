@@ -23,30 +23,11 @@ STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def multiaxis_model(tmp_path_factory):
-    """An untrained tiny model whose condition vector holds the slice axis (axial, coronal, sagittal)."""
-    from volgen.labels import LabelMap
-    from volgen.models import (
-        ModelMetadata,
-        UNetConfig,
-        build_training_scheduler,
-        build_unet,
-        load_model,
-        save_model,
-    )
+def multiaxis_model(multiaxis_model_dir):
+    """The tiny multi-axis model (conftest), loaded."""
+    from volgen.models import load_model
 
-    torch.manual_seed(0)
-    metadata = ModelMetadata(
-        name="tiny-multiaxis",
-        label_map=LabelMap(name="test", classes={"liver": [1], "kidney": [2], "spleen": [3]}),
-        slice_size=16,
-        context_slices=1,
-        condition=ConditionLayout(specified_flags=True, axes=(0, 1, 2), context_padding="replicate"),
-    )
-    unet = build_unet(UNetConfig.preset("tiny"), metadata)
-    folder = tmp_path_factory.mktemp("models") / "multiaxis"
-    save_model(folder, unet, build_training_scheduler(), metadata)
-    return load_model(folder)
+    return load_model(multiaxis_model_dir)
 
 
 def _labels(spacing=(1.1, 1.3, 1.6), size=(14, 12, 10)) -> sitk.Image:
@@ -106,6 +87,8 @@ def test_thick_slices_restrict_the_axes(multiaxis_model):
 
 def test_schedule_condition_vector_and_errors(multiaxis_model, tiny_model_dir):
     assert axis_schedule(("axial", "coronal"), 5) == ["axial", "coronal", "axial", "coronal", "axial"]
+    with pytest.raises(VolgenError, match="unknown axis schedule"):
+        axis_schedule(("axial",), 3, kind="sometimes")
     layout = ConditionLayout(specified_flags=True, axes=(0, 2))
     specified = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
     vector = per_sample_condition_vector(specified, torch.tensor([2, 0, 2]), layout)

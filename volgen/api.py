@@ -3,6 +3,13 @@
 >>> from volgen.api import GenerateSettings, generate
 >>> generate("seg.nii.gz", "synthetic.nii.gz", settings=GenerateSettings(seed=1))  # doctest: +SKIP
 
+A multi-axis model, slicing along every axis in turn (``volgen generate --slice-axes``; see
+``docs/consistency.md``):
+
+>>> settings = GenerateSettings(slice_axes=["axial", "coronal", "sagittal"], axis_schedule="late",
+...                             late_fraction=0.3, noise_correlation=0.99)
+>>> generate("seg.nii.gz", "synthetic.nii.gz", model="multi-axis-model", settings=settings)  # doctest: +SKIP
+
 For many volumes with one model loaded once, use :class:`VolumeGenerator` on in-memory images.
 """
 

@@ -35,6 +35,18 @@ STRENGTH = 1.0
 SEED = 0
 #: Largest seed: torch's generators take 64-bit seeds; volgen keeps them in signed int64 (JSON, numpy).
 MAX_SEED = 2**63 - 1
+#: The slice axes by name (``ConditionLayout.axes`` codes 0, 1, 2).
+AXIS_NAMES: tuple[str, ...] = ("axial", "coronal", "sagittal")
+#: ``--slice-axes``: ``None`` slices along the model's own axis (single-axis sampling in the model's slicing
+#: frame); a list of axes (a multi-axis model's) samples in the isotropic cube frame, the slicing axis
+#: changing from step to step by the axis schedule (docs/consistency.md).
+SLICE_AXES: tuple[str, ...] | None = None
+#: How the slicing axis changes over the steps (:func:`volgen.multiaxis.axis_schedule`): ``cycle`` changes
+#: it every step; ``late`` keeps the first axis for the early, structure-forming steps and cycles the axes
+#: only in the last ``LATE_FRACTION`` of the steps (not measured yet: benchmarks/planes_heldout.py).
+AXIS_SCHEDULES: tuple[str, ...] = ("cycle", "late")
+AXIS_SCHEDULE = "cycle"
+LATE_FRACTION = 0.5
 #: Slices per UNet forward (does not change the result).
 SLICE_BATCH_SIZE = 16
 #: What to do with label values the model does not know.

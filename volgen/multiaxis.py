@@ -3,10 +3,13 @@
 A slice model run along one axis makes volumes whose reslices it never looked at (streaks with correlated
 noise, flicker without). A multi-axis model is trained on slices along several axes (its
 :class:`~volgen.conditioning.ConditionLayout` lists them and the condition vector ends with a one-hot of the
-current axis), and multi-axis sampling changes the slicing axis from step to step (``axial, coronal,
-sagittal, axial, ...``): every step is one pass of the UNet over the slices along that step's axis, so the
-number of UNet evaluations per step is the number of slices along one axis, as for single-axis sampling.
-Correlated initial noise (ρ along the first axis of the schedule) combines with it.
+current axis), and multi-axis sampling changes the slicing axis from step to step by an axis schedule
+(:func:`axis_schedule`: ``cycle`` = ``axial, coronal, sagittal, axial, ...``; ``late`` = the first axis, then
+the axes cycled in the last steps): every step is one pass of the UNet over the slices along that step's axis,
+so the number of UNet evaluations per step is the number of slices along one axis, as for single-axis
+sampling. Correlated initial noise (ρ along the first axis of the schedule) combines with it.
+``volgen generate --slice-axes`` reaches it through :class:`volgen.generation.VolumeGenerator` and
+:func:`generate_in_cube`.
 
 The frame (see ``docs/consistency.md``): all used axes must have the same physical pixel, so the volume is
 brought to an isotropic **cube frame**: reoriented to RAS, resampled to an isotropic voxel of
@@ -22,8 +25,10 @@ always usable. :func:`usable_axes` says which axes remain.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
@@ -31,14 +36,18 @@ import torch
 import torchio as tio
 from torch import Tensor
 
+from volgen import defaults
 from volgen.conditioning import ConditionLayout, condition_vector
 from volgen.errors import VolgenError
 from volgen.frames import resample_to_grid, sitk_to_torchio, slices_to_volume, volume_to_slices
 
+if TYPE_CHECKING:
+    from volgen.pipeline import Progress, VolumeGenerationOutput
+
 logger = logging.getLogger(__name__)
 
 #: Axis codes of :class:`~volgen.conditioning.ConditionLayout` (0, 1, 2) by name.
-AXIS_NAMES: tuple[str, str, str] = ("axial", "coronal", "sagittal")
+AXIS_NAMES: tuple[str, ...] = defaults.AXIS_NAMES
 #: RAS tensor dim each slice axis runs along (axial: Z, coronal: Y, sagittal: X).
 _NORMAL_DIM = {"axial": 2, "coronal": 1, "sagittal": 0}
 #: An axis is used when every in-slice direction's input spacing is at most this many cube voxels.
@@ -134,11 +143,41 @@ def usable_axes(
     return kept
 
 
-def axis_schedule(axes: Sequence[str], steps: int) -> list[str]:
-    """The slicing axis of each denoising step: ``axes`` cycled (``a, b, c, a, b, c, ...``)."""
+def axis_schedule(
+    axes: Sequence[str],
+    steps: int,
+    *,
+    kind: str = defaults.AXIS_SCHEDULE,
+    late_fraction: float = defaults.LATE_FRACTION,
+) -> list[str]:
+    """The slicing axis of each of ``steps`` denoising steps (the one home of axis schedules).
+
+    ``axes[0]`` is the primary axis. Every schedule has one UNet pass per step, so the number of UNet
+    evaluations is that of single-axis sampling whatever the schedule.
+
+    - ``cycle``: the axes in turn from the first, changing every step (``a, b, c, a, b, c, ...``).
+    - ``late``: the primary axis for the early, structure-forming steps, then the axes in turn from the one
+      after the primary (``a, a, a, a, b, c, a, b``) for the last ``round(late_fraction * steps)`` steps,
+      where the texture forms (streaks along a slice axis are texture). ``late_fraction = 0`` slices along
+      the primary axis only.
+
+    Examples:
+        >>> axis_schedule(("axial", "coronal"), 3)
+        ['axial', 'coronal', 'axial']
+        >>> axis_schedule(("axial", "coronal", "sagittal"), 6, kind="late", late_fraction=0.5)
+        ['axial', 'axial', 'axial', 'coronal', 'sagittal', 'axial']
+    """
     if not axes:
         raise VolgenError("multi-axis sampling needs at least one axis")
-    return [axes[i % len(axes)] for i in range(steps)]
+    if kind == "cycle":
+        return [axes[i % len(axes)] for i in range(steps)]
+    if kind == "late":
+        if not 0.0 <= late_fraction <= 1.0:
+            raise VolgenError(f"late_fraction must be in [0, 1], got {late_fraction}")
+        late = min(steps, math.floor(late_fraction * steps + 0.5))
+        order = [*axes[1:], axes[0]]
+        return [axes[0]] * (steps - late) + [order[i % len(order)] for i in range(late)]
+    raise VolgenError(f"unknown axis schedule {kind!r}; choose one of {', '.join(defaults.AXIS_SCHEDULES)}")
 
 
 def per_sample_condition_vector(
@@ -161,33 +200,6 @@ def per_sample_condition_vector(
     return out
 
 
-def _predict(
-    pipe,
-    slices: Tensor,
-    labels: Tensor,
-    t: Tensor,
-    *,
-    axis: str,
-    removed: Tensor | None,
-    slice_batch_size: int,
-    on_chunk: Callable[[int], None] | None,
-) -> Tensor:
-    """The UNet output for noisy slices ``(N, 1, H, W)`` along ``axis`` and their labels ``(N, H, W)``:
-    the pipeline's chunked forward (:meth:`~volgen.pipeline.SegmentationToVolumePipeline.predict_noise`) with
-    the axis in a multi-axis model's condition vector."""
-    layout = pipe.condition_layout
-    several = layout is not None and len(layout.axes) > 1
-    return pipe.predict_noise(
-        slices,
-        t,
-        labels,
-        removed=removed,
-        slice_batch_size=slice_batch_size,
-        on_chunk=on_chunk,
-        axis=axis_code(axis) if several else None,
-    )
-
-
 @torch.no_grad()
 def sample_multiaxis(
     pipe,
@@ -195,30 +207,47 @@ def sample_multiaxis(
     *,
     schedule: Sequence[str],
     seed: int = 0,
-    scheduler: str = "dpmsolver++",
-    slice_batch_size: int = 16,
+    scheduler: str | None = defaults.SCHEDULER,
+    slice_batch_size: int = defaults.SLICE_BATCH_SIZE,
     noise_correlation: float = 0.0,
+    x0_smoothing: float = 0.0,
     keep: Sequence[int] | None = None,
-    callback: Callable[[int, int], None] | None = None,
-) -> Tensor:
+    reference: Tensor | None = None,
+    strength: float = 1.0,
+    autocast_dtype: torch.dtype | None = None,
+    callback: Callable[[Progress], None] | None = None,
+) -> VolumeGenerationOutput:
     """Generate a cube, changing the slicing axis from step to step.
+
+    The state between steps is one volume; each step is one pass of the UNet over the slices along that
+    step's axis (:meth:`~volgen.pipeline.SegmentationToVolumePipeline.predict_noise`, the axis in a
+    multi-axis model's condition vector) and one ``scheduler.step`` on the whole volume, so the result is
+    deterministic per seed and does not depend on ``slice_batch_size``.
 
     Args:
         pipe: A :class:`~volgen.pipeline.SegmentationToVolumePipeline` (its UNet, schedule and condition).
         labels: ``(X, Y, Z)`` class indices of a cube (``slice_size`` along every axis), RAS.
-        schedule: The slice axis of each step (:func:`axis_schedule`); its length is the number of steps.
+        schedule: The slice axis of each step of the full schedule (:func:`axis_schedule`); its length is the
+            number of inference steps. With λ < 1 only its last steps run (those of the timesteps ``<= t*``).
         seed: Seed of the CPU generator that draws all noise.
-        scheduler: Sampler name (``ddpm``, ``ddim``, ``dpmsolver++``, ``euler``).
+        scheduler: Sampler name (:data:`volgen.defaults.SCHEDULERS`), set on ``pipe``; ``None`` keeps
+            ``pipe.scheduler``.
         slice_batch_size: Slices per UNet forward; does not change the result.
-        noise_correlation: ρ of the initial noise along the schedule's first axis.
+        noise_correlation: ρ of the initial noise between neighbouring slices along ``schedule[0]``.
+        x0_smoothing: σ (voxels) of the smoothing of the x0 prediction along each step's slicing axis; 0: off.
         keep: Foreground class indices kept in the condition (``None``: all).
-        callback: Called with ``(slices_done, slices_total)`` after every UNet chunk.
+        reference: ``(X, Y, Z)`` real image of the cube in model space, for λ < 1.
+        strength: λ in [0, 1]; below 1 starts from ``reference`` noised to ``t*`` (see
+            :meth:`~volgen.pipeline.SegmentationToVolumePipeline.set_timesteps`).
+        autocast_dtype: Run the UNet under autocast with this dtype (not on the CPU).
+        callback: Called with a :class:`~volgen.pipeline.Progress` after every UNet chunk.
 
     Returns:
-        ``(X, Y, Z)`` float32 on the CPU in model space [-1, 1].
+        :class:`~volgen.pipeline.VolumeGenerationOutput`: ``volume`` ``(X, Y, Z)`` float32 on the CPU in model
+        space [-1, 1] (the reference itself when no timestep is left), the timesteps run.
     """
     from volgen.conditioning import selection_to_removed
-    from volgen.pipeline import correlated_noise, make_scheduler, scheduler_step
+    from volgen.pipeline import Progress, VolumeGenerationOutput, correlated_noise, scheduler_step
 
     size = pipe.unet.config.sample_size
     if labels.ndim != 3 or tuple(labels.shape) != (size, size, size):
@@ -227,50 +256,147 @@ def sample_multiaxis(
     unknown = sorted(set(schedule) - set(trained))
     if unknown:
         raise VolgenError(f"the model was trained on {', '.join(trained)} slices, not {', '.join(unknown)}")
+    if strength < 1.0 and (reference is None or tuple(reference.shape) != tuple(labels.shape)):
+        raise VolgenError("strength < 1 interpolates towards a reference: pass a reference cube")
+    several = pipe.condition_layout is not None and len(pipe.condition_layout.axes) > 1
     device = pipe.unet.device
     generator = torch.Generator().manual_seed(int(seed))
     removed = None if keep is None else selection_to_removed(keep, pipe.config.num_classes)
     labels = labels.to(device)
-    sched = make_scheduler(scheduler, pipe.scheduler.config)
-    sched.set_timesteps(len(schedule), device=device)
+    if scheduler is not None:
+        pipe.set_scheduler(scheduler)
+    sched = pipe.scheduler
+    timesteps = pipe.set_timesteps(len(schedule), strength, device=device)
+    run = list(schedule)[len(schedule) - len(timesteps) :]
     first = schedule[0]
     # the state lives as slices along the first axis (the scheduler's per-slice thresholding sees slices)
     noise = correlated_noise((size, 1, size, size), noise_correlation, generator).to(device)
-    x = noise * sched.init_noise_sigma
-    total, done = len(schedule) * size, 0
+    if strength < 1.0:
+        ref = volume_to_slices(reference.to(device=device, dtype=torch.float32), first).contiguous()[:, None]
+        if not len(timesteps):
+            return VolumeGenerationOutput(volume=reference.float().cpu())
+        x = sched.add_noise(ref, noise, timesteps[:1])
+    else:
+        x = noise * sched.init_noise_sigma
+    steps, done = len(run), 0
 
-    def count(n: int) -> None:
-        nonlocal done
-        done += n
-        if callback is not None:
-            callback(done, total)
+    for i, (t, axis) in enumerate(zip(timesteps, run, strict=True)):
 
-    for t, axis in zip(sched.timesteps, schedule, strict=True):
+        def on_chunk(n: int, step: int = i) -> None:
+            nonlocal done
+            done += n
+            if callback is not None:
+                callback(Progress(step=step, steps=steps, slices_done=done, slices_total=steps * size))
+
         model_input = sched.scale_model_input(x, t)
-        volume = slices_to_volume(model_input[:, 0], first)
-        slices = volume_to_slices(volume, axis).contiguous()[:, None]
-        out = _predict(
-            pipe,
+        slices = volume_to_slices(slices_to_volume(model_input[:, 0], first), axis).contiguous()[:, None]
+        out = pipe.predict_noise(
             slices,
-            volume_to_slices(labels, axis).contiguous(),
             t,
-            axis=axis,
+            volume_to_slices(labels, axis).contiguous(),
             removed=removed,
             slice_batch_size=slice_batch_size,
-            on_chunk=count,
+            autocast_dtype=autocast_dtype,
+            on_chunk=on_chunk,
+            axis=axis_code(axis) if several else None,
         )
+        if x0_smoothing > 0:
+            out = pipe._smooth_x0(out, slices, t, x0_smoothing)
         out = volume_to_slices(slices_to_volume(out[:, 0], axis), first).contiguous()[:, None]
         x = scheduler_step(sched, out, t, x, generator)
-    return slices_to_volume(x[:, 0].float().clamp(-1.0, 1.0), first).contiguous().cpu()
+    volume = slices_to_volume(x[:, 0].float().clamp(-1.0, 1.0), first).contiguous().cpu()
+    return VolumeGenerationOutput(
+        volume=volume, timesteps=[int(t) for t in timesteps], start_timestep=int(timesteps[0])
+    )
 
 
 @dataclass
 class MultiAxisResult:
-    """A generated volume on the input grid, and how it was made."""
+    """A volume generated in the cube frame, on the input grid, and how it was made.
+
+    Attributes:
+        image: The image on the input's exact grid: physical float32 from :func:`generate_in_cube`, the stored
+            type (CT int16 HU) from :func:`generate_multiaxis`.
+        axes: The axes sliced along (after :func:`usable_axes`), primary first.
+        voxel: The cube's isotropic voxel (mm).
+        schedule: The slicing axis of each step that ran.
+        timesteps: The timesteps that ran.
+        start_timestep: Where denoising started (``t*``; -1 when nothing was denoised).
+    """
 
     image: sitk.Image
     axes: tuple[str, ...]
     voxel: float
+    schedule: list[str]
+    timesteps: list[int]
+    start_timestep: int = -1
+
+
+def generate_in_cube(
+    pipe,
+    classes: sitk.Image,
+    *,
+    intensity,
+    axes: Sequence[str],
+    axis_schedule_kind: str = defaults.AXIS_SCHEDULE,
+    late_fraction: float = defaults.LATE_FRACTION,
+    schedule: Sequence[str] | None = None,
+    num_inference_steps: int = defaults.STEPS,
+    reference: sitk.Image | None = None,
+    max_spacing_ratio: float = MAX_SPACING_RATIO,
+    **sampling,
+) -> MultiAxisResult:
+    """Class indices on any grid -> cube frame -> :func:`sample_multiaxis` -> physical values on that grid.
+
+    The one cube-frame generation: :func:`generate_multiaxis` and :class:`volgen.generation.VolumeGenerator`
+    (``--slice-axes``) both call it.
+
+    Args:
+        pipe: The :class:`~volgen.pipeline.SegmentationToVolumePipeline` to sample with.
+        classes: Class indices (the label map applied, dropped classes still in), any orientation and spacing.
+        intensity: The model's :class:`~volgen.models.IntensityMapping`.
+        axes: The axes to slice along, primary first; reduced by :func:`usable_axes` for thick slices.
+        axis_schedule_kind: ``cycle`` or ``late`` (:func:`axis_schedule`).
+        late_fraction: See :func:`axis_schedule`.
+        schedule: Instead, the axis of every step (its length is the number of steps); axes that
+            :func:`usable_axes` rules out are an error.
+        num_inference_steps: Steps of the full schedule.
+        reference: A real image on ``classes``' grid (physical units), for λ < 1 (``strength`` in
+            ``sampling``).
+        max_spacing_ratio: See :func:`usable_axes`.
+        sampling: Keyword arguments of :func:`sample_multiaxis` (seed, scheduler, ρ, λ, keep, ...).
+    """
+    frame = to_cube_frame(classes, reference, slice_size=pipe.unet.config.sample_size)
+    wanted = tuple(dict.fromkeys(schedule)) if schedule is not None else tuple(axes)
+    used = usable_axes(frame, wanted, max_ratio=max_spacing_ratio)
+    if schedule is not None and len(used) < len(wanted):
+        raise VolgenError(
+            f"the schedule slices along {', '.join(wanted)}, but this volume's spacing allows only "
+            f"{', '.join(used)} (max_spacing_ratio={max_spacing_ratio})"
+        )
+    if schedule is None:
+        schedule = axis_schedule(
+            used, num_inference_steps, kind=axis_schedule_kind, late_fraction=late_fraction
+        )
+    window, ref_model = None, None
+    if reference is not None:
+        assert frame.image is not None
+        window = intensity.window(sitk.GetArrayViewFromImage(reference))
+        ref_model = torch.from_numpy(intensity.to_model(frame.image.numpy(), window))
+    out = sample_multiaxis(
+        pipe, frame.labels.long(), schedule=list(schedule), reference=ref_model, **sampling
+    )
+    physical = intensity.from_model(out.volume.numpy(), window).astype(np.float32)
+    background = float(physical.min()) if physical.size else 0.0
+    image = resample_to_grid(frame.to_sitk(physical), classes, default=background)
+    return MultiAxisResult(
+        image=image,
+        axes=used,
+        voxel=frame.voxel,
+        schedule=list(schedule)[len(schedule) - len(out.timesteps) :],
+        timesteps=out.timesteps,
+        start_timestep=out.start_timestep,
+    )
 
 
 def generate_multiaxis(
@@ -279,70 +405,64 @@ def generate_multiaxis(
     *,
     axes: Sequence[str] | None = None,
     schedule: Sequence[str] | None = None,
+    axis_schedule_kind: str = defaults.AXIS_SCHEDULE,
+    late_fraction: float = defaults.LATE_FRACTION,
     seed: int = 0,
     num_inference_steps: int = 20,
-    scheduler: str = "dpmsolver++",
+    scheduler: str = defaults.SCHEDULER,
     noise_correlation: float = 0.0,
-    slice_batch_size: int = 16,
+    slice_batch_size: int = defaults.SLICE_BATCH_SIZE,
     keep: Sequence[int] | None = None,
     max_spacing_ratio: float = MAX_SPACING_RATIO,
     device: torch.device | str = "cpu",
 ) -> MultiAxisResult:
     """Generate a volume on the exact grid of a class-index image, slicing along several axes in turn.
 
+    The library entry point for class-index images; ``volgen generate --slice-axes`` (and
+    :class:`volgen.generation.VolumeGenerator` with ``GenerateSettings(slice_axes=...)``) does the same from a
+    segmentation of source labels, with λ and the other settings.
+
     Args:
         classes: Class indices (the label map already applied), any orientation and spacing.
         loaded: A :class:`volgen.models.LoadedModel`.
-        axes: Axes to cycle through (default: every axis the model was trained on), reduced by
+        axes: Axes to slice along, primary first (default: every axis the model was trained on), reduced by
             :func:`usable_axes` for anisotropic input.
-        schedule: Instead of cycling, the axis of every step (its length is the number of steps), e.g.
-            ``["coronal", "sagittal"] * 9 + ["axial"] * 2``; axes that :func:`usable_axes` rules out are an
-            error.
+        schedule: Instead of ``axis_schedule_kind``, the axis of every step (its length is the number of
+            steps), e.g. ``["coronal", "sagittal"] * 9 + ["axial"] * 2``; axes that :func:`usable_axes` rules
+            out are an error.
+        axis_schedule_kind: ``cycle`` or ``late`` (:func:`axis_schedule`).
+        late_fraction: See :func:`axis_schedule`.
         max_spacing_ratio: See :func:`usable_axes`.
 
     Returns:
-        :class:`MultiAxisResult`: physical intensities (CT: int16 HU) with the input's geometry.
+        :class:`MultiAxisResult`: stored intensities (CT: int16 HU) with the input's geometry.
     """
     from volgen.io import Geometry
-    from volgen.pipeline import SegmentationToVolumePipeline
+    from volgen.models import build_pipeline
 
     meta = loaded.metadata
-    pipe = SegmentationToVolumePipeline(
-        unet=loaded.unet.to(device),
-        scheduler=loaded.scheduler,
-        encoding=meta.encoding,
-        context_slices=meta.context_slices,
-        num_classes=meta.num_classes,
-        slice_axis=meta.slice_axis,
-        condition=None if meta.condition is None else meta.condition.model_dump(mode="json"),
-    )
-    frame = to_cube_frame(classes, slice_size=meta.slice_size)
-    wanted = tuple(axes) if axes else model_axes(meta.condition, meta.slice_axis)
-    if schedule is not None:
-        wanted = tuple(dict.fromkeys(schedule))
-    used = usable_axes(frame, wanted, max_ratio=max_spacing_ratio)
-    if schedule is not None and len(used) < len(wanted):
-        raise VolgenError(
-            f"the schedule slices along {', '.join(wanted)}, but this volume's spacing allows only "
-            f"{', '.join(used)} (max_spacing_ratio={max_spacing_ratio})"
-        )
-    cube = sample_multiaxis(
+    pipe = build_pipeline(loaded.unet.to(device), loaded.scheduler, meta)
+    result = generate_in_cube(
         pipe,
-        frame.labels.long(),
-        schedule=list(schedule) if schedule is not None else axis_schedule(used, num_inference_steps),
+        classes,
+        intensity=meta.intensity,
+        axes=tuple(axes) if axes else model_axes(meta.condition, meta.slice_axis),
+        axis_schedule_kind=axis_schedule_kind,
+        late_fraction=late_fraction,
+        schedule=schedule,
+        num_inference_steps=num_inference_steps,
+        max_spacing_ratio=max_spacing_ratio,
         seed=seed,
         scheduler=scheduler,
         slice_batch_size=slice_batch_size,
         noise_correlation=noise_correlation,
         keep=keep,
     )
-    physical = meta.intensity.from_model(cube.numpy()).astype(np.float32)
-    background = float(physical.min()) if physical.size else 0.0
-    image = resample_to_grid(frame.to_sitk(physical), classes, default=background)
-    if meta.intensity.modality == "CT":
-        image = sitk.Cast(sitk.Round(image), sitk.sitkInt16)
+    image = sitk.GetImageFromArray(meta.intensity.to_storage(sitk.GetArrayViewFromImage(result.image)))
+    image.CopyInformation(classes)
     Geometry.of(classes).apply(image)
-    return MultiAxisResult(image=image, axes=used, voxel=frame.voxel)
+    result.image = image
+    return result
 
 
 def cube_round_trip(classes: sitk.Image, image: sitk.Image, *, slice_size: int) -> sitk.Image:

@@ -10,6 +10,7 @@ from typing import Any
 
 from volgen.batch.plan import WorkItem
 from volgen.errors import InputError
+from volgen.generation.settings import GenerateSettings
 from volgen.generation.sidecar import Sidecar
 from volgen.io.atomic import TEMP_NAME
 from volgen.io.files import file_sha256, remove_path
@@ -18,20 +19,26 @@ logger = logging.getLogger("volgen.batch")
 
 
 def _comparable_settings(settings: Any) -> Any:
-    """Settings as JSON data, without ``slice_batch_size`` (it does not change the result)."""
+    """Settings as JSON data, without ``slice_batch_size`` (it does not change the result). A setting an
+    older sidecar lacks was made with its default (a setting is added with a default that keeps the output),
+    so it is filled in: ``slice_axes`` and the axis schedule came after the first sidecars."""
     if not isinstance(settings, dict):
         return settings
-    data = json.loads(json.dumps(settings))
+    data = {**_DEFAULTS, **json.loads(json.dumps(settings))}
     data.pop("slice_batch_size", None)
     return data
+
+
+_DEFAULTS = json.loads(json.dumps(asdict(GenerateSettings())))
 
 
 def unfinished_reason(item: WorkItem, *, weights_sha256: str, output_format: str) -> str | None:
     """Why ``item`` must be (re)done, or ``None`` when its outputs are complete and current.
 
     Complete: the output (a non-empty folder for DICOM), the label (nnU-Net layout) and the sidecar exist, and
-    the sidecar records the same model weights, output format and settings (``slice_batch_size`` aside), and
-    the SHA-256 of the segmentation and reference files (DICOM folders are not hashed).
+    the sidecar records the same model weights, output format and settings (``slice_batch_size`` aside; other
+    ``slice_axes``, axis schedule or late fraction are other settings), and the SHA-256 of the segmentation
+    and reference files (DICOM folders are not hashed).
     """
     if output_format == "dicom":
         if not (item.output.is_dir() and any(item.output.iterdir())):

@@ -46,6 +46,10 @@ class GeneratedVolume:
         timesteps: The timesteps that were denoised (none when λ = 0: the image is the reference).
         start_timestep: Where denoising started (``t*``; -1 when nothing was denoised).
         seconds: Time spent in :meth:`VolumeGenerator.generate`.
+        slice_axes: The axes sliced along, primary first (none when nothing was denoised).
+        axis_schedule: The slicing axis of each denoised step (one per entry of ``timesteps``).
+        cube_voxel: The isotropic voxel (mm) of the cube frame of multi-axis sampling; ``None`` for
+            single-axis sampling in the model's slicing frame.
     """
 
     image: Any
@@ -54,6 +58,9 @@ class GeneratedVolume:
     timesteps: list[int] = field(default_factory=list)
     start_timestep: int = -1
     seconds: float = 0.0
+    slice_axes: list[str] = field(default_factory=list)
+    axis_schedule: list[str] = field(default_factory=list)
+    cube_voxel: float | None = None
 
 
 def slices_along(image: Any, slice_axis: str) -> int:
@@ -125,9 +132,37 @@ class VolumeGenerator:
         """Foreground class indices the condition keeps under the settings' ``keep``/``drop``."""
         return self.metadata.label_map.selection(keep=settings.keep, drop=settings.drop)
 
+    @property
+    def trained_axes(self) -> tuple[str, ...]:
+        """The slice axes the model was trained on (one for a single-axis model)."""
+        from volgen.multiaxis import model_axes
+
+        return model_axes(self.metadata.condition, self.metadata.slice_axis)
+
+    def cube_axes(self, settings: GenerateSettings) -> tuple[str, ...] | None:
+        """The axes a run slices along in the cube frame (``settings.slice_axes`` of a multi-axis model), or
+        ``None`` for single-axis sampling along the model's own axis in its slicing frame (no ``slice_axes``,
+        or a single-axis model asked for its own axis).
+
+        Raises:
+            VolgenError: ``slice_axes`` names an axis the model was not trained on.
+        """
+        if settings.slice_axes is None:
+            return None
+        trained = self.trained_axes
+        unknown = [a for a in settings.slice_axes if a not in trained]
+        if unknown:
+            raise VolgenError(
+                f"--slice-axes {','.join(settings.slice_axes)}: model {self.metadata.name!r} "
+                f"({self.model.path}) was trained on {', '.join(trained)} slices only, not "
+                f"{', '.join(unknown)}"
+            )
+        return tuple(settings.slice_axes) if len(trained) > 1 else None
+
     def check(self, settings: GenerateSettings, *, reference: bool) -> None:
         """Check the settings against this model before any work: steps up to its training timesteps, the
-        class names, and that λ < 1 has a reference."""
+        class names, the slice axes, and that λ < 1 has a reference."""
+        self.cube_axes(settings)
         if settings.strength < 1.0 and not reference:
             raise VolgenError("--strength below 1 interpolates towards a real image: give --reference")
         total = int(self.model.scheduler.config.num_train_timesteps)
@@ -157,7 +192,7 @@ class VolumeGenerator:
         """Bytes generating this segmentation needs beyond the weights (estimated, nothing allocated)."""
         meta = self.metadata
         return estimate_memory(
-            slices=slices_along(segmentation, meta.slice_axis),
+            slices=self._slices(segmentation, settings),
             slice_size=meta.slice_size,
             condition_channels=meta.condition_channels,
             slice_batch_size=settings.slice_batch_size,
@@ -184,11 +219,17 @@ class VolumeGenerator:
                 f"{limit / 2**30:.2f} GiB (--max-memory; or lower --slice-batch-size)"
             )
 
+    def _slices(self, segmentation: Any, settings: GenerateSettings) -> int:
+        """Slices one step runs the UNet on: along the model's axis, or a cube side in the cube frame."""
+        if self.cube_axes(settings) is not None:
+            return self.metadata.slice_size
+        return slices_along(segmentation, self.metadata.slice_axis)
+
     def slice_forwards(self, segmentation: Any, settings: GenerateSettings) -> int:
         """UNet slice-forwards generating this segmentation costs (for time estimates)."""
         self.pipeline.set_scheduler(settings.scheduler)
         return self.pipeline.slice_forwards(
-            slices_along(segmentation, self.metadata.slice_axis),
+            self._slices(segmentation, settings),
             num_inference_steps=settings.num_inference_steps,
             strength=settings.strength,
             slice_batch_size=settings.slice_batch_size,
@@ -230,30 +271,29 @@ class VolumeGenerator:
             image = self._stored(self._physical(reference), segmentation)
             return GeneratedVolume(image, condition, self._names(kept), seconds=time.perf_counter() - started)
 
-        image, result = self._sample(classes, reference, segmentation, settings, kept, progress)
-        return GeneratedVolume(
-            image=image,
-            condition=condition,
-            classes_kept=self._names(kept),
-            timesteps=result.timesteps,
-            start_timestep=result.start_timestep,
-            seconds=time.perf_counter() - started,
-        )
+        volume = self._sample(classes, reference, segmentation, settings, kept, progress)
+        volume.condition, volume.classes_kept = condition, self._names(kept)
+        volume.seconds = time.perf_counter() - started
+        return volume
 
-    def _sample(self, classes, reference, segmentation, settings, kept, progress) -> tuple[Any, Any]:
-        """Into the slicing frame, through the pipeline, back onto the segmentation's grid."""
+    def _sample(self, classes, reference, segmentation, settings, kept, progress) -> GeneratedVolume:
+        """Into the slicing frame (or the cube frame), through the pipeline, back onto the segmentation's
+        grid."""
         import SimpleITK as sitk
         import torch
 
         from volgen.frames import resample_to_grid, to_slice_frame
 
         meta = self.metadata
+        keep = None if len(kept) == meta.num_classes - 1 else kept
+        axes = self.cube_axes(settings)
+        if axes is not None:
+            return self._sample_cube(classes, reference, segmentation, settings, axes, keep, progress)
         frame = to_slice_frame(classes, reference, slice_size=meta.slice_size, slice_axis=meta.slice_axis)
         window, ref_model = None, None
         if reference is not None:
             window = meta.intensity.window(sitk.GetArrayViewFromImage(reference))
             ref_model = torch.from_numpy(meta.intensity.to_model(frame.image.numpy(), window))
-        keep = None if len(kept) == meta.num_classes - 1 else kept
         result = self.pipeline(
             frame.labels.long(),
             num_inference_steps=settings.num_inference_steps,
@@ -270,7 +310,49 @@ class VolumeGenerator:
         physical = meta.intensity.from_model(result.volume.numpy(), window)
         background = float(physical.min()) if physical.size else 0.0
         generated = resample_to_grid(frame.to_sitk(physical), segmentation, default=background)
-        return self._stored(generated, segmentation), result
+        return GeneratedVolume(
+            image=self._stored(generated, segmentation),
+            condition=None,
+            timesteps=result.timesteps,
+            start_timestep=result.start_timestep,
+            slice_axes=[meta.slice_axis],
+            axis_schedule=[meta.slice_axis] * len(result.timesteps),
+        )
+
+    def _sample_cube(
+        self, classes, reference, segmentation, settings, axes, keep, progress
+    ) -> GeneratedVolume:
+        """Multi-axis sampling in the isotropic cube frame (:func:`volgen.multiaxis.generate_in_cube`)."""
+        from volgen.multiaxis import generate_in_cube
+
+        result = generate_in_cube(
+            self.pipeline,
+            classes,
+            intensity=self.metadata.intensity,
+            axes=axes,
+            axis_schedule_kind=settings.axis_schedule,
+            late_fraction=settings.late_fraction,
+            num_inference_steps=settings.num_inference_steps,
+            reference=reference,
+            seed=settings.seed,
+            scheduler=settings.scheduler,
+            slice_batch_size=settings.slice_batch_size,
+            noise_correlation=settings.noise_correlation,
+            x0_smoothing=settings.x0_smoothing,
+            keep=keep,
+            strength=settings.strength,
+            autocast_dtype=self.autocast_dtype,
+            callback=progress,
+        )
+        return GeneratedVolume(
+            image=self._stored(result.image, segmentation),
+            condition=None,
+            timesteps=result.timesteps,
+            start_timestep=result.start_timestep,
+            slice_axes=list(result.axes),
+            axis_schedule=result.schedule,
+            cube_voxel=result.voxel,
+        )
 
     def _physical(self, reference: Any) -> Any:
         import SimpleITK as sitk

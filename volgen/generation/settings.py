@@ -41,6 +41,14 @@ class GenerateSettings:
         drop: Class names dropped (become background).
         unknown_labels: ``error`` or ``background`` for label values the model does not know.
         slice_batch_size: Slices per UNet forward (does not change the result).
+        slice_axes: ``None``: slice along the model's own axis (single-axis sampling). A list of axes
+            (``axial``, ``coronal``, ``sagittal``, each at most once) that a multi-axis model was trained on:
+            sample in the isotropic cube frame, the slicing axis changing by ``axis_schedule``; the first is
+            the primary axis (ρ runs along it; ``late`` keeps it for the early steps). For a single-axis model
+            only its own axis is allowed (the same as ``None``).
+        axis_schedule: ``cycle`` (the axis changes every step) or ``late`` (the first axis, then the axes
+            cycled in the last ``late_fraction`` of the steps); see :func:`volgen.multiaxis.axis_schedule`.
+        late_fraction: ``late``: the fraction of the steps, the last ones, that cycle the axes, in [0, 1].
     """
 
     seed: int = defaults.SEED
@@ -53,8 +61,13 @@ class GenerateSettings:
     drop: list[str] | None = None
     unknown_labels: UnknownLabels = defaults.UNKNOWN_LABELS  # type: ignore[assignment]
     slice_batch_size: int = defaults.SLICE_BATCH_SIZE
+    slice_axes: list[str] | None = defaults.SLICE_AXES  # type: ignore[assignment]
+    axis_schedule: str = defaults.AXIS_SCHEDULE
+    late_fraction: float = defaults.LATE_FRACTION
 
     def __post_init__(self) -> None:
+        if isinstance(self.slice_axes, tuple):  # one form in the sidecar and in comparisons
+            object.__setattr__(self, "slice_axes", list(self.slice_axes))
         for problem in self._problems():
             raise SettingsError(problem)
 
@@ -77,6 +90,20 @@ class GenerateSettings:
             yield f"--unknown-labels must be {choices}, got {self.unknown_labels!r}"
         if not _is_int(self.slice_batch_size) or self.slice_batch_size < 1:
             yield f"--slice-batch-size must be an integer >= 1, got {self.slice_batch_size!r}"
+        axes = self.slice_axes
+        if axes is not None:
+            names = ", ".join(defaults.AXIS_NAMES)
+            if isinstance(axes, str) or not all(isinstance(a, str) for a in axes) or not axes:
+                yield f"--slice-axes must be a non-empty list of axes ({names}), got {axes!r}"
+            elif unknown := [a for a in axes if a not in defaults.AXIS_NAMES]:
+                yield f"--slice-axes: unknown axis {unknown[0]!r}; choose from {names}"
+            elif len(set(axes)) != len(axes):
+                yield f"--slice-axes names an axis twice: {', '.join(axes)}"
+        if self.axis_schedule not in defaults.AXIS_SCHEDULES:
+            choices = ", ".join(defaults.AXIS_SCHEDULES)
+            yield f"--axis-schedule must be one of {choices}, got {self.axis_schedule!r}"
+        if not _is_number(self.late_fraction) or not 0.0 <= self.late_fraction <= 1.0:
+            yield f"--late-fraction must be in [0, 1], got {self.late_fraction!r}"
         for name in ("keep", "drop"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, str) or not all(isinstance(v, str) for v in value)):

@@ -31,6 +31,9 @@ class Sidecar(BaseModel):
     """Provenance of one generated volume (``<output>.json``, see :mod:`volgen.io.naming`).
 
     Unknown keys are kept (a newer volgen may add some); :meth:`read` is what batch resume uses.
+    ``settings`` holds what was asked (``slice_axes`` ``null``: the model's own axis); ``slice_axes``,
+    ``axis_schedule`` (the slicing axis of each denoised step) and ``cube_voxel_mm`` (multi-axis sampling's
+    isotropic voxel, ``null`` in the model's slicing frame) say what ran.
     """
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
@@ -49,6 +52,9 @@ class Sidecar(BaseModel):
     segmentation_sha256: str | None = None
     start_timestep: int = -1
     timesteps: int = 0
+    slice_axes: list[str] = []
+    axis_schedule: list[str] = []
+    cube_voxel_mm: float | None = None
     device: str = "cpu"
     precision: str = "fp32"
     seconds: float = 0.0
@@ -90,6 +96,9 @@ class Sidecar(BaseModel):
             segmentation_sha256=None if seg.is_dir() else file_sha256(seg),
             start_timestep=volume.start_timestep,
             timesteps=len(volume.timesteps),
+            slice_axes=volume.slice_axes,
+            axis_schedule=volume.axis_schedule,
+            cube_voxel_mm=None if volume.cube_voxel is None else round(volume.cube_voxel, 6),
             device=str(generator.device),
             precision=generator.precision,
         )
