@@ -155,7 +155,9 @@ def estimate_plan(
         )
         limit = plan.options.max_memory
         together = generator.volumes_together(grid, item.settings, max(1, to_do[item.case.id]), limit)
-        forwards = math.ceil(generator.slice_forwards(grid, item.settings, volumes=together) / together)
+        forwards = math.ceil(
+            generator.slice_forwards(grid, item.settings, volumes=together, max_memory=limit) / together
+        )
         voxels = int(np.prod(grid.size, dtype=np.int64))
         estimates.append(
             ItemEstimate(

@@ -261,9 +261,17 @@ class VolumeGenerator:
                 high = mid - 1
         return low
 
-    def slice_forwards(self, segmentation: Any, settings: GenerateSettings, *, volumes: int = 1) -> int:
+    def slice_forwards(
+        self,
+        segmentation: Any,
+        settings: GenerateSettings,
+        *,
+        volumes: int = 1,
+        max_memory: int | None = None,
+    ) -> int:
         """UNet slice-forwards generating ``volumes`` volumes of this segmentation together costs (for time
-        estimates; volumes generated together share their padded chunks)."""
+        estimates; volumes generated together share their padded chunks; ``auto`` chunks as chosen within
+        ``max_memory``)."""
         self.pipeline.set_scheduler(settings.scheduler)
         meta = self.metadata
         slices = slices_along(segmentation, meta.slice_axis) * volumes
@@ -272,7 +280,7 @@ class VolumeGenerator:
             slices,
             num_inference_steps=settings.num_inference_steps,
             strength=settings.strength,
-            slice_batch_size=self._slice_batch(slices, voxels, settings, None),
+            slice_batch_size=self._slice_batch(slices, voxels, settings, max_memory),
         )
 
     def generate(
