@@ -60,7 +60,10 @@ def batch(
     slice_batch_size: SliceBatchOption = defaults.SLICE_BATCH_SIZE,
     unknown_labels: UnknownLabelsOption = defaults.UNKNOWN_LABELS,
     samples_per_case: Annotated[
-        int, typer.Option(help="Synthetic volumes per segmentation (outputs CASE_s0, CASE_s1, ...).")
+        int,
+        typer.Option(
+            help="Synthetic volumes per segmentation (outputs CASE_s0, CASE_s1, ...), generated together."
+        ),
     ] = 1,
     output_format: Annotated[str, typer.Option("--format", help="nifti, nrrd, mha or dicom.")] = "nifti",
     layout: Annotated[

@@ -1,4 +1,4 @@
-"""``volgen generate``: one segmentation in, one synthetic volume out."""
+"""``volgen generate``: one segmentation in, one synthetic volume out (or ``--samples N`` of them)."""
 
 from __future__ import annotations
 
@@ -65,6 +65,13 @@ def generate(
         str | None, typer.Option(help="Comma-separated classes to drop (become background).")
     ] = None,
     seed: Annotated[int, typer.Option(help=f"Random seed, 0..{defaults.MAX_SEED}.")] = defaults.SEED,
+    samples: Annotated[
+        int,
+        typer.Option(
+            help="Volumes to generate together, seeds SEED, SEED+1, ...; written as OUTPUT_s0.EXT, "
+            "OUTPUT_s1.EXT, ... (one: OUTPUT), each with its sidecar."
+        ),
+    ] = defaults.SAMPLES,
     scheduler: SchedulerOption = defaults.SCHEDULER,
     steps: StepsOption = defaults.STEPS,
     noise_correlation: RhoOption = defaults.NOISE_CORRELATION,
@@ -97,9 +104,10 @@ def generate(
     """Generate a synthetic image volume whose anatomy follows SEGMENTATION, on the same grid."""
     import logging
 
-    from volgen.generation import generate as run_generate
-    from volgen.generation import parse_memory
+    from volgen.generation import generate_samples, parse_memory
+    from volgen.generation.settings import check_samples
 
+    check_samples(samples)
     settings = build_settings(
         seed=seed,
         scheduler=scheduler,
@@ -117,6 +125,7 @@ def generate(
         late_fraction=late_fraction,
     )
     kwargs: dict[str, Any] = dict(
+        samples=samples,
         model=model,
         settings=settings,
         reference=reference,
@@ -134,23 +143,27 @@ def generate(
     logging.getLogger("volgen.generation").setLevel(logging.ERROR)  # the CLI renders notes and warnings
 
     if progress == ProgressMode.json:
-        _run_json(segmentation, output, kwargs, run_generate)
+        _run_json(segmentation, output, kwargs, generate_samples)
         return
     if progress == ProgressMode.none:
-        result = run_generate(segmentation, output, **kwargs)
+        results = generate_samples(segmentation, output, **kwargs)
     else:
-        result = _run_rich(segmentation, output, kwargs, run_generate)
-    console.print(
-        f"[green]wrote[/] {result.output}  ({result.seconds:.1f} s on {result.device})", highlight=False
-    )
-    if result.preview is not None:
-        console.print(f"[green]preview[/] {result.preview}", highlight=False)
-    for message in result.warnings:
-        warn(message, progress)
+        results = _run_rich(segmentation, output, kwargs, generate_samples)
+    for result in results:
+        console.print(
+            f"[green]wrote[/] {result.output}  ({result.seconds:.1f} s on {result.device})", highlight=False
+        )
+        if result.preview is not None:
+            console.print(f"[green]preview[/] {result.preview}", highlight=False)
+        for message in result.warnings:
+            warn(message, progress)
 
 
 def _run_json(segmentation: Path, output: Path | None, kwargs: dict[str, Any], run_generate: Any) -> None:
-    """``--progress json``: start, progress, warning, done (or error) events, one JSON object a line."""
+    """``--progress json``: start, progress, warning, done (or error) events, one JSON object a line.
+
+    ``done`` names the output and sidecar (the first sample's) and lists every sample's in ``outputs`` and
+    ``sidecars``; ``seconds`` is the whole run."""
     from volgen.errors import VolgenError
 
     started = time.perf_counter()
@@ -168,18 +181,22 @@ def _run_json(segmentation: Path, output: Path | None, kwargs: dict[str, Any], r
         )
 
     try:
-        result = run_generate(segmentation, output, progress=report, **kwargs)
+        results = run_generate(segmentation, output, progress=report, **kwargs)
     except VolgenError as e:
         emit_json(event="error", message=str(e))
         raise
-    for message in result.warnings:
-        warn(message, ProgressMode.json)
+    for result in results:
+        for message in result.warnings:
+            warn(message, ProgressMode.json)
+    first = results[0]
     emit_json(
         event="done",
-        output=str(result.output),
-        sidecar=str(result.sidecar),
-        preview=None if result.preview is None else str(result.preview),
-        seconds=round(result.seconds, 2),
+        output=str(first.output),
+        sidecar=str(first.sidecar),
+        preview=None if first.preview is None else str(first.preview),
+        seconds=round(results[-1].seconds, 2),
+        outputs=[str(r.output) for r in results],
+        sidecars=[str(r.sidecar) for r in results],
     )
 
 

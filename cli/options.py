@@ -26,7 +26,13 @@ RhoOption = Annotated[
     float,
     typer.Option("--noise-correlation", "--rho", help="ρ in [0, 1): initial-noise correlation of slices."),
 ]
-SliceBatchOption = Annotated[int, typer.Option(help="Slices per UNet forward (does not change the result).")]
+SliceBatchOption = Annotated[
+    str,
+    typer.Option(
+        help="Slices per UNet forward, or auto: from the free memory (at most "
+        f"{defaults.AUTO_SLICE_BATCH_CPU} on the CPU). Does not change the result."
+    ),
+]
 UnknownLabelsOption = Annotated[
     str, typer.Option(help="Label values the model does not know: 'error' or 'background'.")
 ]
@@ -78,7 +84,7 @@ def build_settings(
     drop: str | None = None,
     unknown_labels: str = defaults.UNKNOWN_LABELS,
     precision: str = defaults.PRECISION,
-    slice_batch_size: int = defaults.SLICE_BATCH_SIZE,
+    slice_batch_size: int | str = defaults.SLICE_BATCH_SIZE,
     x0_smoothing: float = defaults.X0_SMOOTHING,
     slice_axes: str | None = None,
     axis_schedule: str = defaults.AXIS_SCHEDULE,
@@ -87,7 +93,7 @@ def build_settings(
     """The generation settings of ``generate`` and ``batch`` from their command-line values, validated once
     (a :class:`volgen.generation.SettingsError` naming the option)."""
     from volgen.generation import GenerateSettings
-    from volgen.generation.settings import check_precision
+    from volgen.generation.settings import check_precision, parse_slice_batch_size
 
     check_precision(precision)
     return GenerateSettings(
@@ -100,7 +106,7 @@ def build_settings(
         keep=split_names(keep),
         drop=split_names(drop),
         unknown_labels=unknown_labels,  # type: ignore[arg-type]
-        slice_batch_size=slice_batch_size,
+        slice_batch_size=parse_slice_batch_size(slice_batch_size),
         slice_axes=None if slice_axes is None else [a.lower() for a in split_names(slice_axes) or []],
         axis_schedule=axis_schedule,
         late_fraction=late_fraction,

@@ -246,7 +246,7 @@ def test_max_memory_refuses_before_the_pipeline_allocates(workspace: Workspace, 
 def test_default_memory_limit_is_a_fraction_of_what_is_available(
     workspace: Workspace, no_sampling, monkeypatch
 ) -> None:
-    monkeypatch.setattr("volgen.generation.device.available_memory", lambda device: 100 * 2**20)
+    monkeypatch.setattr("volgen.memory.available_memory", lambda device: 100 * 2**20)  # its one home
     seg = workspace.write(make_volume("label", size=(300, 300, 64)), "big.nii.gz")
     line = one_error_line(invoke(*workspace.generate(seg).args))
     assert "above the limit of 0.08 GiB" in line  # 80% of 100 MiB

@@ -47,8 +47,17 @@ SLICE_AXES: tuple[str, ...] | None = None
 AXIS_SCHEDULES: tuple[str, ...] = ("cycle", "late")
 AXIS_SCHEDULE = "cycle"
 LATE_FRACTION = 0.5
-#: Slices per UNet forward (does not change the result).
-SLICE_BATCH_SIZE = 16
+#: Slices per UNet forward (does not change the result: chunks are padded, see volgen.pipeline.BATCH_GRANULE).
+#: ``"auto"`` chooses it from the free memory of the device (volgen.memory.fit_slice_batch_size), at
+#: most ``AUTO_SLICE_BATCH_CPU`` on the CPU (which runs every chunk as forwards of 8 slices anyway, so
+#: larger chunks gain nothing) and ``AUTO_SLICE_BATCH_GPU`` on CUDA.
+SLICE_BATCH_SIZE = "auto"
+AUTO_SLICE_BATCH = "auto"
+AUTO_SLICE_BATCH_CPU = 16
+AUTO_SLICE_BATCH_GPU = 512
+#: Volumes ``volgen generate --samples`` writes (sample k: seed + k), and the most one call may ask for.
+SAMPLES = 1
+MAX_SAMPLES = 10_000
 #: What to do with label values the model does not know.
 UNKNOWN_LABELS_CHOICES: tuple[str, ...] = ("error", "background")
 UNKNOWN_LABELS = "error"

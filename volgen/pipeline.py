@@ -7,10 +7,16 @@ model's slice size); its output is the generated volume ``(Z, H, W)`` in model s
 Per step the UNet runs over the slices in chunks of ``slice_batch_size`` and ``scheduler.step`` runs once on
 the whole volume: multistep schedulers keep one history and stochastic ones draw one noise tensor for the
 volume, so the result does not depend on the chunk size.
+
+Several volumes (samples of one segmentation with other seeds, or other segmentations) can be generated in
+one call: their slices are stacked so every UNet forward serves all of them, while each volume keeps its own
+noise, generator, scheduler state and conditioning (its 2.5D context never reaches into another volume). On
+the CPU each volume is bitwise the one a call for it alone gives.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import logging
@@ -88,12 +94,14 @@ class VolumeGenerationOutput:
     """What the pipeline returns.
 
     Attributes:
-        volume: ``(Z, H, W)`` float32 on the CPU, model space [-1, 1].
+        volume: ``(Z, H, W)`` float32 on the CPU, model space [-1, 1] (the first of ``volumes``).
+        volumes: Every volume of the call, in the order of the labels (and seeds) given.
         timesteps: The timesteps that were run (fewer than the schedule's when ``strength < 1``).
         start_timestep: The noise level the run started from (``t*``; -1 when nothing was denoised).
     """
 
     volume: Tensor
+    volumes: list[Tensor] = field(default_factory=list)
     timesteps: list[int] = field(default_factory=list)
     start_timestep: int = -1
 
@@ -312,22 +320,57 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
                 self.scheduler.set_begin_index(len(self.scheduler.timesteps) - len(timesteps))
         return timesteps
 
+    def resolve_slice_batch_size(
+        self, slice_batch_size: int | str, num_slices: int, *, budget_bytes: int | None = None
+    ) -> int:
+        """The slice batch a run over ``num_slices`` slices (all its volumes) uses.
+
+        A whole number is used as it is; ``"auto"`` is the largest multiple of :data:`BATCH_GRANULE` whose
+        memory estimate (:func:`volgen.memory.fit_slice_batch_size`) fits ``budget_bytes`` (default:
+        :data:`volgen.defaults.MEMORY_FRACTION` of the free memory of the UNet's device), at most
+        :data:`volgen.defaults.AUTO_SLICE_BATCH_CPU` on the CPU (which runs every chunk as forwards of
+        :data:`BATCH_GRANULE` slices: larger chunks gain nothing there) and
+        :data:`volgen.defaults.AUTO_SLICE_BATCH_GPU` on CUDA. Either way the result does not depend on it.
+
+        Raises:
+            VolgenError: Neither ``"auto"`` nor an integer >= 1.
+        """
+        sbs = slice_batch_size
+        if sbs != defaults.AUTO_SLICE_BATCH:
+            if isinstance(sbs, bool) or not isinstance(sbs, int) or sbs < 1:
+                raise VolgenError(f"slice_batch_size must be an integer >= 1 or 'auto', got {sbs!r}")
+            return sbs
+        from volgen.memory import fit_slice_batch_size, memory_limit
+
+        device = self.unet.device
+        config = self.unet.config
+        return fit_slice_batch_size(
+            memory_limit(device) if budget_bytes is None else budget_bytes,
+            slices=num_slices,
+            slice_size=int(config.sample_size),
+            condition_channels=int(config.in_channels) - int(config.out_channels),
+            block_channels=tuple(config.block_out_channels),
+            cap=defaults.AUTO_SLICE_BATCH_CPU if device.type == "cpu" else defaults.AUTO_SLICE_BATCH_GPU,
+        )
+
     def slice_forwards(
         self,
         num_slices: int,
         *,
         num_inference_steps: int = DEFAULT_STEPS,
         strength: float = 1.0,
-        slice_batch_size: int = defaults.SLICE_BATCH_SIZE,
+        slice_batch_size: int | str = defaults.SLICE_BATCH_SIZE,
     ) -> int:
-        """UNet slice-forwards a run over ``num_slices`` slices costs: steps run × slices padded per chunk."""
+        """UNet slice-forwards a run over ``num_slices`` slices costs: steps run × slices padded per chunk.
+
+        ``num_slices`` counts every volume of the run: volumes generated together share their chunks.
+        """
         steps = len(self.set_timesteps(num_inference_steps, strength))
-        padded = sum(_padded(stop - start) for start, stop in _chunks(num_slices, slice_batch_size))
+        sbs = self.resolve_slice_batch_size(slice_batch_size, num_slices)
+        padded = sum(_padded(stop - start) for start, stop in _chunks(num_slices, sbs))
         return steps * padded
 
-    def _validate(
-        self, labels: Tensor, reference: Tensor | None, strength: float, slice_batch_size: int
-    ) -> None:
+    def _validate(self, labels: Tensor, reference: Tensor | None, strength: float) -> None:
         size = self.unet.config.sample_size
         if labels.ndim != 3 or tuple(labels.shape[1:]) != (size, size):
             raise VolgenError(f"labels must be (Z, {size}, {size}) class indices, got {tuple(labels.shape)}")
@@ -343,9 +386,6 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             raise VolgenError(
                 f"reference shape {tuple(reference.shape)} != labels shape {tuple(labels.shape)}"
             )
-        sbs = slice_batch_size
-        if isinstance(sbs, bool) or not isinstance(sbs, int) or sbs < 1:
-            raise VolgenError(f"slice_batch_size must be an integer >= 1, got {slice_batch_size!r}")
 
     def _smooth_x0(self, eps: Tensor, model_input: Tensor, t: Tensor, sigma: float) -> Tensor:
         """Smooth the x0 prediction through-plane and return the ε that predicts it.
@@ -368,46 +408,60 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         self,
         model_input: Tensor,
         t: Tensor,
-        labels: Tensor,
+        labels: Tensor | Sequence[Tensor],
         *,
         removed: Tensor | None = None,
-        slice_batch_size: int = defaults.SLICE_BATCH_SIZE,
+        slice_batch_size: int | str = defaults.SLICE_BATCH_SIZE,
         autocast_dtype: torch.dtype | None = None,
         on_chunk: Callable[[int], None] | None = None,
         axis: int | None = None,
     ) -> Tensor:
-        """The UNet's output for the whole volume at timestep ``t``, run in chunks of ``slice_batch_size``.
+        """The UNet's output for the whole volume (or stack of volumes) at timestep ``t``, run in chunks of
+        ``slice_batch_size``.
 
         Args:
-            model_input: ``(Z, C, H, W)`` noisy volume as the UNet sees it (``scheduler.scale_model_input``).
+            model_input: ``(Z, C, H, W)`` noisy volume as the UNet sees it (``scheduler.scale_model_input``);
+                for several volumes their slices one after the other, ``Z = Z_1 + Z_2 + ...``.
             t: The timestep.
-            labels: ``(Z, H, W)`` class indices (long) on the UNet's device.
+            labels: ``(Z, H, W)`` class indices (long) on the UNet's device, or one ``(Z_i, H, W)`` tensor per
+                volume of the stack: each slice is conditioned on its own volume (2.5D context included).
             removed: Classes shown to the UNet as background (see :func:`selection_to_removed`).
-            slice_batch_size: Slices per forward; each forward is padded to a multiple of
-                :data:`BATCH_GRANULE`, so the result does not depend on it.
+            slice_batch_size: Slices per forward, or ``"auto"`` (:meth:`resolve_slice_batch_size`); each
+                forward is padded to a multiple of :data:`BATCH_GRANULE`, so the result does not depend on it.
             autocast_dtype: Run the UNet under autocast with this dtype (not on the CPU).
             on_chunk: Called with the number of slices after every chunk.
             axis: Slicing axis code for a multi-axis model's condition vector (``None``: its slice axis).
         """
         device = model_input.device
         use_autocast = autocast_dtype is not None and device.type != "cpu"
+        volumes = [labels] if isinstance(labels, Tensor) else list(labels)
+        starts = np.cumsum([0] + [v.shape[0] for v in volumes]).tolist()
+        if starts[-1] != model_input.shape[0]:
+            raise VolgenError(f"labels hold {starts[-1]} slices, the model input {model_input.shape[0]}")
+        sbs = self.resolve_slice_batch_size(slice_batch_size, model_input.shape[0])
         layout = self.condition_layout
         padding = layout.context_padding if layout is not None else "background"
         vector = self.condition_for(removed, 1, axis)  # (1, D): the same for every slice
         if vector is not None:
             vector = vector.to(device)
         eps = torch.empty_like(model_input)
-        for start, stop in _chunks(model_input.shape[0], slice_batch_size):
-            index = torch.arange(start, stop, device=device)
-            cond = condition_slices(
-                labels,
-                index,
-                num_classes=self.config.num_classes,
-                encoding=self.config.encoding,
-                context_slices=self.config.context_slices,
-                removed=removed,
-                padding=padding,
-            )
+        for start, stop in _chunks(model_input.shape[0], sbs):
+            parts = []
+            for volume, first, end in zip(volumes, starts[:-1], starts[1:], strict=True):
+                if first < stop and start < end:  # this volume's slices in the chunk, in its own frame
+                    index = torch.arange(max(start, first) - first, min(stop, end) - first, device=device)
+                    parts.append(
+                        condition_slices(
+                            volume,
+                            index,
+                            num_classes=self.config.num_classes,
+                            encoding=self.config.encoding,
+                            context_slices=self.config.context_slices,
+                            removed=removed,
+                            padding=padding,
+                        )
+                    )
+            cond = parts[0] if len(parts) == 1 else torch.cat(parts)
             cond = unet_condition(cond, None if vector is None else vector.expand(stop - start, -1))
             cond = cond.to(model_input.dtype)
             unet_in = torch.cat([model_input[start:stop], cond], dim=1)
@@ -427,69 +481,88 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        labels: Tensor | np.ndarray,
+        labels: Tensor | np.ndarray | Sequence[Tensor | np.ndarray],
         *,
         num_inference_steps: int = DEFAULT_STEPS,
-        generator: torch.Generator | None = None,
-        seed: int | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        seed: int | Sequence[int] | None = None,
         scheduler: str | None = None,
-        slice_batch_size: int = defaults.SLICE_BATCH_SIZE,
+        slice_batch_size: int | str = defaults.SLICE_BATCH_SIZE,
         noise_correlation: float = DEFAULT_NOISE_CORRELATION,
         x0_smoothing: float = DEFAULT_X0_SMOOTHING,
         keep: Sequence[int] | None = None,
-        reference: Tensor | np.ndarray | None = None,
+        reference: Tensor | np.ndarray | Sequence[Tensor | np.ndarray] | None = None,
         strength: float = 1.0,
         autocast_dtype: torch.dtype | None = None,
         callback: Callable[[Progress], None] | None = None,
         output_type: str = "pt",
     ) -> VolumeGenerationOutput:
-        """Generate a volume with ``self.scheduler``.
+        """Generate a volume (or several at once) with ``self.scheduler``.
+
+        Several volumes: give ``labels`` as a list (the same labels several times for several samples of one
+        segmentation) with one seed or generator per volume. Their slices share every UNet forward; each
+        volume keeps its own noise, generator and scheduler state, so on the CPU it is bitwise what a call
+        for it alone gives.
 
         Args:
             labels: ``(Z, H, W)`` integer class indices in the model's slicing frame (``H = W`` = slice size),
-                a tensor or a numpy array.
+                a tensor or a numpy array; or a list or tuple of them (``Z`` may differ), one per volume.
             num_inference_steps: Denoising steps over the full schedule (λ < 1 runs the last ``≈λ·N``).
-            generator: Source of all randomness; ``seed`` makes one when it is ``None``.
-            seed: Seed for a fresh CPU generator (ignored when ``generator`` is given).
+            generator: Source of all randomness (a list: one per volume); ``seed`` makes them when ``None``.
+            seed: Seed for a fresh CPU generator (ignored when ``generator`` is given); for several volumes a
+                list, one per volume, or one number: volume ``i`` uses ``seed + i``.
             scheduler: Convenience: ``pipe.set_scheduler(scheduler)`` before the run (it stays set).
                 ``None`` uses ``self.scheduler`` as it is.
-            slice_batch_size: Slices per UNet forward; does not change the result.
+            slice_batch_size: Slices per UNet forward, or ``"auto"`` (:meth:`resolve_slice_batch_size`; the
+                slices of all volumes count); does not change the result.
             noise_correlation: ρ of the initial noise along the slice axis.
             x0_smoothing: σ (in slices) of a Gaussian applied along the slice axis to the clean-image (x0)
                 prediction at every step, before the scheduler uses it; 0 turns it off.
             keep: Foreground class indices kept in the condition (the rest become background); ``None``: all.
-            reference: ``(Z, H, W)`` real image in model space [-1, 1], registered to ``labels`` (for λ).
+            reference: ``(Z, H, W)`` real image in model space [-1, 1], registered to ``labels`` (for λ); a
+                list, one per volume, with a list of labels.
             strength: λ in [0, 1]: 0 returns ``reference``, 1 generates freely.
             autocast_dtype: ``torch.float16``/``torch.bfloat16`` to run the UNet under autocast (CUDA).
-            callback: Called with a :class:`Progress` after every UNet chunk.
-            output_type: ``"pt"`` (a CPU tensor) or ``"np"`` (a numpy array).
+            callback: Called with a :class:`Progress` after every UNet chunk (slices of all volumes).
+            output_type: ``"pt"`` (CPU tensors) or ``"np"`` (numpy arrays).
 
         Returns:
-            :class:`VolumeGenerationOutput` with the volume in model space.
+            :class:`VolumeGenerationOutput` with the volume(s) in model space.
         """
-        labels = torch.as_tensor(labels)
-        reference = None if reference is None else torch.as_tensor(reference)
+        several = isinstance(labels, list | tuple)
+        volumes = [torch.as_tensor(v) for v in labels] if several else [torch.as_tensor(labels)]
+        count = len(volumes)
+        if count == 0:
+            raise VolgenError("labels: give at least one volume")
+        references = _per_volume(reference, count, several, "reference")
+        references = [None if r is None else torch.as_tensor(r) for r in references]
+        generators = _generators(generator, seed, count)
         if scheduler is not None:
             self.set_scheduler(scheduler)
-        self._validate(labels, reference, strength, slice_batch_size)
+        for volume, ref in zip(volumes, references, strict=True):
+            self._validate(volume, ref, strength)
+        total = sum(v.shape[0] for v in volumes)
+        slice_batch_size = self.resolve_slice_batch_size(slice_batch_size, total)
         device = self.unet.device
-        if generator is None:
-            generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
         removed = None if keep is None else selection_to_removed(keep, self.config.num_classes)
-        labels = labels.to(device=device, dtype=torch.long)
+        volumes = [v.to(device=device, dtype=torch.long) for v in volumes]
         timesteps = self.set_timesteps(num_inference_steps, strength, device=device)
-        z = labels.shape[0]
-        shape = (z, self.unet.config.out_channels, *labels.shape[1:])
-        noise = correlated_noise(shape, noise_correlation, generator).to(device)
+        # one scheduler per volume: multistep solvers keep a history, and the step index, per volume
+        schedulers = [self.scheduler] + [copy.deepcopy(self.scheduler) for _ in volumes[1:]]
+        out_channels = self.unet.config.out_channels
 
-        if strength < 1.0:
-            ref = reference.to(device=device, dtype=torch.float32)[:, None]
-            if len(timesteps) == 0:
-                out = ref[:, 0].float().cpu()
-                return VolumeGenerationOutput(volume=out if output_type == "pt" else out.numpy())
-            x = self.scheduler.add_noise(ref, noise, timesteps[:1])
-        else:
-            x = noise * self.scheduler.init_noise_sigma
+        xs = []
+        for volume, ref, gen, sched in zip(volumes, references, generators, schedulers, strict=True):
+            shape = (volume.shape[0], out_channels, *volume.shape[1:])
+            noise = correlated_noise(shape, noise_correlation, gen).to(device)
+            if strength < 1.0:
+                ref = ref.to(device=device, dtype=torch.float32)[:, None]
+                xs.append(ref if len(timesteps) == 0 else sched.add_noise(ref, noise, timesteps[:1]))
+            else:
+                xs.append(noise * sched.init_noise_sigma)
+        if len(timesteps) == 0:  # λ too small to reach a timestep: the references are the answer
+            done_volumes = [x[:, 0].float().cpu() for x in xs]
+            return _output(done_volumes, output_type, timesteps=[], start=-1)
 
         steps, done = len(timesteps), 0
         for i, t in enumerate(timesteps):
@@ -498,27 +571,62 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
                 nonlocal done
                 done += n
                 if callback is not None:
-                    callback(Progress(step=step, steps=steps, slices_done=done, slices_total=steps * z))
+                    callback(Progress(step=step, steps=steps, slices_done=done, slices_total=steps * total))
 
-            model_input = self.scheduler.scale_model_input(x, t)
-            eps = self.predict_noise(
-                model_input,
+            model_inputs = [sched.scale_model_input(x, t) for sched, x in zip(schedulers, xs, strict=True)]
+            eps_all = self.predict_noise(
+                model_inputs[0] if count == 1 else torch.cat(model_inputs),
                 t,
-                labels,
+                volumes,
                 removed=removed,
                 slice_batch_size=slice_batch_size,
                 autocast_dtype=autocast_dtype,
                 on_chunk=on_chunk,
             )
-            if x0_smoothing > 0:
-                eps = self._smooth_x0(eps, model_input, t, x0_smoothing)
-            x = scheduler_step(self.scheduler, eps, t, x, generator)
-        volume = x[:, 0].float().clamp(-1.0, 1.0).cpu()
-        return VolumeGenerationOutput(
-            volume=volume if output_type == "pt" else volume.numpy(),
-            timesteps=[int(t) for t in timesteps],
-            start_timestep=int(timesteps[0]),
-        )
+            eps_parts = eps_all.split([v.shape[0] for v in volumes])
+            for k, (sched, model_input, eps, gen) in enumerate(
+                zip(schedulers, model_inputs, eps_parts, generators, strict=True)
+            ):
+                if x0_smoothing > 0:
+                    eps = self._smooth_x0(eps, model_input, t, x0_smoothing)
+                xs[k] = scheduler_step(sched, eps, t, xs[k], gen)
+        results = [x[:, 0].float().clamp(-1.0, 1.0).cpu() for x in xs]
+        return _output(results, output_type, timesteps=[int(t) for t in timesteps], start=int(timesteps[0]))
+
+
+def _per_volume(value: Any, count: int, several: bool, name: str) -> list[Any]:
+    """``value`` (``None``, one item, or with several volumes a list) as one entry per volume."""
+    if value is None:
+        return [None] * count
+    if not several:
+        return [value]
+    if not isinstance(value, list | tuple) or len(value) != count:
+        raise VolgenError(f"{name}: give a list with one per volume ({count}) when labels is a list")
+    return list(value)
+
+
+def _generators(generator: Any, seed: Any, count: int) -> list[torch.Generator]:
+    """One generator per volume: the ones given, or fresh CPU generators seeded ``seed`` (+ i), or a list."""
+    if generator is not None:
+        generators = list(generator) if isinstance(generator, list | tuple) else [generator]
+        if len(generators) != count:
+            raise VolgenError(f"generator: give one per volume ({count}), got {len(generators)}")
+        return generators
+    if isinstance(seed, list | tuple):
+        if len(seed) != count:
+            raise VolgenError(f"seed: give one per volume ({count}), got {len(seed)}")
+        seeds = [int(s) for s in seed]
+    else:
+        base = 0 if seed is None else int(seed)
+        seeds = [base + i for i in range(count)]
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def _output(volumes: list[Tensor], output_type: str, *, timesteps: list[int], start: int):
+    converted = volumes if output_type == "pt" else [v.numpy() for v in volumes]
+    return VolumeGenerationOutput(
+        volume=converted[0], volumes=converted, timesteps=timesteps, start_timestep=start
+    )
 
 
 def _load_parts(folder) -> tuple[object, object, dict]:

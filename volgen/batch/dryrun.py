@@ -72,20 +72,22 @@ class ItemEstimate:
     peak_bytes: int | None = None
 
 
-def measure_time_model(generator: VolumeGenerator, *, slice_batch_size: int) -> TimeModel:
-    """Time one UNet forward of a padded chunk of ``slice_batch_size`` slices (after one warm-up forward) on
-    the generator's device.
+def measure_time_model(generator: VolumeGenerator, *, slice_batch_size: int | str) -> TimeModel:
+    """Time one UNet forward of a padded chunk of ``slice_batch_size`` slices (``auto``: the chunk it chooses
+    for a long run now) after one warm-up forward, on the generator's device.
 
     fp32; I/O and resampling are an assumed 1 s per item plus 0.1 µs per input voxel.
     """
     import torch
 
+    from volgen import defaults
     from volgen.pipeline import BATCH_GRANULE
 
     dev = generator.device
     unet = generator.pipeline.unet
     size = generator.metadata.slice_size
-    batch = slice_batch_size + (-slice_batch_size % BATCH_GRANULE)
+    sbs = generator.pipeline.resolve_slice_batch_size(slice_batch_size, defaults.AUTO_SLICE_BATCH_GPU)
+    batch = sbs + (-sbs % BATCH_GRANULE)
     x = torch.zeros(batch, unet.config.in_channels, size, size, device=dev)
     t = torch.tensor(500, device=dev)
     with torch.no_grad():
@@ -117,7 +119,10 @@ def estimate_plan(
 
     Peak memory is this process's resident size now (:func:`process_baseline`, with the model loaded) plus
     what the item adds (:meth:`volgen.generation.VolumeGenerator.memory_needed`) plus :data:`RUN_ALLOWANCE`.
-    The state says whether the item would be skipped (complete), generated, or fails on what its header shows.
+    The samples of a case that a run would generate are generated together, as many at a time as fit
+    (:meth:`~volgen.generation.VolumeGenerator.volumes_together`): each of them shows the peak of its group
+    and its share of the group's slice-forwards. The state says whether the item would be skipped
+    (complete), generated, or fails on what its header shows.
     """
     import numpy as np
 
@@ -125,8 +130,15 @@ def estimate_plan(
 
     baseline = process_baseline() + RUN_ALLOWANCE
     cache: dict[Path, Geometry | str] = {}
+    weights = generator.model.weights_sha256
+    fmt = plan.options.output_format
+    chosen = list(items if items is not None else plan.items)
+    reasons = {id(it): unfinished_reason(it, weights_sha256=weights, output_format=fmt) for it in chosen}
+    to_do: dict[str, int] = {}  # samples per case a run would generate (together)
+    for it in chosen:
+        to_do[it.case.id] = to_do.get(it.case.id, 0) + (reasons[id(it)] is not None)
     estimates = []
-    for item in items if items is not None else plan.items:
+    for item in chosen:
         seg = item.case.segmentation
         if seg not in cache:
             try:
@@ -137,13 +149,15 @@ def estimate_plan(
         if isinstance(grid, str):
             estimates.append(ItemEstimate(item=item, state=f"would fail: {grid}"))
             continue
-        reason = unfinished_reason(
-            item, weights_sha256=generator.model.weights_sha256, output_format=plan.options.output_format
-        )
+        reason = reasons[id(item)]
         state = (
             "complete (skip)" if reason is None else ("to do" if reason == "no output" else f"redo: {reason}")
         )
-        forwards = generator.slice_forwards(grid, item.settings)
+        limit = plan.options.max_memory
+        together = generator.volumes_together(grid, item.settings, max(1, to_do[item.case.id]), limit)
+        forwards = math.ceil(
+            generator.slice_forwards(grid, item.settings, volumes=together, max_memory=limit) / together
+        )
         voxels = int(np.prod(grid.size, dtype=np.int64))
         estimates.append(
             ItemEstimate(
@@ -152,7 +166,8 @@ def estimate_plan(
                 slices=slices_along(grid, generator.metadata.slice_axis),
                 forwards=forwards,
                 seconds=0.0 if reason is None else time_model.seconds(forwards, voxels),
-                peak_bytes=baseline + generator.memory_needed(grid, item.settings),
+                peak_bytes=baseline
+                + generator.memory_needed(grid, item.settings, volumes=together, max_memory=limit),
             )
         )
     return estimates

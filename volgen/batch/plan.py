@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from volgen.api import GenerateSettings
 from volgen.batch.cases import Case
 from volgen.errors import VolgenError
-from volgen.io.naming import FORMAT_ENDINGS, sidecar_path
+from volgen.io.naming import FORMAT_ENDINGS, sample_name, sidecar_path
 from volgen.io.paths import overlap, resolve
 from volgen.types import PathLike
 
@@ -198,7 +198,7 @@ def plan_batch(
                     f"case {case.id!r}: λ (strength) {settings.strength} < 1 needs a reference image "
                     "(a 'reference' column in the manifest)"
                 )
-            name = case.id if options.samples_per_case == 1 else f"{case.id}_s{sample}"
+            name = case.id if options.samples_per_case == 1 else sample_name(case.id, sample)
             if dataset_dir is not None:
                 output = dataset_dir / "imagesTr" / f"{name}_0000{ending}"
                 label = dataset_dir / "labelsTr" / f"{name}{ending}"

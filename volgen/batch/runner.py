@@ -1,12 +1,15 @@
 """Running a batch: each process works through its items, claiming each, and records every outcome.
 
 Each process holds one :class:`~volgen.generation.VolumeGenerator` (the model set up once on its device) for
-all its items. For each item: claim it (:mod:`volgen.batch.claims`; an item another live process holds is left
-to it), remove the temporaries a killed run left for it, skip it when its outputs are complete and current
-(:func:`volgen.batch.resume.unfinished_reason`), refuse it before reading voxels when its header's grid
-needs more memory than allowed, else read its segmentation once (the nnU-Net label file is made from the same
-image) and generate; then append its row to the manifest and release the claim. A failing item is recorded
-(its stale outputs removed, only what volgen wrote) and the run goes on.
+all its items. It works case by case: claim the case's items (its samples; :mod:`volgen.batch.claims`; an
+item another live process holds is left to it), remove the temporaries a killed run left for them, skip those
+whose outputs are complete and current (:func:`volgen.batch.resume.unfinished_reason`), refuse the rest before
+reading voxels when the header's grid needs more memory than allowed, else read the segmentation once (the
+nnU-Net label files are made from the same image) and generate the samples to do *together* - as many per
+UNet run as fit in memory (:meth:`~volgen.generation.VolumeGenerator.volumes_together`), each exactly what it
+would be alone; then append one row per item to the manifest and release the claims. A failing item is
+recorded (its stale outputs removed, only what volgen wrote) and the run goes on: a sample whose write fails
+fails alone, a failure the samples share (reading the segmentation, generating) fails each of them.
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ class BatchObserver:
         """An item starts (``index`` from 0 of ``count`` items of this process)."""
 
     def item_progress(self, item: WorkItem, progress: Progress) -> None:
-        """After every UNet chunk of a generating item."""
+        """After every UNet chunk of a generating item (samples generated together report once, with the
+        first of them; the progress counts the slices of all of them)."""
 
     def item_finished(self, item: WorkItem, record: ItemRecord, index: int, count: int) -> None:
         """An item is done, skipped or failed (its record is in the manifest)."""
@@ -143,46 +147,48 @@ def run_items(
         folder.mkdir(parents=True, exist_ok=True)
     context.temporaries = find_temporaries({p.parent for item in items for p in item.outputs})
     records: list[ItemRecord] = []
-    for index, item in enumerate(items):
-        held = claims.claim(plan.out_dir, f"{item.name}")
-        if held is None:
-            logger.info("%s sample %d: another run is working on it; left to it", item.case.id, item.sample)
-            if elsewhere is not None:
-                elsewhere.append(item)
-            continue
+    position = {id(item): index for index, item in enumerate(items)}
+    for group in _by_case(items):
+        held: dict[tuple[str, int], claims.Claim] = {}
+        for item in group:
+            claimed = claims.claim(plan.out_dir, f"{item.name}")
+            if claimed is None:
+                logger.info(
+                    "%s sample %d: another run is working on it; left to it", item.case.id, item.sample
+                )
+                if elsewhere is not None:
+                    elsewhere.append(item)
+            else:
+                held[item.key] = claimed
+        mine = [item for item in group if item.key in held]
         try:
-            context.observer.item_started(item, index, len(items))
-            record = _run_item(item, context, held)
-            append_record(manifest, record)
+            for item in mine:
+                context.observer.item_started(item, position[id(item)], len(items))
+            done = _run_case(mine, context, list(held.values()))
+            for item, record in zip(mine, done, strict=True):
+                append_record(manifest, record)
+                held.pop(item.key).release()
+                records.append(record)
+                context.observer.item_finished(item, record, position[id(item)], len(items))
         finally:
-            held.release()
-        records.append(record)
-        context.observer.item_finished(item, record, index, len(items))
+            for rest in held.values():
+                rest.release()
     claims.release_all(plan.out_dir)
     return records
 
 
-def _run_item(item: WorkItem, context: _Context, held: claims.Claim) -> ItemRecord:
-    """Skip, refuse or generate one claimed item; its record."""
-    plan, loaded = context.plan, context.generator.model
-    started = time.perf_counter()
-    remove_temporaries(item, context.temporaries)
-    fmt = plan.options.output_format
-    reason = unfinished_reason(item, weights_sha256=loaded.weights_sha256, output_format=fmt)
-    error = ""
-    if reason is None:
-        status = "skipped"
-    else:
-        logger.info("%s sample %d: generating (%s)", item.case.id, item.sample, reason)
-        try:
-            _check_budget(item, context)
-            _generate(item, context, held)
-            status = "done"
-        except Exception as exc:  # noqa: BLE001 - one bad case must not stop the run; it is recorded
-            logger.debug("%s sample %d failed", item.case.id, item.sample, exc_info=True)
-            for path in item.outputs:  # stale outputs of an earlier run must not pass as results
-                remove_output(path)
-            status, error = "failed", one_line(exc)
+def _by_case(items: Sequence[WorkItem]) -> list[list[WorkItem]]:
+    """``items`` in runs of consecutive items of one case (its samples), order kept."""
+    groups: list[list[WorkItem]] = []
+    for item in items:
+        if groups and groups[-1][0].case.id == item.case.id:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups
+
+
+def _record(item: WorkItem, plan: BatchPlan, status: str, seconds: float, error: str = "") -> ItemRecord:
     return ItemRecord(
         case=item.case.id,
         sample=item.sample,
@@ -190,66 +196,142 @@ def _run_item(item: WorkItem, context: _Context, held: claims.Claim) -> ItemReco
         outputs=[] if status == "failed" else [_relative(p, plan.out_dir) for p in item.outputs],
         seed=item.settings.seed,
         status=status,
-        seconds=time.perf_counter() - started,
+        seconds=seconds,
         error=error,
     )
 
 
-def _check_budget(item: WorkItem, context: _Context) -> None:
-    """Refuse an item whose segmentation's grid (its header only: nothing decompressed) needs more memory
-    than ``--max-memory`` (or 80% of what is available), before any voxel is read."""
+def _run_case(items: list[WorkItem], context: _Context, held: list[claims.Claim]) -> list[ItemRecord]:
+    """Skip, refuse or generate the claimed items of one case; their records, in order.
+
+    The items to do are generated together; each shares the time of its group equally (``seconds``).
+    """
+    plan, loaded = context.plan, context.generator.model
+    fmt = plan.options.output_format
+    records: dict[tuple[str, int], ItemRecord] = {}
+    todo = []
+    for item in items:
+        started = time.perf_counter()
+        remove_temporaries(item, context.temporaries)
+        reason = unfinished_reason(item, weights_sha256=loaded.weights_sha256, output_format=fmt)
+        if reason is None:
+            records[item.key] = _record(item, plan, "skipped", time.perf_counter() - started)
+        else:
+            logger.info("%s sample %d: generating (%s)", item.case.id, item.sample, reason)
+            todo.append(item)
+    if todo:
+        outcome = _generate_case(todo, context, held)
+        for item in todo:
+            error, seconds = outcome[item.key]
+            if error:
+                for path in item.outputs:  # stale outputs of an earlier run must not pass as results
+                    remove_output(path)
+            records[item.key] = _record(item, plan, "failed" if error else "done", seconds, error)
+    return [records[item.key] for item in items]
+
+
+def _generate_case(
+    items: list[WorkItem], context: _Context, held: list[claims.Claim]
+) -> dict[tuple[str, int], tuple[str, float]]:
+    """Generate the samples ``items`` of one case, together (as many at a time as fit in memory): each item's
+    error (``""``: done) and seconds.
+
+    Before any voxel is read, the header's grid is checked against ``--max-memory`` (or 80% of what is
+    available). The segmentation, the reference and (nnU-Net layout) the class image are read once.
+    """
     from volgen import io
-
-    grid = io.read_header(item.case.segmentation)  # a Geometry stands in for the image
-    context.generator.check_memory(grid, item.settings, context.limit, source=item.case.segmentation)
-
-
-def _generate(item: WorkItem, context: _Context, held: claims.Claim) -> None:
-    """Read the segmentation once, generate with the process's generator, write the outputs (all or
-    nothing, as the file level does) and, in the nnU-Net layout, the label file from the same image."""
-    from volgen import io
-    from volgen.generation.files import OutputPlan, write_outputs
     from volgen.generation.reference import match_reference
+
+    options, generator = context.plan.options, context.generator
+    first = items[0]
+    segmentation, reference, settings = first.case.segmentation, first.case.reference, first.settings
+    outcome: dict[tuple[str, int], tuple[str, float]] = {}
+    pending, current = list(items), []
+    started = time.perf_counter()
+    try:
+        grid = io.read_header(segmentation)  # a Geometry stands in for the image: nothing decompressed
+        together = generator.volumes_together(grid, settings, len(items), context.limit)
+        generator.check_memory(grid, settings, context.limit, source=segmentation, volumes=together)
+        generator.check(settings, reference=reference is not None)
+        image = io.read_label(segmentation)
+        copy = options.copy_patient_info and options.output_format == "dicom"
+        patient_info = io.patient_info_of(segmentation) if copy else None
+        ref_image = None
+        if reference is not None:
+            ref_image = match_reference(
+                io.read_image(reference), image, resample=False, source=reference, segmentation=segmentation
+            )
+        generator.check_memory(image, settings, context.limit, source=segmentation, volumes=together)
+        classes = None
+        while pending:
+            current, pending = pending[:together], pending[together:]
+            begun = time.perf_counter()
+            if classes is None and any(item.label is not None for item in current):
+                unknown = settings.unknown_labels
+                classes = generator.classes(image, unknown_labels=unknown, source=segmentation)
+            errors = _generate(current, context, held, image, ref_image, classes, patient_info)
+            share = (time.perf_counter() - begun) / len(current)
+            outcome.update({item.key: (errors[item.key], share) for item in current})
+            current = []
+    except Exception as exc:  # noqa: BLE001 - one bad case must not stop the run; it is recorded
+        logger.debug("%s failed", first.case.id, exc_info=True)
+        failed = [*current, *pending]
+        share = (time.perf_counter() - started) / max(1, len(failed))
+        outcome.update({item.key: (one_line(exc), share) for item in failed})
+    return outcome
+
+
+def _generate(
+    items: list[WorkItem],
+    context: _Context,
+    held: list[claims.Claim],
+    image: object,
+    ref_image: object,
+    classes: object,
+    patient_info: dict | None,
+) -> dict[tuple[str, int], str]:
+    """Generate ``items`` (samples of one case) in one run of the pipeline and write each one's outputs (all
+    or nothing per item, as the file level does) and, in the nnU-Net layout, its label file; each item's
+    error (``""``: written). A failure of the generation itself raises (it is every item's)."""
+    from volgen.generation import GenerationRequest
+    from volgen.generation.files import OutputPlan, write_outputs
     from volgen.generation.sidecar import Sidecar
 
-    options, generator, settings = context.plan.options, context.generator, item.settings
-    segmentation, reference = item.case.segmentation, item.case.reference
+    options, generator = context.plan.options, context.generator
     started = time.perf_counter()
-    outputs = OutputPlan.make(
-        segmentation, item.output, output_format=options.output_format, overwrite=True,
-        protected=[*context.plan.protected, ("input", segmentation), ("reference", reference)],
-    )  # fmt: skip
-    generator.check(settings, reference=reference is not None)
-    image = io.read_label(segmentation)
-    copy = options.copy_patient_info and options.output_format == "dicom"
-    patient_info = io.patient_info_of(segmentation) if copy else None
-    ref_image = None
-    if reference is not None:
-        ref_image = match_reference(
-            io.read_image(reference), image, resample=False, source=reference, segmentation=segmentation
-        )
-    generator.check_memory(image, settings, options.max_memory, source=segmentation)
-    if item.label is not None:
-        classes = generator.classes(image, unknown_labels=settings.unknown_labels, source=segmentation)
-        write_label(item, context.plan, classes)
 
     def progress(p: Progress) -> None:
-        held.touch()
-        context.observer.item_progress(item, p)
+        for claim in held:
+            claim.touch()
+        context.observer.item_progress(items[0], p)
 
-    volume = generator.generate(
-        image, settings=settings, reference=ref_image, progress=progress, source=segmentation
-    )
-    sidecar = Sidecar.describe(
-        volume, generator, settings, segmentation=segmentation, output=item.output,
-        output_format=options.output_format, model_path=options.model, reference=reference,
-    )  # fmt: skip
-    if patient_info is not None:
-        sidecar.patient_info_copied = sorted(patient_info)
-    write_outputs(
-        outputs, volume, sidecar, generator, overwrite=True, started=started, title=item.name,
-        patient_info=patient_info,
-    )  # fmt: skip
+    requests = [GenerationRequest(image, item.settings, ref_image, item.case.segmentation) for item in items]
+    volumes = generator.generate_many(requests, progress=progress, max_memory=context.limit)
+    errors: dict[tuple[str, int], str] = {}
+    for item, volume in zip(items, volumes, strict=True):
+        segmentation, reference = item.case.segmentation, item.case.reference
+        try:
+            outputs = OutputPlan.make(
+                segmentation, item.output, output_format=options.output_format, overwrite=True,
+                protected=[*context.plan.protected, ("input", segmentation), ("reference", reference)],
+            )  # fmt: skip
+            if item.label is not None:
+                write_label(item, context.plan, classes)
+            sidecar = Sidecar.describe(
+                volume, generator, item.settings, segmentation=segmentation, output=item.output,
+                output_format=options.output_format, model_path=options.model, reference=reference,
+            )  # fmt: skip
+            if patient_info is not None:
+                sidecar.patient_info_copied = sorted(patient_info)
+            write_outputs(
+                outputs, volume, sidecar, generator, overwrite=True, started=started, title=item.name,
+                patient_info=patient_info,
+            )  # fmt: skip
+            errors[item.key] = ""
+        except Exception as exc:  # noqa: BLE001 - this sample fails alone; it is recorded
+            logger.debug("%s sample %d failed", item.case.id, item.sample, exc_info=True)
+            errors[item.key] = one_line(exc)
+    return errors
 
 
 def prepare(source: PathLike, out_dir: PathLike, options: BatchOptions) -> tuple[BatchPlan, LoadedModel]:

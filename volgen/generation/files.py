@@ -1,7 +1,9 @@
 """The file level, paths in and out: ``generate`` checks outputs, reads, generates, writes (all or nothing).
 
 This is what ``volgen generate`` (and the Slicer module, through the CLI) calls; batch conversion calls it
-with one :class:`~volgen.generation.VolumeGenerator` for all its volumes.
+with one :class:`~volgen.generation.VolumeGenerator` for all its volumes. :func:`generate_samples` writes
+several samples of one segmentation (seeds ``seed``, ``seed + 1``, ...), generated together; all of them or
+none.
 """
 
 from __future__ import annotations
@@ -14,11 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from volgen import defaults
-from volgen.generation.generator import GeneratedVolume, VolumeGenerator
+from volgen.generation.generator import (
+    GeneratedVolume,
+    GenerationRequest,
+    VolumeGenerator,
+    sample_settings,
+)
 from volgen.generation.reference import match_reference
 from volgen.generation.settings import GenerateSettings
 from volgen.generation.sidecar import Sidecar
-from volgen.io.naming import default_output, sidecar_path
+from volgen.io.naming import default_output, sample_paths, sidecar_path
 from volgen.types import PathLike
 
 logger = logging.getLogger(__name__)
@@ -126,19 +133,84 @@ def generate(
         generator: A :class:`VolumeGenerator` to reuse (batch conversion keeps one); overrides ``model``,
             ``loaded``, ``device`` and ``precision``.
     """
+    return generate_samples(
+        segmentation,
+        output,
+        samples=1,
+        model=model,
+        settings=settings,
+        reference=reference,
+        resample_reference=resample_reference,
+        output_format=output_format,
+        overwrite=overwrite,
+        preview=preview,
+        device=device,
+        precision=precision,
+        max_memory=max_memory,
+        copy_patient_info=copy_patient_info,
+        progress=progress,
+        loaded=loaded,
+        generator=generator,
+    )[0]
+
+
+def generate_samples(
+    segmentation: PathLike,
+    output: PathLike | None = None,
+    *,
+    samples: int,
+    model: PathLike | None = None,
+    settings: GenerateSettings | None = None,
+    reference: PathLike | None = None,
+    resample_reference: bool = False,
+    output_format: str | None = None,
+    overwrite: bool = False,
+    preview: PathLike | None = None,
+    device: str = defaults.DEVICE,
+    precision: str = defaults.PRECISION,
+    max_memory: int | None = None,
+    copy_patient_info: bool = False,
+    progress: Callable[[Any], None] | None = None,
+    loaded: Any = None,
+    generator: VolumeGenerator | None = None,
+) -> list[GenerateResult]:
+    """Generate ``samples`` synthetic volumes for one segmentation file, together, and write them all.
+
+    Sample ``k`` uses seed ``settings.seed + k`` and is exactly what :func:`generate` with that seed writes
+    (bit for bit on the CPU). Its output is ``output`` for one sample, else named by
+    :func:`volgen.io.naming.sample_paths` (``out.nii.gz`` -> ``out_s0.nii.gz``, ``out_s1.nii.gz``, ...), each
+    with its sidecar (``out_s0.nii.gz.json``, recording its seed) and, with ``preview``, its montage
+    (``p_s0.png``, ...). Every output is checked before any work; the samples run through the UNet together,
+    as many at a time as fit in memory (:meth:`VolumeGenerator.volumes_together`). All or nothing: if a write
+    fails or the run is interrupted, the samples already written by this call are removed again.
+
+    Args:
+        samples: How many volumes, ``1 .. MAX_SAMPLES``.
+        output, preview: As :func:`generate`; named per sample as above.
+        Others: As :func:`generate`.
+
+    Returns:
+        One :class:`GenerateResult` per sample, in order.
+    """
     started = time.perf_counter()
     settings = settings or GenerateSettings()
+    seeds = sample_settings(settings, samples)  # checks samples and the last seed first
     seg_path = Path(segmentation)
     model_dir = model if model is not None else getattr(loaded, "path", None) or defaults.MODEL_DIR
     protected = [("input", seg_path), ("reference", reference), ("model folder", model_dir)]
-    plan = OutputPlan.make(
-        seg_path,
-        output,
-        output_format=output_format,
-        preview=preview,
-        overwrite=overwrite,
-        protected=protected,
-    )
+    outputs = sample_paths(output if output is not None else default_output(seg_path), samples)
+    previews = [None] * samples if preview is None else sample_paths(preview, samples)
+    plans = [
+        OutputPlan.make(
+            seg_path,
+            out,
+            output_format=output_format,
+            preview=view,
+            overwrite=overwrite,
+            protected=protected,
+        )
+        for out, view in zip(outputs, previews, strict=True)
+    ]
     if generator is None:
         generator = VolumeGenerator(
             loaded if loaded is not None else model, device=device, precision=precision
@@ -152,9 +224,12 @@ def generate(
     from volgen import io
 
     # from the header first: a small .nii.gz can hold gigabytes of voxels; refuse it before decompressing
-    generator.check_memory(io.read_header(seg_path), settings, max_memory, source=seg_path)
+    header = io.read_header(seg_path)
+    together = generator.volumes_together(header, settings, samples, max_memory)
+    generator.check_memory(header, settings, max_memory, source=seg_path, volumes=together)
     seg_image = io.read_label(seg_path)
-    patient_info = io.patient_info_of(seg_path) if copy_patient_info and plan.format == "dicom" else None
+    fmt = plans[0].format
+    patient_info = io.patient_info_of(seg_path) if copy_patient_info and fmt == "dicom" else None
     ref_image = None
     if reference is not None:
         ref_image = match_reference(
@@ -164,44 +239,83 @@ def generate(
             source=reference,
             segmentation=seg_path,
         )
-    generator.check_memory(seg_image, settings, max_memory, source=seg_path)
-    volume = generator.generate(
-        seg_image, settings=settings, reference=ref_image, progress=progress, source=seg_path
-    )
-    sidecar = Sidecar.describe(
-        volume,
-        generator,
-        settings,
-        segmentation=segmentation,
-        output=output if output is not None else plan.output,
-        output_format=plan.format,
-        model_path=model,
-        reference=reference,
-        resample_reference=resample_reference,
-    )
-    if patient_info is not None:
-        sidecar.patient_info_copied = sorted(patient_info)  # what --copy-patient-info copied
-    warnings = write_outputs(
-        plan,
-        volume,
-        sidecar,
-        generator,
-        overwrite=overwrite,
-        patient_info=patient_info,
-        started=started,
-        title=f"{seg_path.name} -> {plan.output.name} ({generator.metadata.name}, seed {settings.seed})",
-        reference_image=ref_image,
-    )
-    return GenerateResult(
-        output=plan.output,
-        sidecar=plan.sidecar,
-        preview=plan.preview if plan.preview is not None and not warnings else None,
-        model_id=generator.model.model_id,
-        seconds=time.perf_counter() - started,
-        classes_kept=volume.classes_kept,
-        device=str(generator.device),
-        warnings=warnings,
-    )
+    generator.check_memory(seg_image, settings, max_memory, source=seg_path, volumes=together)
+
+    results: list[GenerateResult] = []
+    report = _OverallProgress(progress, samples)
+    try:
+        for first in range(0, samples, together):
+            group = range(first, min(first + together, samples))
+            requests = [GenerationRequest(seg_image, seeds[k], ref_image, seg_path) for k in group]
+            report.start_group(len(group))
+            volumes = generator.generate_many(requests, progress=report, max_memory=max_memory)
+            for k, volume in zip(group, volumes, strict=True):
+                plan = plans[k]
+                sidecar = Sidecar.describe(
+                    volume,
+                    generator,
+                    seeds[k],
+                    segmentation=segmentation,
+                    output=output if output is not None and samples == 1 else plan.output,
+                    output_format=plan.format,
+                    model_path=model,
+                    reference=reference,
+                    resample_reference=resample_reference,
+                )
+                if patient_info is not None:
+                    sidecar.patient_info_copied = sorted(patient_info)  # what --copy-patient-info copied
+                name = generator.metadata.name
+                title = f"{seg_path.name} -> {plan.output.name} ({name}, seed {seeds[k].seed})"
+                warnings = write_outputs(
+                    plan,
+                    volume,
+                    sidecar,
+                    generator,
+                    overwrite=overwrite,
+                    patient_info=patient_info,
+                    started=started,
+                    title=title,
+                    reference_image=ref_image,
+                )
+                results.append(
+                    GenerateResult(
+                        output=plan.output,
+                        sidecar=plan.sidecar,
+                        preview=plan.preview if plan.preview is not None and not warnings else None,
+                        model_id=generator.model.model_id,
+                        seconds=time.perf_counter() - started,
+                        classes_kept=volume.classes_kept,
+                        device=str(generator.device),
+                        warnings=warnings,
+                    )
+                )
+    except BaseException:
+        for done in results:  # all or nothing: no sample stands while the call fails
+            for path in (done.output, done.sidecar, done.preview):
+                if path is not None:
+                    remove_written(path)
+        raise
+    return results
+
+
+class _OverallProgress:
+    """Progress over all samples of a call that runs them in groups: slices done and total of the whole
+    call, not of the current group."""
+
+    def __init__(self, progress: Callable[[Any], None] | None, samples: int) -> None:
+        self.progress, self.samples = progress, samples
+        self.offset, self.done, self.group = 0, 0, 1
+
+    def start_group(self, size: int) -> None:
+        self.offset, self.done, self.group = self.offset + self.done, 0, size
+
+    def __call__(self, p: Any) -> None:
+        from volgen.pipeline import Progress
+
+        self.done = p.slices_done
+        if self.progress is not None:
+            total = p.slices_total // self.group * self.samples
+            self.progress(Progress(p.step, p.steps, self.offset + p.slices_done, total))
 
 
 def write_outputs(

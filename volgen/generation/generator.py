@@ -4,30 +4,28 @@
 (:func:`volgen.generation.files.generate`). It knows SimpleITK images, label maps, intensity mappings and
 geometry; it knows nothing about paths, formats or sidecars. Setting up the model (device, precision,
 attention kernels) happens once, in the constructor, so one generator serves any number of volumes (batch
-conversion keeps one per process).
+conversion keeps one per process). Several volumes - samples of one segmentation with seeds ``seed``,
+``seed + 1``, ..., or other segmentations with the same settings - can be generated together
+(:meth:`VolumeGenerator.generate_samples`, :meth:`VolumeGenerator.generate_many`): their slices share the
+UNet's forwards, and each is exactly what generating it alone gives (on the CPU, bit for bit).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from volgen import defaults
 from volgen.errors import InputError, ResourceError, VolgenError
-from volgen.generation.device import (
-    autocast_dtype,
-    estimate_memory,
-    memory_limit,
-    prepare_unet,
-    resolve_device,
-)
+from volgen.generation.device import autocast_dtype, prepare_unet, resolve_device
 from volgen.generation.reference import geometry_difference
-from volgen.generation.settings import GenerateSettings
+from volgen.generation.settings import GenerateSettings, SettingsError, check_samples
+from volgen.memory import estimate_memory, input_grid_bytes, memory_limit
 from volgen.types import PathLike
 
 logger = logging.getLogger(__name__)
@@ -61,6 +59,43 @@ class GeneratedVolume:
     slice_axes: list[str] = field(default_factory=list)
     axis_schedule: list[str] = field(default_factory=list)
     cube_voxel: float | None = None
+
+
+@dataclass
+class GenerationRequest:
+    """One volume of a :meth:`VolumeGenerator.generate_many` call.
+
+    Attributes:
+        segmentation: A SimpleITK label image of source label values.
+        settings: Its :class:`GenerateSettings` (volumes generated together differ in ``seed`` only).
+        reference: A real image on the segmentation's grid (SimpleITK), for λ < 1.
+        source: Where the segmentation came from, named in errors.
+    """
+
+    segmentation: Any
+    settings: GenerateSettings = field(default_factory=GenerateSettings)
+    reference: Any = None
+    source: PathLike | None = None
+
+
+def sample_settings(settings: GenerateSettings, samples: int) -> list[GenerateSettings]:
+    """The settings of ``samples`` samples of one segmentation: sample ``k`` uses seed ``settings.seed + k``.
+
+    Raises:
+        SettingsError: ``samples`` outside ``1..MAX_SAMPLES``, or the last seed beyond ``MAX_SEED``.
+    """
+    samples = check_samples(samples)
+    if settings.seed + samples - 1 > defaults.MAX_SEED:
+        raise SettingsError(
+            f"--seed {settings.seed} with --samples {samples}: sample seeds run to seed + {samples - 1}, "
+            f"above {defaults.MAX_SEED}"
+        )
+    return [replace(settings, seed=settings.seed + k) for k in range(samples)]
+
+
+def _together(settings: GenerateSettings) -> GenerateSettings:
+    """What volumes generated together must share: everything but the seed (and the slice batch)."""
+    return replace(settings, seed=0, slice_batch_size=1)
 
 
 def slices_along(image: Any, slice_axis: str) -> int:
@@ -159,6 +194,12 @@ class VolumeGenerator:
             )
         return tuple(settings.slice_axes) if len(trained) > 1 else None
 
+    def _slices(self, segmentation: Any, settings: GenerateSettings) -> int:
+        """Slices one step runs the UNet on: along the model's axis, or a cube side in the cube frame."""
+        if self.cube_axes(settings) is not None:
+            return self.metadata.slice_size
+        return slices_along(segmentation, self.metadata.slice_axis)
+
     def check(self, settings: GenerateSettings, *, reference: bool) -> None:
         """Check the settings against this model before any work: steps up to its training timesteps, the
         class names, the slice axes, and that λ < 1 has a reference."""
@@ -188,17 +229,41 @@ class VolumeGenerator:
         """Bytes of the UNet's weights as loaded."""
         return sum(p.numel() * p.element_size() for p in self.model.unet.parameters())
 
-    def memory_needed(self, segmentation: Any, settings: GenerateSettings) -> int:
-        """Bytes generating this segmentation needs beyond the weights (estimated, nothing allocated)."""
+    def memory_needed(
+        self,
+        segmentation: Any,
+        settings: GenerateSettings,
+        *,
+        volumes: int = 1,
+        max_memory: int | None = None,
+    ) -> int:
+        """Bytes generating ``volumes`` volumes of this segmentation together needs beyond the weights
+        (estimated, nothing allocated; ``slice_batch_size="auto"`` counted as the chunk it would choose
+        within ``max_memory``)."""
         meta = self.metadata
+        slices = self._slices(segmentation, settings) * volumes
+        voxels = int(np.prod(segmentation.GetSize())) * volumes
         return estimate_memory(
-            slices=self._slices(segmentation, settings),
+            slices=slices,
             slice_size=meta.slice_size,
             condition_channels=meta.condition_channels,
-            slice_batch_size=settings.slice_batch_size,
+            slice_batch_size=self._slice_batch(slices, voxels, settings, max_memory),
             block_channels=self.model.unet.config.block_out_channels,
-            input_voxels=int(np.prod(segmentation.GetSize())),
+            input_voxels=voxels,
         )
+
+    def _slice_batch(
+        self, slices: int, voxels: int, settings: GenerateSettings, max_memory: int | None
+    ) -> int:
+        """The slice batch of a run over ``slices`` frame slices and ``voxels`` input voxels (all volumes): as
+        set, or for ``auto`` what fits ``max_memory`` (default: a share of the free memory) beside the
+        volume arrays (and, on the CPU, the input-grid arrays)."""
+        budget = None
+        if settings.slice_batch_size == defaults.AUTO_SLICE_BATCH:
+            budget = memory_limit(self.device, max_memory)
+            if self.device.type == "cpu":
+                budget -= input_grid_bytes(voxels)
+        return self.pipeline.resolve_slice_batch_size(settings.slice_batch_size, slices, budget_bytes=budget)
 
     def check_memory(
         self,
@@ -207,32 +272,55 @@ class VolumeGenerator:
         max_memory: int | None = None,
         *,
         source: PathLike | None = None,
+        volumes: int = 1,
     ) -> None:
-        """Refuse (:class:`ResourceError`) a volume estimated to need more than ``max_memory`` bytes
-        (default: a share of what is free on the device)."""
-        need = self.memory_needed(segmentation, settings)
+        """Refuse (:class:`ResourceError`) ``volumes`` volumes of this segmentation, generated together,
+        estimated to need more than ``max_memory`` bytes (default: a share of what is free on the device)."""
+        need = self.memory_needed(segmentation, settings, volumes=volumes, max_memory=max_memory)
         limit = memory_limit(self.device, max_memory)
         if need > limit:
             where = f"{source}: " if source is not None else ""
+            what = "this volume" if volumes == 1 else f"{volumes} volumes of this segmentation together"
             raise ResourceError(
-                f"{where}generating this volume needs about {need / 2**30:.2f} GiB, above the limit of "
+                f"{where}generating {what} needs about {need / 2**30:.2f} GiB, above the limit of "
                 f"{limit / 2**30:.2f} GiB (--max-memory; or lower --slice-batch-size)"
             )
 
-    def _slices(self, segmentation: Any, settings: GenerateSettings) -> int:
-        """Slices one step runs the UNet on: along the model's axis, or a cube side in the cube frame."""
-        if self.cube_axes(settings) is not None:
-            return self.metadata.slice_size
-        return slices_along(segmentation, self.metadata.slice_axis)
+    def volumes_together(
+        self, segmentation: Any, settings: GenerateSettings, count: int, max_memory: int | None = None
+    ) -> int:
+        """How many of ``count`` volumes of this segmentation to generate together: as many as fit within
+        ``max_memory`` (default: a share of what is free on the device), at least one (which
+        :meth:`check_memory` may still refuse)."""
+        limit = memory_limit(self.device, max_memory)
+        low, high = 1, max(1, count)
+        while low < high:  # the estimate grows with the number of volumes
+            mid = (low + high + 1) // 2
+            if self.memory_needed(segmentation, settings, volumes=mid, max_memory=max_memory) <= limit:
+                low = mid
+            else:
+                high = mid - 1
+        return low
 
-    def slice_forwards(self, segmentation: Any, settings: GenerateSettings) -> int:
-        """UNet slice-forwards generating this segmentation costs (for time estimates)."""
+    def slice_forwards(
+        self,
+        segmentation: Any,
+        settings: GenerateSettings,
+        *,
+        volumes: int = 1,
+        max_memory: int | None = None,
+    ) -> int:
+        """UNet slice-forwards generating ``volumes`` volumes of this segmentation together costs (for time
+        estimates; volumes generated together share their padded chunks; ``auto`` chunks as chosen within
+        ``max_memory``)."""
         self.pipeline.set_scheduler(settings.scheduler)
+        slices = self._slices(segmentation, settings) * volumes
+        voxels = int(np.prod(segmentation.GetSize())) * volumes
         return self.pipeline.slice_forwards(
-            self._slices(segmentation, settings),
+            slices,
             num_inference_steps=settings.num_inference_steps,
             strength=settings.strength,
-            slice_batch_size=settings.slice_batch_size,
+            slice_batch_size=self._slice_batch(slices, voxels, settings, max_memory),
         )
 
     def generate(
@@ -243,6 +331,7 @@ class VolumeGenerator:
         reference: Any = None,
         progress: Callable[[Any], None] | None = None,
         source: PathLike | None = None,
+        max_memory: int | None = None,
     ) -> GeneratedVolume:
         """Generate an image whose anatomy follows ``segmentation``, on its exact grid.
 
@@ -254,98 +343,198 @@ class VolumeGenerator:
                 physical units, stored like any output (CT rounded to int16, MR float32).
             progress: Called with :class:`volgen.pipeline.Progress` after every UNet chunk.
             source: Where the segmentation came from, named in errors.
+            max_memory: Budget (bytes) ``slice_batch_size="auto"`` chooses within (default: a share of the
+                free memory).
+        """
+        request = GenerationRequest(segmentation, settings or GenerateSettings(), reference, source)
+        return self.generate_many([request], progress=progress, max_memory=max_memory)[0]
+
+    def generate_samples(
+        self,
+        segmentation: Any,
+        *,
+        samples: int,
+        settings: GenerateSettings | None = None,
+        reference: Any = None,
+        progress: Callable[[Any], None] | None = None,
+        source: PathLike | None = None,
+        max_memory: int | None = None,
+    ) -> list[GeneratedVolume]:
+        """``samples`` images for one segmentation, generated together: sample ``k`` uses seed
+        ``settings.seed + k`` and is exactly :meth:`generate` with that seed (on the CPU, bit for bit).
+
+        All samples are held in memory; for many samples of a large volume use :meth:`volumes_together` to
+        split them into groups (:func:`volgen.generation.generate_samples` does).
+        """
+        seeds = sample_settings(settings or GenerateSettings(), samples)
+        requests = [GenerationRequest(segmentation, s, reference, source) for s in seeds]
+        return self.generate_many(requests, progress=progress, max_memory=max_memory)
+
+    def generate_many(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        progress: Callable[[Any], None] | None = None,
+        max_memory: int | None = None,
+    ) -> list[GeneratedVolume]:
+        """Generate one image per request in one run of the pipeline: the slices of all of them share every
+        UNet forward. Each result is what :meth:`generate` gives for its request alone (on the CPU, bit for
+        bit); the segmentations may differ in size, spacing and orientation.
+
+        Args:
+            requests: The volumes; their settings must agree in everything but ``seed`` (the slice batch of
+                the first is used).
+            progress: Called with :class:`volgen.pipeline.Progress` (slices of all volumes) after every chunk.
+            max_memory: Budget (bytes) ``slice_batch_size="auto"`` chooses within.
+
+        Raises:
+            VolgenError: No requests, or settings that differ in more than the seed.
         """
         started = time.perf_counter()
-        settings = settings or GenerateSettings()
-        self.check(settings, reference=reference is not None)
-        classes = self.classes(segmentation, unknown_labels=settings.unknown_labels, source=source)
+        requests = list(requests)
+        if not requests:
+            raise VolgenError("nothing to generate: give at least one segmentation")
+        settings = requests[0].settings
+        for request in requests[1:]:
+            if _together(request.settings) != _together(settings):
+                raise VolgenError("volumes generated together must share their settings apart from the seed")
+        for request in requests:
+            self.check(request.settings, reference=request.reference is not None)
         kept = self.kept_classes(settings)
-        condition = self._condition(classes, kept)
-        if reference is not None and (difference := geometry_difference(reference, segmentation)):
+        prepared: dict[tuple[int, int], tuple[Any, Any]] = {}  # samples of one segmentation: prepared once
+        for request in requests:
+            key = (id(request.segmentation), id(request.reference))
+            if key not in prepared:
+                prepared[key] = self._prepare(request, kept)
+        self.pipeline.set_scheduler(settings.scheduler)
+        timesteps = self.pipeline.set_timesteps(settings.num_inference_steps, settings.strength)
+        names = self._names(kept)
+        if len(timesteps) == 0:  # λ = 0: nothing to denoise, the references are the answer
+            seconds = time.perf_counter() - started
+            return [
+                GeneratedVolume(
+                    self._stored(self._physical(r.reference), r.segmentation),
+                    prepared[id(r.segmentation), id(r.reference)][1],
+                    names,
+                    seconds=seconds,
+                )
+                for r in requests
+            ]
+        axes = self.cube_axes(settings)
+        if axes is not None:  # multi-axis: one cube at a time
+            volumes = [
+                self._sample_cube(r, prepared[id(r.segmentation), id(r.reference)][0], axes, kept, progress)
+                for r in requests
+            ]
+        else:
+            images, result = self._sample(requests, prepared, settings, kept, progress, max_memory)
+            axis = self.metadata.slice_axis
+            volumes = [
+                GeneratedVolume(
+                    image=image,
+                    condition=None,
+                    timesteps=result.timesteps,
+                    start_timestep=result.start_timestep,
+                    slice_axes=[axis],
+                    axis_schedule=[axis] * len(result.timesteps),
+                )
+                for image in images
+            ]
+        seconds = time.perf_counter() - started
+        for volume, r in zip(volumes, requests, strict=True):
+            volume.condition = prepared[id(r.segmentation), id(r.reference)][1]
+            volume.classes_kept, volume.seconds = names, seconds
+        return volumes
+
+    def _prepare(self, request: GenerationRequest, kept: list[int]) -> tuple[Any, Any]:
+        """A request's class image and its condition (dropped classes as background), with the reference's
+        grid checked."""
+        settings, source = request.settings, request.source
+        classes = self.classes(request.segmentation, unknown_labels=settings.unknown_labels, source=source)
+        if request.reference is not None and (
+            difference := geometry_difference(request.reference, request.segmentation)
+        ):
             raise InputError(
                 source, f"the reference's geometry differs from the segmentation's: {difference}"
             )
-        self.pipeline.set_scheduler(settings.scheduler)
-        timesteps = self.pipeline.set_timesteps(settings.num_inference_steps, settings.strength)
-        if len(timesteps) == 0:  # λ = 0: nothing to denoise, the reference is the answer
-            image = self._stored(self._physical(reference), segmentation)
-            return GeneratedVolume(image, condition, self._names(kept), seconds=time.perf_counter() - started)
+        return classes, self._condition(classes, kept)
 
-        volume = self._sample(classes, reference, segmentation, settings, kept, progress)
-        volume.condition, volume.classes_kept = condition, self._names(kept)
-        volume.seconds = time.perf_counter() - started
-        return volume
-
-    def _sample(self, classes, reference, segmentation, settings, kept, progress) -> GeneratedVolume:
-        """Into the slicing frame (or the cube frame), through the pipeline, back onto the segmentation's
-        grid."""
+    def _sample(self, requests, prepared, settings, kept, progress, max_memory) -> tuple[list[Any], Any]:
+        """Into the slicing frame, through the pipeline (all volumes in one run), back onto each grid."""
         import SimpleITK as sitk
         import torch
 
         from volgen.frames import resample_to_grid, to_slice_frame
 
         meta = self.metadata
-        keep = None if len(kept) == meta.num_classes - 1 else kept
-        axes = self.cube_axes(settings)
-        if axes is not None:
-            return self._sample_cube(classes, reference, segmentation, settings, axes, keep, progress)
-        frame = to_slice_frame(classes, reference, slice_size=meta.slice_size, slice_axis=meta.slice_axis)
-        window, ref_model = None, None
-        if reference is not None:
-            window = meta.intensity.window(sitk.GetArrayViewFromImage(reference))
-            ref_model = torch.from_numpy(meta.intensity.to_model(frame.image.numpy(), window))
+        frames: dict[tuple[int, int], tuple[Any, Any, Any]] = {}
+        for r in requests:
+            key = (id(r.segmentation), id(r.reference))
+            if key in frames:
+                continue
+            classes = prepared[key][0]
+            frame = to_slice_frame(
+                classes, r.reference, slice_size=meta.slice_size, slice_axis=meta.slice_axis
+            )
+            window, ref_model = None, None
+            if r.reference is not None:
+                window = meta.intensity.window(sitk.GetArrayViewFromImage(r.reference))
+                ref_model = torch.from_numpy(meta.intensity.to_model(frame.image.numpy(), window))
+            frames[key] = (frame, window, ref_model)
+        keys = [(id(r.segmentation), id(r.reference)) for r in requests]
+        labels = [frames[k][0].labels.long() for k in keys]
+        references = [frames[k][2] for k in keys]
+        slices = sum(int(v.shape[0]) for v in labels)
+        voxels = sum(int(np.prod(r.segmentation.GetSize())) for r in requests)
         result = self.pipeline(
-            frame.labels.long(),
+            labels,
             num_inference_steps=settings.num_inference_steps,
-            seed=settings.seed,
-            slice_batch_size=settings.slice_batch_size,
+            seed=[r.settings.seed for r in requests],
+            slice_batch_size=self._slice_batch(slices, voxels, settings, max_memory),
             noise_correlation=settings.noise_correlation,
             x0_smoothing=settings.x0_smoothing,
-            keep=keep,
-            reference=ref_model,
+            keep=None if len(kept) == meta.num_classes - 1 else kept,
+            reference=None if references[0] is None else references,
             strength=settings.strength,
             autocast_dtype=self.autocast_dtype,
             callback=progress,
         )
-        physical = meta.intensity.from_model(result.volume.numpy(), window)
-        background = float(physical.min()) if physical.size else 0.0
-        generated = resample_to_grid(frame.to_sitk(physical), segmentation, default=background)
-        return GeneratedVolume(
-            image=self._stored(generated, segmentation),
-            condition=None,
-            timesteps=result.timesteps,
-            start_timestep=result.start_timestep,
-            slice_axes=[meta.slice_axis],
-            axis_schedule=[meta.slice_axis] * len(result.timesteps),
-        )
+        images = []
+        for volume, key, request in zip(result.volumes, keys, requests, strict=True):
+            frame, window, _ = frames[key]
+            physical = meta.intensity.from_model(volume.numpy(), window)
+            background = float(physical.min()) if physical.size else 0.0
+            generated = resample_to_grid(frame.to_sitk(physical), request.segmentation, default=background)
+            images.append(self._stored(generated, request.segmentation))
+        return images, result
 
-    def _sample_cube(
-        self, classes, reference, segmentation, settings, axes, keep, progress
-    ) -> GeneratedVolume:
+    def _sample_cube(self, request, classes, axes, kept, progress) -> GeneratedVolume:
         """Multi-axis sampling in the isotropic cube frame (:func:`volgen.multiaxis.generate_in_cube`)."""
         from volgen.multiaxis import generate_in_cube
 
+        settings, meta = request.settings, self.metadata
+        voxels = int(np.prod(request.segmentation.GetSize()))
         result = generate_in_cube(
             self.pipeline,
             classes,
-            intensity=self.metadata.intensity,
+            intensity=meta.intensity,
             axes=axes,
             axis_schedule_kind=settings.axis_schedule,
             late_fraction=settings.late_fraction,
             num_inference_steps=settings.num_inference_steps,
-            reference=reference,
+            reference=request.reference,
             seed=settings.seed,
             scheduler=settings.scheduler,
-            slice_batch_size=settings.slice_batch_size,
+            slice_batch_size=self._slice_batch(meta.slice_size, voxels, settings, None),
             noise_correlation=settings.noise_correlation,
             x0_smoothing=settings.x0_smoothing,
-            keep=keep,
+            keep=None if len(kept) == meta.num_classes - 1 else kept,
             strength=settings.strength,
             autocast_dtype=self.autocast_dtype,
             callback=progress,
         )
         return GeneratedVolume(
-            image=self._stored(result.image, segmentation),
+            image=self._stored(result.image, request.segmentation),
             condition=None,
             timesteps=result.timesteps,
             start_timestep=result.start_timestep,

@@ -40,7 +40,8 @@ class GenerateSettings:
         keep: Class names kept in the condition (the rest become background); ``None``: all.
         drop: Class names dropped (become background).
         unknown_labels: ``error`` or ``background`` for label values the model does not know.
-        slice_batch_size: Slices per UNet forward (does not change the result).
+        slice_batch_size: Slices per UNet forward, or ``"auto"`` (chosen from the device's free memory); does
+            not change the result.
         slice_axes: ``None``: slice along the model's own axis (single-axis sampling). A list of axes
             (``axial``, ``coronal``, ``sagittal``, each at most once) that a multi-axis model was trained on:
             sample in the isotropic cube frame, the slicing axis changing by ``axis_schedule``; the first is
@@ -60,7 +61,7 @@ class GenerateSettings:
     keep: list[str] | None = None
     drop: list[str] | None = None
     unknown_labels: UnknownLabels = defaults.UNKNOWN_LABELS  # type: ignore[assignment]
-    slice_batch_size: int = defaults.SLICE_BATCH_SIZE
+    slice_batch_size: int | str = defaults.SLICE_BATCH_SIZE
     slice_axes: list[str] | None = defaults.SLICE_AXES  # type: ignore[assignment]
     axis_schedule: str = defaults.AXIS_SCHEDULE
     late_fraction: float = defaults.LATE_FRACTION
@@ -88,8 +89,10 @@ class GenerateSettings:
         if self.unknown_labels not in defaults.UNKNOWN_LABELS_CHOICES:
             choices = " or ".join(repr(c) for c in defaults.UNKNOWN_LABELS_CHOICES)
             yield f"--unknown-labels must be {choices}, got {self.unknown_labels!r}"
-        if not _is_int(self.slice_batch_size) or self.slice_batch_size < 1:
-            yield f"--slice-batch-size must be an integer >= 1, got {self.slice_batch_size!r}"
+        if self.slice_batch_size != defaults.AUTO_SLICE_BATCH and (
+            not _is_int(self.slice_batch_size) or self.slice_batch_size < 1
+        ):
+            yield f"--slice-batch-size must be an integer >= 1 or auto, got {self.slice_batch_size!r}"
         axes = self.slice_axes
         if axes is not None:
             names = ", ".join(defaults.AXIS_NAMES)
@@ -108,6 +111,24 @@ class GenerateSettings:
             value = getattr(self, name)
             if value is not None and (isinstance(value, str) or not all(isinstance(v, str) for v in value)):
                 yield f"--{name} must be a list of class names, got {value!r}"
+
+
+def parse_slice_batch_size(text: str | int) -> int | str:
+    """``"auto"`` or a whole number as given on the command line (``"32"`` -> 32); anything else is a
+    :class:`SettingsError`."""
+    value = str(text).strip().lower()
+    if value == defaults.AUTO_SLICE_BATCH:
+        return defaults.AUTO_SLICE_BATCH
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise SettingsError(f"--slice-batch-size must be an integer >= 1 or auto, got {text!r}")
+
+
+def check_samples(samples: object) -> int:
+    """``samples`` if it is a whole number in ``1..MAX_SAMPLES``, else a :class:`SettingsError`."""
+    if not _is_int(samples) or not 1 <= samples <= defaults.MAX_SAMPLES:  # type: ignore[operator]
+        raise SettingsError(f"--samples must be an integer in 1..{defaults.MAX_SAMPLES}, got {samples!r}")
+    return int(samples)  # type: ignore[arg-type]
 
 
 def check_precision(precision: str) -> str:

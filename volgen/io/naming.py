@@ -8,6 +8,10 @@ Rules (documented in the README):
   (``-o t.nrrd`` and ``-o t.mha`` used to collide on ``t.json``).
 - Without ``--output``, ``seg.EXT`` gives ``seg_synthetic.EXT`` next to it; a DICOM input (folder, ``.dcm``
   file or ``.seg.nrrd`` segmentation) gives ``seg_synthetic.nii.gz``.
+- Several samples of one segmentation (``volgen generate --samples N``, ``volgen batch --samples-per-case N``)
+  are numbered from 0 before the extension: ``out.nii.gz`` -> ``out_s0.nii.gz``, ``out_s1.nii.gz``, ...
+  (sample ``k`` has seed ``seed + k``; in a batch, case ``CASE`` -> ``CASE_s0``, ...); a DICOM folder ``out/``
+  -> ``out_s0/``, ...; each with its own sidecar (``out_s0.nii.gz.json``). One sample keeps the plain name.
 """
 
 from __future__ import annotations
@@ -26,9 +30,12 @@ __all__ = [
     "INPUT_EXTENSIONS",
     "OUTPUT_EXTENSIONS",
     "OUTPUT_FORMATS",
+    "SAMPLE_TAG",
     "SIDECAR_SUFFIX",
     "default_output",
     "extension",
+    "sample_name",
+    "sample_paths",
     "sidecar_path",
     "split_extension",
     "strip_extension",
@@ -61,6 +68,8 @@ FORMAT_ENDINGS: dict[str, str] = {"nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".
 OUTPUT_FORMATS = tuple(FORMAT_ENDINGS)
 
 SIDECAR_SUFFIX = ".json"
+#: Put between a name and its sample number: ``out_s0.nii.gz``, ``CASE_s1``.
+SAMPLE_TAG = "_s"
 #: Appended to the segmentation's name for the default output.
 DEFAULT_OUTPUT_TAG = "_synthetic"
 #: Extension of the default output when the input's own extension is not an output format.
@@ -114,3 +123,21 @@ def default_output(segmentation: PathLike) -> Path:
     if ext.lower() not in OUTPUT_EXTENSIONS or ext.lower() == ".seg.nrrd":
         ext = DEFAULT_OUTPUT_EXTENSION
     return segmentation.with_name(f"{base}{DEFAULT_OUTPUT_TAG}{ext}")
+
+
+def sample_name(name: str, sample: int) -> str:
+    """The name of sample ``sample`` of ``name`` (no extension): ``"CASE"``, 1 -> ``"CASE_s1"``."""
+    return f"{name}{SAMPLE_TAG}{sample}"
+
+
+def sample_paths(path: PathLike, samples: int) -> list[Path]:
+    """The outputs of ``samples`` samples written as ``path``: ``[path]`` for one sample, else the sample
+    number before the (known, multi-part) extension: ``out.nii.gz`` -> ``out_s0.nii.gz``, ``out_s1.nii.gz``;
+    a DICOM folder ``out`` -> ``out_s0``, ...; another file, e.g. a preview ``p.png`` -> ``p_s0.png``."""
+    path = Path(path)
+    if samples == 1:
+        return [path]
+    base, ext = split_extension(path.name)
+    if not ext and path.suffix and len(path.name) > len(path.suffix):
+        base, ext = path.name[: -len(path.suffix)], path.suffix
+    return [path.with_name(sample_name(base, k) + ext) for k in range(samples)]
