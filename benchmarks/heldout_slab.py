@@ -68,6 +68,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "epsilon-linear": {"model": {"prediction_type": "epsilon", "zero_terminal_snr": False}},
     "no-edges": {"model": {"context_padding": "background"}, "data": {"empty_slices": 0, "edge_cut_p": 0.0}},
     "no-edge-cuts": {"data": {"edge_cut_p": 0.0}},
+    "augmented": {"augmentation": {"enabled": True}},
     "older-recipe": OLDER,
     # optional extras (not in the default set)
     "background-padding": {"model": {"context_padding": "background"}},
