@@ -37,6 +37,12 @@ def model_card(meta) -> str:
         else "masks only"
     )
     augmentation = "TorchIO augmentation" if meta.training.get("augmentation") else "no augmentation"
+    edges = []
+    if meta.training.get("empty_slices"):
+        edges.append(f"{meta.training['empty_slices']} air slices at each volume end")
+    if meta.training.get("edge_cut_p"):
+        edges.append(f"edge cuts p = {meta.training['edge_cut_p']}")
+    augmentation += "".join(f", {e}" for e in edges)
     return f"""# {meta.name}: volgen's embedded default model
 
 {meta.description}
