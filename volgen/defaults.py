@@ -43,7 +43,8 @@ AXIS_NAMES: tuple[str, ...] = ("axial", "coronal", "sagittal")
 SLICE_AXES: tuple[str, ...] | None = None
 #: How the slicing axis changes over the steps (:func:`volgen.multiaxis.axis_schedule`): ``cycle`` changes
 #: it every step; ``late`` keeps the first axis for the early, structure-forming steps and cycles the axes
-#: only in the last ``LATE_FRACTION`` of the steps (not measured yet: benchmarks/planes_heldout.py).
+#: only in the last ``LATE_FRACTION`` of the steps (measured less faithful than ``cycle`` on held-out
+#: anatomy: benchmarks/README.md, "Axis schedules, measured").
 AXIS_SCHEDULES: tuple[str, ...] = ("cycle", "late")
 AXIS_SCHEDULE = "cycle"
 LATE_FRACTION = 0.5
