@@ -45,7 +45,7 @@ from volgen.frames import to_slice_frame
 from volgen.io import read_label
 from volgen.labels import load_label_map
 from volgen.models import ModelMetadata, UNetConfig, build_pipeline, build_training_scheduler, build_unet
-from volgen.pipeline import make_scheduler
+from volgen.schedulers import make_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_2MM = ROOT / "examples" / "colin27_tissues_2mm.nii.gz"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-#: Inference samplers by name (see :func:`volgen.pipeline.make_scheduler`).
+#: Inference samplers by name (see :func:`volgen.schedulers.make_scheduler`).
 SCHEDULERS: tuple[str, ...] = (
     "ddpm",
     "ddim",

@@ -250,43 +250,21 @@ def generate_samples(
             report.start_group(len(group))
             volumes = generator.generate_many(requests, progress=report, max_memory=max_memory)
             for k, volume in zip(group, volumes, strict=True):
-                plan = plans[k]
-                sidecar = Sidecar.describe(
-                    volume,
-                    generator,
-                    seeds[k],
-                    segmentation=segmentation,
-                    output=output if output is not None and samples == 1 else plan.output,
-                    output_format=plan.format,
-                    model_path=model,
-                    reference=reference,
-                    resample_reference=resample_reference,
-                )
-                if patient_info is not None:
-                    sidecar.patient_info_copied = sorted(patient_info)  # what --copy-patient-info copied
-                name = generator.metadata.name
-                title = f"{seg_path.name} -> {plan.output.name} ({name}, seed {seeds[k].seed})"
-                warnings = write_outputs(
-                    plan,
-                    volume,
-                    sidecar,
-                    generator,
-                    overwrite=overwrite,
-                    patient_info=patient_info,
-                    started=started,
-                    title=title,
-                    reference_image=ref_image,
-                )
                 results.append(
-                    GenerateResult(
-                        output=plan.output,
-                        sidecar=plan.sidecar,
-                        preview=plan.preview if plan.preview is not None and not warnings else None,
-                        model_id=generator.model.model_id,
-                        seconds=time.perf_counter() - started,
-                        classes_kept=volume.classes_kept,
-                        device=str(generator.device),
-                        warnings=warnings,
+                    _write_sample(
+                        plans[k],
+                        volume,
+                        seeds[k],
+                        generator,
+                        segmentation=segmentation,
+                        output=output if output is not None and samples == 1 else plans[k].output,
+                        model=model,
+                        reference=reference,
+                        resample_reference=resample_reference,
+                        overwrite=overwrite,
+                        patient_info=patient_info,
+                        started=started,
+                        reference_image=ref_image,
                     )
                 )
     except BaseException:
@@ -296,6 +274,61 @@ def generate_samples(
                     remove_written(path)
         raise
     return results
+
+
+def _write_sample(
+    plan: OutputPlan,
+    volume: Any,
+    settings: GenerateSettings,
+    generator: VolumeGenerator,
+    *,
+    segmentation: PathLike,
+    output: PathLike,
+    model: PathLike | None,
+    reference: PathLike | None,
+    resample_reference: bool,
+    overwrite: bool,
+    patient_info: Any,
+    started: float,
+    reference_image: Any,
+) -> GenerateResult:
+    """Write one generated sample (volume, sidecar, preview) as ``plan`` says and describe it."""
+    sidecar = Sidecar.describe(
+        volume,
+        generator,
+        settings,
+        segmentation=segmentation,
+        output=output,
+        output_format=plan.format,
+        model_path=model,
+        reference=reference,
+        resample_reference=resample_reference,
+    )
+    if patient_info is not None:
+        sidecar.patient_info_copied = sorted(patient_info)  # what --copy-patient-info copied
+    name = generator.metadata.name
+    title = f"{Path(segmentation).name} -> {plan.output.name} ({name}, seed {settings.seed})"
+    warnings = write_outputs(
+        plan,
+        volume,
+        sidecar,
+        generator,
+        overwrite=overwrite,
+        patient_info=patient_info,
+        started=started,
+        title=title,
+        reference_image=reference_image,
+    )
+    return GenerateResult(
+        output=plan.output,
+        sidecar=plan.sidecar,
+        preview=plan.preview if plan.preview is not None and not warnings else None,
+        model_id=generator.model.model_id,
+        seconds=time.perf_counter() - started,
+        classes_kept=volume.classes_kept,
+        device=str(generator.device),
+        warnings=warnings,
+    )
 
 
 class _OverallProgress:
