@@ -495,7 +495,7 @@ def _interrupt(command: list[str], out: Path, sig: int, ready) -> tuple[int, dic
 
 
 def test_sigterm_and_kill_9_then_resume(cases_dir, tiny_model_dir, tmp_path):
-    n = 10
+    n = 24  # enough cases that a run is still busy when the signal lands, even on a fast machine
     manifest = write_csv(
         tmp_path / "m.csv", "segmentation,case", *(f"{cases_dir / 'a.nii.gz'},x{i:02d}" for i in range(n))
     )
