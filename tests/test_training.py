@@ -351,12 +351,11 @@ def test_cli_config_value_out_of_range(workdir):
     assert "training.ablation_p" in line
 
 
-def test_ablated_classes_reach_the_unet_as_unspecified_flags(workdir, monkeypatch):
-    """In training, a sample's flags are 0 exactly for its ablated classes, whose mask channels are empty."""
+def record_unet_inputs(monkeypatch) -> list[torch.Tensor]:
+    """A list that receives the input of every forward of every UNet built from now on."""
     import volgen.models
-    from volgen.training import TrainConfig, train
 
-    seen = []
+    seen: list[torch.Tensor] = []
     build = volgen.models.build_unet
 
     def recording_build(*args, **kwargs):
@@ -365,6 +364,14 @@ def test_ablated_classes_reach_the_unet_as_unspecified_flags(workdir, monkeypatc
         return unet
 
     monkeypatch.setattr(volgen.models, "build_unet", recording_build)
+    return seen
+
+
+def test_ablated_classes_reach_the_unet_as_unspecified_flags(workdir, monkeypatch):
+    """In training, a sample's flags are 0 exactly for its ablated classes, whose mask channels are empty."""
+    from volgen.training import TrainConfig, train
+
+    seen = record_unet_inputs(monkeypatch)
     path = write_config(workdir, output_dir="flags", max_steps=4, preview_every=0, ablation_p=0.5)
     train(TrainConfig.from_yaml(path))
     inputs = torch.cat([x for x in seen if x.requires_grad is False and x.shape[0] == 4][:4])
@@ -445,7 +452,6 @@ def test_edge_cuts_turn_samples_into_the_end_of_a_volume():
 
 def test_edge_cuts_are_drawn_per_step_and_reach_the_unet(workdir, monkeypatch):
     """Edge cuts are a function of (seed, step); with p = 1 every training input has an empty centre mask."""
-    import volgen.models
     from volgen.training import TrainConfig, train
     from volgen.training.randomness import step_edge_cuts
 
@@ -455,15 +461,7 @@ def test_edge_cuts_are_drawn_per_step_and_reach_the_unet(workdir, monkeypatch):
     assert 0 < int((first != 0).sum()) < 64 and set(first.abs().tolist()) <= {0, 1, 2}
     assert not step_edge_cuts(3, seed=0, batch_size=64, p=0.0, context_slices=2).any()
 
-    seen = []
-    build = volgen.models.build_unet
-
-    def recording_build(*args, **kwargs):
-        unet = build(*args, **kwargs)
-        unet.register_forward_pre_hook(lambda module, a: seen.append(a[0].detach().clone()))
-        return unet
-
-    monkeypatch.setattr(volgen.models, "build_unet", recording_build)
+    seen = record_unet_inputs(monkeypatch)
     path = write_config(
         workdir, output_dir="edges", max_steps=2, preview_every=0, ablation_p=0.0, data={"edge_cut_p": 1.0}
     )

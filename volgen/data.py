@@ -249,7 +249,6 @@ def apply_edge_cuts(
         return context, image
     above = (cuts[:, None] > 0) & (offsets[None, :] < cuts[:, None])
     below = (cuts[:, None] < 0) & (offsets[None, :] > cuts[:, None])
-    cleared = (above | below) & cut[:, None]
-    context = context.masked_fill(cleared[:, :, None, None], 0)
+    context = context.masked_fill((above | below)[:, :, None, None], 0)
     image = torch.where(cut[:, None, None, None], torch.full_like(image, AIR), image)
     return context, image

@@ -241,16 +241,24 @@ class VolumeGenerator:
         (estimated, nothing allocated; ``slice_batch_size="auto"`` counted as the chunk it would choose
         within ``max_memory``)."""
         meta = self.metadata
-        slices = self._slices(segmentation, settings) * volumes
-        voxels = int(np.prod(segmentation.GetSize())) * volumes
+        slices, voxels, slice_batch = self._run_size(segmentation, settings, volumes, max_memory)
         return estimate_memory(
             slices=slices,
             slice_size=meta.slice_size,
             condition_channels=meta.condition_channels,
-            slice_batch_size=self._slice_batch(slices, voxels, settings, max_memory),
+            slice_batch_size=slice_batch,
             block_channels=self.model.unet.config.block_out_channels,
             input_voxels=voxels,
         )
+
+    def _run_size(
+        self, segmentation: Any, settings: GenerateSettings, volumes: int, max_memory: int | None
+    ) -> tuple[int, int, int]:
+        """Frame slices per step, input voxels and the slice batch of ``volumes`` volumes of this
+        segmentation generated together."""
+        slices = self._slices(segmentation, settings) * volumes
+        voxels = int(np.prod(segmentation.GetSize())) * volumes
+        return slices, voxels, self._slice_batch(slices, voxels, settings, max_memory)
 
     def _slice_batch(
         self, slices: int, voxels: int, settings: GenerateSettings, max_memory: int | None
@@ -314,13 +322,12 @@ class VolumeGenerator:
         estimates; volumes generated together share their padded chunks; ``auto`` chunks as chosen within
         ``max_memory``)."""
         self.pipeline.set_scheduler(settings.scheduler)
-        slices = self._slices(segmentation, settings) * volumes
-        voxels = int(np.prod(segmentation.GetSize())) * volumes
+        slices, _, slice_batch = self._run_size(segmentation, settings, volumes, max_memory)
         return self.pipeline.slice_forwards(
             slices,
             num_inference_steps=settings.num_inference_steps,
             strength=settings.strength,
-            slice_batch_size=self._slice_batch(slices, voxels, settings, max_memory),
+            slice_batch_size=slice_batch,
         )
 
     def generate(
@@ -423,7 +430,9 @@ class VolumeGenerator:
         axes = self.cube_axes(settings)
         if axes is not None:  # multi-axis: one cube at a time
             volumes = [
-                self._sample_cube(r, prepared[id(r.segmentation), id(r.reference)][0], axes, kept, progress)
+                self._sample_cube(
+                    r, prepared[id(r.segmentation), id(r.reference)][0], axes, kept, progress, max_memory
+                )
                 for r in requests
             ]
         else:
@@ -508,12 +517,12 @@ class VolumeGenerator:
             images.append(self._stored(generated, request.segmentation))
         return images, result
 
-    def _sample_cube(self, request, classes, axes, kept, progress) -> GeneratedVolume:
+    def _sample_cube(self, request, classes, axes, kept, progress, max_memory) -> GeneratedVolume:
         """Multi-axis sampling in the isotropic cube frame (:func:`volgen.multiaxis.generate_in_cube`)."""
         from volgen.multiaxis import generate_in_cube
 
         settings, meta = request.settings, self.metadata
-        voxels = int(np.prod(request.segmentation.GetSize()))
+        _, _, slice_batch = self._run_size(request.segmentation, settings, 1, max_memory)
         result = generate_in_cube(
             self.pipeline,
             classes,
@@ -525,7 +534,7 @@ class VolumeGenerator:
             reference=request.reference,
             seed=settings.seed,
             scheduler=settings.scheduler,
-            slice_batch_size=self._slice_batch(meta.slice_size, voxels, settings, None),
+            slice_batch_size=slice_batch,
             noise_correlation=settings.noise_correlation,
             x0_smoothing=settings.x0_smoothing,
             keep=None if len(kept) == meta.num_classes - 1 else kept,
