@@ -75,6 +75,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no-empty-slices": {"data": {"empty_slices": 0}},
     "min-snr-5": {"training": {"snr_gamma": 5.0}},
     "offset-noise": {"training": {"offset_noise": 0.1}},
+    "dropout": {"model": {"dropout": 0.1}},
+    "dropout-0.2": {"model": {"dropout": 0.2}},
+    "edge-cuts-0.05": {"data": {"edge_cut_p": 0.05}},
+    "weight-decay": {"training": {"weight_decay": 0.05}},
 }
 DEFAULT_VARIANTS = (
     "recipe",

@@ -46,7 +46,7 @@ def make_case(
 
 
 def write_config(
-    folder: Path, *, source="data", label_map="labels.yaml", output_dir="run", data=None, **training
+    folder: Path, *, source="data", label_map="labels.yaml", output_dir="run", data=None, model=None, **training
 ) -> Path:
     settings = dict(
         max_steps=7,
@@ -63,7 +63,13 @@ def write_config(
     config = {
         "output_dir": output_dir,
         "data": {"source": source, "label_map": label_map, "percentiles": [1, 99], **(data or {})},
-        "model": {"preset": "tiny", "context_slices": 1, "name": "tiny-trained", "description": "test"},
+        "model": {
+            "preset": "tiny",
+            "context_slices": 1,
+            "name": "tiny-trained",
+            "description": "test",
+            **(model or {}),
+        },
         "training": settings,
     }
     path = folder / f"{output_dir.replace('/', '_')}.yaml"
@@ -191,6 +197,36 @@ def test_resume_matches_an_uninterrupted_run(reference_run, workdir):
     assert all(torch.equal(a[k], b[k]) for k in a)
     c, d = (load_file(str(r.checkpoint / "model.safetensors")) for r in (reference, resumed))
     assert all(torch.equal(c[k], d[k]) for k in c)
+
+
+def test_dropout_reaches_the_unet_and_a_resumed_run_repeats_its_masks(reference_run, workdir):
+    from volgen.models import load_model
+    from volgen.training import TrainConfig, train
+
+    _, reference, _ = reference_run
+
+    def config(name):
+        return TrainConfig.from_yaml(write_config(workdir, output_dir=name, model={"dropout": 0.3}))
+
+    whole = train(config("dropout-whole"))
+    assert load_model(whole.model_dir).unet.config.dropout == 0.3
+    # the same run without dropout (the reference) learns differently
+    assert not np.allclose(whole.losses, reference.losses, rtol=0, atol=1e-6)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_four(step, total, loss, lr):
+        if step == 4:
+            raise Interrupt
+
+    interrupted = config("dropout-resumed")
+    with pytest.raises(Interrupt):
+        train(interrupted, progress=stop_at_four)
+    resumed = train(interrupted, resume=True)
+    np.testing.assert_allclose(resumed.losses, whole.losses, rtol=0, atol=1e-6)
+    a, b = _weights(whole.model_dir), _weights(resumed.model_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_refuses_a_changed_config_and_a_fresh_run_refuses_an_old_one(reference_run):

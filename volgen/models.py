@@ -57,6 +57,8 @@ class UNetConfig(StrictModel):
     )
     norm_num_groups: int = Field(8, ge=1)
     attention_head_dim: int = Field(32, ge=1)
+    #: Dropout in the ResNet blocks (a regulariser; active in training only).
+    dropout: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _check(self) -> UNetConfig:

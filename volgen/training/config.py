@@ -79,6 +79,8 @@ class ModelSection(StrictModel):
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
     #: Rescale the betas to zero terminal SNR (needs ``v_prediction``).
     zero_terminal_snr: bool = True
+    #: Dropout in the UNet's ResNet blocks, over the preset's (``None``: the preset's, 0 in every preset).
+    dropout: float | None = Field(None, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _check_schedule(self) -> ModelSection:
@@ -106,7 +108,8 @@ class ModelSection(StrictModel):
 
     def unet_config(self) -> UNetConfig:
         """The UNet architecture (the preset read from ``configs/models``, or ``unet`` itself)."""
-        return self.unet if self.unet is not None else UNetConfig.preset(str(self.preset))
+        unet = self.unet if self.unet is not None else UNetConfig.preset(str(self.preset))
+        return unet if self.dropout is None else unet.model_copy(update={"dropout": self.dropout})
 
 
 class TrainingSection(StrictModel):

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from volgen.training.dataset import TrainingData, prepare_training_data
 from volgen.training.history import write_losses
 from volgen.training.objective import diffusion_loss
 from volgen.training.preview import ema_unet, write_preview
-from volgen.training.randomness import StepBatchSampler, step_edge_cuts, step_noise
+from volgen.training.randomness import StepBatchSampler, seed_step_dropout, step_edge_cuts, step_noise
 from volgen.training.schedule import set_learning_rate
 from volgen.training.signals import StopOnSignal
 from volgen.types import PathLike
@@ -96,6 +97,10 @@ class _Run:
     history: dict[str, list[float]]
     checkpoint: Path | None
     previews: list[Path] = field(default_factory=list)
+
+    @cached_property
+    def dropout(self) -> float:
+        return self.config.model.unet_config().dropout
 
     @property
     def output_dir(self) -> Path:
@@ -306,6 +311,8 @@ def _step(run: _Run, batch: dict[str, torch.Tensor], step: int) -> tuple[float, 
     vector = per_sample_condition_vector(specified, batch.get("axis"), metadata.condition)
     cond = unet_condition(cond, vector)
     x_t = run.scheduler.add_noise(x0, noise, timesteps)
+    if run.dropout:
+        seed_step_dropout(cfg.seed, step, accelerator.process_index)
     with accelerator.autocast():
         pred = run.model(torch.cat([x_t, cond], dim=1), timesteps).sample
     loss = diffusion_loss(pred, x0, noise, timesteps, run.scheduler, cfg.snr_gamma)

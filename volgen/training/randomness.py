@@ -17,6 +17,7 @@ STREAM_NOISE = 1
 STREAM_ABLATION = 2
 STREAM_AUGMENT = 3
 STREAM_EDGE = 4
+STREAM_DROPOUT = 5
 
 
 def step_seed(seed: int, stream: int, step: int) -> int:
@@ -155,3 +156,15 @@ def step_edge_cuts(step: int, *, seed: int, batch_size: int, p: float, context_s
     depth = torch.randint(1, max(1, context_slices) + 1, (batch_size,), generator=gen)
     side = torch.randint(0, 2, (batch_size,), generator=gen) * 2 - 1
     return torch.where(chosen, depth * side, cuts)
+
+
+def seed_step_dropout(seed: int, step: int, rank: int) -> None:
+    """Seeds torch's global generators (which dropout draws from) for one step of one process.
+
+    Dropout masks then depend on ``(seed, step, rank)`` only, so a resumed run repeats an uninterrupted one;
+    each process of a multi-process run draws its own masks for its share of the batch.
+    """
+    state = np.random.SeedSequence([int(seed), STREAM_DROPOUT, int(step), int(rank)]).generate_state(
+        2, np.uint32
+    )
+    torch.manual_seed((int(state[0]) << 31 ^ int(state[1])) & ((1 << 63) - 1))
