@@ -255,9 +255,16 @@ def summarise(seeds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def evaluate_model(
-    model_dir: Path, scorer: Scorer, seg: Path, out_dir: Path, seeds: int, device: str
+    model_dir: Path,
+    scorer: Scorer,
+    seg: Path,
+    out_dir: Path,
+    seeds: int,
+    device: str,
+    guidance_scale: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Generate ``seg`` for seeds ``0..seeds-1`` with the generation defaults and score each."""
+    """Generate ``seg`` for seeds ``0..seeds-1`` with the generation defaults (``guidance_scale``: ``None``,
+    the model's default) and score each."""
     from volgen.api import GenerateSettings, generate
     from volgen.io import read_image
     from volgen.models import load_model
@@ -266,7 +273,7 @@ def evaluate_model(
     results = []
     for seed in range(seeds):
         out = out_dir / f"seed-{seed}.nii.gz"
-        settings = GenerateSettings(seed=seed)
+        settings = GenerateSettings(seed=seed, guidance_scale=guidance_scale)
         generate(seg, out, model=model_dir, loaded=loaded, settings=settings, overwrite=True, device=device)
         generated = sitk.GetArrayFromImage(read_image(out)).astype(np.float32)
         results.append({"seed": seed, **scorer.score(generated)})
@@ -296,9 +303,13 @@ def run_variant(name: str, args: argparse.Namespace, paths: dict[str, Path]) -> 
     size = config.model.unet_config().sample_size
     scorer = Scorer(args.data, paths, tuple(args.slab), size)
     started = time.monotonic()
-    seeds = evaluate_model(result.model_dir, scorer, paths["slab_seg"], work, args.seeds, args.device)
+    volumes = work if args.guidance_scale is None else args.out / "volumes" / name
+    seeds = evaluate_model(
+        result.model_dir, scorer, paths["slab_seg"], volumes, args.seeds, args.device, args.guidance_scale
+    )
     record = {
         "variant": name,
+        "guidance_scale": args.guidance_scale,
         "overrides": VARIANTS[name],
         "steps": result.steps,
         "stopped_early": result.stopped_early,
@@ -334,8 +345,9 @@ def table(records: list[dict[str, Any]]) -> str:
         s = summarise(r["per_seed"])
         per_seed = " ".join(f"{x['faithfulness']:.2f}" for x in r["per_seed"])
         steps = f"{r['steps']}{' (time cap)' if r['stopped_early'] else ''}"
+        guided = "" if r.get("guidance_scale") is None else f", guidance {r['guidance_scale']:g}"
         lines.append(
-            f"| {r['variant']} | {steps} | {s['faithfulness_mean']:.3f} | {s['faithfulness_worst']:.3f} | "
+            f"| {r['variant']}{guided} | {steps} | {s['faithfulness_mean']:.3f} | {s['faithfulness_worst']:.3f} | "
             f"{s['background_error_mean_pct']:.1f} | {s['background_error_worst_pct']:.1f} | "
             f"{s['seeds_with_anatomy_in_empty_slices']}/{s['seeds']} | "
             f"{s['empty_slice_mean_pct']:.1f} | {per_seed} |"
@@ -369,6 +381,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-draw", type=int, default=1, help="samples sharing one augmentation draw")
     p.add_argument("--max-minutes", type=float, default=None, help="time cap per training (safety)")
     p.add_argument("--device", default="auto", help="generation device: auto, cpu, cuda")
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance of the generation (default: the model's, see volgen.defaults); given, "
+        "the volumes go to OUT/volumes/VARIANT (a finished training in --work is reused)",
+    )
     p.add_argument("--data", type=Path, default=ROOT / "data" / "colin27")
     p.add_argument("--work", type=Path, default=None, help="training runs (default: OUT/work)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "heldout")

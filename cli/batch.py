@@ -13,6 +13,7 @@ from volgen import defaults
 from volgen.cli.app import app, console, err_console, handle_errors
 from volgen.cli.generate import (
     AxisScheduleOption,
+    GuidanceOption,
     LateFractionOption,
     ProgressMode,
     RhoOption,
@@ -54,6 +55,7 @@ def batch(
     scheduler: SchedulerOption = defaults.SCHEDULER,
     steps: StepsOption = defaults.STEPS,
     noise_correlation: RhoOption = defaults.NOISE_CORRELATION,
+    guidance_scale: GuidanceOption = None,
     slice_axes: SliceAxesOption = defaults.SLICE_AXES,  # type: ignore[assignment]
     axis_schedule: AxisScheduleOption = defaults.AXIS_SCHEDULE,
     late_fraction: LateFractionOption = defaults.LATE_FRACTION,
@@ -122,6 +124,7 @@ def batch(
             scheduler=scheduler,
             steps=steps,
             noise_correlation=noise_correlation,
+            guidance_scale=guidance_scale,
             strength=strength,
             keep=keep,
             drop=drop,

@@ -12,6 +12,7 @@ from volgen import defaults
 from volgen.cli.app import app, console, err_console, handle_errors
 from volgen.cli.options import (  # noqa: F401 - re-exported for volgen.cli.batch
     AxisScheduleOption,
+    GuidanceOption,
     LateFractionOption,
     PrecisionOption,
     ProgressMode,
@@ -75,6 +76,7 @@ def generate(
     scheduler: SchedulerOption = defaults.SCHEDULER,
     steps: StepsOption = defaults.STEPS,
     noise_correlation: RhoOption = defaults.NOISE_CORRELATION,
+    guidance_scale: GuidanceOption = None,
     slice_axes: SliceAxesOption = defaults.SLICE_AXES,  # type: ignore[assignment]
     axis_schedule: AxisScheduleOption = defaults.AXIS_SCHEDULE,
     late_fraction: LateFractionOption = defaults.LATE_FRACTION,
@@ -113,6 +115,7 @@ def generate(
         scheduler=scheduler,
         steps=steps,
         noise_correlation=noise_correlation,
+        guidance_scale=guidance_scale,
         x0_smoothing=x0_smoothing,
         strength=strength,
         keep=keep,

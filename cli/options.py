@@ -55,6 +55,13 @@ AxisScheduleOption = Annotated[
 LateFractionOption = Annotated[
     float, typer.Option(help="--axis-schedule late: the fraction of the steps (the last) cycling the axes.")
 ]
+GuidanceOption = Annotated[
+    float | None,
+    typer.Option(
+        help="Classifier-free guidance w towards the mask (1: off, half the UNet passes). Default: "
+        f"{defaults.GUIDANCE_SCALE:g} for models with 'specified' flags, off for older models."
+    ),
+]
 X0SmoothingOption = Annotated[
     float, typer.Option(help="σ in slices of through-plane smoothing of the x0 prediction (0: off).")
 ]
@@ -86,6 +93,7 @@ def build_settings(
     precision: str = defaults.PRECISION,
     slice_batch_size: int | str = defaults.SLICE_BATCH_SIZE,
     x0_smoothing: float = defaults.X0_SMOOTHING,
+    guidance_scale: float | None = None,
     slice_axes: str | None = None,
     axis_schedule: str = defaults.AXIS_SCHEDULE,
     late_fraction: float = defaults.LATE_FRACTION,
@@ -102,6 +110,7 @@ def build_settings(
         num_inference_steps=steps,
         noise_correlation=noise_correlation,
         x0_smoothing=x0_smoothing,
+        guidance_scale=guidance_scale,
         strength=strength,
         keep=split_names(keep),
         drop=split_names(drop),

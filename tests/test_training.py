@@ -46,7 +46,14 @@ def make_case(
 
 
 def write_config(
-    folder: Path, *, source="data", label_map="labels.yaml", output_dir="run", data=None, model=None, **training
+    folder: Path,
+    *,
+    source="data",
+    label_map="labels.yaml",
+    output_dir="run",
+    data=None,
+    model=None,
+    **training,
 ) -> Path:
     settings = dict(
         max_steps=7,

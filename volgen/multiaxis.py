@@ -214,6 +214,7 @@ def sample_multiaxis(
     keep: Sequence[int] | None = None,
     reference: Tensor | None = None,
     strength: float = 1.0,
+    guidance_scale: float | None = None,
     autocast_dtype: torch.dtype | None = None,
     callback: Callable[[Progress], None] | None = None,
 ) -> VolumeGenerationOutput:
@@ -239,6 +240,8 @@ def sample_multiaxis(
         reference: ``(X, Y, Z)`` real image of the cube in model space, for λ < 1.
         strength: λ in [0, 1]; below 1 starts from ``reference`` noised to ``t*`` (see
             :meth:`~volgen.pipeline.SegmentationToVolumePipeline.set_timesteps`).
+        guidance_scale: Classifier-free guidance ``w`` (see
+            :meth:`~volgen.pipeline.SegmentationToVolumePipeline.resolve_guidance_scale`).
         autocast_dtype: Run the UNet under autocast with this dtype (not on the CPU).
         callback: Called with a :class:`~volgen.pipeline.Progress` after every UNet chunk.
 
@@ -258,6 +261,7 @@ def sample_multiaxis(
         raise VolgenError(f"the model was trained on {', '.join(trained)} slices, not {', '.join(unknown)}")
     if strength < 1.0 and (reference is None or tuple(reference.shape) != tuple(labels.shape)):
         raise VolgenError("strength < 1 interpolates towards a reference: pass a reference cube")
+    guidance_scale = pipe.resolve_guidance_scale(guidance_scale)
     several = pipe.condition_layout is not None and len(pipe.condition_layout.axes) > 1
     device = pipe.unet.device
     generator = torch.Generator().manual_seed(int(seed))
@@ -299,6 +303,7 @@ def sample_multiaxis(
             autocast_dtype=autocast_dtype,
             on_chunk=on_chunk,
             axis=axis_code(axis) if several else None,
+            guidance_scale=guidance_scale,
         )
         if x0_smoothing > 0:
             out = pipe._smooth_x0(out, slices, t, x0_smoothing)

@@ -58,6 +58,7 @@ DEFAULT_SCHEDULER = defaults.SCHEDULER
 DEFAULT_STEPS = defaults.STEPS
 DEFAULT_NOISE_CORRELATION = defaults.NOISE_CORRELATION
 DEFAULT_X0_SMOOTHING = defaults.X0_SMOOTHING
+UNGUIDED = 1.0
 #: The UNet always runs on a multiple of this many slices (a short chunk is padded with empty slices). CPU
 #: kernels (oneDNN convolutions, GEMM) give bitwise different per-sample results for different batch sizes
 #: (small multiples of 4 agree, but 16 and more take other code paths), so on the CPU every forward is exactly
@@ -181,6 +182,29 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             axis = axis if axis in layout.axes else layout.axes[0]
         return condition_vector(specified, axis=axis, layout=layout)
 
+    def resolve_guidance_scale(self, guidance_scale: float | None) -> float:
+        """The guidance a run uses: ``None`` is :data:`volgen.defaults.GUIDANCE_SCALE` for a model with
+        "specified" flags and 1 (unguided) for one without; a model without flags cannot be guided.
+
+        Raises:
+            VolgenError: Not a number in ``[0, MAX_GUIDANCE_SCALE]``, or guidance for a model without flags.
+        """
+        layout = self.condition_layout
+        flagged = layout is not None and layout.specified_flags
+        if guidance_scale is None:
+            return defaults.GUIDANCE_SCALE if flagged else UNGUIDED
+        top = defaults.MAX_GUIDANCE_SCALE
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, int | float):
+            raise VolgenError(f"guidance scale must be a number in [0, {top:g}], got {guidance_scale!r}")
+        if not 0.0 <= guidance_scale <= top:
+            raise VolgenError(f"guidance scale must be in [0, {top:g}], got {guidance_scale!r}")
+        if guidance_scale != UNGUIDED and not flagged:
+            raise VolgenError(
+                f"guidance scale {guidance_scale:g}: this model has no 'specified' flags (an older model), "
+                "so it cannot be told 'nothing specified'; use 1 (off)"
+            )
+        return float(guidance_scale)
+
     @classmethod
     def from_pretrained(cls, folder, *, scheduler=None) -> SegmentationToVolumePipeline:
         """Load a volgen model folder, or a folder this pipeline's ``save_pretrained`` wrote.
@@ -283,15 +307,18 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         num_inference_steps: int = DEFAULT_STEPS,
         strength: float = 1.0,
         slice_batch_size: int | str = defaults.SLICE_BATCH_SIZE,
+        guidance_scale: float | None = None,
     ) -> int:
-        """UNet slice-forwards a run over ``num_slices`` slices costs: steps run × slices padded per chunk.
+        """UNet slice-forwards a run over ``num_slices`` slices costs: steps run × slices padded per chunk
+        (× 2 when guided).
 
         ``num_slices`` counts every volume of the run: volumes generated together share their chunks.
         """
         steps = len(self.set_timesteps(num_inference_steps, strength))
         sbs = self.resolve_slice_batch_size(slice_batch_size, num_slices)
         padded = sum(_padded(stop - start) for start, stop in _chunks(num_slices, sbs))
-        return steps * padded
+        passes = 1 if self.resolve_guidance_scale(guidance_scale) == UNGUIDED else 2
+        return steps * padded * passes
 
     def _validate(self, labels: Tensor, reference: Tensor | None, strength: float) -> None:
         size = self.unet.config.sample_size
@@ -327,6 +354,20 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         x0 = smooth_through_plane(x0.clamp(-1.0, 1.0), sigma)
         return (x_t - a * x0) / s
 
+    def _forward(self, unet_in: Tensor, t: Tensor, autocast_dtype: torch.dtype | None) -> Tensor:
+        """The UNet on one chunk, padded to a multiple of :data:`BATCH_GRANULE` slices (float32 out)."""
+        device, n = unet_in.device, unet_in.shape[0]
+        pad = _padded(n) - n
+        if pad:
+            unet_in = torch.cat([unet_in, unet_in.new_zeros(pad, *unet_in.shape[1:])])
+        use_autocast = autocast_dtype is not None and device.type != "cpu"
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
+            if device.type == "cpu":  # fixed-size forwards: see BATCH_GRANULE
+                out = torch.cat([self.unet(part, t).sample for part in unet_in.split(BATCH_GRANULE)])
+            else:
+                out = self.unet(unet_in, t).sample
+        return out[:n].float()
+
     def predict_noise(
         self,
         model_input: Tensor,
@@ -338,6 +379,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         autocast_dtype: torch.dtype | None = None,
         on_chunk: Callable[[int], None] | None = None,
         axis: int | None = None,
+        guidance_scale: float = UNGUIDED,
     ) -> Tensor:
         """The UNet's output for the whole volume (or stack of volumes) at timestep ``t``, run in chunks of
         ``slice_batch_size``.
@@ -354,9 +396,11 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             autocast_dtype: Run the UNet under autocast with this dtype (not on the CPU).
             on_chunk: Called with the number of slices after every chunk.
             axis: Slicing axis code for a multi-axis model's condition vector (``None``: its slice axis).
+            guidance_scale: ``w``; other than 1, each chunk also runs with nothing specified (every class
+                removed and flagged unspecified) and the output is ``ε_∅ + w·(ε_c − ε_∅)`` (a model with
+                "specified" flags only: see :meth:`resolve_guidance_scale`).
         """
         device = model_input.device
-        use_autocast = autocast_dtype is not None and device.type != "cpu"
         volumes = [labels] if isinstance(labels, Tensor) else list(labels)
         starts = np.cumsum([0] + [v.shape[0] for v in volumes]).tolist()
         if starts[-1] != model_input.shape[0]:
@@ -364,39 +408,39 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         sbs = self.resolve_slice_batch_size(slice_batch_size, model_input.shape[0])
         layout = self.condition_layout
         padding = layout.context_padding if layout is not None else "background"
-        vector = self.condition_for(removed, 1, axis)  # (1, D): the same for every slice
-        if vector is not None:
-            vector = vector.to(device)
+        passes = [(removed, self.condition_for(removed, 1, axis))]  # (removed, (1, D) vector or None)
+        guidance_scale = self.resolve_guidance_scale(guidance_scale)
+        if guidance_scale != UNGUIDED:
+            nothing = selection_to_removed([], self.config.num_classes)
+            passes.append((nothing, self.condition_for(nothing, 1, axis)))
         eps = torch.empty_like(model_input)
         for start, stop in _chunks(model_input.shape[0], sbs):
-            parts = []
-            for volume, first, end in zip(volumes, starts[:-1], starts[1:], strict=True):
-                if first < stop and start < end:  # this volume's slices in the chunk, in its own frame
-                    index = torch.arange(max(start, first) - first, min(stop, end) - first, device=device)
-                    parts.append(
-                        condition_slices(
-                            volume,
-                            index,
-                            num_classes=self.config.num_classes,
-                            encoding=self.config.encoding,
-                            context_slices=self.config.context_slices,
-                            removed=removed,
-                            padding=padding,
+            outs = []
+            for pass_removed, vector in passes:
+                parts = []
+                for volume, first, end in zip(volumes, starts[:-1], starts[1:], strict=True):
+                    if first < stop and start < end:  # this volume's slices in the chunk, in its own frame
+                        index = torch.arange(max(start, first) - first, min(stop, end) - first, device=device)
+                        parts.append(
+                            condition_slices(
+                                volume,
+                                index,
+                                num_classes=self.config.num_classes,
+                                encoding=self.config.encoding,
+                                context_slices=self.config.context_slices,
+                                removed=pass_removed,
+                                padding=padding,
+                            )
                         )
-                    )
-            cond = parts[0] if len(parts) == 1 else torch.cat(parts)
-            cond = unet_condition(cond, None if vector is None else vector.expand(stop - start, -1))
-            cond = cond.to(model_input.dtype)
-            unet_in = torch.cat([model_input[start:stop], cond], dim=1)
-            pad = _padded(stop - start) - (stop - start)
-            if pad:
-                unet_in = torch.cat([unet_in, unet_in.new_zeros(pad, *unet_in.shape[1:])])
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
-                if device.type == "cpu":  # fixed-size forwards: see BATCH_GRANULE
-                    out = torch.cat([self.unet(part, t).sample for part in unet_in.split(BATCH_GRANULE)])
-                else:
-                    out = self.unet(unet_in, t).sample
-            eps[start:stop] = out[: stop - start].float()
+                cond = parts[0] if len(parts) == 1 else torch.cat(parts)
+                if vector is not None:
+                    vector = vector.to(device).expand(stop - start, -1)
+                cond = unet_condition(cond, vector).to(model_input.dtype)
+                outs.append(
+                    self._forward(torch.cat([model_input[start:stop], cond], dim=1), t, autocast_dtype)
+                )
+            out = outs[0] if len(outs) == 1 else outs[1] + guidance_scale * (outs[0] - outs[1])
+            eps[start:stop] = out
             if on_chunk is not None:
                 on_chunk(stop - start)
         return eps
@@ -416,6 +460,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         keep: Sequence[int] | None = None,
         reference: Tensor | np.ndarray | Sequence[Tensor | np.ndarray] | None = None,
         strength: float = 1.0,
+        guidance_scale: float | None = None,
         autocast_dtype: torch.dtype | None = None,
         callback: Callable[[Progress], None] | None = None,
         output_type: str = "pt",
@@ -445,6 +490,9 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             reference: ``(Z, H, W)`` real image in model space [-1, 1], registered to ``labels`` (for λ); a
                 list, one per volume, with a list of labels.
             strength: λ in [0, 1]: 0 returns ``reference``, 1 generates freely.
+            guidance_scale: Classifier-free guidance ``w`` towards the condition (1: off, one UNet pass per
+                step; ``None``: :data:`volgen.defaults.GUIDANCE_SCALE` for a model with "specified" flags, off
+                for older models; see :meth:`resolve_guidance_scale`).
             autocast_dtype: ``torch.float16``/``torch.bfloat16`` to run the UNet under autocast (CUDA).
             callback: Called with a :class:`Progress` after every UNet chunk (slices of all volumes).
             output_type: ``"pt"`` (CPU tensors) or ``"np"`` (numpy arrays).
@@ -464,6 +512,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             self.set_scheduler(scheduler)
         for volume, ref in zip(volumes, references, strict=True):
             self._validate(volume, ref, strength)
+        guidance_scale = self.resolve_guidance_scale(guidance_scale)
         total = sum(v.shape[0] for v in volumes)
         slice_batch_size = self.resolve_slice_batch_size(slice_batch_size, total)
         device = self.unet.device
@@ -505,6 +554,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
                 slice_batch_size=slice_batch_size,
                 autocast_dtype=autocast_dtype,
                 on_chunk=on_chunk,
+                guidance_scale=guidance_scale,
             )
             eps_parts = eps_all.split([v.shape[0] for v in volumes])
             for k, (sched, model_input, eps, gen) in enumerate(

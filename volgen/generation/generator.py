@@ -48,6 +48,7 @@ class GeneratedVolume:
         axis_schedule: The slicing axis of each denoised step (one per entry of ``timesteps``).
         cube_voxel: The isotropic voxel (mm) of the cube frame of multi-axis sampling; ``None`` for
             single-axis sampling in the model's slicing frame.
+        guidance_scale: The classifier-free guidance that ran (1: unguided).
     """
 
     image: Any
@@ -59,6 +60,7 @@ class GeneratedVolume:
     slice_axes: list[str] = field(default_factory=list)
     axis_schedule: list[str] = field(default_factory=list)
     cube_voxel: float | None = None
+    guidance_scale: float = 1.0
 
 
 @dataclass
@@ -194,6 +196,14 @@ class VolumeGenerator:
             )
         return tuple(settings.slice_axes) if len(trained) > 1 else None
 
+    def guidance_scale(self, settings: GenerateSettings) -> float:
+        """The classifier-free guidance a run uses (``None`` in the settings: the model's default, see
+        :meth:`volgen.pipeline.SegmentationToVolumePipeline.resolve_guidance_scale`)."""
+        try:
+            return self.pipeline.resolve_guidance_scale(settings.guidance_scale)
+        except VolgenError as exc:
+            raise SettingsError(f"--guidance-scale: {exc} (model {self.metadata.name!r})") from None
+
     def _slices(self, segmentation: Any, settings: GenerateSettings) -> int:
         """Slices one step runs the UNet on: along the model's axis, or a cube side in the cube frame."""
         if self.cube_axes(settings) is not None:
@@ -204,6 +214,7 @@ class VolumeGenerator:
         """Check the settings against this model before any work: steps up to its training timesteps, the
         class names, the slice axes, and that λ < 1 has a reference."""
         self.cube_axes(settings)
+        self.guidance_scale(settings)
         if settings.strength < 1.0 and not reference:
             raise VolgenError("--strength below 1 interpolates towards a real image: give --reference")
         total = int(self.model.scheduler.config.num_train_timesteps)
@@ -328,6 +339,7 @@ class VolumeGenerator:
             num_inference_steps=settings.num_inference_steps,
             strength=settings.strength,
             slice_batch_size=slice_batch,
+            guidance_scale=self.guidance_scale(settings),
         )
 
     def generate(
@@ -453,6 +465,7 @@ class VolumeGenerator:
         for volume, r in zip(volumes, requests, strict=True):
             volume.condition = prepared[id(r.segmentation), id(r.reference)][1]
             volume.classes_kept, volume.seconds = names, seconds
+            volume.guidance_scale = self.guidance_scale(settings)
         return volumes
 
     def _prepare(self, request: GenerationRequest, kept: list[int]) -> tuple[Any, Any]:
@@ -505,6 +518,7 @@ class VolumeGenerator:
             keep=None if len(kept) == meta.num_classes - 1 else kept,
             reference=None if references[0] is None else references,
             strength=settings.strength,
+            guidance_scale=self.guidance_scale(settings),
             autocast_dtype=self.autocast_dtype,
             callback=progress,
         )
@@ -539,6 +553,7 @@ class VolumeGenerator:
             x0_smoothing=settings.x0_smoothing,
             keep=None if len(kept) == meta.num_classes - 1 else kept,
             strength=settings.strength,
+            guidance_scale=self.guidance_scale(settings),
             autocast_dtype=self.autocast_dtype,
             callback=progress,
         )

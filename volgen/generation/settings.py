@@ -36,6 +36,9 @@ class GenerateSettings:
         num_inference_steps: Denoising steps over the full schedule (``>= 1``).
         noise_correlation: ρ of the initial noise between slices, in [0, 1).
         x0_smoothing: σ in slices of the through-plane smoothing of the x0 prediction, in [0, 10].
+        guidance_scale: Classifier-free guidance ``w`` in [0, 20] (1: off); ``None``: the model's default
+            (:data:`volgen.defaults.GUIDANCE_SCALE` for a model with "specified" flags, off for older models,
+            which cannot be guided).
         strength: λ in [0, 1] (below 1 needs a reference).
         keep: Class names kept in the condition (the rest become background); ``None``: all.
         drop: Class names dropped (become background).
@@ -57,6 +60,7 @@ class GenerateSettings:
     num_inference_steps: int = defaults.STEPS
     noise_correlation: float = defaults.NOISE_CORRELATION
     x0_smoothing: float = defaults.X0_SMOOTHING
+    guidance_scale: float | None = None
     strength: float = defaults.STRENGTH
     keep: list[str] | None = None
     drop: list[str] | None = None
@@ -84,6 +88,12 @@ class GenerateSettings:
         if not _is_number(self.x0_smoothing) or not 0.0 <= self.x0_smoothing <= defaults.MAX_X0_SMOOTHING:
             top = defaults.MAX_X0_SMOOTHING
             yield f"--x0-smoothing must be in [0, {top:g}] slices, got {self.x0_smoothing!r}"
+        if self.guidance_scale is not None and (
+            not _is_number(self.guidance_scale)
+            or not 0.0 <= self.guidance_scale <= defaults.MAX_GUIDANCE_SCALE
+        ):
+            top = defaults.MAX_GUIDANCE_SCALE
+            yield f"--guidance-scale must be in [0, {top:g}], got {self.guidance_scale!r}"
         if not _is_number(self.strength) or not 0.0 <= self.strength <= 1.0:
             yield f"--strength (λ) must be in [0, 1], got {self.strength!r}"
         if self.unknown_labels not in defaults.UNKNOWN_LABELS_CHOICES:

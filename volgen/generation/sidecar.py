@@ -33,7 +33,8 @@ class Sidecar(BaseModel):
     Unknown keys are kept (a newer volgen may add some); :meth:`read` is what batch resume uses.
     ``settings`` holds what was asked (``slice_axes`` ``null``: the model's own axis); ``slice_axes``,
     ``axis_schedule`` (the slicing axis of each denoised step) and ``cube_voxel_mm`` (multi-axis sampling's
-    isotropic voxel, ``null`` in the model's slicing frame) say what ran.
+    isotropic voxel, ``null`` in the model's slicing frame) and ``guidance_scale`` (``settings`` ``null``: the
+    model's default) say what ran.
     """
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
@@ -55,6 +56,7 @@ class Sidecar(BaseModel):
     slice_axes: list[str] = []
     axis_schedule: list[str] = []
     cube_voxel_mm: float | None = None
+    guidance_scale: float = 1.0
     device: str = "cpu"
     precision: str = "fp32"
     seconds: float = 0.0
@@ -99,6 +101,7 @@ class Sidecar(BaseModel):
             slice_axes=volume.slice_axes,
             axis_schedule=volume.axis_schedule,
             cube_voxel_mm=None if volume.cube_voxel is None else round(volume.cube_voxel, 6),
+            guidance_scale=volume.guidance_scale,
             device=str(generator.device),
             precision=generator.precision,
         )
