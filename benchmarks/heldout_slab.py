@@ -270,6 +270,7 @@ def evaluate_model(
     from volgen.models import load_model
 
     loaded = load_model(model_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for seed in range(seeds):
         out = out_dir / f"seed-{seed}.nii.gz"
@@ -347,7 +348,8 @@ def table(records: list[dict[str, Any]]) -> str:
         steps = f"{r['steps']}{' (time cap)' if r['stopped_early'] else ''}"
         guided = "" if r.get("guidance_scale") is None else f", guidance {r['guidance_scale']:g}"
         lines.append(
-            f"| {r['variant']}{guided} | {steps} | {s['faithfulness_mean']:.3f} | {s['faithfulness_worst']:.3f} | "
+            f"| {r['variant']}{guided} | {steps} | "
+            f"{s['faithfulness_mean']:.3f} | {s['faithfulness_worst']:.3f} | "
             f"{s['background_error_mean_pct']:.1f} | {s['background_error_worst_pct']:.1f} | "
             f"{s['seeds_with_anatomy_in_empty_slices']}/{s['seeds']} | "
             f"{s['empty_slice_mean_pct']:.1f} | {per_seed} |"
