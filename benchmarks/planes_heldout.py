@@ -135,7 +135,14 @@ def settings_list(args: argparse.Namespace) -> list[tuple[str, str, dict]]:
         )
         for r in args.rho_multi_axial
     ]
-    return rows
+    # classifier-free guidance: each given value is its own set of rows (none given: the model's default)
+    if not args.guidance_scale:
+        return rows
+    return [
+        (f"{name}, guidance {w:g}", model, dict(chosen, guidance_scale=w))
+        for w in args.guidance_scale
+        for name, model, chosen in rows
+    ]
 
 
 def slice_frame_round_trip(labels: sitk.Image, real: sitk.Image, slice_size: int) -> sitk.Image:
@@ -168,6 +175,13 @@ def parse_args() -> argparse.Namespace:
         nargs="*",
         default=[],
         help="the multi-axis model along axial slices only, in the cube frame (single-axis sampling)",
+    )
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        nargs="*",
+        default=[],
+        help="classifier-free guidance values, each a set of rows (default: the model's, volgen.defaults)",
     )
     parser.add_argument("--slab", type=int, nargs=2, default=[80, 110])
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "colin27")

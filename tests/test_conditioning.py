@@ -281,10 +281,11 @@ def test_specified_flags_round_trip_and_reach_the_unet_at_generation(tmp_path):
     labels = torch.randint(0, 4, (5, 16, 16), generator=_generator(2))
     seen, handle = _capture_unet_inputs(pipe)
     try:
-        pipe(labels, num_inference_steps=2, seed=0, scheduler="ddim")
+        # unguided: one pass (guidance adds a pass with nothing specified: tests/test_guidance.py)
+        pipe(labels, num_inference_steps=2, seed=0, scheduler="ddim", guidance_scale=1.0)
         everything = torch.cat([s[:5] for s in seen])  # each forward is padded to 8 slices
         seen.clear()
-        pipe(labels, num_inference_steps=2, seed=0, scheduler="ddim", keep=[1, 3])
+        pipe(labels, num_inference_steps=2, seed=0, scheduler="ddim", keep=[1, 3], guidance_scale=1.0)
         kept = torch.cat([s[:5] for s in seen])
     finally:
         handle.remove()
