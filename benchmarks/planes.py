@@ -56,16 +56,22 @@ def generate_all(args: argparse.Namespace) -> list[dict]:
     volumes = args.out / "volumes"
     volumes.mkdir(parents=True, exist_ok=True)
     rows = []
-    for rho, sigma, seed in itertools.product(args.rho, args.x0_smoothing, args.seeds):
-        path = volumes / f"rho{rho}-s{sigma}-seed{seed}.nii.gz"
+    guidance = args.guidance_scale or [None]  # None: the model's default (volgen.defaults)
+    for w, rho, sigma, seed in itertools.product(guidance, args.rho, args.x0_smoothing, args.seeds):
+        tag = "" if w is None else f"w{w:g}-"
+        path = volumes / f"{tag}rho{rho}-s{sigma}-seed{seed}.nii.gz"
         if not path.exists():
             settings = GenerateSettings(
-                seed=seed, noise_correlation=rho, x0_smoothing=sigma, num_inference_steps=args.steps
+                seed=seed,
+                noise_correlation=rho,
+                x0_smoothing=sigma,
+                num_inference_steps=args.steps,
+                guidance_scale=w,
             )
             started = time.perf_counter()
             generate(EXAMPLE, path, model=args.model, overwrite=True, settings=settings)
             print(f"{path.name}: {time.perf_counter() - started:.0f} s", flush=True)
-        rows.append({"rho": rho, "x0_smoothing": sigma, "seed": seed, "path": path})
+        rows.append({"guidance": w, "rho": rho, "x0_smoothing": sigma, "seed": seed, "path": path})
     return rows
 
 
@@ -78,6 +84,13 @@ def main() -> None:
     parser.add_argument("--x0-smoothing", type=float, nargs="+", default=[0.0, 1.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        nargs="*",
+        default=[],
+        help="each value a set of rows (default: the model's)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "planes")
     parser.add_argument("--generate-only", action="store_true")
     args = parser.parse_args()
@@ -98,7 +111,8 @@ def main() -> None:
         generated = sitk.GetArrayFromImage(read_image(row["path"])).astype("float64")
         result = score(generated, real, mask, segmenter, range(1, 5), segmentation.GetDirection())
         row.update(result, path=str(row["path"]))
-        groups.setdefault(f"ρ {row['rho']}, x0 σ {row['x0_smoothing']}", []).append(row)
+        guided = "" if row["guidance"] is None else f"guidance {row['guidance']:g}, "
+        groups.setdefault(f"{guided}ρ {row['rho']}, x0 σ {row['x0_smoothing']}", []).append(row)
         print(f"{row['path']}: Dice {result['mean_dice']:.3f}, in range {result['in_range']}", flush=True)
     (args.out / "planes.json").write_text(json.dumps({"segmenter_on_real": ceiling, "rows": rows}, indent=1))
     print(f"\nsegmenter on the real image: mean Dice {ceiling:.3f}; {args.steps} steps, DPM-Solver++\n")
