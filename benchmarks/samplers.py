@@ -2,6 +2,7 @@
 
     python benchmarks/samplers.py --model runs/heldout/MODEL --heldout runs/heldout --seeds 8
     python benchmarks/samplers.py ... --grid ddim:50 dpmsolver++:4,8,20 unipc:4,6,8
+    python benchmarks/samplers.py ... --grid ddim:50 dpmsolver++:10 --guidance-scale 1 1.5   # cells × w
 
 ``--heldout`` is the folder ``benchmarks/heldout_slab.py`` writes: ``slab_labels.nii.gz`` (the held-out
 segmentation the model never saw), ``slab_real.nii.gz`` (the real image there) and ``data/`` (the training
@@ -115,6 +116,13 @@ def main() -> None:
     parser.add_argument("--heldout", type=Path, required=True, help="folder written by heldout_slab.py")
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--grid", nargs="+", default=list(DEFAULT_GRID), help="SAMPLER:STEPS[,STEPS...]")
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        nargs="*",
+        default=[],
+        help="classifier-free guidance values, each with every grid cell (default: the model's)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--out", type=Path, default=Path("runs/samplers"))
@@ -133,7 +141,10 @@ def main() -> None:
 
     rows = []
     warmed = set()
-    for sampler, steps in parse_grid(args.grid):
+    cells = [
+        (w, sampler, steps) for w in args.guidance_scale or [None] for sampler, steps in parse_grid(args.grid)
+    ]
+    for guidance, sampler, steps in cells:
         if sampler not in warmed:
             generator.generate(
                 segmentation, settings=GenerateSettings(scheduler=sampler, num_inference_steps=2)
@@ -141,7 +152,9 @@ def main() -> None:
             warmed.add(sampler)
         per_seed, seconds = [], []
         for seed in range(args.seeds):
-            settings = GenerateSettings(scheduler=sampler, num_inference_steps=steps, seed=seed)
+            settings = GenerateSettings(
+                scheduler=sampler, num_inference_steps=steps, seed=seed, guidance_scale=guidance
+            )
             started = time.perf_counter()
             out = generator.generate(segmentation, settings=settings)
             seconds.append(time.perf_counter() - started)
@@ -152,6 +165,7 @@ def main() -> None:
         row = {
             "sampler": sampler,
             "steps": steps,
+            "guidance_scale": generator.guidance_scale(settings),
             "seconds_per_volume": float(np.median(seconds)),
             "x_reference": ref_seconds / float(np.median(seconds)),
             "faithfulness_mean": float(np.mean(faith)),
@@ -164,7 +178,8 @@ def main() -> None:
         }
         rows.append(row)
         print(
-            f"{sampler} {steps}: faithfulness {row['faithfulness_mean']:.3f} (worst "
+            f"{sampler} {steps}, guidance {row['guidance_scale']:g}: "
+            f"faithfulness {row['faithfulness_mean']:.3f} (worst "
             f"{row['faithfulness_worst']:.3f}), background {row['background_error_pct_mean']:.1f} %, "
             f"{row['seconds_per_volume']:.2f} s",
             flush=True,
@@ -187,9 +202,10 @@ def main() -> None:
     lines = [
         f"Segmenter on the real slab: {real_score:.3f}. Reference way: {ref_seconds:.2f} s / volume.",
         "",
-        "| sampler | steps | faithfulness mean | worst | background err % mean | worst | step ratio z/y/x "
+        "| sampler | steps | guidance | faithfulness mean | worst | background err % mean | worst "
+        "| step ratio z/y/x "
         "| texture ratio z/y/x | s / volume | x ref |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         step = "/".join(f"{r['step_ratio'][a]:.2f}" for a in "zyx")
@@ -197,7 +213,8 @@ def main() -> None:
         faith = f"{r['faithfulness_mean']:.3f} | {r['faithfulness_worst']:.3f}"
         background = f"{r['background_error_pct_mean']:.1f} | {r['background_error_pct_worst']:.1f}"
         lines.append(
-            f"| {r['sampler']} | {r['steps']} | {faith} | {background} | {step} | {texture} "
+            f"| {r['sampler']} | {r['steps']} | {r['guidance_scale']:g} | {faith} | {background} "
+            f"| {step} | {texture} "
             f"| {r['seconds_per_volume']:.2f} | {r['x_reference']:.1f} |"
         )
     (args.out / "samplers.md").write_text("\n".join(lines) + "\n")
