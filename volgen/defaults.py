@@ -35,7 +35,7 @@ MAX_X0_SMOOTHING = 10.0
 #: step. Only models with "specified" flags can be guided. In the settings ``None`` means GUIDANCE_SCALE for
 #: such a model and 1 (off, one pass) for older models, whose output stays what it was. 1.5: on held-out
 #: anatomy faithfulness rises from 0.454 to 0.473 (benchmarks/README.md, "Guidance").
-GUIDANCE_SCALE = 1.5
+GUIDANCE_SCALE = 1.25
 MAX_GUIDANCE_SCALE = 20.0
 #: λ: 1 generates freely, 0 returns the reference.
 STRENGTH = 1.0
