@@ -79,6 +79,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dropout-0.2": {"model": {"dropout": 0.2}},
     "edge-cuts-0.05": {"data": {"edge_cut_p": 0.05}},
     "weight-decay": {"training": {"weight_decay": 0.05}},
+    "no-dropout": {"model": {"dropout": 0.0}},
+    "erase-head": {"data": {"erase_classes": ["head"], "erase_p": 0.2}},
 }
 DEFAULT_VARIANTS = (
     "recipe",

@@ -515,3 +515,47 @@ def test_edge_cuts_are_drawn_per_step_and_reach_the_unet(workdir, monkeypatch):
         below_kept = float(sample[2:6].abs().sum()) == 0.0  # centre and the slice above cleared
         above_kept = float(sample[0:4].abs().sum()) == 0.0  # slice below and centre cleared
         assert below_kept or above_kept
+
+
+def test_erasing_a_class_makes_it_air_in_the_image_and_background_in_every_context_slice():
+    from volgen.data import AIR, erase_classes
+
+    slices = [[1, 2, 3], [2, 2, 1], [1, 2, 3]]  # z-1, z, z+1 (one row of 3 voxels each)
+    context = torch.tensor(slices, dtype=torch.uint8).view(1, 3, 1, 3).repeat(2, 1, 1, 1)
+    image = torch.rand(2, 1, 1, 3)
+    erased_context, erased_image = erase_classes(context, image, torch.tensor([False, True]), [2])
+    assert torch.equal(erased_context[0], context[0]) and torch.equal(erased_image[0], image[0])  # not chosen
+    assert erased_context[1, :, 0].tolist() == [[1, 0, 3], [0, 0, 1], [1, 0, 3]]
+    # the image is air where the centre slice held the class, its own elsewhere
+    assert erased_image[1, 0, 0, :2].tolist() == [AIR, AIR] and erased_image[1, 0, 0, 2] == image[1, 0, 0, 2]
+
+
+def test_class_erasure_is_drawn_per_step_reaches_the_unet_and_is_recorded(workdir, monkeypatch):
+    from volgen.errors import ConfigError
+    from volgen.models import load_model
+    from volgen.training import TrainConfig, train
+    from volgen.training.randomness import step_erasures
+
+    first = step_erasures(3, seed=0, batch_size=64, p=0.5)
+    assert torch.equal(first, step_erasures(3, seed=0, batch_size=64, p=0.5))
+    assert not torch.equal(first, step_erasures(4, seed=0, batch_size=64, p=0.5))
+    assert 0 < int(first.sum()) < 64 and not step_erasures(3, seed=0, batch_size=64, p=0.0).any()
+
+    seen = record_unet_inputs(monkeypatch)
+    erase = {"erase_classes": ["box"], "erase_p": 1.0}
+    path = write_config(workdir, output_dir="erase", max_steps=2, preview_every=0, ablation_p=0.0, data=erase)
+    result = train(TrainConfig.from_yaml(path))
+    inputs = torch.cat([x for x in seen if x.shape[0] == 4][:2])
+    # onehot of the 2 foreground classes for slices z-1, z, z+1: (B, slice, class, H, W)
+    masks = inputs[:, 1:7].reshape(len(inputs), 3, 2, *inputs.shape[2:])
+    assert float(masks[:, :, 1].abs().sum()) == 0.0  # no box in any context slice
+    assert float(masks[:, :, 0].sum()) > 0  # the ball stays
+    assert torch.all(inputs[:, -2:] == 1.0)  # both classes still flagged specified
+    training = load_model(result.model_dir).metadata.training
+    assert training["erase_classes"] == ["box"] and training["erase_p"] == 1.0
+
+    bad = write_config(workdir, output_dir="erase-bad", data={"erase_classes": ["skull"], "erase_p": 0.5})
+    with pytest.raises(ConfigError, match="erase_classes: unknown class 'skull'; this map has: ball, box"):
+        train(TrainConfig.from_yaml(bad))
+    with pytest.raises(Exception, match="data.erase_p > 0 needs data.erase_classes"):
+        TrainConfig.from_yaml(write_config(workdir, output_dir="erase-none", data={"erase_p": 0.5}))

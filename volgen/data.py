@@ -252,3 +252,24 @@ def apply_edge_cuts(
     context = context.masked_fill((above | below)[:, :, None, None], 0)
     image = torch.where(cut[:, None, None, None], torch.full_like(image, AIR), image)
     return context, image
+
+
+def erase_classes(
+    context: torch.Tensor, image: torch.Tensor, erase: torch.Tensor, classes: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Remove ``classes`` from chosen samples, from the image as well as the mask: the training twin of a
+    mask in which a specified class is absent (a skull-stripped brain, organs without the body around them).
+
+    ``context`` is ``(B, 2K+1, H, W)`` class indices, ``image`` ``(B, 1, H, W)`` and ``erase`` ``(B,)`` bool
+    (see :func:`volgen.training.randomness.step_erasures`). In an erased sample the classes become background
+    in every context slice and their voxels of the centre slice become air; the rest is the sample's own.
+    Unlike mask ablation the classes stay flagged specified: the mask is the truth, the class is not there.
+    """
+    erase = erase.to(context.device)
+    if not classes or not bool(erase.any()):
+        return context, image
+    hit = torch.isin(context, torch.as_tensor(list(classes), device=context.device, dtype=context.dtype))
+    hit &= erase[:, None, None, None]
+    k = (context.shape[1] - 1) // 2
+    image = image.masked_fill(hit[:, k : k + 1], AIR)
+    return context.masked_fill(hit, 0), image

@@ -33,8 +33,9 @@ MAX_X0_SMOOTHING = 10.0
 #: Classifier-free guidance w (Ho & Salimans 2022) towards the condition, away from "nothing specified" (every
 #: class flagged unspecified, a condition mask ablation trains): ε = ε_∅ + w·(ε_c − ε_∅), two UNet passes per
 #: step. Only models with "specified" flags can be guided. In the settings ``None`` means GUIDANCE_SCALE for
-#: such a model and 1 (off, one pass) for older models, whose output stays what it was. 1.5: on held-out
-#: anatomy faithfulness rises from 0.454 to 0.473 (benchmarks/README.md, "Guidance").
+#: such a model and 1 (off, one pass) for older models, whose output stays what it was. 1.25: on held-out
+#: anatomy as faithful as the best w measured (1.5) with less background error, and clear of w >= 1.75, which
+#: starts putting structure into empty slices (benchmarks/README.md, "Guidance").
 GUIDANCE_SCALE = 1.25
 MAX_GUIDANCE_SCALE = 20.0
 #: λ: 1 generates freely, 0 returns the reference.

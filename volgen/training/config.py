@@ -36,9 +36,18 @@ class DataConfig(StrictModel):
     #: and the context on one side become background and the image air, the anatomy on the other side stays
     #: (:func:`volgen.data.apply_edge_cuts`). Teaches that an empty mask means air next to any anatomy.
     edge_cut_p: float = Field(0.0, ge=0.0, le=1.0)
+    #: Classes that may be absent around the others (an enclosing class: the head around a brain, the body
+    #: around organs) and the share of samples in which they are erased: their voxels become air in the image
+    #: and background in the mask (every context slice), still flagged specified
+    #: (:func:`volgen.data.erase_classes`). Teaches that a specified class absent from the mask is absent from
+    #: the image, e.g. a skull-stripped brain mask stays a brain in air.
+    erase_classes: list[str] = Field(default_factory=list)
+    erase_p: float = Field(0.0, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
+        if self.erase_p > 0 and not self.erase_classes:
+            raise ValueError("data.erase_p > 0 needs data.erase_classes (the class names to erase)")
         if not 0.0 <= self.percentiles[0] < self.percentiles[1] <= 100.0:
             raise ValueError("data.percentiles must satisfy 0 <= low < high <= 100")
         if not self.ct_window[1] > self.ct_window[0]:

@@ -32,6 +32,12 @@ def prepare_training_data(config: TrainConfig) -> TrainingData:
 
     data = config.data
     label_map = load_label_map(data.label_map)
+    unknown = [n for n in data.erase_classes if n not in label_map.classes]
+    if unknown:
+        known = ", ".join(label_map.classes)
+        raise ConfigError(
+            data.label_map, f"data.erase_classes: unknown class {unknown[0]!r}; this map has: {known}"
+        )
     if config.model.encoding == "seed" and label_map.num_classes > 256:
         raise ConfigError(data.label_map, "the seed encoding holds at most 255 foreground classes")
     slice_size = config.model.unet_config().sample_size

@@ -23,7 +23,7 @@ import torch
 
 from volgen.augmentation import Augmenter, AugmentingCollate
 from volgen.config import save_yaml
-from volgen.data import apply_edge_cuts
+from volgen.data import apply_edge_cuts, erase_classes
 from volgen.errors import ConfigError, OutputError, VolgenError
 from volgen.multiaxis import MultiAxisSliceDataset, layout_with_axes, per_sample_condition_vector
 from volgen.training.checkpoint import (
@@ -39,7 +39,13 @@ from volgen.training.dataset import TrainingData, prepare_training_data
 from volgen.training.history import write_losses
 from volgen.training.objective import diffusion_loss
 from volgen.training.preview import ema_unet, write_preview
-from volgen.training.randomness import StepBatchSampler, seed_step_dropout, step_edge_cuts, step_noise
+from volgen.training.randomness import (
+    StepBatchSampler,
+    seed_step_dropout,
+    step_edge_cuts,
+    step_erasures,
+    step_noise,
+)
 from volgen.training.schedule import set_learning_rate
 from volgen.training.signals import StopOnSignal
 from volgen.types import PathLike
@@ -101,6 +107,11 @@ class _Run:
     @cached_property
     def dropout(self) -> float:
         return self.config.model.unet_config().dropout
+
+    @cached_property
+    def erased(self) -> list[int]:
+        """Class indices of ``data.erase_classes``."""
+        return [self.data.label_map.class_index(n) for n in self.config.data.erase_classes]
 
     @property
     def output_dir(self) -> Path:
@@ -304,6 +315,8 @@ def _step(run: _Run, batch: dict[str, torch.Tensor], step: int) -> tuple[float, 
     context, x0 = apply_edge_cuts(
         batch["context"].to(device), batch["image"].to(device, non_blocking=True), cuts[local]
     )
+    erase = step_erasures(step, seed=cfg.seed, batch_size=cfg.batch_size, p=run.config.data.erase_p)
+    context, x0 = erase_classes(context, x0, erase[local], run.erased)
     cond = encode(remove_classes(context, removed), num_classes, metadata.encoding)
     # ablated classes are flagged unspecified (the same per-sample ablation as the masks)
     specified = specified_from_removed(removed, removed.shape[0], num_classes)
@@ -383,6 +396,8 @@ def _export(run: _Run, step: int, final_loss: float) -> Path:
             "augmentation": config.augmentation.enabled,
             "empty_slices": config.data.empty_slices,
             "edge_cut_p": config.data.edge_cut_p,
+            "erase_classes": list(config.data.erase_classes),
+            "erase_p": config.data.erase_p,
             "ema_decay": cfg.ema_decay,
             "seed": cfg.seed,
             "final_loss": final_loss,

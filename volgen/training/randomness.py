@@ -18,6 +18,7 @@ STREAM_ABLATION = 2
 STREAM_AUGMENT = 3
 STREAM_EDGE = 4
 STREAM_DROPOUT = 5
+STREAM_ERASE = 6
 
 
 def step_seed(seed: int, stream: int, step: int) -> int:
@@ -168,3 +169,11 @@ def seed_step_dropout(seed: int, step: int, rank: int) -> None:
         2, np.uint32
     )
     torch.manual_seed((int(state[0]) << 31 ^ int(state[1])) & ((1 << 63) - 1))
+
+
+def step_erasures(step: int, *, seed: int, batch_size: int, p: float) -> torch.Tensor:
+    """Which samples of one step's global batch have ``data.erase_classes`` erased, ``(B,)`` bool (see
+    :func:`volgen.data.erase_classes`); each with probability ``p``."""
+    if p <= 0:
+        return torch.zeros(batch_size, dtype=torch.bool)
+    return torch.rand(batch_size, generator=seeded_generator(seed, STREAM_ERASE, step)) < p

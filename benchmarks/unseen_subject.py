@@ -1,0 +1,195 @@
+"""A second held-out case of another kind: a subject the model never saw, with no head around the brain.
+
+    python benchmarks/unseen_subject.py --out runs/unseen                       # the embedded model
+    python benchmarks/unseen_subject.py --models MODEL_A MODEL_B --guidance-scale 1 1.25 --out runs/unseen
+
+The subject is the INIA19 rhesus macaque T1 template (``inia19-t1-brain.nii.gz``, skull-stripped, 0.5 mm),
+shipped by Debian's ``mricron-data`` next to Colin27: another species, another brain shape and size, and no
+head tissue at all, so every voxel outside the brain is air (0) in the real image. Its tissue labels are
+derived as ``examples/colin27/prepare.py`` derives Colin27's (brain = T1 > 0, largest component, holes
+filled; 1D k-means CSF < GM < WM inside it; 3x3x3 majority filter), with Colin27's label values (2, 3, 4; no
+head, 1), then resampled to ``--spacing`` mm (labels nearest neighbour, image linear).
+
+For every model, guidance value and seed the labels are generated with ``volgen.api.generate`` (the
+generation defaults otherwise) and scored against the real T1:
+
+- faithfulness: mean Dice over CSF, GM and WM of :class:`volgen.evaluation.IntensitySegmenter` (nearest class
+  median) fitted once on the real image; both images are first scaled by their own 0.5-99.5th percentiles
+  (MR intensities are relative: a Colin27-trained model writes Colin27's scale). Ceilings: the real image,
+  and the real image through the model's slicing frame and back;
+- background error: |mean generated - mean real| over the voxels outside the brain, % of the real range;
+- ring: the mean of the generated image in the 4 mm shell of air around the brain, % of the range (real:
+  0), and the seeds whose shell has more than 1 % of its voxels above 15 % of the range (a skull or scalp
+  painted around the brain: the issue's failure on this subject).
+
+Writes ``OUT/unseen.json``, ``OUT/unseen.md`` and the volumes under ``OUT/volumes``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples" / "colin27"))
+from prepare import CSF, GM, WM, kmeans_1d, largest_component, majority_filter  # noqa: E402
+
+from volgen.api import GenerateSettings, default_model_dir, generate  # noqa: E402
+from volgen.evaluation import IntensitySegmenter, dice  # noqa: E402
+from volgen.io import read_image, write_volume  # noqa: E402
+
+TEMPLATE = Path("/usr/share/mricron/templates/inia19-t1-brain.nii.gz")
+CLASSES = (CSF, GM, WM)
+SHELL_MM = 4.0
+LEVEL, FRACTION = 0.15, 0.01
+
+
+def prepare(template: Path, spacing: float, work: Path) -> tuple[Path, Path]:
+    """The subject's T1 and derived tissue labels at ``spacing`` mm (written once, then reused)."""
+    image_path, label_path = work / "t1.nii.gz", work / "labels.nii.gz"
+    if image_path.exists() and label_path.exists():
+        return image_path, label_path
+    t1 = sitk.Cast(sitk.ReadImage(str(template)), sitk.sitkFloat32)
+    brain_image = sitk.BinaryFillhole(largest_component(sitk.Cast(t1 > 0, sitk.sitkUInt8)))
+    brain = sitk.GetArrayFromImage(brain_image).astype(bool)
+    values = sitk.GetArrayFromImage(t1)
+    centres = kmeans_1d(values[brain], np.percentile(values[brain], [10, 50, 90]))
+    tissue = (CSF + np.searchsorted((centres[1:] + centres[:-1]) / 2, values)).astype(np.uint8)
+    labels = majority_filter(np.where(brain, tissue, 0).astype(np.uint8), brain, CLASSES)
+    label_image = sitk.GetImageFromArray(labels.astype(np.uint8))
+    label_image.CopyInformation(t1)
+    size = [int(round(n * s / spacing)) for n, s in zip(t1.GetSize(), t1.GetSpacing(), strict=True)]
+    grid = sitk.Image(size, sitk.sitkUInt8)
+    grid.SetSpacing([spacing] * 3)
+    grid.SetOrigin(t1.GetOrigin())
+    grid.SetDirection(t1.GetDirection())
+    work.mkdir(parents=True, exist_ok=True)
+    write_volume(
+        sitk.Resample(t1, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32), image_path
+    )
+    write_volume(
+        sitk.Resample(label_image, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8),
+        label_path,
+    )
+    return image_path, label_path
+
+
+def scaled(volume: np.ndarray) -> np.ndarray:
+    low, high = np.percentile(volume, (0.5, 99.5))
+    return (volume - low) / max(high - low, 1e-6)
+
+
+class Scorer:
+    def __init__(self, real: np.ndarray, labels: np.ndarray, spacing: float) -> None:
+        self.labels = labels
+        self.outside = labels == 0
+        distance = sitk.SignedMaurerDistanceMap(
+            sitk.GetImageFromArray((labels > 0).astype(np.uint8)),
+            insideIsPositive=False,
+            useImageSpacing=False,
+        )
+        d = sitk.GetArrayFromImage(distance) * spacing
+        self.shell = (d > 0) & (d <= SHELL_MM)
+        self.real = scaled(real)
+        self.segmenter = IntensitySegmenter().fit(self.real, labels)
+
+    def faithfulness(self, volume: np.ndarray) -> float:
+        d = dice(self.segmenter.predict(scaled(volume)), self.labels, CLASSES)
+        return float(np.nanmean(list(d.values())))
+
+    def score(self, volume: np.ndarray) -> dict[str, float | bool]:
+        v = scaled(volume)
+        return {
+            "faithfulness": self.faithfulness(volume),
+            "background_error_pct": float(abs(v[self.outside].mean() - self.real[self.outside].mean()) * 100),
+            "shell_mean_pct": float(v[self.shell].mean() * 100),
+            "ring": bool(np.mean(v[self.shell] > LEVEL) > FRACTION),
+        }
+
+
+def round_trip(labels_path: Path, image_path: Path, model: Path) -> np.ndarray:
+    """The real image through the model's slicing frame and back (what a perfect model of that frame gives)."""
+    from volgen.frames import resample_to_grid, to_slice_frame
+    from volgen.io import read_label
+    from volgen.models import load_model
+
+    meta = load_model(model).metadata
+    labels, real = read_label(labels_path), read_image(image_path)
+    classes = meta.label_map.remap_image(labels)
+    frame = to_slice_frame(classes, real, slice_size=meta.slice_size, slice_axis=meta.slice_axis)
+    back = resample_to_grid(frame.to_sitk(frame.image.numpy()), sitk.Cast(real, sitk.sitkFloat32))
+    return sitk.GetArrayFromImage(back)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", type=Path, nargs="+", default=[default_model_dir()])
+    parser.add_argument("--guidance-scale", type=float, nargs="*", default=[], help="default: the model's")
+    parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--spacing", type=float, default=1.0, help="mm, isotropic")
+    parser.add_argument("--template", type=Path, default=TEMPLATE)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "unseen")
+    args = parser.parse_args()
+    if not args.template.exists():
+        raise SystemExit(f"{args.template}: not found (apt-get install mricron-data)")
+    image_path, label_path = prepare(args.template, args.spacing, args.out / "subject")
+    real = sitk.GetArrayFromImage(read_image(image_path)).astype(np.float64)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path)))
+    scorer = Scorer(real, labels, args.spacing)
+    ceilings = {"real": scorer.faithfulness(real)}
+    rows = []
+    for k, model in enumerate(args.models):
+        ceilings[f"frame {k}"] = scorer.faithfulness(round_trip(label_path, image_path, model))
+        for w in args.guidance_scale or [None]:
+            seeds = []
+            for seed in range(args.seeds):
+                out = args.out / "volumes" / f"m{k}-w{w}-seed{seed}.nii.gz"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                settings = GenerateSettings(seed=seed, guidance_scale=w)
+                generate(label_path, out, model=model, settings=settings, overwrite=True, device="cpu")
+                ran = json.loads(Path(f"{out}.json").read_text())["guidance_scale"]
+                volume = sitk.GetArrayFromImage(read_image(out)).astype(np.float64)
+                seeds.append({"seed": seed, **scorer.score(volume)})
+                print(f"{model} w {ran:g} seed {seed}: {seeds[-1]}", flush=True)
+            faith = [s["faithfulness"] for s in seeds]
+            rows.append(
+                {
+                    "model": str(model),
+                    "frame_ceiling": ceilings[f"frame {k}"],
+                    "guidance_scale": ran,
+                    "faithfulness_mean": float(np.mean(faith)),
+                    "faithfulness_worst": float(np.min(faith)),
+                    "background_error_pct_worst": max(s["background_error_pct"] for s in seeds),
+                    "shell_mean_pct": float(np.mean([s["shell_mean_pct"] for s in seeds])),
+                    "rings": sum(s["ring"] for s in seeds),
+                    "per_seed": seeds,
+                }
+            )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "unseen.json").write_text(json.dumps({"ceilings": ceilings, "rows": rows}, indent=2) + "\n")
+    lines = [
+        f"Segmenter on the real image: {ceilings['real']:.3f}.",
+        "",
+        "| model | guidance | frame ceiling | faithfulness mean [worst] | background error worst % "
+        "| shell mean % (real 0) | seeds with a ring |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['guidance_scale']:g} | {r['frame_ceiling']:.3f} | {r['faithfulness_mean']:.3f} "
+            f"[{r['faithfulness_worst']:.3f}] | {r['background_error_pct_worst']:.1f} | {r['shell_mean_pct']:.1f} "
+            f"| {r['rings']}/{len(r['per_seed'])} |"
+        )
+    (args.out / "unseen.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
