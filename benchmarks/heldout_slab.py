@@ -81,6 +81,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "weight-decay": {"training": {"weight_decay": 0.05}},
     "no-dropout": {"model": {"dropout": 0.0}},
     "erase-head": {"data": {"erase_classes": ["head"], "erase_p": 0.2}},
+    "erase-head-0.1": {"data": {"erase_classes": ["head"], "erase_p": 0.1}},
 }
 DEFAULT_VARIANTS = (
     "recipe",

@@ -20,7 +20,7 @@ from volgen.api import default_model_dir
 from volgen.models import load_model, save_model
 
 
-def model_card(meta) -> str:
+def model_card(meta, unet_config=None) -> str:
     """The model folder's README.md: what it is, how it was trained, the licence of its data."""
     steps = meta.training.get("steps", "?")
     schedule = meta.training.get("prediction_type", "epsilon")
@@ -42,7 +42,12 @@ def model_card(meta) -> str:
         edges.append(f"{meta.training['empty_slices']} air slices at each volume end")
     if meta.training.get("edge_cut_p"):
         edges.append(f"edge cuts p = {meta.training['edge_cut_p']}")
+    if meta.training.get("erase_p"):
+        erased = ", ".join(meta.training.get("erase_classes", []))
+        edges.append(f"{erased} erased from image and mask p = {meta.training['erase_p']}")
     augmentation += "".join(f", {e}" for e in edges)
+    dropout = getattr(unet_config, "dropout", 0.0) if unet_config is not None else 0.0
+    regularised = f", dropout {dropout:g}" if dropout else ""
     return f"""# {meta.name}: volgen's embedded default model
 
 {meta.description}
@@ -50,8 +55,8 @@ def model_card(meta) -> str:
 - Trained on: {meta.trained_on}
 - Architecture: `small` preset (diffusers UNet2DModel, {meta.slice_size} px {meta.slice_axis} slices),
   {schedule_text}, {meta.encoding} masks with {meta.context_slices} context slice(s) each side and
-  {flags}; mask ablation p = {meta.training.get("ablation_p", 0.5)}, {augmentation}, {steps} steps of batch
-  {meta.training.get("batch_size", "?")}; EMA weights stored as float16.
+  {flags}; mask ablation p = {meta.training.get("ablation_p", 0.5)}{regularised}, {augmentation}, {steps}
+  steps of batch {meta.training.get("batch_size", "?")}; EMA weights stored as float16.
 - Classes: {", ".join(meta.label_map.class_names)}.
 - Intensities: MR, percentile mapping, written as float32 on the T1 scale of Colin27 (0..255 uint8 source).
 
@@ -76,7 +81,7 @@ def export_default_model(model: Path, target: Path) -> Path:
         "the Colin27 T1 MRI (one subject, 1 mm, Debian mricron-data) with tissue labels derived from it"
     )
     save_model(target, loaded.unet, loaded.scheduler, loaded.metadata, overwrite=True, dtype=torch.float16)
-    (target / "README.md").write_text(model_card(loaded.metadata), encoding="utf-8")
+    (target / "README.md").write_text(model_card(loaded.metadata, loaded.unet.config), encoding="utf-8")
     load_model(target)  # it loads back
     return target
 
