@@ -26,7 +26,7 @@ SCHEDULER = "dpmsolver++"
 #: time.
 STEPS = 10
 #: ρ: correlation of the initial noise between neighbouring slices, in [0, 1).
-NOISE_CORRELATION = 0.99
+NOISE_CORRELATION = 0.995
 #: σ in slices of the through-plane smoothing of the x0 prediction (0: off), at most ``MAX_X0_SMOOTHING``.
 X0_SMOOTHING = 0.0
 MAX_X0_SMOOTHING = 10.0

@@ -123,7 +123,7 @@ class VolGenParameterNode:
     steps: Annotated[int, WithinRange(1, 1000)] = GenerationParameters.steps
     scheduler: Annotated[str, Choice(list(SCHEDULERS))] = GenerationParameters.scheduler
     seed: Annotated[int, WithinRange(0, 2**31 - 1)] = GenerationParameters.seed
-    noiseCorrelation: Annotated[float, WithinRange(0.0, 0.99)] = GenerationParameters.noise_correlation
+    noiseCorrelation: Annotated[float, WithinRange(0.0, 0.999)] = GenerationParameters.noise_correlation
     device: Annotated[str, Choice(list(DEVICES))] = GenerationParameters.device
     unknownLabelsAsBackground: bool = False
     keepTemporaryFiles: bool = False

@@ -49,7 +49,7 @@ class GenerationParameters:
     steps: int = 10
     scheduler: str = "dpmsolver++"
     seed: int = 0
-    noise_correlation: float = 0.99
+    noise_correlation: float = 0.995
     keep: list[str] | None = None
     drop: list[str] | None = field(default=None)
     device: str = "auto"
