@@ -115,7 +115,7 @@ class Scorer:
 
 
 def round_trip(labels_path: Path, image_path: Path, model: Path) -> np.ndarray:
-    """The real image through the model's slicing frame and back (what a perfect model of that frame gives)."""
+    """The real image through the model's slicing frame and back (what a perfect model of it gives)."""
     from volgen.frames import resample_to_grid, to_slice_frame
     from volgen.io import read_label
     from volgen.models import load_model
@@ -186,8 +186,9 @@ def main() -> None:
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['guidance_scale']:g} | {r['frame_ceiling']:.3f} | {r['faithfulness_mean']:.3f} "
-            f"[{r['faithfulness_worst']:.3f}] | {r['background_error_pct_worst']:.1f} | {r['shell_mean_pct']:.1f} "
+            f"| {r['model']} | {r['guidance_scale']:g} | {r['frame_ceiling']:.3f} "
+            f"| {r['faithfulness_mean']:.3f} [{r['faithfulness_worst']:.3f}] "
+            f"| {r['background_error_pct_worst']:.1f} | {r['shell_mean_pct']:.1f} "
             f"| {r['shell_bright_pct']:.1f} | {r['rings']}/{len(r['per_seed'])} |"
         )
     (args.out / "unseen.md").write_text("\n".join(lines) + "\n")
