@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from typer.testing import CliRunner
 from volumes import assert_same_geometry, make_volume, rotation
 
-from volgen import io
+from volgen import defaults, io
 from volgen.api import GenerateSettings, generate
 from volgen.cli.app import _register, app
 from volgen.errors import InputError, LabelError, ResourceError, VolgenError
@@ -118,7 +118,7 @@ def test_cli_json_progress_and_complete_sidecar(seg_path, tiny_model_dir, tmp_pa
         4,
         "dpmsolver++",
         3,
-        0.99,
+        defaults.NOISE_CORRELATION,
         1.0,
     )
     assert sidecar["classes_kept"] == ["liver", "kidney"]
