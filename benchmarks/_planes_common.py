@@ -1,4 +1,5 @@
-"""Shared by benchmarks/planes.py and benchmarks/planes_heldout.py: score volumes, summarise over seeds."""
+"""Shared by the quality benchmarks (planes, planes_heldout, heldout_slab, unseen_subject): score volumes,
+summarise over seeds, send a real image through a model's slicing frame."""
 
 from __future__ import annotations
 
@@ -7,14 +8,28 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # volgen from this source tree when it is not installed (a GPU box)
     sys.path.insert(0, str(ROOT))
 
 from volgen.evaluation import IntensitySegmenter, dice, plane_consistency  # noqa: E402
+from volgen.frames import resample_to_grid, to_slice_frame  # noqa: E402
 
 AXES = ("z", "y", "x")
+
+
+def slice_frame_round_trip(
+    labels: sitk.Image, real: sitk.Image, slice_size: int, slice_axis: str = "axial"
+) -> sitk.Image:
+    """The real image through a model's slicing frame and back: what a perfect generator of that frame
+    returns (the ceiling of a comparison at the model's resolution)."""
+    frame = to_slice_frame(labels, real, slice_size=slice_size, slice_axis=slice_axis)
+    assert frame.image is not None
+    return resample_to_grid(frame.to_sitk(frame.image), sitk.Cast(real, sitk.sitkFloat32))
+
+
 #: The issue's "done" ranges, per axis: neighbour-difference ratio and texture-correlation ratio.
 STEP_RANGE, TEXTURE_RANGE = (0.85, 1.2), (0.8, 1.25)
 

@@ -44,6 +44,8 @@ import SimpleITK as sitk
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # volgen from this source tree when it is not installed
     sys.path.insert(0, str(ROOT))
+from _planes_common import slice_frame_round_trip  # noqa: E402
+
 BASE_CONFIG = ROOT / "configs" / "train" / "colin27-small.yaml"
 CLASSES = (1, 2, 3, 4)
 #: A slice holds "anatomy" when more than this fraction of its voxels is brighter than background + 15 %.
@@ -213,15 +215,9 @@ class Scorer:
         self.span = float(hi - lo)
         self.level = float(self.real[self.mask == 0].mean() + ANATOMY_LEVEL * self.span)
         self.ceiling = self.faithfulness(self.real)
-        self.ceiling_frame = self.faithfulness(self._round_trip(real_image, size))
-
-    def _round_trip(self, real_image: sitk.Image, size: int) -> np.ndarray:
-        """The real slab sent through the model's slicing frame and back (the resolution the model sees)."""
-        from volgen.frames import resample_to_grid, to_slice_frame
-
-        frame = to_slice_frame(self.mask_image, real_image, slice_size=size, slice_axis="axial")
-        back = resample_to_grid(frame.to_sitk(frame.image), sitk.Cast(real_image, sitk.sitkFloat32))
-        return sitk.GetArrayFromImage(back)
+        # the real slab through the model's slicing frame and back (the resolution the model sees)
+        frame = slice_frame_round_trip(self.mask_image, real_image, size)
+        self.ceiling_frame = self.faithfulness(sitk.GetArrayFromImage(frame))
 
     def faithfulness(self, volume: np.ndarray) -> float:
         from volgen.evaluation import dice

@@ -41,13 +41,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
-from _planes_common import STEP_RANGE, TEXTURE_RANGE, score, table
+from _planes_common import STEP_RANGE, TEXTURE_RANGE, score, slice_frame_round_trip, table
 from heldout_slab import crop
 
 from volgen.api import GenerateSettings, generate
 from volgen.config import validate
 from volgen.evaluation import IntensitySegmenter
-from volgen.frames import resample_to_grid, to_slice_frame
 from volgen.io import read_image, read_label, write_volume
 from volgen.models import load_model
 from volgen.multiaxis import cube_round_trip
@@ -143,13 +142,6 @@ def settings_list(args: argparse.Namespace) -> list[tuple[str, str, dict]]:
         for w in args.guidance_scale
         for name, model, chosen in rows
     ]
-
-
-def slice_frame_round_trip(labels: sitk.Image, real: sitk.Image, slice_size: int) -> sitk.Image:
-    """The real slab through the axial slicing frame and back (the resolution single-axis sampling has)."""
-    frame = to_slice_frame(labels, real, slice_size=slice_size, slice_axis="axial")
-    assert frame.image is not None
-    return resample_to_grid(frame.to_sitk(frame.image), sitk.Cast(real, sitk.sitkFloat32))
 
 
 def parse_args() -> argparse.Namespace:

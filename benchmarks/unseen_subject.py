@@ -38,6 +38,7 @@ import SimpleITK as sitk
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "colin27"))
+from _planes_common import slice_frame_round_trip  # noqa: E402
 from prepare import CSF, GM, WM, kmeans_1d, largest_component, majority_filter  # noqa: E402
 
 from volgen.api import GenerateSettings, default_model_dir, generate  # noqa: E402
@@ -116,15 +117,11 @@ class Scorer:
 
 def round_trip(labels_path: Path, image_path: Path, model: Path) -> np.ndarray:
     """The real image through the model's slicing frame and back (what a perfect model of it gives)."""
-    from volgen.frames import resample_to_grid, to_slice_frame
-    from volgen.io import read_label
     from volgen.models import load_model
 
     meta = load_model(model).metadata
-    labels, real = read_label(labels_path), read_image(image_path)
-    classes = meta.label_map.remap_image(labels)
-    frame = to_slice_frame(classes, real, slice_size=meta.slice_size, slice_axis=meta.slice_axis)
-    back = resample_to_grid(frame.to_sitk(frame.image.numpy()), sitk.Cast(real, sitk.sitkFloat32))
+    real = read_image(image_path)
+    back = slice_frame_round_trip(sitk.ReadImage(str(labels_path)), real, meta.slice_size, meta.slice_axis)
     return sitk.GetArrayFromImage(back)
 
 

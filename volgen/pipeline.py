@@ -368,6 +368,34 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
                 out = self.unet(unet_in, t).sample
         return out[:n].float()
 
+    def _chunk_condition(
+        self,
+        volumes: list[Tensor],
+        starts: list[int],
+        start: int,
+        stop: int,
+        removed: Tensor | None,
+        padding: str,
+    ) -> Tensor:
+        """The mask channels of the stacked slices ``start:stop``: each slice conditioned on its own volume
+        (its 2.5D context never reaches into another volume)."""
+        parts = []
+        for volume, first, end in zip(volumes, starts[:-1], starts[1:], strict=True):
+            if first < stop and start < end:  # this volume's slices in the chunk, in its own frame
+                index = torch.arange(max(start, first) - first, min(stop, end) - first, device=volume.device)
+                parts.append(
+                    condition_slices(
+                        volume,
+                        index,
+                        num_classes=self.config.num_classes,
+                        encoding=self.config.encoding,
+                        context_slices=self.config.context_slices,
+                        removed=removed,
+                        padding=padding,
+                    )
+                )
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     def predict_noise(
         self,
         model_input: Tensor,
@@ -408,39 +436,21 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         sbs = self.resolve_slice_batch_size(slice_batch_size, model_input.shape[0])
         layout = self.condition_layout
         padding = layout.context_padding if layout is not None else "background"
-        passes = [(removed, self.condition_for(removed, 1, axis))]  # (removed, (1, D) vector or None)
         guidance_scale = self.resolve_guidance_scale(guidance_scale)
+        passes = [removed]  # the condition, then (guided) nothing specified
         if guidance_scale != UNGUIDED:
-            nothing = selection_to_removed([], self.config.num_classes)
-            passes.append((nothing, self.condition_for(nothing, 1, axis)))
+            passes.append(selection_to_removed([], self.config.num_classes))
+        vectors = [self.condition_for(r, 1, axis) for r in passes]  # (1, D) each, the same for every slice
+        vectors = [None if v is None else v.to(device) for v in vectors]
         eps = torch.empty_like(model_input)
         for start, stop in _chunks(model_input.shape[0], sbs):
             outs = []
-            for pass_removed, vector in passes:
-                parts = []
-                for volume, first, end in zip(volumes, starts[:-1], starts[1:], strict=True):
-                    if first < stop and start < end:  # this volume's slices in the chunk, in its own frame
-                        index = torch.arange(max(start, first) - first, min(stop, end) - first, device=device)
-                        parts.append(
-                            condition_slices(
-                                volume,
-                                index,
-                                num_classes=self.config.num_classes,
-                                encoding=self.config.encoding,
-                                context_slices=self.config.context_slices,
-                                removed=pass_removed,
-                                padding=padding,
-                            )
-                        )
-                cond = parts[0] if len(parts) == 1 else torch.cat(parts)
-                if vector is not None:
-                    vector = vector.to(device).expand(stop - start, -1)
-                cond = unet_condition(cond, vector).to(model_input.dtype)
-                outs.append(
-                    self._forward(torch.cat([model_input[start:stop], cond], dim=1), t, autocast_dtype)
-                )
-            out = outs[0] if len(outs) == 1 else outs[1] + guidance_scale * (outs[0] - outs[1])
-            eps[start:stop] = out
+            for pass_removed, vector in zip(passes, vectors, strict=True):
+                cond = self._chunk_condition(volumes, starts, start, stop, pass_removed, padding)
+                cond = unet_condition(cond, None if vector is None else vector.expand(stop - start, -1))
+                unet_in = torch.cat([model_input[start:stop], cond.to(model_input.dtype)], dim=1)
+                outs.append(self._forward(unet_in, t, autocast_dtype))
+            eps[start:stop] = outs[0] if len(outs) == 1 else outs[1] + guidance_scale * (outs[0] - outs[1])
             if on_chunk is not None:
                 on_chunk(stop - start)
         return eps

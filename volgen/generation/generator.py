@@ -461,11 +461,10 @@ class VolumeGenerator:
                 )
                 for image in images
             ]
-        seconds = time.perf_counter() - started
+        seconds, guidance = time.perf_counter() - started, self.guidance_scale(settings)
         for volume, r in zip(volumes, requests, strict=True):
             volume.condition = prepared[id(r.segmentation), id(r.reference)][1]
-            volume.classes_kept, volume.seconds = names, seconds
-            volume.guidance_scale = self.guidance_scale(settings)
+            volume.classes_kept, volume.seconds, volume.guidance_scale = names, seconds, guidance
         return volumes
 
     def _prepare(self, request: GenerationRequest, kept: list[int]) -> tuple[Any, Any]:

@@ -21,9 +21,11 @@ STREAM_DROPOUT = 5
 STREAM_ERASE = 6
 
 
-def step_seed(seed: int, stream: int, step: int) -> int:
-    """A 63-bit seed for one random stream of one step (or epoch), independent of the others."""
-    state = np.random.SeedSequence([int(seed), int(stream), int(step)]).generate_state(2, dtype=np.uint32)
+def step_seed(seed: int, stream: int, step: int, *more: int) -> int:
+    """A 63-bit seed for one random stream of one step (or epoch), independent of the others; ``more``
+    splits it further (e.g. by process)."""
+    entropy = [int(seed), int(stream), int(step), *(int(m) for m in more)]
+    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
     return (int(state[0]) << 31 ^ int(state[1])) & ((1 << 63) - 1)
 
 
@@ -165,10 +167,7 @@ def seed_step_dropout(seed: int, step: int, rank: int) -> None:
     Dropout masks then depend on ``(seed, step, rank)`` only, so a resumed run repeats an uninterrupted one;
     each process of a multi-process run draws its own masks for its share of the batch.
     """
-    state = np.random.SeedSequence([int(seed), STREAM_DROPOUT, int(step), int(rank)]).generate_state(
-        2, np.uint32
-    )
-    torch.manual_seed((int(state[0]) << 31 ^ int(state[1])) & ((1 << 63) - 1))
+    torch.manual_seed(step_seed(seed, STREAM_DROPOUT, step, rank))
 
 
 def step_erasures(step: int, *, seed: int, batch_size: int, p: float) -> torch.Tensor:
