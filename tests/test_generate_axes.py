@@ -16,9 +16,9 @@ from volumes import assert_same_geometry, make_volume, rotation
 from volgen import io
 from volgen.api import GenerateSettings, VolumeGenerator, generate
 from volgen.cli.app import _register, app
+from volgen.denoiser import Denoiser
 from volgen.errors import VolgenError
 from volgen.multiaxis import axis_schedule
-from volgen.pipeline import SegmentationToVolumePipeline
 
 _register()
 AXES = "axial,coronal,sagittal"
@@ -104,13 +104,13 @@ class Recorder:
 
     def __init__(self, monkeypatch) -> None:
         self.calls: list[tuple[int | None, int]] = []
-        original = SegmentationToVolumePipeline.predict_noise
+        original = Denoiser.predict
 
-        def predict_noise(pipe, model_input, *args, **kwargs):
+        def predict(denoiser, model_input, *args, **kwargs):
             self.calls.append((kwargs.get("axis"), model_input.shape[0]))
-            return original(pipe, model_input, *args, **kwargs)
+            return original(denoiser, model_input, *args, **kwargs)
 
-        monkeypatch.setattr(SegmentationToVolumePipeline, "predict_noise", predict_noise)
+        monkeypatch.setattr(Denoiser, "predict", predict)
 
 
 @pytest.mark.parametrize(

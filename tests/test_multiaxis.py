@@ -9,12 +9,12 @@ import torch
 from volumes import assert_same_geometry, make_volume
 
 from volgen.conditioning import ConditionLayout
+from volgen.denoiser import per_sample_condition_vector
 from volgen.errors import VolgenError
 from volgen.multiaxis import (
     axis_schedule,
     cube_round_trip,
     generate_multiaxis,
-    per_sample_condition_vector,
     to_cube_frame,
     usable_axes,
 )

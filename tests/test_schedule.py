@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from volgen.pipeline import SCHEDULERS, SegmentationToVolumePipeline
+from volgen.sampling import smooth_x0
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def test_x0_smoothing_with_v_prediction_keeps_a_smooth_prediction_unchanged(vpre
     sched = vpred_pipe.scheduler
     x_t = sched.add_noise(x0, noise, t)
     v = sched.get_velocity(x0, noise, t)
-    again = vpred_pipe._smooth_x0(v, x_t, t, 1.5)
+    again = smooth_x0(v, x_t, t, 1.5, sched)
     torch.testing.assert_close(again, v, atol=1e-4, rtol=1e-4)
 
 

@@ -24,9 +24,10 @@ always usable. :func:`usable_axes` says which axes remain.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -37,12 +38,13 @@ import torchio as tio
 from torch import Tensor
 
 from volgen import defaults
-from volgen.conditioning import ConditionLayout, condition_vector
+from volgen.conditioning import ConditionLayout
 from volgen.errors import VolgenError
-from volgen.frames import resample_to_grid, sitk_to_torchio, slices_to_volume, volume_to_slices
+from volgen.frames import resample_to_grid, sitk_to_torchio, volume_to_slices
 
 if TYPE_CHECKING:
-    from volgen.pipeline import Progress, VolumeGenerationOutput
+    from volgen.pipeline import VolumeGenerationOutput
+    from volgen.sampling import SamplingPlan
 
 logger = logging.getLogger(__name__)
 
@@ -180,26 +182,6 @@ def axis_schedule(
     raise VolgenError(f"unknown axis schedule {kind!r}; choose one of {', '.join(defaults.AXIS_SCHEDULES)}")
 
 
-def per_sample_condition_vector(
-    specified: Tensor, axes: Tensor | None, layout: ConditionLayout | None
-) -> Tensor | None:
-    """The condition vector for a batch whose samples come from different slice axes.
-
-    Args:
-        specified: ``(B, C-1)`` "specified" flags.
-        axes: ``(B,)`` axis codes (0 axial, 1 coronal, 2 sagittal), or ``None`` for single-axis data.
-        layout: The model's layout; with several ``axes`` the vector ends with the one-hot of each sample's.
-    """
-    if layout is None or len(layout.axes) <= 1 or axes is None:
-        return condition_vector(specified, layout=layout)
-    parts = [condition_vector(specified[axes == a], axis=a, layout=layout) for a in layout.axes]
-    out = torch.empty(specified.shape[0], layout.dim(specified.shape[1] + 1))
-    for a, part in zip(layout.axes, parts, strict=True):
-        if part is not None and part.shape[0]:
-            out[axes.cpu() == a] = part.cpu()
-    return out
-
-
 @torch.no_grad()
 def sample_multiaxis(
     pipe,
@@ -208,22 +190,15 @@ def sample_multiaxis(
     schedule: Sequence[str],
     seed: int = 0,
     scheduler: str | None = defaults.SCHEDULER,
-    slice_batch_size: int = defaults.SLICE_BATCH_SIZE,
-    noise_correlation: float = 0.0,
-    x0_smoothing: float = 0.0,
-    keep: Sequence[int] | None = None,
     reference: Tensor | None = None,
-    strength: float = 1.0,
-    guidance_scale: float | None = None,
-    autocast_dtype: torch.dtype | None = None,
-    callback: Callable[[Progress], None] | None = None,
+    **sampling,
 ) -> VolumeGenerationOutput:
     """Generate a cube, changing the slicing axis from step to step.
 
-    The state between steps is one volume; each step is one pass of the UNet over the slices along that
-    step's axis (:meth:`~volgen.pipeline.SegmentationToVolumePipeline.predict_noise`, the axis in a
-    multi-axis model's condition vector) and one ``scheduler.step`` on the whole volume, so the result is
-    deterministic per seed and does not depend on ``slice_batch_size``.
+    The pipeline's one loop with a per-step axis (``slice_axes``): the state between steps is one volume;
+    each step is one pass of the UNet over the slices along that step's axis (the axis in a multi-axis
+    model's condition vector) and one ``scheduler.step`` on the whole volume, so the result is deterministic
+    per seed and does not depend on ``slice_batch_size``.
 
     Args:
         pipe: A :class:`~volgen.pipeline.SegmentationToVolumePipeline` (its UNet, schedule and condition).
@@ -233,85 +208,25 @@ def sample_multiaxis(
         seed: Seed of the CPU generator that draws all noise.
         scheduler: Sampler name (:data:`volgen.defaults.SCHEDULERS`), set on ``pipe``; ``None`` keeps
             ``pipe.scheduler``.
-        slice_batch_size: Slices per UNet forward; does not change the result.
-        noise_correlation: ρ of the initial noise between neighbouring slices along ``schedule[0]``.
-        x0_smoothing: σ (voxels) of the smoothing of the x0 prediction along each step's slicing axis; 0: off.
-        keep: Foreground class indices kept in the condition (``None``: all).
         reference: ``(X, Y, Z)`` real image of the cube in model space, for λ < 1.
-        strength: λ in [0, 1]; below 1 starts from ``reference`` noised to ``t*`` (see
-            :meth:`~volgen.pipeline.SegmentationToVolumePipeline.set_timesteps`).
-        guidance_scale: Classifier-free guidance ``w`` (see
-            :meth:`~volgen.pipeline.SegmentationToVolumePipeline.resolve_guidance_scale`).
-        autocast_dtype: Run the UNet under autocast with this dtype (not on the CPU).
-        callback: Called with a :class:`~volgen.pipeline.Progress` after every UNet chunk.
+        sampling: The pipeline's other settings (``noise_correlation``, ``x0_smoothing``, ``keep``,
+            ``strength``, ``guidance_scale``, ``slice_batch_size``, ``autocast_dtype``, ``callback``), with
+            the defaults of :mod:`volgen.defaults`.
 
     Returns:
         :class:`~volgen.pipeline.VolumeGenerationOutput`: ``volume`` ``(X, Y, Z)`` float32 on the CPU in model
         space [-1, 1] (the reference itself when no timestep is left), the timesteps run.
     """
-    from volgen.conditioning import selection_to_removed
-    from volgen.pipeline import Progress, VolumeGenerationOutput, correlated_noise, scheduler_step
-
-    size = pipe.unet.config.sample_size
-    if labels.ndim != 3 or tuple(labels.shape) != (size, size, size):
-        raise VolgenError(f"labels must be a ({size}, {size}, {size}) cube, got {tuple(labels.shape)}")
-    trained = model_axes(pipe.condition_layout, pipe.config.slice_axis)
-    unknown = sorted(set(schedule) - set(trained))
-    if unknown:
-        raise VolgenError(f"the model was trained on {', '.join(trained)} slices, not {', '.join(unknown)}")
-    if strength < 1.0 and (reference is None or tuple(reference.shape) != tuple(labels.shape)):
+    if sampling.get("strength", 1.0) < 1.0 and (reference is None or reference.shape != labels.shape):
         raise VolgenError("strength < 1 interpolates towards a reference: pass a reference cube")
-    guidance_scale = pipe.resolve_guidance_scale(guidance_scale)
-    several = pipe.condition_layout is not None and len(pipe.condition_layout.axes) > 1
-    device = pipe.unet.device
-    generator = torch.Generator().manual_seed(int(seed))
-    removed = None if keep is None else selection_to_removed(keep, pipe.config.num_classes)
-    labels = labels.to(device)
-    if scheduler is not None:
-        pipe.set_scheduler(scheduler)
-    sched = pipe.scheduler
-    timesteps = pipe.set_timesteps(len(schedule), strength, device=device)
-    run = list(schedule)[len(schedule) - len(timesteps) :]
-    first = schedule[0]
-    # the state lives as slices along the first axis (the scheduler's per-slice thresholding sees slices)
-    noise = correlated_noise((size, 1, size, size), noise_correlation, generator).to(device)
-    if strength < 1.0:
-        ref = volume_to_slices(reference.to(device=device, dtype=torch.float32), first).contiguous()[:, None]
-        if not len(timesteps):
-            return VolumeGenerationOutput(volume=reference.float().cpu())
-        x = sched.add_noise(ref, noise, timesteps[:1])
-    else:
-        x = noise * sched.init_noise_sigma
-    steps, done = len(run), 0
-
-    for i, (t, axis) in enumerate(zip(timesteps, run, strict=True)):
-
-        def on_chunk(n: int, step: int = i) -> None:
-            nonlocal done
-            done += n
-            if callback is not None:
-                callback(Progress(step=step, steps=steps, slices_done=done, slices_total=steps * size))
-
-        model_input = sched.scale_model_input(x, t)
-        slices = volume_to_slices(slices_to_volume(model_input[:, 0], first), axis).contiguous()[:, None]
-        out = pipe.predict_noise(
-            slices,
-            t,
-            volume_to_slices(labels, axis).contiguous(),
-            removed=removed,
-            slice_batch_size=slice_batch_size,
-            autocast_dtype=autocast_dtype,
-            on_chunk=on_chunk,
-            axis=axis_code(axis) if several else None,
-            guidance_scale=guidance_scale,
-        )
-        if x0_smoothing > 0:
-            out = pipe._smooth_x0(out, slices, t, x0_smoothing)
-        out = volume_to_slices(slices_to_volume(out[:, 0], axis), first).contiguous()[:, None]
-        x = scheduler_step(sched, out, t, x, generator)
-    volume = slices_to_volume(x[:, 0].float().clamp(-1.0, 1.0), first).contiguous().cpu()
-    return VolumeGenerationOutput(
-        volume=volume, timesteps=[int(t) for t in timesteps], start_timestep=int(timesteps[0])
+    return pipe(
+        labels,
+        num_inference_steps=len(schedule),
+        slice_axes=list(schedule),
+        seed=seed,
+        scheduler=scheduler,
+        reference=reference,
+        **sampling,
     )
 
 
@@ -349,6 +264,7 @@ def generate_in_cube(
     num_inference_steps: int = defaults.STEPS,
     reference: sitk.Image | None = None,
     max_spacing_ratio: float = MAX_SPACING_RATIO,
+    plan: SamplingPlan | None = None,
     **sampling,
 ) -> MultiAxisResult:
     """Class indices on any grid -> cube frame -> :func:`sample_multiaxis` -> physical values on that grid.
@@ -369,8 +285,13 @@ def generate_in_cube(
         reference: A real image on ``classes``' grid (physical units), for λ < 1 (``strength`` in
             ``sampling``).
         max_spacing_ratio: See :func:`usable_axes`.
+        plan: A :class:`~volgen.sampling.SamplingPlan` resolved for a cube (its axes are filled in here from
+            the schedule; ``num_inference_steps`` and the settings in ``sampling`` but ``seed``, ``keep``
+            and ``callback`` are then the plan's).
         sampling: Keyword arguments of :func:`sample_multiaxis` (seed, scheduler, ρ, λ, keep, ...).
     """
+    if plan is not None:
+        num_inference_steps = plan.num_inference_steps
     frame = to_cube_frame(classes, reference, slice_size=pipe.unet.config.sample_size)
     wanted = tuple(dict.fromkeys(schedule)) if schedule is not None else tuple(axes)
     used = usable_axes(frame, wanted, max_ratio=max_spacing_ratio)
@@ -388,9 +309,14 @@ def generate_in_cube(
         assert frame.image is not None
         window = intensity.window(sitk.GetArrayViewFromImage(reference))
         ref_model = torch.from_numpy(intensity.to_model(frame.image.numpy(), window))
-    out = sample_multiaxis(
-        pipe, frame.labels.long(), schedule=list(schedule), reference=ref_model, **sampling
-    )
+    if plan is not None:
+        axes_run = tuple(schedule)[len(schedule) - plan.steps :]
+        plan = dataclasses.replace(plan, axes=axes_run, primary=schedule[0])
+        out = pipe.run(plan, frame.labels.long(), reference=ref_model, **sampling)
+    else:
+        out = sample_multiaxis(
+            pipe, frame.labels.long(), schedule=list(schedule), reference=ref_model, **sampling
+        )
     physical = intensity.from_model(out.volume.numpy(), window).astype(np.float32)
     background = float(physical.min()) if physical.size else 0.0
     image = resample_to_grid(frame.to_sitk(physical), classes, default=background)
@@ -413,10 +339,12 @@ def generate_multiaxis(
     axis_schedule_kind: str = defaults.AXIS_SCHEDULE,
     late_fraction: float = defaults.LATE_FRACTION,
     seed: int = 0,
-    num_inference_steps: int = 20,
+    num_inference_steps: int = defaults.STEPS,
     scheduler: str = defaults.SCHEDULER,
-    noise_correlation: float = 0.0,
-    slice_batch_size: int = defaults.SLICE_BATCH_SIZE,
+    noise_correlation: float = defaults.NOISE_CORRELATION,
+    x0_smoothing: float = defaults.X0_SMOOTHING,
+    guidance_scale: float | None = None,
+    slice_batch_size: int | str = defaults.SLICE_BATCH_SIZE,
     keep: Sequence[int] | None = None,
     max_spacing_ratio: float = MAX_SPACING_RATIO,
     device: torch.device | str = "cpu",
@@ -461,6 +389,8 @@ def generate_multiaxis(
         scheduler=scheduler,
         slice_batch_size=slice_batch_size,
         noise_correlation=noise_correlation,
+        x0_smoothing=x0_smoothing,
+        guidance_scale=guidance_scale,
         keep=keep,
     )
     image = sitk.GetImageFromArray(meta.intensity.to_storage(sitk.GetArrayViewFromImage(result.image)))
@@ -531,7 +461,7 @@ class MultiAxisSliceDataset(torch.utils.data.Dataset):
     """:class:`volgen.data.SliceDataset` over volumes sliced along different axes; items carry ``axis``.
 
     ``axis`` is the code (0 axial, 1 coronal, 2 sagittal) of the volume the slice came from, for
-    :func:`per_sample_condition_vector`.
+    :func:`volgen.denoiser.per_sample_condition_vector`.
     """
 
     def __init__(self, volumes: Sequence, axes: Sequence[int], context_slices: int, padding: str) -> None:

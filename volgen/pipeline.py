@@ -2,11 +2,13 @@
 
 The pipeline knows tensors only (no paths, no SimpleITK). Its input is a volume of class indices
 ``(Z, H, W)`` in the model's slicing frame (slices along the model's slice axis first, each ``H x W`` of the
-model's slice size); its output is the generated volume ``(Z, H, W)`` in model space [-1, 1].
+model's slice size), or with ``slice_axes`` an ``(X, Y, Z)`` cube sliced along another axis at each step; its
+output is the generated volume in the same layout, in model space [-1, 1].
 
-Per step the UNet runs over the slices in chunks of ``slice_batch_size`` and ``scheduler.step`` runs once on
-the whole volume: multistep schedulers keep one history and stochastic ones draw one noise tensor for the
-volume, so the result does not depend on the chunk size.
+The pipeline holds the model (``unet``, ``scheduler``, the condition settings in its config), resolves a
+call's settings once into a :class:`~volgen.sampling.SamplingPlan` (:meth:`SegmentationToVolumePipeline.plan`)
+and executes it with the one denoising loop (:func:`volgen.sampling.denoise`) and the one denoiser
+(:class:`volgen.denoiser.Denoiser`).
 
 Several volumes (samples of one segmentation with other seeds, or other segmentations) can be generated in
 one call: their slices are stacked so every UNet forward serves all of them, while each volume keeps its own
@@ -16,9 +18,7 @@ the CPU each volume is bitwise the one a call for it alone gives.
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,20 +29,23 @@ from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
 from torch import Tensor
 
 from volgen import defaults
-from volgen.conditioning import (
-    ConditionLayout,
-    condition_slices,
-    condition_vector,
-    selection_to_removed,
-    specified_from_removed,
-    unet_condition,
-)
+from volgen.conditioning import ConditionLayout, selection_to_removed
+from volgen.denoiser import BATCH_GRANULE, UNGUIDED, Denoiser
 from volgen.errors import VolgenError
+from volgen.sampling import (
+    Progress,
+    SamplingPlan,
+    correlated_noise,
+    denoise,
+    smooth_through_plane,
+)
 from volgen.schedulers import NOISE_SCHEDULE_KEYS, make_scheduler, scheduler_step
 
 __all__ = [
+    "BATCH_GRANULE",
     "NOISE_SCHEDULE_KEYS",
     "Progress",
+    "SamplingPlan",
     "SegmentationToVolumePipeline",
     "VolumeGenerationOutput",
     "correlated_noise",
@@ -58,23 +61,6 @@ DEFAULT_SCHEDULER = defaults.SCHEDULER
 DEFAULT_STEPS = defaults.STEPS
 DEFAULT_NOISE_CORRELATION = defaults.NOISE_CORRELATION
 DEFAULT_X0_SMOOTHING = defaults.X0_SMOOTHING
-UNGUIDED = 1.0
-#: The UNet always runs on a multiple of this many slices (a short chunk is padded with empty slices). CPU
-#: kernels (oneDNN convolutions, GEMM) give bitwise different per-sample results for different batch sizes
-#: (small multiples of 4 agree, but 16 and more take other code paths), so on the CPU every forward is exactly
-#: this many slices: the volume does not depend on ``slice_batch_size``. (GPUs run whole chunks; see
-#: docs/reliability.md for what that means for determinism.)
-BATCH_GRANULE = 8
-
-
-@dataclass(frozen=True)
-class Progress:
-    """One progress report: ``slices_done`` of ``slices_total`` slice-forwards over all steps."""
-
-    step: int
-    steps: int
-    slices_done: int
-    slices_total: int
 
 
 @dataclass
@@ -92,45 +78,6 @@ class VolumeGenerationOutput:
     volumes: list[Tensor] = field(default_factory=list)
     timesteps: list[int] = field(default_factory=list)
     start_timestep: int = -1
-
-
-def smooth_through_plane(x: Tensor, sigma: float) -> Tensor:
-    """Gaussian smoothing of ``(Z, C, H, W)`` along the slice axis (dim 0), σ in slices, edges replicated."""
-    if sigma <= 0 or x.shape[0] < 2:
-        return x
-    radius = max(1, math.ceil(3 * sigma))
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).to(x.dtype)
-    columns = x.movedim(0, -1).reshape(-1, 1, x.shape[0])  # (C*H*W, 1, Z)
-    padded = torch.nn.functional.pad(columns, (radius, radius), mode="replicate")
-    smoothed = torch.nn.functional.conv1d(padded, kernel.view(1, 1, -1))
-    return smoothed.reshape(*x.shape[1:], x.shape[0]).movedim(-1, 0)
-
-
-def correlated_noise(
-    shape: Sequence[int],
-    rho: float,
-    generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """Gaussian noise for a whole volume, correlated along the slice axis (dim 0).
-
-    ``n[0] = e[0]``, ``n[z] = rho * n[z-1] + sqrt(1 - rho^2) * e[z]``: every slice has unit variance and
-    neighbouring slices have correlation ``rho`` (0 gives independent slices). Drawn on the CPU from one
-    generator, so the same seed gives the same noise on every device.
-    """
-    if not 0.0 <= rho < 1.0:
-        raise VolgenError(f"noise correlation must be in [0, 1), got {rho}")
-    e = torch.randn(tuple(shape), generator=generator, dtype=dtype)
-    if rho == 0.0 or shape[0] < 2:
-        return e
-    noise = torch.empty_like(e)
-    noise[0] = e[0]
-    keep = math.sqrt(1.0 - rho * rho)
-    for z in range(1, shape[0]):
-        noise[z] = rho * noise[z - 1] + keep * e[z]
-    return noise
 
 
 class SegmentationToVolumePipeline(DiffusionPipeline):
@@ -175,12 +122,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
 
     def condition_for(self, removed: Tensor | None, batch: int, axis: int | None = None) -> Tensor | None:
         """The ``(batch, D)`` condition vector: kept classes specified, dropped ones not (or ``None``)."""
-        specified = specified_from_removed(removed, batch, self.config.num_classes)
-        layout = self.condition_layout
-        if axis is None and layout is not None and len(layout.axes) > 1:  # multi-axis model: its slice_axis
-            axis = ("axial", "coronal", "sagittal").index(self.config.slice_axis)
-            axis = axis if axis in layout.axes else layout.axes[0]
-        return condition_vector(specified, axis=axis, layout=layout)
+        return self.denoiser().vector(removed, batch, axis)
 
     def resolve_guidance_scale(self, guidance_scale: float | None) -> float:
         """The guidance a run uses: ``None`` is :data:`volgen.defaults.GUIDANCE_SCALE` for a model with
@@ -300,7 +242,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             cap=defaults.AUTO_SLICE_BATCH_CPU if device.type == "cpu" else defaults.AUTO_SLICE_BATCH_GPU,
         )
 
-    def slice_forwards(
+    def plan(
         self,
         num_slices: int,
         *,
@@ -308,20 +250,71 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         strength: float = 1.0,
         slice_batch_size: int | str = defaults.SLICE_BATCH_SIZE,
         guidance_scale: float | None = None,
-    ) -> int:
-        """UNet slice-forwards a run over ``num_slices`` slices costs: steps run × slices padded per chunk
-        (× 2 when guided).
+        slice_axes: Sequence[str] | None = None,
+        noise_correlation: float = DEFAULT_NOISE_CORRELATION,
+        x0_smoothing: float = DEFAULT_X0_SMOOTHING,
+        autocast_dtype: torch.dtype | None = None,
+        budget_bytes: int | None = None,
+    ) -> SamplingPlan:
+        """Resolve a run over ``num_slices`` slices per step (all its volumes) into a :class:`SamplingPlan`.
+
+        The one place settings become a run: timesteps after λ (:meth:`set_timesteps`, which also sets them
+        on ``self.scheduler``), the guidance of each step (:meth:`resolve_guidance_scale`), the slicing axis
+        of each step, the slice batch (:meth:`resolve_slice_batch_size`). Dry runs, memory and time
+        estimates, progress totals and sidecars read the plan.
+
+        Args:
+            slice_axes: The slicing axis of every step of the full schedule (multi-axis sampling; labels are
+                then ``(X, Y, Z)`` RAS cubes); ``None``: the volumes' own slices.
+        """
+        timesteps = self.set_timesteps(num_inference_steps, strength)
+        steps = len(timesteps)
+        if slice_axes is not None and len(slice_axes) != num_inference_steps:
+            raise VolgenError(f"give one slice axis per step ({num_inference_steps}), got {len(slice_axes)}")
+        axes = (None,) * steps if slice_axes is None else tuple(slice_axes)[len(slice_axes) - steps :]
+        guidance = self.resolve_guidance_scale(guidance_scale)
+        return SamplingPlan(
+            timesteps=tuple(t.item() for t in timesteps),
+            guidance=(guidance,) * steps,
+            axes=axes,
+            primary=None if slice_axes is None else slice_axes[0],
+            slice_batch_size=self.resolve_slice_batch_size(
+                slice_batch_size, num_slices, budget_bytes=budget_bytes
+            ),
+            num_slices=num_slices,
+            device=str(self.unet.device),
+            autocast_dtype=autocast_dtype,
+            num_inference_steps=num_inference_steps,
+            strength=strength,
+            noise_correlation=noise_correlation,
+            x0_smoothing=x0_smoothing,
+        )
+
+    def slice_forwards(self, num_slices: int, **settings) -> int:
+        """UNet slice-forwards a run over ``num_slices`` slices costs (:attr:`SamplingPlan.forwards`: steps
+        run × slices padded per chunk, × 2 when guided); ``settings`` as for :meth:`plan`.
 
         ``num_slices`` counts every volume of the run: volumes generated together share their chunks.
         """
-        steps = len(self.set_timesteps(num_inference_steps, strength))
-        sbs = self.resolve_slice_batch_size(slice_batch_size, num_slices)
-        padded = sum(_padded(stop - start) for start, stop in _chunks(num_slices, sbs))
-        passes = 1 if self.resolve_guidance_scale(guidance_scale) == UNGUIDED else 2
-        return steps * padded * passes
+        return self.plan(num_slices, **settings).forwards
 
-    def _validate(self, labels: Tensor, reference: Tensor | None, strength: float) -> None:
+    def denoiser(self, autocast_dtype: torch.dtype | None = None) -> Denoiser:
+        """The :class:`~volgen.denoiser.Denoiser` of this pipeline's UNet and condition settings."""
+        return Denoiser(
+            self.unet,
+            num_classes=self.config.num_classes,
+            encoding=self.config.encoding,
+            context_slices=self.config.context_slices,
+            layout=self.condition_layout,
+            slice_axis=self.config.slice_axis,
+            autocast_dtype=autocast_dtype,
+            channels_last=self.unet.device.type == "cuda",
+        )
+
+    def _validate(self, labels: Tensor, reference: Tensor | None, strength: float, cube: bool) -> None:
         size = self.unet.config.sample_size
+        if cube and tuple(labels.shape) != (size, size, size):
+            raise VolgenError(f"labels must be a ({size}, {size}, {size}) cube, got {tuple(labels.shape)}")
         if labels.ndim != 3 or tuple(labels.shape[1:]) != (size, size):
             raise VolgenError(f"labels must be (Z, {size}, {size}) class indices, got {tuple(labels.shape)}")
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -337,65 +330,6 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
                 f"reference shape {tuple(reference.shape)} != labels shape {tuple(labels.shape)}"
             )
 
-    def _smooth_x0(self, eps: Tensor, model_input: Tensor, t: Tensor, sigma: float) -> Tensor:
-        """Smooth the x0 prediction through-plane and return the ε that predicts it.
-
-        ``model_input`` is the noisy volume in the variance-preserving scaling the UNet sees (every
-        scheduler's ``scale_model_input`` maps its own parametrisation to it), so
-        ``x0 = (x_t - sqrt(1-ᾱ_t) ε) / sqrt(ᾱ_t)`` holds for all of them.
-        """
-        alpha = self.scheduler.alphas_cumprod[int(t)].to(eps.device, torch.float32)
-        a, s = alpha.sqrt(), (1 - alpha).sqrt()
-        x_t = model_input.float()
-        if self.scheduler.config.prediction_type == "v_prediction":  # eps holds v = a·ε - s·x0
-            x0 = smooth_through_plane((a * x_t - s * eps).clamp(-1.0, 1.0), sigma)
-            return a * (x_t - a * x0) / s - s * x0
-        x0 = (x_t - s * eps) / a
-        x0 = smooth_through_plane(x0.clamp(-1.0, 1.0), sigma)
-        return (x_t - a * x0) / s
-
-    def _forward(self, unet_in: Tensor, t: Tensor, autocast_dtype: torch.dtype | None) -> Tensor:
-        """The UNet on one chunk, padded to a multiple of :data:`BATCH_GRANULE` slices (float32 out)."""
-        device, n = unet_in.device, unet_in.shape[0]
-        pad = _padded(n) - n
-        if pad:
-            unet_in = torch.cat([unet_in, unet_in.new_zeros(pad, *unet_in.shape[1:])])
-        use_autocast = autocast_dtype is not None and device.type != "cpu"
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
-            if device.type == "cpu":  # fixed-size forwards: see BATCH_GRANULE
-                out = torch.cat([self.unet(part, t).sample for part in unet_in.split(BATCH_GRANULE)])
-            else:
-                out = self.unet(unet_in, t).sample
-        return out[:n].float()
-
-    def _chunk_condition(
-        self,
-        volumes: list[Tensor],
-        starts: list[int],
-        start: int,
-        stop: int,
-        removed: Tensor | None,
-        padding: str,
-    ) -> Tensor:
-        """The mask channels of the stacked slices ``start:stop``: each slice conditioned on its own volume
-        (its 2.5D context never reaches into another volume)."""
-        parts = []
-        for volume, first, end in zip(volumes, starts[:-1], starts[1:], strict=True):
-            if first < stop and start < end:  # this volume's slices in the chunk, in its own frame
-                index = torch.arange(max(start, first) - first, min(stop, end) - first, device=volume.device)
-                parts.append(
-                    condition_slices(
-                        volume,
-                        index,
-                        num_classes=self.config.num_classes,
-                        encoding=self.config.encoding,
-                        context_slices=self.config.context_slices,
-                        removed=removed,
-                        padding=padding,
-                    )
-                )
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
     def predict_noise(
         self,
         model_input: Tensor,
@@ -407,53 +341,21 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         autocast_dtype: torch.dtype | None = None,
         on_chunk: Callable[[int], None] | None = None,
         axis: int | None = None,
-        guidance_scale: float = UNGUIDED,
+        guidance_scale: float | None = UNGUIDED,
     ) -> Tensor:
-        """The UNet's output for the whole volume (or stack of volumes) at timestep ``t``, run in chunks of
-        ``slice_batch_size``.
-
-        Args:
-            model_input: ``(Z, C, H, W)`` noisy volume as the UNet sees it (``scheduler.scale_model_input``);
-                for several volumes their slices one after the other, ``Z = Z_1 + Z_2 + ...``.
-            t: The timestep.
-            labels: ``(Z, H, W)`` class indices (long) on the UNet's device, or one ``(Z_i, H, W)`` tensor per
-                volume of the stack: each slice is conditioned on its own volume (2.5D context included).
-            removed: Classes shown to the UNet as background (see :func:`selection_to_removed`).
-            slice_batch_size: Slices per forward, or ``"auto"`` (:meth:`resolve_slice_batch_size`); each
-                forward is padded to a multiple of :data:`BATCH_GRANULE`, so the result does not depend on it.
-            autocast_dtype: Run the UNet under autocast with this dtype (not on the CPU).
-            on_chunk: Called with the number of slices after every chunk.
-            axis: Slicing axis code for a multi-axis model's condition vector (``None``: its slice axis).
-            guidance_scale: ``w``; other than 1, each chunk also runs with nothing specified (every class
-                removed and flagged unspecified) and the output is ``ε_∅ + w·(ε_c − ε_∅)`` (a model with
-                "specified" flags only: see :meth:`resolve_guidance_scale`).
-        """
-        device = model_input.device
-        volumes = [labels] if isinstance(labels, Tensor) else list(labels)
-        starts = np.cumsum([0] + [v.shape[0] for v in volumes]).tolist()
-        if starts[-1] != model_input.shape[0]:
-            raise VolgenError(f"labels hold {starts[-1]} slices, the model input {model_input.shape[0]}")
-        sbs = self.resolve_slice_batch_size(slice_batch_size, model_input.shape[0])
-        layout = self.condition_layout
-        padding = layout.context_padding if layout is not None else "background"
-        guidance_scale = self.resolve_guidance_scale(guidance_scale)
-        passes = [removed]  # the condition, then (guided) nothing specified
-        if guidance_scale != UNGUIDED:
-            passes.append(selection_to_removed([], self.config.num_classes))
-        vectors = [self.condition_for(r, 1, axis) for r in passes]  # (1, D) each, the same for every slice
-        vectors = [None if v is None else v.to(device) for v in vectors]
-        eps = torch.empty_like(model_input)
-        for start, stop in _chunks(model_input.shape[0], sbs):
-            outs = []
-            for pass_removed, vector in zip(passes, vectors, strict=True):
-                cond = self._chunk_condition(volumes, starts, start, stop, pass_removed, padding)
-                cond = unet_condition(cond, None if vector is None else vector.expand(stop - start, -1))
-                unet_in = torch.cat([model_input[start:stop], cond.to(model_input.dtype)], dim=1)
-                outs.append(self._forward(unet_in, t, autocast_dtype))
-            eps[start:stop] = outs[0] if len(outs) == 1 else outs[1] + guidance_scale * (outs[0] - outs[1])
-            if on_chunk is not None:
-                on_chunk(stop - start)
-        return eps
+        """The UNet's output for a volume (or stack of volumes) at timestep ``t``: the settings resolved
+        (:meth:`resolve_slice_batch_size`, :meth:`resolve_guidance_scale`), then
+        :meth:`volgen.denoiser.Denoiser.predict` (see there for the arguments)."""
+        return self.denoiser(autocast_dtype).predict(
+            model_input,
+            t,
+            labels,
+            slice_batch_size=self.resolve_slice_batch_size(slice_batch_size, model_input.shape[0]),
+            removed=removed,
+            guidance_scale=self.resolve_guidance_scale(guidance_scale),
+            axis=axis,
+            on_chunk=on_chunk,
+        )
 
     @torch.no_grad()
     def __call__(
@@ -471,6 +373,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         reference: Tensor | np.ndarray | Sequence[Tensor | np.ndarray] | None = None,
         strength: float = 1.0,
         guidance_scale: float | None = None,
+        slice_axes: Sequence[str] | None = None,
         autocast_dtype: torch.dtype | None = None,
         callback: Callable[[Progress], None] | None = None,
         output_type: str = "pt",
@@ -484,7 +387,8 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
 
         Args:
             labels: ``(Z, H, W)`` integer class indices in the model's slicing frame (``H = W`` = slice size),
-                a tensor or a numpy array; or a list or tuple of them (``Z`` may differ), one per volume.
+                a tensor or a numpy array; or a list or tuple of them (``Z`` may differ), one per volume. With
+                ``slice_axes``: ``(X, Y, Z)`` RAS cubes of ``slice_size`` along every axis.
             num_inference_steps: Denoising steps over the full schedule (λ < 1 runs the last ``≈λ·N``).
             generator: Source of all randomness (a list: one per volume); ``seed`` makes them when ``None``.
             seed: Seed for a fresh CPU generator (ignored when ``generator`` is given); for several volumes a
@@ -493,16 +397,18 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
                 ``None`` uses ``self.scheduler`` as it is.
             slice_batch_size: Slices per UNet forward, or ``"auto"`` (:meth:`resolve_slice_batch_size`; the
                 slices of all volumes count); does not change the result.
-            noise_correlation: ρ of the initial noise along the slice axis.
-            x0_smoothing: σ (in slices) of a Gaussian applied along the slice axis to the clean-image (x0)
-                prediction at every step, before the scheduler uses it; 0 turns it off.
+            noise_correlation: ρ of the initial noise along the (first) slice axis.
+            x0_smoothing: σ (in slices) of a Gaussian applied along each step's slice axis to the clean-image
+                (x0) prediction, before the scheduler uses it; 0 turns it off.
             keep: Foreground class indices kept in the condition (the rest become background); ``None``: all.
-            reference: ``(Z, H, W)`` real image in model space [-1, 1], registered to ``labels`` (for λ); a
-                list, one per volume, with a list of labels.
+            reference: Real image in model space [-1, 1], registered to ``labels`` and in their layout (for
+                λ); a list, one per volume, with a list of labels.
             strength: λ in [0, 1]: 0 returns ``reference``, 1 generates freely.
             guidance_scale: Classifier-free guidance ``w`` towards the condition (1: off, one UNet pass per
                 step; ``None``: :data:`volgen.defaults.GUIDANCE_SCALE` for a model with "specified" flags, off
                 for older models; see :meth:`resolve_guidance_scale`).
+            slice_axes: Multi-axis sampling: the slicing axis of every step of the full schedule
+                (:func:`volgen.multiaxis.axis_schedule`; its length is ``num_inference_steps``).
             autocast_dtype: ``torch.float16``/``torch.bfloat16`` to run the UNet under autocast (CUDA).
             callback: Called with a :class:`Progress` after every UNet chunk (slices of all volumes).
             output_type: ``"pt"`` (CPU tensors) or ``"np"`` (numpy arrays).
@@ -510,6 +416,45 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         Returns:
             :class:`VolumeGenerationOutput` with the volume(s) in model space.
         """
+        if scheduler is not None:
+            self.set_scheduler(scheduler)
+        volumes = labels if isinstance(labels, list | tuple) else [labels]
+        plan = self.plan(
+            sum(int(v.shape[0]) if getattr(v, "ndim", 0) else 0 for v in volumes),
+            num_inference_steps=num_inference_steps,
+            strength=strength,
+            slice_batch_size=slice_batch_size,
+            guidance_scale=guidance_scale,
+            slice_axes=slice_axes,
+            noise_correlation=noise_correlation,
+            x0_smoothing=x0_smoothing,
+            autocast_dtype=autocast_dtype,
+        )
+        return self.run(
+            plan,
+            labels,
+            generator=generator,
+            seed=seed,
+            reference=reference,
+            keep=keep,
+            callback=callback,
+            output_type=output_type,
+        )
+
+    def run(
+        self,
+        plan: SamplingPlan,
+        labels: Tensor | np.ndarray | Sequence[Tensor | np.ndarray],
+        *,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        seed: int | Sequence[int] | None = None,
+        reference: Tensor | np.ndarray | Sequence[Tensor | np.ndarray] | None = None,
+        keep: Sequence[int] | None = None,
+        callback: Callable[[Progress], None] | None = None,
+        output_type: str = "pt",
+    ) -> VolumeGenerationOutput:
+        """Execute a :meth:`plan` with ``self.scheduler``: check the inputs against it, then run the one
+        denoising loop (:func:`volgen.sampling.denoise`). Arguments as for :meth:`__call__`."""
         several = isinstance(labels, list | tuple)
         volumes = [torch.as_tensor(v) for v in labels] if several else [torch.as_tensor(labels)]
         count = len(volumes)
@@ -518,63 +463,42 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         references = _per_volume(reference, count, several, "reference")
         references = [None if r is None else torch.as_tensor(r) for r in references]
         generators = _generators(generator, seed, count)
-        if scheduler is not None:
-            self.set_scheduler(scheduler)
         for volume, ref in zip(volumes, references, strict=True):
-            self._validate(volume, ref, strength)
-        guidance_scale = self.resolve_guidance_scale(guidance_scale)
-        total = sum(v.shape[0] for v in volumes)
-        slice_batch_size = self.resolve_slice_batch_size(slice_batch_size, total)
-        device = self.unet.device
-        removed = None if keep is None else selection_to_removed(keep, self.config.num_classes)
-        volumes = [v.to(device=device, dtype=torch.long) for v in volumes]
-        timesteps = self.set_timesteps(num_inference_steps, strength, device=device)
-        # one scheduler per volume: multistep solvers keep a history, and the step index, per volume
-        schedulers = [self.scheduler] + [copy.deepcopy(self.scheduler) for _ in volumes[1:]]
-        out_channels = self.unet.config.out_channels
-
-        xs = []
-        for volume, ref, gen, sched in zip(volumes, references, generators, schedulers, strict=True):
-            shape = (volume.shape[0], out_channels, *volume.shape[1:])
-            noise = correlated_noise(shape, noise_correlation, gen).to(device)
-            if strength < 1.0:
-                ref = ref.to(device=device, dtype=torch.float32)[:, None]
-                xs.append(ref if len(timesteps) == 0 else sched.add_noise(ref, noise, timesteps[:1]))
-            else:
-                xs.append(noise * sched.init_noise_sigma)
-        if len(timesteps) == 0:  # λ too small to reach a timestep: the references are the answer
-            done_volumes = [x[:, 0].float().cpu() for x in xs]
-            return _output(done_volumes, output_type, timesteps=[], start=-1)
-
-        steps, done = len(timesteps), 0
-        for i, t in enumerate(timesteps):
-
-            def on_chunk(n: int, step: int = i) -> None:
-                nonlocal done
-                done += n
-                if callback is not None:
-                    callback(Progress(step=step, steps=steps, slices_done=done, slices_total=steps * total))
-
-            model_inputs = [sched.scale_model_input(x, t) for sched, x in zip(schedulers, xs, strict=True)]
-            eps_all = self.predict_noise(
-                model_inputs[0] if count == 1 else torch.cat(model_inputs),
-                t,
-                volumes,
-                removed=removed,
-                slice_batch_size=slice_batch_size,
-                autocast_dtype=autocast_dtype,
-                on_chunk=on_chunk,
-                guidance_scale=guidance_scale,
+            self._validate(volume, ref, plan.strength, cube=plan.primary is not None)
+        if plan.primary is not None:
+            self._check_axes([plan.primary, *plan.axes])
+        if sum(v.shape[0] for v in volumes) != plan.num_slices:
+            raise VolgenError(
+                f"the plan is for {plan.num_slices} slices per step, the labels hold another count"
             )
-            eps_parts = eps_all.split([v.shape[0] for v in volumes])
-            for k, (sched, model_input, eps, gen) in enumerate(
-                zip(schedulers, model_inputs, eps_parts, generators, strict=True)
-            ):
-                if x0_smoothing > 0:
-                    eps = self._smooth_x0(eps, model_input, t, x0_smoothing)
-                xs[k] = scheduler_step(sched, eps, t, xs[k], gen)
-        results = [x[:, 0].float().clamp(-1.0, 1.0).cpu() for x in xs]
-        return _output(results, output_type, timesteps=[int(t) for t in timesteps], start=int(timesteps[0]))
+        device = self.unet.device
+        timesteps = self.set_timesteps(plan.num_inference_steps, plan.strength, device=device)
+        removed = None if keep is None else selection_to_removed(keep, self.config.num_classes)
+        results = denoise(
+            plan,
+            self.denoiser(plan.autocast_dtype),
+            self.scheduler,
+            timesteps,
+            [v.to(device=device, dtype=torch.long) for v in volumes],
+            generators,
+            references=references,
+            removed=removed,
+            out_channels=self.unet.config.out_channels,
+            callback=callback,
+        )
+        return _output(results, output_type, timesteps=list(plan.timesteps), start=plan.start_timestep)
+
+    def _check_axes(self, slice_axes: Sequence[str]) -> None:
+        """Refuse a slice axis the model was not trained on."""
+        layout = self.condition_layout
+        names = defaults.AXIS_NAMES
+        trained = [names[a] for a in layout.axes] if layout is not None and len(layout.axes) > 1 else []
+        trained = trained or [self.config.slice_axis]
+        unknown = sorted(set(slice_axes) - set(trained))
+        if unknown:
+            raise VolgenError(
+                f"the model was trained on {', '.join(trained)} slices, not {', '.join(unknown)}"
+            )
 
 
 def _per_volume(value: Any, count: int, several: bool, name: str) -> list[Any]:
@@ -631,13 +555,3 @@ def _load_parts(folder) -> tuple[object, object, dict]:
     keys = ("encoding", "context_slices", "num_classes", "slice_axis")
     settings = {k: config[k] for k in keys if isinstance(config, dict) and k in config}
     return unet.float().eval(), schedule, settings
-
-
-def _chunks(num_slices: int, slice_batch_size: int) -> list[tuple[int, int]]:
-    """``(start, stop)`` of the UNet chunks over ``num_slices`` slices."""
-    return [(s, min(s + slice_batch_size, num_slices)) for s in range(0, num_slices, slice_batch_size)]
-
-
-def _padded(n: int) -> int:
-    """Slices a chunk of ``n`` costs: it is padded up to a multiple of :data:`BATCH_GRANULE`."""
-    return n + (-n % BATCH_GRANULE)

@@ -321,6 +321,35 @@ class VolumeGenerator:
                 high = mid - 1
         return low
 
+    def plan(
+        self,
+        segmentation: Any,
+        settings: GenerateSettings,
+        *,
+        volumes: int = 1,
+        max_memory: int | None = None,
+    ) -> Any:
+        """The :class:`~volgen.sampling.SamplingPlan` of generating ``volumes`` volumes of this segmentation
+        together: timesteps after λ, guidance per step, slice batch (``auto``: as chosen within
+        ``max_memory``), precision and forwards. Time estimates, dry runs and sidecars read it."""
+        slices, voxels, _ = self._run_size(segmentation, settings, volumes, max_memory)
+        return self._plan(slices, voxels, settings, max_memory)
+
+    def _plan(self, slices: int, voxels: int, settings: GenerateSettings, max_memory: int | None) -> Any:
+        """The plan of a run over ``slices`` frame slices per step and ``voxels`` input voxels (all volumes);
+        the settings resolved once, against this model (a :class:`SettingsError` if they do not fit)."""
+        self.pipeline.set_scheduler(settings.scheduler)
+        return self.pipeline.plan(
+            slices,
+            num_inference_steps=settings.num_inference_steps,
+            strength=settings.strength,
+            slice_batch_size=self._slice_batch(slices, voxels, settings, max_memory),
+            guidance_scale=self.guidance_scale(settings),
+            noise_correlation=settings.noise_correlation,
+            x0_smoothing=settings.x0_smoothing,
+            autocast_dtype=self.autocast_dtype,
+        )
+
     def slice_forwards(
         self,
         segmentation: Any,
@@ -331,16 +360,8 @@ class VolumeGenerator:
     ) -> int:
         """UNet slice-forwards generating ``volumes`` volumes of this segmentation together costs (for time
         estimates; volumes generated together share their padded chunks; ``auto`` chunks as chosen within
-        ``max_memory``)."""
-        self.pipeline.set_scheduler(settings.scheduler)
-        slices, _, slice_batch = self._run_size(segmentation, settings, volumes, max_memory)
-        return self.pipeline.slice_forwards(
-            slices,
-            num_inference_steps=settings.num_inference_steps,
-            strength=settings.strength,
-            slice_batch_size=slice_batch,
-            guidance_scale=self.guidance_scale(settings),
-        )
+        ``max_memory``): :attr:`volgen.sampling.SamplingPlan.forwards` of :meth:`plan`."""
+        return self.plan(segmentation, settings, volumes=volumes, max_memory=max_memory).forwards
 
     def generate(
         self,
@@ -425,10 +446,18 @@ class VolumeGenerator:
             key = (id(request.segmentation), id(request.reference))
             if key not in prepared:
                 prepared[key] = self._prepare(request, kept)
-        self.pipeline.set_scheduler(settings.scheduler)
-        timesteps = self.pipeline.set_timesteps(settings.num_inference_steps, settings.strength)
+        axes = self.cube_axes(settings)
+        if axes is None:  # single-axis: all volumes in one run, along the model's axis
+            slices = sum(slices_along(r.segmentation, self.metadata.slice_axis) for r in requests)
+            voxels = sum(int(np.prod(r.segmentation.GetSize())) for r in requests)
+        else:  # multi-axis: one cube at a time
+            slices, voxels = (
+                self.metadata.slice_size,
+                max(int(np.prod(r.segmentation.GetSize())) for r in requests),
+            )
+        plan = self._plan(slices, voxels, settings, max_memory)
         names = self._names(kept)
-        if len(timesteps) == 0:  # λ = 0: nothing to denoise, the references are the answer
+        if not plan.steps:  # λ = 0: nothing to denoise, the references are the answer
             seconds = time.perf_counter() - started
             return [
                 GeneratedVolume(
@@ -439,16 +468,15 @@ class VolumeGenerator:
                 )
                 for r in requests
             ]
-        axes = self.cube_axes(settings)
         if axes is not None:  # multi-axis: one cube at a time
             volumes = [
                 self._sample_cube(
-                    r, prepared[id(r.segmentation), id(r.reference)][0], axes, kept, progress, max_memory
+                    r, prepared[id(r.segmentation), id(r.reference)][0], axes, kept, progress, plan
                 )
                 for r in requests
             ]
         else:
-            images, result = self._sample(requests, prepared, settings, kept, progress, max_memory)
+            images, result = self._sample(requests, prepared, kept, progress, plan)
             axis = self.metadata.slice_axis
             volumes = [
                 GeneratedVolume(
@@ -461,7 +489,7 @@ class VolumeGenerator:
                 )
                 for image in images
             ]
-        seconds, guidance = time.perf_counter() - started, self.guidance_scale(settings)
+        seconds, guidance = time.perf_counter() - started, plan.guidance_scale
         for volume, r in zip(volumes, requests, strict=True):
             volume.condition = prepared[id(r.segmentation), id(r.reference)][1]
             volume.classes_kept, volume.seconds, volume.guidance_scale = names, seconds, guidance
@@ -480,7 +508,7 @@ class VolumeGenerator:
             )
         return classes, self._condition(classes, kept)
 
-    def _sample(self, requests, prepared, settings, kept, progress, max_memory) -> tuple[list[Any], Any]:
+    def _sample(self, requests, prepared, kept, progress, plan) -> tuple[list[Any], Any]:
         """Into the slicing frame, through the pipeline (all volumes in one run), back onto each grid."""
         import SimpleITK as sitk
         import torch
@@ -505,20 +533,12 @@ class VolumeGenerator:
         keys = [(id(r.segmentation), id(r.reference)) for r in requests]
         labels = [frames[k][0].labels.long() for k in keys]
         references = [frames[k][2] for k in keys]
-        slices = sum(int(v.shape[0]) for v in labels)
-        voxels = sum(int(np.prod(r.segmentation.GetSize())) for r in requests)
-        result = self.pipeline(
+        result = self.pipeline.run(
+            plan,
             labels,
-            num_inference_steps=settings.num_inference_steps,
             seed=[r.settings.seed for r in requests],
-            slice_batch_size=self._slice_batch(slices, voxels, settings, max_memory),
-            noise_correlation=settings.noise_correlation,
-            x0_smoothing=settings.x0_smoothing,
             keep=None if len(kept) == meta.num_classes - 1 else kept,
             reference=None if references[0] is None else references,
-            strength=settings.strength,
-            guidance_scale=self.guidance_scale(settings),
-            autocast_dtype=self.autocast_dtype,
             callback=progress,
         )
         images = []
@@ -530,12 +550,11 @@ class VolumeGenerator:
             images.append(self._stored(generated, request.segmentation))
         return images, result
 
-    def _sample_cube(self, request, classes, axes, kept, progress, max_memory) -> GeneratedVolume:
+    def _sample_cube(self, request, classes, axes, kept, progress, plan) -> GeneratedVolume:
         """Multi-axis sampling in the isotropic cube frame (:func:`volgen.multiaxis.generate_in_cube`)."""
         from volgen.multiaxis import generate_in_cube
 
         settings, meta = request.settings, self.metadata
-        _, _, slice_batch = self._run_size(request.segmentation, settings, 1, max_memory)
         result = generate_in_cube(
             self.pipeline,
             classes,
@@ -543,17 +562,10 @@ class VolumeGenerator:
             axes=axes,
             axis_schedule_kind=settings.axis_schedule,
             late_fraction=settings.late_fraction,
-            num_inference_steps=settings.num_inference_steps,
             reference=request.reference,
+            plan=plan,
             seed=settings.seed,
-            scheduler=settings.scheduler,
-            slice_batch_size=slice_batch,
-            noise_correlation=settings.noise_correlation,
-            x0_smoothing=settings.x0_smoothing,
             keep=None if len(kept) == meta.num_classes - 1 else kept,
-            strength=settings.strength,
-            guidance_scale=self.guidance_scale(settings),
-            autocast_dtype=self.autocast_dtype,
             callback=progress,
         )
         return GeneratedVolume(

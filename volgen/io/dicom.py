@@ -27,6 +27,7 @@ from volgen import __version__
 from volgen.errors import OutputError
 from volgen.io.atomic import atomic_directory
 from volgen.io.dicom_read import (
+    _MR_LUT_LABEL,
     COPIED_KEYS,
     SEGMENTATION_STORAGE,
     DicomSeries,
@@ -116,8 +117,6 @@ def _integral(array: np.ndarray) -> bool:
 
 #: Largest stored value of MR output (unsigned 16 bit).
 MR_STORED_MAX = 65535
-#: LUTLabel of the Real World Value Mapping volgen writes (and reads back: :func:`volgen_mr_mapping`).
-_MR_LUT_LABEL = "VOLGEN_MR"
 
 
 def mr_storage(array: np.ndarray) -> tuple[float, float, bool]:
@@ -170,18 +169,6 @@ def _real_world_values(slope: float, intercept: float, signed: bool) -> Dataset:
     unit.CodeMeaning = "arbitrary unit"
     item.MeasurementUnitsCodeSequence = [unit]
     return item
-
-
-def volgen_mr_mapping(header: Dataset) -> tuple[float, float] | None:
-    """``(slope, intercept)`` of an MR file volgen wrote with its intensities mapped (see :func:`mr_storage`),
-    ``None`` for anything else (other files keep the reader's usual Rescale Slope/Intercept handling)."""
-    if "RescaleSlope" in header or "RealWorldValueMappingSequence" not in header:
-        return None
-    items = header.RealWorldValueMappingSequence
-    if len(items) != 1 or items[0].get("LUTLabel", "") != _MR_LUT_LABEL:
-        return None
-    slope, intercept = float(items[0].RealWorldValueSlope), float(items[0].RealWorldValueIntercept)
-    return None if (slope, intercept) == (1.0, 0.0) else (slope, intercept)
 
 
 def _now() -> tuple[str, str]:

@@ -69,6 +69,9 @@ COPIED_KEYS = (
     "FrameOfReferenceUID",
 )
 
+#: LUTLabel of the Real World Value Mapping volgen writes (and reads back: :func:`volgen_mr_mapping`).
+_MR_LUT_LABEL = "VOLGEN_MR"
+
 
 @dataclass(frozen=True)
 class DicomSeries:
@@ -279,12 +282,23 @@ def read_dicom_folder(folder: PathLike, *, series: str | None = None) -> Loaded:
     return Loaded(image=_real_world_values(clear_metadata(image), first), format=DICOM_SERIES)
 
 
+def volgen_mr_mapping(header: Dataset) -> tuple[float, float] | None:
+    """``(slope, intercept)`` of an MR file volgen wrote with its intensities mapped (see
+    :func:`volgen.io.dicom.mr_storage`), ``None`` for anything else (other files keep the reader's usual
+    Rescale Slope/Intercept handling)."""
+    if "RescaleSlope" in header or "RealWorldValueMappingSequence" not in header:
+        return None
+    items = header.RealWorldValueMappingSequence
+    if len(items) != 1 or items[0].get("LUTLabel", "") != _MR_LUT_LABEL:
+        return None
+    slope, intercept = float(items[0].RealWorldValueSlope), float(items[0].RealWorldValueIntercept)
+    return None if (slope, intercept) == (1.0, 0.0) else (slope, intercept)
+
+
 def _real_world_values(image: sitk.Image, header: Dataset) -> sitk.Image:
     """volgen's own MR series (no Rescale Slope/Intercept; the intensity mapping in a Real World Value
     Mapping labelled by volgen) read back as the intensities that were written. Other series stay as stored:
     another vendor's mapping may describe quantities the user expects as stored values."""
-    from volgen.io.dicom import volgen_mr_mapping
-
     mapping = volgen_mr_mapping(header)
     if mapping is None:
         return image

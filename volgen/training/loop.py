@@ -25,7 +25,7 @@ from volgen.augmentation import Augmenter, AugmentingCollate
 from volgen.config import save_yaml
 from volgen.data import apply_edge_cuts, erase_classes
 from volgen.errors import ConfigError, OutputError, VolgenError
-from volgen.multiaxis import MultiAxisSliceDataset, layout_with_axes, per_sample_condition_vector
+from volgen.multiaxis import MultiAxisSliceDataset, layout_with_axes
 from volgen.training.checkpoint import (
     CHECKPOINTS,
     TRAINER_STATE,
@@ -283,12 +283,7 @@ def _setup(config: TrainConfig, checkpoint: Path | None) -> _Run:
 
 def _step(run: _Run, batch: dict[str, torch.Tensor], step: int) -> tuple[float, float]:
     """One optimisation step (0-based ``step``); returns the global batch's mean loss and the rate used."""
-    from volgen.conditioning import (
-        encode,
-        remove_classes,
-        specified_from_removed,
-        unet_condition,
-    )
+    from volgen.denoiser import Denoiser
 
     cfg, metadata, accelerator = run.config.training, run.metadata, run.accelerator
     device = accelerator.device
@@ -317,17 +312,22 @@ def _step(run: _Run, batch: dict[str, torch.Tensor], step: int) -> tuple[float, 
     )
     erase = step_erasures(step, seed=cfg.seed, batch_size=cfg.batch_size, p=run.config.data.erase_p)
     context, x0 = erase_classes(context, x0, erase[local], run.erased)
-    cond = encode(remove_classes(context, removed), num_classes, metadata.encoding)
-    # ablated classes are flagged unspecified (the same per-sample ablation as the masks)
-    specified = specified_from_removed(removed, removed.shape[0], num_classes)
-    # multi-axis data: each sample's slice axis in its vector (volgen.multiaxis)
-    vector = per_sample_condition_vector(specified, batch.get("axis"), metadata.condition)
-    cond = unet_condition(cond, vector)
+    denoiser = Denoiser(
+        run.model,
+        num_classes=num_classes,
+        encoding=metadata.encoding,
+        context_slices=metadata.context_slices,
+        layout=metadata.condition,
+        slice_axis=metadata.slice_axis,
+    )
+    # ablated classes are flagged unspecified (the same per-sample ablation as the masks); multi-axis data:
+    # each sample's slice axis in its vector
+    cond = denoiser.training_condition(context, removed, batch.get("axis"))
     x_t = run.scheduler.add_noise(x0, noise, timesteps)
     if run.dropout:
         seed_step_dropout(cfg.seed, step, accelerator.process_index)
     with accelerator.autocast():
-        pred = run.model(torch.cat([x_t, cond], dim=1), timesteps).sample
+        pred = denoiser.forward(x_t, timesteps, cond)
     loss = diffusion_loss(pred, x0, noise, timesteps, run.scheduler, cfg.snr_gamma)
     accelerator.backward(loss)
     if cfg.grad_clip is not None and accelerator.sync_gradients:

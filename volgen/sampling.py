@@ -1,0 +1,292 @@
+"""The denoising loop, and the plan it reads.
+
+A run is resolved once into a :class:`SamplingPlan` (timesteps after λ, guidance and slicing axis per step,
+slice batch, precision, the number of network forwards); :func:`denoise` executes it. Single-axis sampling and
+multi-axis sampling (``cycle``, ``late``: :func:`volgen.multiaxis.axis_schedule`) are the same loop: the plan
+says which axis each step slices along, and a :class:`StackFrame` reslices the state for that step.
+
+Per step the network runs over the slices of every volume in chunks (:meth:`volgen.denoiser.Denoiser.predict`)
+and ``scheduler.step`` runs once per volume on the whole volume: multistep schedulers keep one history and
+stochastic ones draw one noise tensor per volume, so the result does not depend on the chunk size, and on the
+CPU each volume of a stack is bitwise the one a run for it alone gives.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from volgen.denoiser import UNGUIDED, Denoiser, chunks, padded_slices
+from volgen.errors import VolgenError
+from volgen.frames import slices_to_volume, volume_to_slices
+from volgen.schedulers import scheduler_step
+
+__all__ = [
+    "Progress",
+    "SamplingPlan",
+    "StackFrame",
+    "correlated_noise",
+    "denoise",
+    "smooth_through_plane",
+    "smooth_x0",
+]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress report: ``slices_done`` of ``slices_total`` slice-forwards over all steps."""
+
+    step: int
+    steps: int
+    slices_done: int
+    slices_total: int
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """Everything a run does, resolved once from the settings and the model.
+
+    Attributes:
+        timesteps: The timesteps denoised (after λ: only those ``<= t*``; empty when none is reached).
+        guidance: The classifier-free guidance ``w`` of each step (1: one pass, unguided).
+        axes: The slicing axis of each step; ``None`` entries slice the volumes as given (single-axis).
+        primary: The axis the state is kept along (the first of the full axis schedule; ``None``:
+            single-axis).
+        slice_batch_size: Slices per chunk (all volumes together).
+        num_slices: Slices per step, all volumes together.
+        device: Where the network runs.
+        autocast_dtype: Autocast dtype of the network (``None``: float32).
+        num_inference_steps: Steps of the full schedule.
+        strength: λ.
+        noise_correlation: ρ of the initial noise along the primary axis.
+        x0_smoothing: σ (slices) of the through-plane smoothing of the x0 prediction (0: off).
+    """
+
+    timesteps: tuple[int, ...]
+    guidance: tuple[float, ...]
+    axes: tuple[str | None, ...]
+    primary: str | None
+    slice_batch_size: int
+    num_slices: int
+    device: str
+    autocast_dtype: torch.dtype | None
+    num_inference_steps: int
+    strength: float
+    noise_correlation: float
+    x0_smoothing: float
+
+    @property
+    def steps(self) -> int:
+        """Steps that run."""
+        return len(self.timesteps)
+
+    @property
+    def start_timestep(self) -> int:
+        """Where denoising starts (``t*``; -1 when nothing is denoised)."""
+        return self.timesteps[0] if self.timesteps else -1
+
+    @property
+    def guidance_scale(self) -> float:
+        """The guidance of the guided steps (1 when no step is guided)."""
+        return next((w for w in self.guidance if w != UNGUIDED), UNGUIDED)
+
+    @property
+    def passes(self) -> tuple[int, ...]:
+        """Network passes of each step: 2 where guided (conditional and unconditional), else 1."""
+        return tuple(1 if w == UNGUIDED else 2 for w in self.guidance)
+
+    @property
+    def forwards(self) -> int:
+        """Slice-forwards of the network over the run (chunks padded to whole granules, × 2 when guided)."""
+        padded = sum(
+            padded_slices(stop - start) for start, stop in chunks(self.num_slices, self.slice_batch_size)
+        )
+        return padded * sum(self.passes)
+
+
+def smooth_through_plane(x: Tensor, sigma: float) -> Tensor:
+    """Gaussian smoothing of ``(Z, C, H, W)`` along the slice axis (dim 0), σ in slices, edges replicated."""
+    if sigma <= 0 or x.shape[0] < 2:
+        return x
+    radius = max(1, math.ceil(3 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(x.dtype)
+    columns = x.movedim(0, -1).reshape(-1, 1, x.shape[0])  # (C*H*W, 1, Z)
+    padded = torch.nn.functional.pad(columns, (radius, radius), mode="replicate")
+    smoothed = torch.nn.functional.conv1d(padded, kernel.view(1, 1, -1))
+    return smoothed.reshape(*x.shape[1:], x.shape[0]).movedim(-1, 0)
+
+
+def smooth_x0(eps: Tensor, model_input: Tensor, t: Tensor, sigma: float, scheduler) -> Tensor:
+    """Smooth the x0 prediction through-plane and return the network output that predicts it.
+
+    ``model_input`` is the noisy volume in the variance-preserving scaling the network sees (every
+    scheduler's ``scale_model_input`` maps its own parametrisation to it), so
+    ``x0 = (x_t - sqrt(1-ᾱ_t) ε) / sqrt(ᾱ_t)`` holds for all of them (``v`` is mapped the same way).
+    """
+    alpha = scheduler.alphas_cumprod[int(t)].to(eps.device, torch.float32)
+    a, s = alpha.sqrt(), (1 - alpha).sqrt()
+    x_t = model_input.float()
+    if scheduler.config.prediction_type == "v_prediction":  # eps holds v = a·ε - s·x0
+        x0 = smooth_through_plane((a * x_t - s * eps).clamp(-1.0, 1.0), sigma)
+        return a * (x_t - a * x0) / s - s * x0
+    x0 = (x_t - s * eps) / a
+    x0 = smooth_through_plane(x0.clamp(-1.0, 1.0), sigma)
+    return (x_t - a * x0) / s
+
+
+def correlated_noise(
+    shape: Sequence[int],
+    rho: float,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Gaussian noise for a whole volume, correlated along the slice axis (dim 0).
+
+    ``n[0] = e[0]``, ``n[z] = rho * n[z-1] + sqrt(1 - rho^2) * e[z]``: every slice has unit variance and
+    neighbouring slices have correlation ``rho`` (0 gives independent slices). Drawn on the CPU from one
+    generator, so the same seed gives the same noise on every device.
+    """
+    if not 0.0 <= rho < 1.0:
+        raise VolgenError(f"noise correlation must be in [0, 1), got {rho}")
+    e = torch.randn(tuple(shape), generator=generator, dtype=dtype)
+    if rho == 0.0 or shape[0] < 2:
+        return e
+    noise = torch.empty_like(e)
+    noise[0] = e[0]
+    keep = math.sqrt(1.0 - rho * rho)
+    for z in range(1, shape[0]):
+        noise[z] = rho * noise[z - 1] + keep * e[z]
+    return noise
+
+
+@dataclass(frozen=True)
+class StackFrame:
+    """How the loop's state - each volume as ``(N, 1, H, W)`` slices along ``primary`` - is seen by a step.
+
+    ``primary=None`` (single-axis): volumes are given as slices already and every step sees them as they are.
+    Otherwise volumes are ``(X, Y, Z)`` RAS cubes and a step along ``axis`` sees them resliced along it
+    (:func:`volgen.frames.volume_to_slices`).
+    """
+
+    primary: str | None = None
+
+    def slices(self, volume: Tensor, axis: str | None) -> Tensor:
+        """A volume as given -> ``(N, H, W)`` slices along ``axis``."""
+        return volume if axis is None else volume_to_slices(volume, axis).contiguous()
+
+    def volume(self, slices: Tensor) -> Tensor:
+        """``(N, H, W)`` slices along ``primary`` -> the volume as given."""
+        return slices if self.primary is None else slices_to_volume(slices, self.primary).contiguous()
+
+    def view(self, state: Tensor, axis: str | None) -> Tensor:
+        """The state ``(N, 1, H, W)`` along ``primary`` as slices along ``axis``."""
+        if axis == self.primary:
+            return state
+        return self.slices(self.volume(state[:, 0]), axis)[:, None]
+
+    def back(self, slices: Tensor, axis: str | None) -> Tensor:
+        """Slices ``(N, 1, H, W)`` along ``axis`` as the state's slices along ``primary``."""
+        if axis == self.primary:
+            return slices
+        return self.slices(slices_to_volume(slices[:, 0], axis), self.primary)[:, None]
+
+
+def denoise(
+    plan: SamplingPlan,
+    denoiser: Denoiser,
+    scheduler,
+    timesteps: Tensor,
+    labels: Sequence[Tensor],
+    generators: Sequence[torch.Generator],
+    *,
+    references: Sequence[Tensor | None] | None = None,
+    removed: Tensor | None = None,
+    out_channels: int = 1,
+    callback: Callable[[Progress], None] | None = None,
+) -> list[Tensor]:
+    """Run a plan: the one denoising loop of volgen.
+
+    Args:
+        plan: The run.
+        denoiser: The network and its input.
+        scheduler: The sampler (copied per volume: multistep solvers keep a history per volume).
+        timesteps: The plan's timesteps as ``scheduler`` holds them (set for the run, on the device).
+        labels: One volume of class indices (long, on the device) per generated volume, in the frame's
+            layout (single-axis: ``(Z, H, W)`` slices; multi-axis: ``(X, Y, Z)`` cubes).
+        generators: One per volume, the source of all its randomness.
+        references: For λ < 1, one real volume per volume in model space (same layout as ``labels``).
+        removed: Classes shown as background in the condition.
+        out_channels: The network's output channels.
+        callback: Called with a :class:`Progress` after every chunk (slices of all volumes).
+
+    Returns:
+        The volumes in model space, float32 on the CPU, in the frame's layout (clamped to [-1, 1] unless
+        nothing was denoised: then the references as given).
+    """
+    frame = StackFrame(plan.primary)
+    device = torch.device(plan.device)
+    references = list(references) if references is not None else [None] * len(labels)
+    if len(timesteps) != plan.steps:
+        raise VolgenError(f"the scheduler holds {len(timesteps)} timesteps, the plan {plan.steps}")
+    schedulers = [scheduler] + [copy.deepcopy(scheduler) for _ in labels[1:]]
+    xs = []
+    for volume, ref, gen, sched in zip(labels, references, generators, schedulers, strict=True):
+        first = frame.slices(volume, plan.primary)
+        noise = correlated_noise(
+            (first.shape[0], out_channels, *first.shape[1:]), plan.noise_correlation, gen
+        )
+        noise = noise.to(device)
+        if plan.strength < 1.0:
+            ref = frame.slices(ref.to(device=device, dtype=torch.float32), plan.primary)[:, None]
+            xs.append(ref if not plan.steps else sched.add_noise(ref, noise, timesteps[:1]))
+        else:
+            xs.append(noise * sched.init_noise_sigma)
+    if not plan.steps:  # λ too small to reach a timestep: the references are the answer
+        return [frame.volume(x[:, 0].float()).cpu() for x in xs]
+
+    along = {axis: [frame.slices(v, axis) for v in labels] for axis in dict.fromkeys(plan.axes)}
+    done, total = 0, plan.steps * plan.num_slices
+    for i, (t, axis, w) in enumerate(zip(timesteps, plan.axes, plan.guidance, strict=True)):
+
+        def on_chunk(n: int, step: int = i) -> None:
+            nonlocal done
+            done += n
+            if callback is not None:
+                callback(Progress(step=step, steps=plan.steps, slices_done=done, slices_total=total))
+
+        views = [frame.view(s.scale_model_input(x, t), axis) for s, x in zip(schedulers, xs, strict=True)]
+        eps_all = denoiser.predict(
+            views[0] if len(views) == 1 else torch.cat(views),
+            t,
+            along[axis],
+            slice_batch_size=plan.slice_batch_size,
+            removed=removed,
+            guidance_scale=w,
+            axis=_axis_code(denoiser, axis),
+            on_chunk=on_chunk,
+        )
+        eps_parts = eps_all.split([v.shape[0] for v in views])
+        for k, (sched, view, eps, gen) in enumerate(
+            zip(schedulers, views, eps_parts, generators, strict=True)
+        ):
+            if plan.x0_smoothing > 0:
+                eps = smooth_x0(eps, view, t, plan.x0_smoothing, sched)
+            xs[k] = scheduler_step(sched, frame.back(eps, axis), t, xs[k], gen)
+    return [frame.volume(x[:, 0].float().clamp(-1.0, 1.0)).cpu() for x in xs]
+
+
+def _axis_code(denoiser: Denoiser, axis: str | None) -> int | None:
+    """The axis code of a multi-axis model's condition vector (``None``: the model's own axis)."""
+    layout = denoiser.layout
+    if axis is None or layout is None or len(layout.axes) <= 1:
+        return None
+    from volgen.denoiser import AXIS_CODES
+
+    return AXIS_CODES[axis]
