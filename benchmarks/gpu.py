@@ -1,29 +1,29 @@
-"""The speed table on a GPU: a 256 x 256 x 128 volume, ``paper`` preset, precisions and attention kernels.
+"""volgen's defaults on a GPU: seconds per volume, the reference loop, and the share of the card's bf16 peak.
 
-    python benchmarks/gpu.py                           # needs CUDA; exits with a message otherwise
-    python benchmarks/gpu.py --slices 128 --steps 20 --no-compile
-    python benchmarks/gpu.py --cpu-smoke               # the same code on the CPU at toy size (tiny, 16 px)
+    python benchmarks/gpu.py                 # needs CUDA: one call, every row (else exits with a message)
+    python benchmarks/gpu.py --no-compile    # without the torch.compile rows
+    python benchmarks/gpu.py --smoke         # the same code on the CPU at toy size (tiny preset, 16/32 px)
 
-Rows (each: one warm-up chunk, then a full timed run of volgen's pipeline, DPM-Solver++ 20 steps, slice batch
-``--slice-batch-size``, channels-last on CUDA, peak ``torch.cuda.max_memory_allocated``):
+Rows, for a 256 x 256 x 128 and a 512 x 512 x 256 volume (``paper`` preset, randomly initialised, with the
+"specified" flags of the embedded model, so the defaults are guided):
 
-- ``fp32 sdpa``: fp32, PyTorch scaled-dot-product attention (diffusers' default processor);
-- ``fp16 sdpa`` / ``bf16 sdpa``: the UNet under ``torch.autocast`` (as ``volgen generate --precision``);
-- ``fp16 xformers`` / ``bf16 xformers``: the same with xformers' memory-efficient attention, when xformers
-  imports and accepts the UNet (skipped with a note otherwise);
-- ``bf16 sdpa compile``: ``unet.compile()`` (torch.compile, default mode; compilation happens in the warm-up
-  and is reported separately);
-- the reference way for the ratio: one slice at a time, DDIM 50 steps, fp32 (``ref-ddim50``) and the same in
-  bf16 autocast, measured on ``--ref-slices`` slices x 50 steps and extrapolated to the volume (the per-slice
-  cost is constant).
+- ``defaults bf16``: the pipeline as ``volgen generate`` runs it (:mod:`volgen.defaults`: sampler, steps,
+  guidance, ρ, ``slice_batch_size=auto``), under bf16 autocast, channels-last; guidance is one batched forward
+  per chunk. One warm-up step on one chunk first, then a full timed run.
+- ``defaults bf16 compile``: the same with the UNet in ``torch.compile`` (the one-off compile cost, measured
+  in the warm-up, is its own column).
+- ``reference ddim50 bf16``: the reference implementation's way, one slice per forward, DDIM 50 steps
+  unguided, timed on ``--ref-slices`` slices and extrapolated (the per-slice cost is constant).
 
-The paper preset only has attention at its 16 x 16 level (256 tokens), so the attention kernel matters little
-there; the precision and compile rows are the interesting ones.
+Share of peak: the plan's slice-forwards x FLOPs of one slice-forward
+(:func:`volgen.evaluation.hardware.unet_forward_flops`) / seconds, against the card's dense bf16 peak (from
+the table below by name, or ``--peak-tflops``) and against a measured bf16 matmul.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -32,179 +32,190 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import (  # noqa: E402
-    EXAMPLE_2MM,
-    LABELS_1MM,
-    ROOT,
-    add_rates,
-    bench_model,
-    frame_labels,
-    machine,
-    reference_loop,
-    sync,
-    volgen_pipeline,
-)
+from speed import ROOT, machine, sync  # noqa: E402
+
+from volgen import defaults  # noqa: E402
+from volgen.conditioning import ConditionLayout  # noqa: E402
+from volgen.evaluation.hardware import unet_forward_flops  # noqa: E402
+from volgen.labels import load_label_map  # noqa: E402
+from volgen.models import ModelMetadata, UNetConfig, build_training_scheduler, build_unet  # noqa: E402
+from volgen.pipeline import build_pipeline  # noqa: E402
+
+#: Dense bf16 tensor-core peak (TFLOP/s) by a substring of ``torch.cuda.get_device_name``.
+BF16_PEAK_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100": 756.0, "A100": 312.0}
 
 
-def use_sdpa(unet) -> None:
-    """PyTorch scaled-dot-product attention in every attention layer (diffusers' default processor)."""
-    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+def bench_model(preset: str, size: int, device: torch.device):
+    """A randomly initialised UNet of ``preset`` at ``size`` px with the embedded model's condition layout."""
+    meta = ModelMetadata(
+        name=f"bench-{preset}-{size}",
+        label_map=load_label_map("colin27"),
+        slice_size=size,
+        context_slices=1,
+        condition=ConditionLayout(specified_flags=True, context_padding="replicate"),
+    )
+    torch.manual_seed(0)
+    config = UNetConfig.preset(preset).model_copy(update={"sample_size": size})
+    unet = build_unet(config, meta).eval().to(device)
+    if device.type == "cuda":
+        unet = unet.to(memory_format=torch.channels_last)
+    return unet, meta, build_training_scheduler()
 
-    for module in unet.modules():
-        if isinstance(module, Attention):
-            module.set_processor(AttnProcessor2_0())
+
+def labels_of(size: int, slices: int) -> torch.Tensor:
+    """Blocky class indices ``(slices, size, size)``: nested boxes, like a head's tissue layers."""
+    z, y, x = torch.meshgrid(torch.arange(slices), torch.arange(size), torch.arange(size), indexing="ij")
+    depth = torch.minimum(torch.minimum(y, size - 1 - y), torch.minimum(x, size - 1 - x)) * 8 // size
+    return (depth.clamp(max=3) + (z % 2) * (depth == 0)).long().clamp(max=3)
 
 
-def use_xformers(unet) -> str | None:
-    """Switch to xformers attention; return why not when it cannot be used."""
-    try:
-        import xformers  # noqa: F401
-    except ImportError:
-        return "xformers is not installed"
-    try:
-        unet.enable_xformers_memory_efficient_attention()
-    except Exception as e:  # noqa: BLE001 - xformers builds often mismatch torch
-        return f"xformers unusable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return None
+def matmul_peak(device: torch.device, n: int, seconds: float) -> float:
+    """Measured FLOP/s of a bf16 ``n x n`` matrix product in a loop (CPU: float32)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync(device)
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        count += 1
+        if count % 8 == 0:
+            sync(device)
+    sync(device)
+    return 2 * n**3 * count / (time.perf_counter() - started)
+
+
+def run_defaults(unet, meta, schedule, labels, device, dtype) -> dict:
+    """The defaults on ``labels``: a warm-up step on one chunk (compilation happens there), a timed run."""
+    pipe = build_pipeline(unet, schedule, meta, scheduler_name=defaults.SCHEDULER)
+    plan = pipe.plan(labels.shape[0], autocast_dtype=dtype)  # the defaults, resolved as a run resolves them
+    started = time.perf_counter()
+    pipe(labels[: plan.slice_batch_size], num_inference_steps=1, autocast_dtype=dtype, seed=0)
+    sync(device)
+    warmup = time.perf_counter() - started
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    pipe(labels, autocast_dtype=dtype, seed=0)
+    sync(device)
+    seconds = time.perf_counter() - started
+    row = {
+        "steps": plan.steps,
+        "guidance": plan.guidance_scale,
+        "slice_batch_size": plan.slice_batch_size,
+        "forwards": plan.forwards,
+        "seconds_per_volume": seconds,
+        "warmup_seconds": warmup,
+    }
+    if device.type == "cuda":
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return row
+
+
+@torch.no_grad()
+def reference_loop(unet, meta, schedule, labels, device, dtype, *, steps: int, measure_slices: int) -> dict:
+    """The reference way: one slice per forward, DDIM ``steps`` unguided, through the same denoiser; timed on
+    ``measure_slices`` slices and extrapolated to the volume (the per-slice cost is constant)."""
+    pipe = build_pipeline(unet, schedule, meta, scheduler_name="ddim")
+    denoiser = pipe.denoiser(dtype)
+    sched = pipe.scheduler
+    sched.set_timesteps(steps, device=device)
+    z, size = labels.shape[0], labels.shape[-1]
+    vector = denoiser.vector(None, 1)
+    vector = None if vector is None else vector.to(device)
+    use_autocast = dtype is not None and device.type == "cuda"
+    started = None
+    for index in range(measure_slices + 1):  # the first slice is the warm-up
+        if index == 1:
+            sync(device)
+            started = time.perf_counter()
+        x = torch.randn((1, 1, size, size), generator=torch.Generator().manual_seed(index)).to(device)
+        cond = denoiser.volume_condition([labels], [0, z], index, index + 1, None, vector)
+        for t in sched.timesteps:
+            with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
+                eps = denoiser.forward(sched.scale_model_input(x, t), t, cond).float()
+            x = sched.step(eps, t, x).prev_sample
+    sync(device)
+    measured = time.perf_counter() - started
+    return {
+        "steps": steps,
+        "forwards": z * steps,
+        "measured": f"{measure_slices} slice(s) x {steps} steps, extrapolated",
+        "seconds_per_volume": measured * z / measure_slices,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--slices", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--slice-batch-size", type=int, default=16)
-    parser.add_argument("--ref-slices", type=int, default=4, help="slices measured for the reference rows")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
-    parser.add_argument("--cpu-smoke", action="store_true", help="run the code path on the CPU at toy size")
+    parser.add_argument("--ref-slices", type=int, default=4, help="slices timed for the reference rows")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak (default: by name)")
+    parser.add_argument("--smoke", action="store_true", help="the code path on the CPU at toy size")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-gpu.json")
     args = parser.parse_args()
 
-    if args.cpu_smoke:
-        device, preset, slices, steps = torch.device("cpu"), "tiny", 8, 2
-        print("--cpu-smoke: tiny preset, 16 px, 8 slices, 2 steps on the CPU (checks the code path only)")
+    if args.smoke:
+        device, preset, sizes, dtype = torch.device("cpu"), "tiny", [(16, 8), (32, 16)], None
+        compile_rows, ref_steps, matmul_n = False, 2, 512
+        print("--smoke: tiny preset on the CPU, 16 px x 8 and 32 px x 16 slices (checks the code path only)")
     elif not torch.cuda.is_available():
         sys.exit(
             "benchmarks/gpu.py needs a CUDA GPU and none is available (torch.cuda.is_available() is False); "
-            "nothing was measured. Run it on a GPU machine, or use --cpu-smoke to check the code path."
+            "nothing was measured. Run it on a GPU machine, or use --smoke to check the code path."
         )
     else:
-        device, preset, slices, steps = torch.device("cuda"), "paper", args.slices, args.steps
-        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 rows are true fp32
-        torch.backends.cudnn.allow_tf32 = False
-
-    unet, meta, schedule = bench_model(preset)
-    unet = unet.to(device)
-    if device.type == "cuda":
-        unet = unet.to(memory_format=torch.channels_last)
-    source = LABELS_1MM if LABELS_1MM.exists() else EXAMPLE_2MM
-    labels = frame_labels(meta.slice_size, slices, source)
-    half = torch.float16
-    variants = [
-        ("fp32 sdpa", None, "sdpa", False),
-        ("fp16 sdpa", half, "sdpa", False),
-        ("bf16 sdpa", torch.bfloat16, "sdpa", False),
-        ("fp16 xformers", half, "xformers", False),
-        ("bf16 xformers", torch.bfloat16, "xformers", False),
-    ]
-    if not args.no_compile:
-        variants.append(("bf16 sdpa compile", torch.bfloat16, "sdpa", True))
-
-    rows, notes = [], []
-    for name, dtype, attention, compiled in variants:
-        if attention == "xformers":
-            why = use_xformers(unet)
-            if why is not None:
-                notes.append(f"{name}: skipped ({why})")
-                print(notes[-1], flush=True)
-                continue
-        else:
-            use_sdpa(unet)
-        model = unet
-        compile_seconds = None
-        if compiled:
-            import copy
-
-            model = copy.deepcopy(unet)
-            model.compile()
-            started = time.perf_counter()
-            volgen_pipeline(
-                model,
-                meta,
-                schedule,
-                labels[: args.slice_batch_size],
-                steps=1,
-                device=device,
-                autocast_dtype=dtype,
-                slice_batch_size=args.slice_batch_size,
-                warmup=False,
-            )
-            compile_seconds = time.perf_counter() - started
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        result = volgen_pipeline(
-            model,
-            meta,
-            schedule,
-            labels,
-            steps=steps,
-            device=device,
-            autocast_dtype=dtype,
-            slice_batch_size=args.slice_batch_size,
-        )
-        result.update(mode=f"volgen {name}", compile_seconds=compile_seconds)
-        if device.type == "cuda":
-            result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        rows.append(result)
-        print(json.dumps(rows[-1]), flush=True)
-        del model
-
-    use_sdpa(unet)
-    for name, dtype in (("ref-ddim50 fp32", None), ("ref-ddim50 bf16", torch.bfloat16)):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        result = reference_loop(
-            unet,
-            meta,
-            schedule,
-            labels,
-            scheduler="ddim",
-            steps=50,
-            measure_slices=args.ref_slices,
-            measure_steps=50,
-            device=device,
-            autocast_dtype=dtype,
-        )
-        result["mode"] = name
-        if device.type == "cuda":
-            result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        rows.append(result)
-        print(json.dumps(rows[-1]), flush=True)
-    sync(device)
-
-    add_rates(rows, baseline="volgen fp32 sdpa")
+        device, preset, sizes, dtype = torch.device("cuda"), "paper", [(256, 128), (512, 256)], torch.bfloat16
+        compile_rows, ref_steps, matmul_n = not args.no_compile, 50, 8192
     info = machine()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps({"machine": info, "smoke": args.cpu_smoke, "rows": rows, "notes": notes}, indent=2)
-    )
-    size = meta.slice_size
-    print(f"\nmachine: {info}\nvolume: {labels.shape[0]} slices x {size}² px, preset {preset}\n")
-    print("| mode | steps | s / volume | x volgen fp32 | slices·steps/s | peak GPU GiB | measured |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        how = r["measured"] + (", extrapolated" if r["extrapolated"] else ", full run")
-        if r.get("compile_seconds") is not None:
-            how += f"; compile warm-up {r['compile_seconds']:.0f} s"
-        peak = f"{r['peak_gib']:.1f}" if "peak_gib" in r else "-"
-        print(
-            f"| {r['mode']} | {r['steps']} | {r['seconds_per_volume']:.2f} | {r['times_volgen']:.2f} | "
-            f"{r['slice_steps_per_second']:.1f} | {peak} | {how} |"
+    name = info.get("gpu") or ""
+    nominal = args.peak_tflops or next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+    measured_peak = matmul_peak(device, matmul_n, 1.0 if args.smoke else 3.0)
+    rows = []
+    for size, slices in sizes:
+        unet, meta, schedule = bench_model(preset, size, device)
+        labels = labels_of(size, slices).to(device)
+        flops = unet_forward_flops(unet, 1)
+        variants = [("defaults bf16", unet)]
+        if compile_rows:
+            compiled = copy.deepcopy(unet)
+            compiled.compile()
+            variants.append(("defaults bf16 compile", compiled))
+        for mode, model in variants:
+            row = {"mode": mode, "volume": f"{size}x{size}x{slices}"}
+            row.update(run_defaults(model, meta, schedule, labels, device, dtype))
+            achieved = row["forwards"] * flops / row["seconds_per_volume"]
+            row["tflops"] = achieved / 1e12
+            row["share_of_matmul_peak"] = achieved / measured_peak
+            row["share_of_bf16_peak"] = None if nominal is None else achieved / (nominal * 1e12)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        ref = reference_loop(
+            unet, meta, schedule, labels, device, dtype, steps=ref_steps, measure_slices=args.ref_slices
         )
-    for note in notes:
-        print(f"\n{note}")
+        ref["tflops"] = ref["forwards"] * flops / ref["seconds_per_volume"] / 1e12
+        ref["share_of_bf16_peak"] = None if nominal is None else ref["tflops"] / nominal
+        rows.append({"mode": f"reference ddim{ref_steps} bf16", "volume": f"{size}x{size}x{slices}", **ref})
+        print(json.dumps(rows[-1]), flush=True)
+        del variants, unet
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    summary = {"machine": info, "smoke": args.smoke, "bf16_peak_tflops": nominal, "rows": rows}
+    summary["matmul_peak_tflops"] = measured_peak / 1e12
+    args.out.write_text(json.dumps(summary, indent=2))
+    print(
+        f"\nmachine: {info}\nbf16 peak: {nominal} TFLOP/s nominal, {measured_peak / 1e12:.1f} measured matmul"
+    )
+    print("\n| mode | volume | steps | s / volume | one-off s | TFLOP/s | share of bf16 peak | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        share = r.get("share_of_bf16_peak")
+        print(
+            f"| {r['mode']} | {r['volume']} | {r['steps']} | {r['seconds_per_volume']:.2f} | "
+            f"{r.get('warmup_seconds', 0):.1f} | {r.get('tflops', 0):.1f} | "
+            f"{'-' if share is None else f'{share:.1%}'} | {r.get('peak_gib', '-')} |"
+        )
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ from volgen.conditioning import condition_slices
 from volgen.frames import to_slice_frame
 from volgen.io import read_label
 from volgen.labels import load_label_map
-from volgen.models import ModelMetadata, UNetConfig, build_pipeline, build_training_scheduler, build_unet
+from volgen.models import ModelMetadata, UNetConfig, build_training_scheduler, build_unet
+from volgen.pipeline import build_pipeline
 from volgen.schedulers import make_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -107,16 +107,11 @@ def batch(
     import logging
 
     from volgen.batch import BatchOptions, parse_shard
-    from volgen.errors import VolgenError
     from volgen.generation import parse_memory, resolve_device
 
-    if merge:
-        if out_dir is not None:
-            raise VolgenError("--merge takes only OUT_DIR: volgen batch --merge OUT_DIR")
-        _merge(input, progress)
+    if merge or out_dir is None:
+        _merge_only(input, out_dir, merge, progress)
         return
-    if out_dir is None:
-        raise VolgenError("missing OUT_DIR: volgen batch INPUT OUT_DIR")
     options = BatchOptions(
         model=model,
         settings=build_settings(
@@ -351,6 +346,17 @@ class _RichObserver:
 
 
 # ------------------------------------------------------------------------------------------------- merge
+
+
+def _merge_only(input: Path, out_dir: Path | None, merge: bool, progress: ProgressMode) -> None:
+    """``--merge OUT_DIR`` (given as INPUT); without ``--merge`` a missing OUT_DIR is an error."""
+    from volgen.errors import VolgenError
+
+    if not merge:
+        raise VolgenError("missing OUT_DIR: volgen batch INPUT OUT_DIR")
+    if out_dir is not None:
+        raise VolgenError("--merge takes only OUT_DIR: volgen batch --merge OUT_DIR")
+    _merge(input, progress)
 
 
 def _merge(out_dir: Path, progress: ProgressMode) -> None:

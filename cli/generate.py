@@ -152,6 +152,11 @@ def generate(
         results = generate_samples(segmentation, output, **kwargs)
     else:
         results = _run_rich(segmentation, output, kwargs, generate_samples)
+    _print_results(results, progress)
+
+
+def _print_results(results: Any, progress: ProgressMode) -> None:
+    """What was written, where, how fast; then the warnings."""
     for result in results:
         console.print(
             f"[green]wrote[/] {result.output}  ({result.seconds:.1f} s on {result.device})", highlight=False

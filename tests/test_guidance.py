@@ -20,12 +20,12 @@ from volgen.labels import LabelMap
 from volgen.models import (
     ModelMetadata,
     UNetConfig,
-    build_pipeline,
     build_training_scheduler,
     build_unet,
     load_model,
     save_model,
 )
+from volgen.pipeline import build_pipeline
 
 _register()
 FAST = ["--steps", "2", "--device", "cpu", "--progress", "none"]

@@ -7,7 +7,7 @@ import torch
 
 from volgen.errors import VolgenError
 from volgen.models import load_model
-from volgen.pipeline import SCHEDULERS, SegmentationToVolumePipeline, correlated_noise
+from volgen.pipeline import SCHEDULERS, SegmentationToVolumePipeline, build_pipeline, correlated_noise
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def test_from_pretrained_loads_a_volgen_model_folder(tiny_model_dir, labels):
     assert pipe.config.num_classes == loaded.metadata.num_classes
     assert pipe.config.slice_axis == loaded.metadata.slice_axis
     assert not pipe.unet.training and pipe.unet.dtype == torch.float32
-    by_hand = loaded.pipeline(scheduler=SCHEDULER)
+    by_hand = build_pipeline(loaded.unet, loaded.scheduler, loaded.metadata, scheduler_name=SCHEDULER)
     a = pipe(labels, num_inference_steps=2, seed=9).volume
     b = by_hand(labels, num_inference_steps=2, seed=9).volume
     assert torch.equal(a, b)

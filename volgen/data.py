@@ -154,10 +154,8 @@ def prepare_case(
 ) -> PreparedVolume:
     """Read, check, remap and resample one pair into the slicing frame (see module docs)."""
     image, class_image = read_case(case, label_map, unknown_labels)
-    values = sitk.GetArrayViewFromImage(image)
-    window = intensity.window(values)
     frame = to_slice_frame(class_image, image, slice_size=slice_size, slice_axis=slice_axis)
-    model_space = torch.from_numpy(intensity.to_model(frame.image.numpy(), window))
+    model_space, window = intensity.image_to_model(image, frame.image)
     return PreparedVolume(case=case.case, image=model_space, labels=frame.labels, window=window)
 
 

@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 METADATA_FILE = "volgen.json"
 #: 2: the pipeline's settings live in ``model_index.json`` and the slice size in ``unet/config.json`` only.
 FORMAT_VERSION = 2
+#: The pipeline class a model folder's ``model_index.json`` names (``volgen.pipeline``).
+PIPELINE_CLASS = "SegmentationToVolumePipeline"
 #: ModelMetadata fields stored in the pipeline's config (``model_index.json``), not in ``volgen.json``.
 PIPELINE_KEYS: tuple[str, ...] = ("encoding", "context_slices", "slice_axis", "condition")
 #: File endings of pickle-based weights: loading one can run arbitrary code, so volgen refuses them.
@@ -116,6 +118,22 @@ class IntensityMapping(StrictModel):
         lo, hi = window if window is not None else self.window(values)
         x = (np.asarray(values, dtype=np.float32) - lo) / (hi - lo) * 2.0 - 1.0
         return np.clip(x, -1.0, 1.0).astype(np.float32)
+
+    def image_to_model(self, image: Any, resampled: Any) -> tuple[Any, tuple[float, float]]:
+        """A real image's values, resampled into a frame, in model space: the one windowing of real images.
+
+        Args:
+            image: The image on its own grid (SimpleITK): its values choose the window (:meth:`window`).
+            resampled: The same image in the model's frame (a tensor, e.g. ``SliceFrame.image``).
+
+        Returns:
+            ``(model-space float32 tensor, window)``.
+        """
+        import SimpleITK as sitk
+        import torch
+
+        window = self.window(sitk.GetArrayViewFromImage(image))
+        return torch.from_numpy(self.to_model(resampled.numpy(), window)), window
 
     def from_model(self, x: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
         """Model space -> physical intensities (float32; see :meth:`to_storage` for the stored type)."""
@@ -222,15 +240,6 @@ class LoadedModel:
     def model_id(self) -> str:
         return f"{self.metadata.name}@{self.weights_sha256[:12]}"
 
-    def pipeline(self, scheduler: str | None = None):
-        """A :class:`~volgen.pipeline.SegmentationToVolumePipeline` over this model's UNet (not a copy).
-
-        Args:
-            scheduler: A sampler name (:data:`volgen.defaults.SCHEDULERS`); ``None`` keeps the training
-                schedule as the pipeline's scheduler.
-        """
-        return build_pipeline(self.unet, self.scheduler, self.metadata, scheduler_name=scheduler)
-
 
 def pipeline_settings(metadata: ModelMetadata) -> dict[str, Any]:
     """The pipeline's constructor settings held by the metadata (what model_index.json stores)."""
@@ -241,18 +250,6 @@ def pipeline_settings(metadata: ModelMetadata) -> dict[str, Any]:
         "slice_axis": metadata.slice_axis,
         "condition": None if metadata.condition is None else metadata.condition.model_dump(mode="json"),
     }
-
-
-def build_pipeline(unet: Any, scheduler: Any, metadata: ModelMetadata, *, scheduler_name: str | None = None):
-    """The pipeline of a UNet, a noise schedule and the metadata's pipeline settings (the one place it is
-    assembled: loading, saving, training previews and generation all use it)."""
-    from volgen.pipeline import SegmentationToVolumePipeline
-
-    pipe = SegmentationToVolumePipeline(unet=unet, scheduler=scheduler, **pipeline_settings(metadata))
-    if scheduler_name is not None:
-        pipe.set_scheduler(scheduler_name)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def check_safe_folder(folder: PathLike) -> None:
@@ -422,10 +419,27 @@ def save_model(
         raise ModelError(
             folder, f"UNet sample_size {unet.config.sample_size} != slice_size {metadata.slice_size}"
         )
-    pipeline = build_pipeline(unet, scheduler, metadata)
     own = metadata.model_dump(mode="json", exclude={*PIPELINE_KEYS, "slice_size"})
     own["format_version"] = FORMAT_VERSION
     with atomic_directory(folder, overwrite=overwrite) as tmp:
-        pipeline.save_pretrained(tmp, safe_serialization=True)
+        _save_pipeline_layout(Path(tmp), unet, scheduler, metadata)
         Path(tmp, METADATA_FILE).write_text(json.dumps(own, indent=2) + "\n")
     return Path(folder)
+
+
+def _save_pipeline_layout(folder: Path, unet: Any, scheduler: Any, metadata: ModelMetadata) -> None:
+    """What ``SegmentationToVolumePipeline.save_pretrained`` writes: ``unet/`` (safetensors), ``scheduler/``
+    and ``model_index.json`` (the pipeline's class, its settings and its modules' classes)."""
+    import diffusers
+
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    scheduler.save_pretrained(folder / "scheduler")
+    settings = {k: v for k, v in pipeline_settings(metadata).items() if v is not None}
+    index = {
+        "_class_name": PIPELINE_CLASS,
+        "_diffusers_version": diffusers.__version__,
+        **settings,
+        "scheduler": ["diffusers", type(scheduler).__name__],
+        "unet": ["diffusers", type(unet).__name__],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

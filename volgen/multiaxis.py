@@ -306,9 +306,7 @@ def generate_in_cube(
         )
     window, ref_model = None, None
     if reference is not None:
-        assert frame.image is not None
-        window = intensity.window(sitk.GetArrayViewFromImage(reference))
-        ref_model = torch.from_numpy(intensity.to_model(frame.image.numpy(), window))
+        ref_model, window = intensity.image_to_model(reference, frame.image)
     if plan is not None:
         axes_run = tuple(schedule)[len(schedule) - plan.steps :]
         plan = dataclasses.replace(plan, axes=axes_run, primary=schedule[0])
@@ -371,7 +369,7 @@ def generate_multiaxis(
         :class:`MultiAxisResult`: stored intensities (CT: int16 HU) with the input's geometry.
     """
     from volgen.io import Geometry
-    from volgen.models import build_pipeline
+    from volgen.pipeline import build_pipeline
 
     meta = loaded.metadata
     pipe = build_pipeline(loaded.unet.to(device), loaded.scheduler, meta)
@@ -442,10 +440,8 @@ def prepare_case_axes(
     from volgen.data import PreparedVolume, read_case
 
     image, class_image = read_case(case, label_map, unknown_labels)
-    window = intensity.window(sitk.GetArrayViewFromImage(image))
     frame = to_cube_frame(class_image, image, slice_size=slice_size)
-    assert frame.image is not None
-    model_space = torch.from_numpy(intensity.to_model(frame.image.numpy(), window))
+    model_space, window = intensity.image_to_model(image, frame.image)
     return [
         PreparedVolume(
             case=f"{case.case}:{axis}",

@@ -162,15 +162,16 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         """
         from pathlib import Path
 
-        from volgen.models import METADATA_FILE, load_model, pipeline_settings
+        from volgen.models import METADATA_FILE, load_model
 
         folder = Path(folder)
         if (folder / METADATA_FILE).is_file():  # a volgen model folder: load it with all its checks
             loaded = load_model(folder)
-            unet, schedule, settings = loaded.unet, loaded.scheduler, pipeline_settings(loaded.metadata)
+            schedule = scheduler if scheduler is not None else loaded.scheduler
+            pipe = build_pipeline(loaded.unet, schedule, loaded.metadata)
         else:
             unet, schedule, settings = _load_parts(folder)
-        pipe = cls(unet=unet, scheduler=scheduler if scheduler is not None else schedule, **settings)
+            pipe = cls(unet=unet, scheduler=scheduler if scheduler is not None else schedule, **settings)
         if scheduler is None:
             pipe.set_scheduler(DEFAULT_SCHEDULER)
         pipe.set_progress_bar_config(disable=True)
@@ -441,6 +442,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             output_type=output_type,
         )
 
+    @torch.no_grad()
     def run(
         self,
         plan: SamplingPlan,
@@ -499,6 +501,22 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             raise VolgenError(
                 f"the model was trained on {', '.join(trained)} slices, not {', '.join(unknown)}"
             )
+
+
+def build_pipeline(unet: Any, scheduler: Any, metadata: Any, *, scheduler_name: str | None = None):
+    """The pipeline of a UNet, a noise schedule and a :class:`~volgen.models.ModelMetadata`'s pipeline
+    settings (the one place it is assembled: loading, training previews and generation all use it).
+
+    Args:
+        scheduler_name: A sampler name (:data:`volgen.defaults.SCHEDULERS`); ``None`` keeps ``scheduler``.
+    """
+    from volgen.models import pipeline_settings
+
+    pipe = SegmentationToVolumePipeline(unet=unet, scheduler=scheduler, **pipeline_settings(metadata))
+    if scheduler_name is not None:
+        pipe.set_scheduler(scheduler_name)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def _per_volume(value: Any, count: int, several: bool, name: str) -> list[Any]:

@@ -187,7 +187,6 @@ class Segmenter:
             input's size, spacing, origin and direction.
         """
         import SimpleITK as sitk
-        import torch
 
         from volgen.frames import resample_to_grid, to_slice_frame
         from volgen.io import Geometry
@@ -196,8 +195,7 @@ class Segmenter:
         empty = sitk.Image(image.GetSize(), sitk.sitkUInt8)
         empty.CopyInformation(image)
         frame = to_slice_frame(empty, image, slice_size=meta.slice_size, slice_axis=meta.slice_axis)
-        window = meta.intensity.window(sitk.GetArrayViewFromImage(image))
-        x = torch.from_numpy(meta.intensity.to_model(frame.image.numpy(), window))
+        x, window = meta.intensity.image_to_model(image, frame.image)
         probabilities = self.probabilities(x, batch_size=batch_size)
         # each class's probability resampled linearly onto the input grid, then the most probable class:
         # smoother boundaries than nearest-neighbour upsampling of the frame's classes onto a finer grid

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from volgen.api import GenerateSettings
 from volgen.batch.cases import Case
 from volgen.errors import VolgenError
+from volgen.generation.settings import GenerateSettings
 from volgen.io.naming import FORMAT_ENDINGS, sample_name, sidecar_path
 from volgen.io.paths import overlap, resolve
 from volgen.types import PathLike

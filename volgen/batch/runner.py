@@ -340,7 +340,7 @@ def prepare(source: PathLike, out_dir: PathLike, options: BatchOptions) -> tuple
     The source (folder or manifest), every input and reference and the model folder are protected: no
     output may be, contain or lie inside them (paths resolved, links followed).
     """
-    from volgen.api import default_model_dir
+    from volgen import defaults
     from volgen.batch.cases import read_cases
     from volgen.models import load_model
 
@@ -348,7 +348,7 @@ def prepare(source: PathLike, out_dir: PathLike, options: BatchOptions) -> tuple
     if out_dir.exists() and not out_dir.is_dir():
         raise VolgenError(f"OUT_DIR {out_dir} exists and is not a folder")
     options.check()
-    model_dir = Path(options.model) if options.model is not None else default_model_dir()
+    model_dir = Path(options.model) if options.model is not None else defaults.MODEL_DIR
     protected = [("input folder" if source.is_dir() else "manifest", source), ("model folder", model_dir)]
     from volgen.batch.plan import check_outputs
 

@@ -26,7 +26,7 @@ def embedded_models() -> dict[str, Path]:
 def embedded_model(name: str) -> Path | None:
     """The folder of the embedded model called ``name`` (or ``default``); ``None`` if there is none."""
     if name == DEFAULT_NAME:
-        from volgen.api import default_model_dir
+        from volgen import defaults
 
-        return default_model_dir()
+        return defaults.MODEL_DIR
     return embedded_models().get(name)

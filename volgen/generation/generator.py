@@ -24,11 +24,13 @@ from volgen import defaults
 from volgen.errors import InputError, ResourceError, VolgenError
 from volgen.generation.device import autocast_dtype, prepare_unet, resolve_device
 from volgen.generation.reference import geometry_difference
-from volgen.generation.settings import GenerateSettings, SettingsError, check_samples
+from volgen.generation.settings import GenerateSettings, SettingsError, sample_settings
 from volgen.memory import estimate_memory, input_grid_bytes, memory_limit
 from volgen.types import PathLike
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["GeneratedVolume", "GenerationRequest", "VolumeGenerator", "sample_settings", "slices_along"]
 
 
 @dataclass
@@ -80,21 +82,6 @@ class GenerationRequest:
     source: PathLike | None = None
 
 
-def sample_settings(settings: GenerateSettings, samples: int) -> list[GenerateSettings]:
-    """The settings of ``samples`` samples of one segmentation: sample ``k`` uses seed ``settings.seed + k``.
-
-    Raises:
-        SettingsError: ``samples`` outside ``1..MAX_SAMPLES``, or the last seed beyond ``MAX_SEED``.
-    """
-    samples = check_samples(samples)
-    if settings.seed + samples - 1 > defaults.MAX_SEED:
-        raise SettingsError(
-            f"--seed {settings.seed} with --samples {samples}: sample seeds run to seed + {samples - 1}, "
-            f"above {defaults.MAX_SEED}"
-        )
-    return [replace(settings, seed=settings.seed + k) for k in range(samples)]
-
-
 def _together(settings: GenerateSettings) -> GenerateSettings:
     """What volumes generated together must share: everything but the seed (and the slice batch)."""
     return replace(settings, seed=0, slice_batch_size=1)
@@ -143,7 +130,8 @@ class VolumeGenerator:
         device: str = defaults.DEVICE,
         precision: str = defaults.PRECISION,
     ) -> None:
-        from volgen.models import LoadedModel, build_pipeline, load_model
+        from volgen.models import LoadedModel, load_model
+        from volgen.pipeline import build_pipeline
 
         self.device = resolve_device(device)
         self.autocast_dtype = autocast_dtype(self.device, precision)
@@ -510,8 +498,6 @@ class VolumeGenerator:
 
     def _sample(self, requests, prepared, kept, progress, plan) -> tuple[list[Any], Any]:
         """Into the slicing frame, through the pipeline (all volumes in one run), back onto each grid."""
-        import SimpleITK as sitk
-        import torch
 
         from volgen.frames import resample_to_grid, to_slice_frame
 
@@ -527,8 +513,7 @@ class VolumeGenerator:
             )
             window, ref_model = None, None
             if r.reference is not None:
-                window = meta.intensity.window(sitk.GetArrayViewFromImage(r.reference))
-                ref_model = torch.from_numpy(meta.intensity.to_model(frame.image.numpy(), window))
+                ref_model, window = meta.intensity.image_to_model(r.reference, frame.image)
             frames[key] = (frame, window, ref_model)
         keys = [(id(r.segmentation), id(r.reference)) for r in requests]
         labels = [frames[k][0].labels.long() for k in keys]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from volgen import defaults
 from volgen.errors import VolgenError
@@ -164,3 +164,18 @@ def parse_memory(text: str | int | None) -> int | None:
     if not math.isfinite(number) or number * scale < 1:
         raise SettingsError(f"--max-memory must be a positive size such as 8G or 512M, got {text!r}")
     return int(number * scale)
+
+
+def sample_settings(settings: GenerateSettings, samples: int) -> list[GenerateSettings]:
+    """The settings of ``samples`` samples of one segmentation: sample ``k`` uses seed ``settings.seed + k``.
+
+    Raises:
+        SettingsError: ``samples`` outside ``1..MAX_SAMPLES``, or the last seed beyond ``MAX_SEED``.
+    """
+    samples = check_samples(samples)
+    if settings.seed + samples - 1 > defaults.MAX_SEED:
+        raise SettingsError(
+            f"--seed {settings.seed} with --samples {samples}: sample seeds run to seed + {samples - 1}, "
+            f"above {defaults.MAX_SEED}"
+        )
+    return [replace(settings, seed=settings.seed + k) for k in range(samples)]
