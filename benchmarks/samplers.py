@@ -3,6 +3,7 @@
     python benchmarks/samplers.py --model runs/heldout/MODEL --heldout runs/heldout --seeds 8
     python benchmarks/samplers.py ... --grid ddim:50 dpmsolver++:4,8,20 unipc:4,6,8
     python benchmarks/samplers.py ... --grid ddim:50 dpmsolver++:10 --guidance-scale 1 1.5   # cells × w
+    python benchmarks/samplers.py ... --grid dpmsolver++:10 --guidance-interval 0:1 0:0.5 0.5:1   # steps
 
 ``--heldout`` is the folder ``benchmarks/heldout_slab.py`` writes: ``slab_labels.nii.gz`` (the held-out
 segmentation the model never saw), ``slab_real.nii.gz`` (the real image there) and ``data/`` (the training
@@ -20,13 +21,16 @@ split, whose real image fits the fixed intensity segmenter once). For every samp
 
 The reference implementation's way (one slice per UNet forward, DDIM 50 steps) is timed with the same UNet as
 one-slice forwards (after a warm-up), extrapolated to slices x 50; each row's ``x ref`` is that time over the
-row's seconds per volume. Rows report mean and worst seed. Output: ``OUT/samplers.json`` and
+row's seconds per volume. ``--guidance-interval START:STOP`` guides only the steps whose position in the
+schedule is in ``[START, STOP)`` (``SegmentationToVolumePipeline.plan``'s ``guidance_interval``; 0 is the
+noisiest step). Rows report mean and worst seed. Output: ``OUT/samplers.json`` and
 ``OUT/samplers.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -123,6 +127,12 @@ def main() -> None:
         default=[],
         help="classifier-free guidance values, each with every grid cell (default: the model's)",
     )
+    parser.add_argument(
+        "--guidance-interval",
+        nargs="*",
+        default=[],
+        help="START:STOP positions of the guided steps, each with every cell (default: all steps)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--out", type=Path, default=Path("runs/samplers"))
@@ -141,10 +151,19 @@ def main() -> None:
 
     rows = []
     warmed = set()
+    intervals = [tuple(float(v) for v in i.split(":")) for i in args.guidance_interval] or [None]
     cells = [
-        (w, sampler, steps) for w in args.guidance_scale or [None] for sampler, steps in parse_grid(args.grid)
+        (w, interval, sampler, steps)
+        for w in args.guidance_scale or [None]
+        for interval in intervals
+        for sampler, steps in parse_grid(args.grid)
     ]
-    for guidance, sampler, steps in cells:
+    plan = generator.pipeline.plan
+    for guidance, interval, sampler, steps in cells:
+        # the guided steps: the pipeline's plan with this interval (the generator resolves every run there)
+        generator.pipeline.plan = (
+            plan if interval is None else functools.partial(plan, guidance_interval=interval)
+        )
         if sampler not in warmed:
             generator.generate(
                 segmentation, settings=GenerateSettings(scheduler=sampler, num_inference_steps=2)
@@ -166,6 +185,7 @@ def main() -> None:
             "sampler": sampler,
             "steps": steps,
             "guidance_scale": generator.guidance_scale(settings),
+            "guidance_interval": list(interval) if interval is not None else [0.0, 1.0],
             "seconds_per_volume": float(np.median(seconds)),
             "x_reference": ref_seconds / float(np.median(seconds)),
             "faithfulness_mean": float(np.mean(faith)),
@@ -178,7 +198,7 @@ def main() -> None:
         }
         rows.append(row)
         print(
-            f"{sampler} {steps}, guidance {row['guidance_scale']:g}: "
+            f"{sampler} {steps}, guidance {row['guidance_scale']:g} on {row['guidance_interval']}: "
             f"faithfulness {row['faithfulness_mean']:.3f} (worst "
             f"{row['faithfulness_worst']:.3f}), background {row['background_error_pct_mean']:.1f} %, "
             f"{row['seconds_per_volume']:.2f} s",
@@ -213,7 +233,8 @@ def main() -> None:
         faith = f"{r['faithfulness_mean']:.3f} | {r['faithfulness_worst']:.3f}"
         background = f"{r['background_error_pct_mean']:.1f} | {r['background_error_pct_worst']:.1f}"
         lines.append(
-            f"| {r['sampler']} | {r['steps']} | {r['guidance_scale']:g} | {faith} | {background} "
+            f"| {r['sampler']} | {r['steps']} | {r['guidance_scale']:g} on "
+            f"{r['guidance_interval'][0]:g}-{r['guidance_interval'][1]:g} | {faith} | {background} "
             f"| {step} | {texture} "
             f"| {r['seconds_per_volume']:.2f} | {r['x_reference']:.1f} |"
         )

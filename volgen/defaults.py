@@ -39,6 +39,9 @@ MAX_X0_SMOOTHING = 10.0
 #: anatomy within 0.003 of the best w measured (1.5), with less background error, and clear of the w (1.75-2
 #: and up) that start putting structure into empty slices (benchmarks/README.md, "Dropout and guidance").
 GUIDANCE_SCALE = 1.25
+#: The steps guidance runs on, as ``(start, stop)`` positions in the schedule (0: the noisiest step, 1: after
+#: the last): all of them. The other steps are one unguided UNet pass each.
+GUIDANCE_INTERVAL = (0.0, 1.0)
 MAX_GUIDANCE_SCALE = 20.0
 #: λ: 1 generates freely, 0 returns the reference.
 STRENGTH = 1.0

@@ -251,6 +251,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         strength: float = 1.0,
         slice_batch_size: int | str = defaults.SLICE_BATCH_SIZE,
         guidance_scale: float | None = None,
+        guidance_interval: tuple[float, float] = defaults.GUIDANCE_INTERVAL,
         slice_axes: Sequence[str] | None = None,
         noise_correlation: float = DEFAULT_NOISE_CORRELATION,
         x0_smoothing: float = DEFAULT_X0_SMOOTHING,
@@ -265,6 +266,9 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         estimates, progress totals and sidecars read the plan.
 
         Args:
+            guidance_interval: ``(start, stop)``: guidance runs on the steps whose position ``k / N`` in the
+                full schedule of ``N`` steps is in ``[start, stop)`` (0: the noisiest step); the others are
+                one unguided pass.
             slice_axes: The slicing axis of every step of the full schedule (multi-axis sampling; labels are
                 then ``(X, Y, Z)`` RAS cubes); ``None``: the volumes' own slices.
         """
@@ -274,9 +278,16 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             raise VolgenError(f"give one slice axis per step ({num_inference_steps}), got {len(slice_axes)}")
         axes = (None,) * steps if slice_axes is None else tuple(slice_axes)[len(slice_axes) - steps :]
         guidance = self.resolve_guidance_scale(guidance_scale)
+        start, stop = guidance_interval
+        if not 0.0 <= start <= stop <= 1.0:
+            raise VolgenError(
+                f"guidance interval must satisfy 0 <= start <= stop <= 1, got {guidance_interval}"
+            )
+        first = num_inference_steps - steps  # the position of the first step run in the full schedule
+        positions = [(first + i) / num_inference_steps for i in range(steps)]
         return SamplingPlan(
             timesteps=tuple(t.item() for t in timesteps),
-            guidance=(guidance,) * steps,
+            guidance=tuple(guidance if start <= k < stop else UNGUIDED for k in positions),
             axes=axes,
             primary=None if slice_axes is None else slice_axes[0],
             slice_batch_size=self.resolve_slice_batch_size(
