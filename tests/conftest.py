@@ -48,3 +48,25 @@ def multiaxis_model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models") / "multiaxis"
     save_model(folder, unet, build_training_scheduler(), metadata)
     return folder
+
+
+@pytest.fixture(scope="session")
+def flagged_model_dir(tmp_path_factory):
+    """An untrained tiny v-prediction model with "specified" flags (the recipe's kind), 16 px."""
+    from volgen.conditioning import ConditionLayout
+    from volgen.labels import LabelMap
+    from volgen.models import ModelMetadata, UNetConfig, build_training_scheduler, build_unet, save_model
+
+    torch.manual_seed(0)
+    metadata = ModelMetadata(
+        name="tiny-flags",
+        label_map=LabelMap(name="test", classes={"liver": [1], "kidney": [2, 5], "spleen": [3]}),
+        slice_size=16,
+        context_slices=1,
+        condition=ConditionLayout(specified_flags=True, context_padding="replicate"),
+    )
+    unet = build_unet(UNetConfig.preset("tiny"), metadata)
+    scheduler = build_training_scheduler(prediction_type="v_prediction", zero_terminal_snr=True)
+    folder = tmp_path_factory.mktemp("guidance") / "flags"
+    save_model(folder, unet, scheduler, metadata)
+    return folder

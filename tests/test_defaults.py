@@ -36,10 +36,8 @@ EXPECTED = {
     "axis_schedule": defaults.AXIS_SCHEDULE,
     "late_fraction": defaults.LATE_FRACTION,
 }
-#: Settings the Slicer panel does not expose: it never passes them, so ``volgen generate``'s defaults apply
-#: (the model's own slice axis; the axis schedule then has nothing to schedule).
+#: Settings the Slicer panel does not expose: it never passes them, so ``volgen generate``'s defaults apply.
 NOT_IN_PANEL = {
-    "slice_axes": "--slice-axes",
     "axis_schedule": "--axis-schedule",
     "late_fraction": "--late-fraction",
 }
@@ -133,21 +131,40 @@ def test_slicer_module_defaults():
     assert set(SCHEDULERS) == set(defaults.SCHEDULERS)
 
 
-def test_slicer_module_leaves_the_slice_axes_to_the_model():
-    """The panel has no slice-axes setting and its command line passes none: it generates along the model's
-    own axis, which is ``volgen generate``'s default (``defaults.SLICE_AXES`` is ``None``)."""
+def test_slicer_module_guidance_and_slice_axes_default_to_the_model():
+    """The panel's guidance and slice axes: at their defaults its command line passes neither, so the model
+    decides (guided with ``defaults.GUIDANCE_SCALE`` if it has flags; its own slice axis:
+    ``defaults.SLICE_AXES`` is ``None``); changed, they reach ``volgen generate``. Its limits are the
+    library's."""
     assert defaults.SLICE_AXES is None
     sys.path.insert(0, str(PLUGIN))
     try:
         from VolGenLib.command import build_command
-        from VolGenLib.parameters import GenerationParameters
+        from VolGenLib.parameters import (
+            GUIDANCE_SCALE,
+            MAX_GUIDANCE_SCALE,
+            SLICE_AXES,
+            GenerationParameters,
+            ParameterError,
+            guidance_option,
+        )
         from VolGenLib.workspace import GenerationPaths
     finally:
         sys.path.remove(str(PLUGIN))
+    assert GUIDANCE_SCALE == defaults.GUIDANCE_SCALE and MAX_GUIDANCE_SCALE == defaults.MAX_GUIDANCE_SCALE
+    assert SLICE_AXES == defaults.AXIS_NAMES
     fields = {f.name for f in dataclasses.fields(GenerationParameters)}
-    assert not fields & set(NOT_IN_PANEL), "the panel exposes a slice-axes setting: compare its default here"
+    assert not fields & set(NOT_IN_PANEL), "the panel exposes an axis schedule: compare its default here"
     node = _plugin_node_defaults()
-    assert not {"sliceAxes", "axisSchedule", "lateFraction"} & set(node)
+    assert node["sliceAxes"] == "" and not {"axisSchedule", "lateFraction"} & set(node)
+    assert guidance_option(GUIDANCE_SCALE) is None and guidance_option(1.0) == 1.0
     paths = GenerationPaths(input=Path("in.nii.gz"), output=Path("out.nii.gz"), reference=None)
     command = build_command(GenerationParameters(), paths, python="python")
-    assert not set(NOT_IN_PANEL.values()) & set(command)
+    assert not {"--slice-axes", "--guidance-scale", *NOT_IN_PANEL.values()} & set(command)
+    chosen = GenerationParameters(guidance_scale=1.0, slice_axes="Coronal, axial")
+    command = build_command(chosen, paths, python="python")
+    assert command[command.index("--guidance-scale") + 1] == "1.0"
+    assert command[command.index("--slice-axes") + 1] == "coronal,axial"
+    for bad in ({"guidance_scale": 21.0}, {"slice_axes": ["axial", "axial"]}, {"slice_axes": ["oblique"]}):
+        with pytest.raises(ParameterError):
+            GenerationParameters(**bad)

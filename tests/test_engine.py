@@ -7,29 +7,17 @@ import dataclasses
 import pytest
 import torch
 
-from volgen.conditioning import ConditionLayout, condition_slices, condition_vector, unet_condition
+from volgen.conditioning import condition_slices, condition_vector, unet_condition
 from volgen.denoiser import BATCH_GRANULE, Denoiser
-from volgen.labels import LabelMap
-from volgen.models import ModelMetadata, UNetConfig, build_training_scheduler, build_unet, save_model
 from volgen.pipeline import SegmentationToVolumePipeline
 
 STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory) -> SegmentationToVolumePipeline:
-    """A tiny model with "specified" flags (guidable) and 2.5D context 1."""
-    torch.manual_seed(0)
-    metadata = ModelMetadata(
-        name="tiny-flags",
-        label_map=LabelMap(name="test", classes={"a": [1], "b": [2], "c": [3]}),
-        slice_size=16,
-        context_slices=1,
-        condition=ConditionLayout(specified_flags=True, context_padding="replicate"),
-    )
-    folder = tmp_path_factory.mktemp("models") / "flags"
-    save_model(folder, build_unet(UNetConfig.preset("tiny"), metadata), build_training_scheduler(), metadata)
-    return SegmentationToVolumePipeline.from_pretrained(folder)
+def pipe(flagged_model_dir) -> SegmentationToVolumePipeline:
+    """The tiny v-prediction model with "specified" flags (conftest): guidable, 2.5D context 1."""
+    return SegmentationToVolumePipeline.from_pretrained(flagged_model_dir)
 
 
 @pytest.fixture(scope="module")

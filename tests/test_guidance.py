@@ -14,39 +14,15 @@ from volumes import make_volume, rotation
 from volgen import defaults, io
 from volgen.api import GenerateSettings, VolumeGenerator
 from volgen.cli.app import _register, app
-from volgen.conditioning import ConditionLayout, selection_to_removed
+from volgen.conditioning import selection_to_removed
 from volgen.errors import VolgenError
-from volgen.labels import LabelMap
 from volgen.models import (
-    ModelMetadata,
-    UNetConfig,
-    build_training_scheduler,
-    build_unet,
     load_model,
-    save_model,
 )
 from volgen.pipeline import build_pipeline
 
 _register()
 FAST = ["--steps", "2", "--device", "cpu", "--progress", "none"]
-
-
-@pytest.fixture(scope="module")
-def flagged_model_dir(tmp_path_factory) -> Path:
-    """An untrained tiny v-prediction model with "specified" flags (the recipe's kind), 16 px."""
-    torch.manual_seed(0)
-    metadata = ModelMetadata(
-        name="tiny-flags",
-        label_map=LabelMap(name="test", classes={"liver": [1], "kidney": [2, 5], "spleen": [3]}),
-        slice_size=16,
-        context_slices=1,
-        condition=ConditionLayout(specified_flags=True, context_padding="replicate"),
-    )
-    unet = build_unet(UNetConfig.preset("tiny"), metadata)
-    scheduler = build_training_scheduler(prediction_type="v_prediction", zero_terminal_snr=True)
-    folder = tmp_path_factory.mktemp("guidance") / "flags"
-    save_model(folder, unet, scheduler, metadata)
-    return folder
 
 
 def pipeline(folder: Path):

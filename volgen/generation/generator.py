@@ -240,14 +240,14 @@ class VolumeGenerator:
         (estimated, nothing allocated; ``slice_batch_size="auto"`` counted as the chunk it would choose
         within ``max_memory``)."""
         meta = self.metadata
-        slices, voxels, slice_batch = self._run_size(segmentation, settings, volumes, max_memory)
+        plan = self.plan(segmentation, settings, volumes=volumes, max_memory=max_memory)
         return estimate_memory(
-            slices=slices,
+            slices=plan.num_slices,
             slice_size=meta.slice_size,
             condition_channels=meta.condition_channels,
-            slice_batch_size=slice_batch,
+            slice_batch_size=plan.slice_batch_size,
             block_channels=self.model.unet.config.block_out_channels,
-            input_voxels=voxels,
+            input_voxels=int(np.prod(segmentation.GetSize())) * volumes,
         )
 
     def _run_size(

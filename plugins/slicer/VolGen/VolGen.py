@@ -44,6 +44,8 @@ if _MODULE_DIR not in sys.path:  # the helper packages live next to this file
 from VolGenLib import (  # noqa: E402
     DEVICES,
     FILE_FILTER,
+    GUIDANCE_SCALE,
+    MAX_GUIDANCE_SCALE,
     SCHEDULERS,
     EnvironmentStatus,
     GenerationParameters,
@@ -56,6 +58,7 @@ from VolGenLib import (  # noqa: E402
     default_model_dir,
     default_python_executable,
     forget_environment_checks,
+    guidance_option,
     install_source,
     model_classes,
     model_label_map,
@@ -106,6 +109,8 @@ class VolGenParameterNode:
     droppedClasses: comma-separated classes unchecked in the panel.
     strength: λ in [0, 1] (used only with a reference).
     steps, scheduler, seed, noiseCorrelation (ρ), device: as ``volgen generate``.
+    guidanceScale: classifier-free guidance ``w``; at its default the model decides (no ``--guidance-scale``).
+    sliceAxes: comma-separated slice axes of a multi-axis model ("" : the model's own axis).
     unknownLabelsAsBackground: ``--unknown-labels background`` instead of refusing unknown values.
     keepTemporaryFiles: keep the temporary folder after a run.
     pythonExecutable: Python with volgen ("" : Slicer's own PythonSlicer).
@@ -125,6 +130,8 @@ class VolGenParameterNode:
     seed: Annotated[int, WithinRange(0, 2**31 - 1)] = GenerationParameters.seed
     noiseCorrelation: Annotated[float, WithinRange(0.0, 0.999)] = GenerationParameters.noise_correlation
     device: Annotated[str, Choice(list(DEVICES))] = GenerationParameters.device
+    guidanceScale: Annotated[float, WithinRange(0.0, MAX_GUIDANCE_SCALE)] = GUIDANCE_SCALE
+    sliceAxes: str = ""
     unknownLabelsAsBackground: bool = False
     keepTemporaryFiles: bool = False
     pythonExecutable: str = ""
@@ -589,6 +596,8 @@ class VolGenLogic(ScriptedLoadableModuleLogic):
             drop=dropped or None,
             device=node.device,
             unknown_labels="background" if node.unknownLabelsAsBackground else "error",
+            guidance_scale=guidance_option(float(node.guidanceScale)),
+            slice_axes=node.sliceAxes or None,
         )
 
     # -- running -------------------------------------------------------------------------------------------

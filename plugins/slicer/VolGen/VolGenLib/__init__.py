@@ -40,13 +40,27 @@ from .models import (
     read_model_metadata,
     segment_label_values,
 )
-from .parameters import DEVICES, SCHEDULERS, UNKNOWN_LABELS, GenerationParameters, ParameterError
+from .parameters import (
+    DEVICES,
+    GUIDANCE_SCALE,
+    MAX_GUIDANCE_SCALE,
+    SCHEDULERS,
+    SLICE_AXES,
+    UNKNOWN_LABELS,
+    GenerationParameters,
+    ParameterError,
+    guidance_option,
+)
 from .progress import ProgressEvent, parse_progress_line
 from .runner import TERMINATE_TIMEOUT, GenerationRunner, Runner, RunResult, error_message, panel_error
 from .workspace import GenerationPaths, TempWorkspace
 
 __all__ = [
     "DEVICES",
+    "GUIDANCE_SCALE",
+    "MAX_GUIDANCE_SCALE",
+    "SLICE_AXES",
+    "guidance_option",
     "SCHEDULERS",
     "TERMINATE_TIMEOUT",
     "UNKNOWN_LABELS",

@@ -67,6 +67,10 @@ def build_command(
         "--unknown-labels", params.unknown_labels,
         "--progress", "json",
     ]  # fmt: skip
+    if params.guidance_scale is not None:
+        command += ["--guidance-scale", _number(params.guidance_scale)]
+    if params.slice_axes:
+        command += ["--slice-axes", ",".join(params.slice_axes)]
     if overwrite:
         command.append("--overwrite")
     return command

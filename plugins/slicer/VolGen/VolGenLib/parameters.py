@@ -21,6 +21,13 @@ SCHEDULERS: tuple[str, ...] = (
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 #: How ``volgen generate --unknown-labels`` treats label values the model does not know.
 UNKNOWN_LABELS: tuple[str, ...] = ("error", "background")
+#: Slice axes ``volgen generate --slice-axes`` accepts (a multi-axis model's; the first is the primary).
+SLICE_AXES: tuple[str, ...] = ("axial", "coronal", "sagittal")
+#: Largest classifier-free guidance ``volgen generate --guidance-scale`` accepts.
+MAX_GUIDANCE_SCALE = 20.0
+#: The panel's guidance: volgen's default ``w`` for models with "specified" flags. At this value the panel
+#: passes no ``--guidance-scale``, so the model decides (older models without flags run unguided).
+GUIDANCE_SCALE = 1.25
 
 
 class ParameterError(ValueError):
@@ -42,6 +49,8 @@ class GenerationParameters:
         drop: Class names to drop (they become background). Give ``keep`` or ``drop``, not both.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         unknown_labels: ``error`` (the CLI refuses label values the model does not know) or ``background``.
+        guidance_scale: Classifier-free guidance ``w`` in [0, 20] (1: off); ``None``: the model's default.
+        slice_axes: Axes to slice along, primary first (a multi-axis model); ``None``: the model's own axis.
     """
 
     model_dir: str | None = None
@@ -54,6 +63,8 @@ class GenerationParameters:
     drop: list[str] | None = field(default=None)
     device: str = "auto"
     unknown_labels: str = "error"
+    guidance_scale: float | None = None
+    slice_axes: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.model_dir is not None:
@@ -62,6 +73,8 @@ class GenerationParameters:
             self.keep = _names(self.keep, "keep")
         if self.drop is not None:
             self.drop = _names(self.drop, "drop")
+        if self.slice_axes is not None:
+            self.slice_axes = [a.lower() for a in _names(self.slice_axes, "slice axes")] or None
         self.validate()
 
     def validate(self) -> None:
@@ -91,6 +104,21 @@ class GenerationParameters:
             raise ParameterError(
                 f"unknown labels must be 'error' or 'background', got {self.unknown_labels!r}"
             )
+        self._validate_sampling()
+
+    def _validate_sampling(self) -> None:
+        """Guidance and slice axes."""
+        w = self.guidance_scale
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w)):
+            raise ParameterError(f"guidance must be a number, got {w!r}")
+        if w is not None and not 0.0 <= w <= MAX_GUIDANCE_SCALE:
+            raise ParameterError(f"guidance must be in [0, {MAX_GUIDANCE_SCALE:g}], got {w}")
+        axes = self.slice_axes or []
+        unknown = [a for a in axes if a not in SLICE_AXES]
+        if unknown:
+            raise ParameterError(f"unknown slice axis {unknown[0]!r}; use {', '.join(SLICE_AXES)}")
+        if len(set(axes)) != len(axes):
+            raise ParameterError(f"slice axes repeat an axis: {', '.join(axes)}")
 
     @property
     def needs_reference(self) -> bool:
@@ -105,6 +133,12 @@ class GenerationParameters:
         """
         dropped = [name for name, on in checked.items() if not on]
         return cls(drop=dropped or None, **kwargs)  # type: ignore[arg-type]
+
+
+def guidance_option(value: float) -> float | None:
+    """The panel's guidance as :attr:`GenerationParameters.guidance_scale`: ``None`` (the model's default) at
+    :data:`GUIDANCE_SCALE`, else the value."""
+    return None if value == GUIDANCE_SCALE else float(value)
 
 
 def _names(values: Iterable[str] | str, what: str) -> list[str]:
