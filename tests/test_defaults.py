@@ -73,6 +73,22 @@ def test_pipeline_call_defaults():
     assert params["x0_smoothing"].default == defaults.X0_SMOOTHING
     assert params["slice_batch_size"].default == defaults.SLICE_BATCH_SIZE
     assert params["strength"].default == defaults.STRENGTH
+    plan = inspect.signature(SegmentationToVolumePipeline.plan).parameters
+    assert plan["guidance_interval"].default == defaults.GUIDANCE_INTERVAL
+    for key in ("num_inference_steps", "noise_correlation", "x0_smoothing", "slice_batch_size"):
+        assert plan[key].default == params[key].default, f"plan {key}"
+
+
+def test_multiaxis_sampling_takes_the_same_defaults():
+    from volgen.multiaxis import generate_multiaxis
+
+    params = inspect.signature(generate_multiaxis).parameters
+    assert params["num_inference_steps"].default == defaults.STEPS
+    assert params["noise_correlation"].default == defaults.NOISE_CORRELATION
+    assert params["x0_smoothing"].default == defaults.X0_SMOOTHING
+    assert params["scheduler"].default == defaults.SCHEDULER
+    assert params["slice_batch_size"].default == defaults.SLICE_BATCH_SIZE
+    assert params["guidance_scale"].default is None  # the model's default, as everywhere
 
 
 def _plugin_node_defaults() -> dict[str, object]:

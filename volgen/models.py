@@ -340,14 +340,29 @@ def _check_schedule(folder: Path) -> None:
         )
 
 
+def load_unet_and_schedule(folder: Path) -> tuple[Any, Any]:
+    """The UNet (safetensors only, float32, eval mode) and noise schedule of a pipeline folder layout.
+
+    Raises:
+        ModelError: They cannot be read (the first line of why).
+    """
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    try:
+        unet = UNet2DModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
+        scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(folder, f"cannot load the UNet or scheduler: {first}") from None
+    return unet.float().eval(), scheduler
+
+
 def load_model(folder: PathLike) -> LoadedModel:
     """Load a model folder: UNet (float32), its training scheduler and metadata, checked for consistency.
 
     Raises:
         ModelError: missing files, pickle weights, or a ``volgen.json`` that disagrees with the UNet.
     """
-    from diffusers import DDPMScheduler, UNet2DModel
-
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelError(folder, "model folder not found" if not folder.exists() else "not a folder")
@@ -356,13 +371,7 @@ def load_model(folder: PathLike) -> LoadedModel:
     metadata = read_metadata(folder)
     digest = weights_hash(folder)
     _check_schedule(folder)
-    try:
-        unet = UNet2DModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
-        scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(folder, f"cannot load the UNet or scheduler: {first}") from None
-    unet = unet.float().eval()
+    unet, scheduler = load_unet_and_schedule(folder)
     check_finite_weights(unet, folder)
     expected = 1 + metadata.condition_channels
     if unet.config.in_channels != expected:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
+from diffusers import DiffusionPipeline
 from torch import Tensor
 
 from volgen import defaults
@@ -569,18 +569,17 @@ def _load_parts(folder) -> tuple[object, object, dict]:
     """UNet (safetensors), noise schedule and pipeline settings of a ``save_pretrained`` folder."""
     import json
 
-    from volgen.models import check_safe_folder
+    from volgen.models import check_safe_folder, load_unet_and_schedule
 
     if not folder.is_dir():
         raise VolgenError(f"{folder}: not a folder")
     check_safe_folder(folder)
     try:
         config = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-        unet = UNet2DModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
-        schedule = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except (OSError, ValueError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise VolgenError(f"{folder}: cannot load the pipeline ({first})") from None
+    unet, schedule = load_unet_and_schedule(folder)
     keys = ("encoding", "context_slices", "num_classes", "slice_axis")
     settings = {k: config[k] for k in keys if isinstance(config, dict) and k in config}
-    return unet.float().eval(), schedule, settings
+    return unet, schedule, settings

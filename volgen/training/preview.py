@@ -26,10 +26,8 @@ def preview_slices(labels: torch.Tensor, count: int = PREVIEW_SLICES) -> list[in
 
 def ema_unet(accelerator, model, ema):
     """A fresh float32 UNet holding the EMA weights, on the training device (no DDP or autocast wrappers)."""
-    from diffusers import UNet2DModel
-
     trained = accelerator.unwrap_model(model)
-    unet = UNet2DModel.from_config(trained.config)
+    unet = type(trained).from_config(trained.config)
     unet.load_state_dict(trained.state_dict())
     ema.copy_to(unet.parameters())
     # from_config builds float32 parameters and load_state_dict casts into them: no dtype for .to(), which
