@@ -18,6 +18,7 @@ from pydantic import field_validator
 from torch import Tensor
 
 from volgen.config import StrictModel
+from volgen.defaults import AXIS_NAMES
 from volgen.types import Encoding
 
 ENCODINGS: tuple[str, ...] = ("onehot", "seed")
@@ -250,3 +251,10 @@ def unet_condition(mask_channels: Tensor, vector: Tensor | None) -> Tensor:
     b, _, h, w = mask_channels.shape
     planes = vector.to(mask_channels.device, mask_channels.dtype)[:, :, None, None].expand(b, -1, h, w)
     return torch.cat([mask_channels, planes], dim=1)
+
+
+def model_axes(layout: ConditionLayout | None, slice_axis: str) -> tuple[str, ...]:
+    """The slice axes a model was trained on: its layout's axes, else its one ``slice_axis``."""
+    if layout is not None and len(layout.axes) > 1:
+        return tuple(AXIS_NAMES[a] for a in layout.axes)
+    return (slice_axis,)

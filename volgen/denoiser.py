@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from volgen import defaults
 from volgen.conditioning import (
     ConditionLayout,
     condition_slices,
@@ -45,8 +46,6 @@ UNGUIDED = 1.0
 #: this many slices: the volume does not depend on the slice batch. (GPUs run whole chunks; see
 #: docs/reliability.md for what that means for determinism.)
 BATCH_GRANULE = 8
-#: Axis codes of :class:`~volgen.conditioning.ConditionLayout` by name.
-AXIS_CODES = {"axial": 0, "coronal": 1, "sagittal": 2}
 
 
 def padded_slices(n: int) -> int:
@@ -122,7 +121,7 @@ class Denoiser:
         specified = specified_from_removed(removed, batch, self.num_classes)
         layout = self.layout
         if axis is None and layout is not None and len(layout.axes) > 1:  # multi-axis model: its slice_axis
-            axis = AXIS_CODES[self.slice_axis]
+            axis = defaults.AXIS_NAMES.index(self.slice_axis)
             axis = axis if axis in layout.axes else layout.axes[0]
         return condition_vector(specified, axis=axis, layout=layout)
 

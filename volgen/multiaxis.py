@@ -38,7 +38,7 @@ import torchio as tio
 from torch import Tensor
 
 from volgen import defaults
-from volgen.conditioning import ConditionLayout
+from volgen.conditioning import ConditionLayout, model_axes
 from volgen.errors import VolgenError
 from volgen.frames import resample_to_grid, sitk_to_torchio, volume_to_slices
 
@@ -62,13 +62,6 @@ def axis_code(name: str) -> int:
         return AXIS_NAMES.index(name)
     except ValueError:
         raise VolgenError(f"unknown slice axis {name!r}; expected one of {', '.join(AXIS_NAMES)}") from None
-
-
-def model_axes(layout: ConditionLayout | None, slice_axis: str) -> tuple[str, ...]:
-    """The slice axes a model was trained on: its layout's axes, else its one ``slice_axis``."""
-    if layout is not None and len(layout.axes) > 1:
-        return tuple(AXIS_NAMES[a] for a in layout.axes)
-    return (slice_axis,)
 
 
 @dataclass

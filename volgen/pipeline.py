@@ -29,7 +29,7 @@ from diffusers import DiffusionPipeline
 from torch import Tensor
 
 from volgen import defaults
-from volgen.conditioning import ConditionLayout, selection_to_removed
+from volgen.conditioning import ConditionLayout, model_axes, selection_to_removed
 from volgen.denoiser import BATCH_GRANULE, UNGUIDED, Denoiser
 from volgen.errors import VolgenError
 from volgen.sampling import (
@@ -503,10 +503,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
 
     def _check_axes(self, slice_axes: Sequence[str]) -> None:
         """Refuse a slice axis the model was not trained on."""
-        layout = self.condition_layout
-        names = defaults.AXIS_NAMES
-        trained = [names[a] for a in layout.axes] if layout is not None and len(layout.axes) > 1 else []
-        trained = trained or [self.config.slice_axis]
+        trained = model_axes(self.condition_layout, self.config.slice_axis)
         unknown = sorted(set(slice_axes) - set(trained))
         if unknown:
             raise VolgenError(

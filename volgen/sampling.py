@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from volgen import defaults
 from volgen.denoiser import UNGUIDED, Denoiser, chunks, padded_slices
 from volgen.errors import VolgenError
 from volgen.frames import slices_to_volume, volume_to_slices
@@ -287,6 +288,4 @@ def _axis_code(denoiser: Denoiser, axis: str | None) -> int | None:
     layout = denoiser.layout
     if axis is None or layout is None or len(layout.axes) <= 1:
         return None
-    from volgen.denoiser import AXIS_CODES
-
-    return AXIS_CODES[axis]
+    return defaults.AXIS_NAMES.index(axis)
