@@ -4,9 +4,9 @@
 input - the noisy slice, the mask channels of the slice and its 2.5D context, the "specified" flags and the
 slice axis of a multi-axis model (:mod:`volgen.conditioning`) - and owns how the network runs: classifier-free
 guidance as one batched forward (conditional and unconditional halves concatenated), the fixed-size CPU
-forwards that keep results independent of the slice batch, precision (autocast), channels-last input and
-optional ``torch.compile``. Training's loss (:mod:`volgen.training.loop`) and every sampler
-(:mod:`volgen.sampling`) call it, so the two cannot drift apart.
+forwards that keep results independent of the slice batch, precision (autocast) and channels-last input (a
+network compiled in place with ``net.compile()`` runs compiled). Training's loss (:mod:`volgen.training.loop`)
+and every sampler (:mod:`volgen.sampling`) call it, so the two cannot drift apart.
 
 Extending volgen: a ControlNet adds its residuals in :meth:`Denoiser.forward`; a latent model encodes and
 decodes around it (see ``docs/architecture.md``).
@@ -102,12 +102,6 @@ class Denoiser:
     slice_axis: str = "axial"
     autocast_dtype: torch.dtype | None = None
     channels_last: bool = False
-
-    def compiled(self, **options) -> Denoiser:
-        """This denoiser with its network in ``torch.compile`` (a one-off cost per input shape)."""
-        from dataclasses import replace
-
-        return replace(self, net=torch.compile(self.net, **options))
 
     @property
     def padding(self) -> str:
