@@ -75,6 +75,9 @@ def write_config(
             "context_slices": 1,
             "name": "tiny-trained",
             "description": "test",
+            # off here: dropout masks are drawn per process, so with it a two-process run would not repeat a
+            # one-process run (test_two_processes_train_one_consistent_model); its own test turns it on
+            "dropout": 0.0,
             **(model or {}),
         },
         "training": settings,
@@ -559,3 +562,34 @@ def test_class_erasure_is_drawn_per_step_reaches_the_unet_and_is_recorded(workdi
         train(TrainConfig.from_yaml(bad))
     with pytest.raises(Exception, match="data.erase_p > 0 needs data.erase_classes"):
         TrainConfig.from_yaml(write_config(workdir, output_dir="erase-none", data={"erase_p": 0.5}))
+
+
+def test_a_minimal_config_gets_the_measured_recipe_and_explicit_values_win(tmp_path):
+    """`volgen train`'s defaults carry the recipe the ablations chose (air slices, edge cuts, dropout), so a
+    user's minimal config trains the model the benchmarks measured; a config that sets a value keeps it."""
+    from volgen.models import UNetConfig
+    from volgen.training.config import TrainConfig
+
+    minimal = {"output_dir": "run", "data": {"source": "data", "label_map": "labels.yaml"}}
+    (tmp_path / "minimal.yaml").write_text(yaml.safe_dump(minimal))
+    config = TrainConfig.from_yaml(tmp_path / "minimal.yaml")
+    assert config.data.empty_slices == 4
+    assert config.data.edge_cut_p == 0.1
+    assert config.model.unet_config().dropout == 0.1
+    assert config.data.erase_classes == [] and config.data.erase_p == 0.0  # per dataset, never by default
+    # the embedded model's config spells the same recipe out (it is the example of enclosing-class erasure)
+    shipped = yaml.safe_load((Path(__file__).parents[1] / "configs/train/colin27-small.yaml").read_text())
+    assert shipped["data"]["empty_slices"] == config.data.empty_slices
+    assert shipped["data"]["edge_cut_p"] == config.data.edge_cut_p
+    assert shipped["model"]["dropout"] == config.model.dropout
+    assert shipped["data"]["erase_classes"] == ["head"]
+
+    older = {
+        "output_dir": "run",
+        "data": {"source": "data", "label_map": "labels.yaml", "empty_slices": 0, "edge_cut_p": 0.0},
+        "model": {"dropout": None},
+    }
+    (tmp_path / "older.yaml").write_text(yaml.safe_dump(older))
+    config = TrainConfig.from_yaml(tmp_path / "older.yaml")
+    assert config.data.empty_slices == 0 and config.data.edge_cut_p == 0.0
+    assert config.model.unet_config().dropout == UNetConfig.preset("small").dropout == 0.0
