@@ -82,6 +82,7 @@ def prepare_split(data: Path, work: Path, cut: int) -> dict[str, Path]:
 def minimal_config(name: str, *, train_dir: Path, output_dir: Path, args: argparse.Namespace):
     """What a new user writes (data, label map, modality, a preset), the budget, and the variant."""
     from volgen.config import validate
+    from volgen.models import UNetConfig
     from volgen.training import TrainConfig
 
     data: dict[str, Any] = {
@@ -97,6 +98,9 @@ def minimal_config(name: str, *, train_dir: Path, output_dir: Path, args: argpar
             "log_every": max(1, args.steps // 10),
         },
     }
+    if args.size is not None:
+        unet = UNetConfig.preset(args.preset).model_dump(mode="json")
+        data["model"] = {"unet": {**unet, "sample_size": args.size}}
     for section, values in VARIANTS[name].items():
         data[section] = {**data.get(section, {}), **values}
     return validate(data, TrainConfig)
@@ -214,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=1000, help="training steps per variant (the equal budget)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--preset", default="small", help="UNet preset (configs/models)")
+    p.add_argument("--size", type=int, default=None, help="slice size in px (default: the preset's)")
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--cut", type=int, default=130, help="first held-out axial slice")
     p.add_argument("--max-minutes", type=float, default=None, help="time cap per training (safety)")
