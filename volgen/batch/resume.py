@@ -14,6 +14,7 @@ from volgen.generation.settings import GenerateSettings
 from volgen.generation.sidecar import Sidecar
 from volgen.io.atomic import TEMP_NAME
 from volgen.io.files import file_sha256, remove_path
+from volgen.io.paths import check_readable
 
 logger = logging.getLogger("volgen.batch")
 
@@ -50,6 +51,7 @@ def unfinished_reason(item: WorkItem, *, weights_sha256: str, output_format: str
     if not (item.sidecar.exists() or item.sidecar.is_symlink()):
         return "no sidecar"
     try:
+        check_readable(item.sidecar, folder_ok=False, what="sidecar")  # stat first: a FIFO would block open
         sidecar = Sidecar.read(item.sidecar)
     except InputError:
         return "unreadable sidecar"
