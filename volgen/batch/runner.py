@@ -217,8 +217,13 @@ def _run_case(items: list[WorkItem], context: _Context, held: list[claims.Claim]
     todo = []
     for item in items:
         started = time.perf_counter()
-        remove_temporaries(item, context.temporaries)
-        reason = unfinished_reason(item, weights_sha256=loaded.weights_sha256, output_format=fmt)
+        try:
+            remove_temporaries(item, context.temporaries)
+            reason = unfinished_reason(item, weights_sha256=loaded.weights_sha256, output_format=fmt)
+        except OSError as e:  # e.g. a name too long for the file system: this item fails alone
+            error = one_line(OutputError(item.output, f"cannot use this output ({e.strerror or e})"))
+            records[item.key] = _record(item, plan, "failed", time.perf_counter() - started, error)
+            continue
         if reason is None:
             records[item.key] = _record(item, plan, "skipped", time.perf_counter() - started)
         else:
