@@ -215,8 +215,8 @@ def plan_batch(
                 output, label = out_dir / f"{name}{ending}", None
                 if is_reserved(output.name):
                     raise VolgenError(
-                        f"case {case.id!r}: its output {output} would be the run's manifest "
-                        f"({MANIFEST_NAME} or a shard manifest); rename the case"
+                        f"{case.origin or case.segmentation}: case {case.id!r}: its output {output} would be "
+                        f"the run's manifest ({MANIFEST_NAME} or a shard manifest); rename the case"
                     )
             items.append(
                 WorkItem(

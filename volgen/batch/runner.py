@@ -220,7 +220,7 @@ def _run_case(items: list[WorkItem], context: _Context, held: list[claims.Claim]
         try:
             remove_temporaries(item, context.temporaries)
             reason = unfinished_reason(item, weights_sha256=loaded.weights_sha256, output_format=fmt)
-        except OSError as e:  # e.g. a name too long for the file system: this item fails alone
+        except OSError as e:  # a leftover that cannot be removed: this item fails alone
             error = one_line(OutputError(item.output, f"cannot use this output ({e.strerror or e})"))
             records[item.key] = _record(item, plan, "failed", time.perf_counter() - started, error)
             continue
