@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ class Case:
     keep: tuple[str, ...] | None = None
     drop: tuple[str, ...] | None = None
     strength: float | None = None
-    origin: str | None = None
+    origin: str | None = field(default=None, compare=False)
 
 
 class ManifestEntry(StrictModel):

@@ -83,7 +83,7 @@ class ItemRecord:
     def target(self) -> str:
         """What the row is about: the output it produces (rows of other outputs are other items, even of
         the same case id)."""
-        return self.output or (self.outputs[0] if self.outputs else f"{self.case}:{self.sample}")
+        return self.output or f"{self.case}:{self.sample}"  # rows of an older volgen: by case and sample
 
     def to_row(self) -> dict[str, str]:
         """The CSV cells (text cells made spreadsheet-safe)."""
@@ -173,7 +173,11 @@ def append_record(path: Path, record: ItemRecord) -> None:
 
 
 def _ordered(records: Iterable[ItemRecord]) -> list[ItemRecord]:
-    return sorted(records, key=lambda r: (r.key, r.target))
+    """Sorted by case, sample and output; a row of an older volgen (no ``output``) is dropped where a row
+    of this one records the same case and sample."""
+    records = list(records)
+    current = {r.key for r in records if r.output}
+    return sorted((r for r in records if r.output or r.key not in current), key=lambda r: (r.key, r.target))
 
 
 def write_manifest(path: Path, records: Iterable[ItemRecord]) -> Path:

@@ -14,6 +14,7 @@ fails alone, a failure the samples share (reading the segmentation, generating) 
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Sequence
@@ -235,7 +236,11 @@ def _run_case(items: list[WorkItem], context: _Context, held: list[claims.Claim]
             error, seconds = outcome[item.key]
             if error:
                 for path in item.outputs:  # stale outputs of an earlier run must not pass as results
-                    remove_output(path)
+                    try:
+                        remove_output(path)
+                    except OSError as e:  # a name the file system refuses (too long) holds nothing
+                        level = logging.DEBUG if e.errno == errno.ENAMETOOLONG else logging.WARNING
+                        logger.log(level, "%s: stale output not removed (%s)", path, e.strerror or e)
             records[item.key] = _record(item, plan, "failed" if error else "done", seconds, error)
     return [records[item.key] for item in items]
 
