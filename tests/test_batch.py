@@ -662,6 +662,10 @@ def test_an_append_after_a_torn_row_starts_on_a_new_line(tmp_path, caplog):
         assert [r.case for r in read_manifest(path)] == ["a", "c"]
     assert "line 3: skipped a row cut short" in caplog.text
 
+    path.write_bytes(path.read_bytes() + b'd,0,d.nii.gz,"/data/a, b/d.ni')  # cut in a quoted cell
+    append_record(path, replace(row, case="e", output="e.nii.gz"))
+    assert [r.case for r in read_manifest(path)] == ["a", "c", "e"]
+
     path.write_bytes(b"case,sample,out")  # the first append was cut in its header
     append_record(path, row)
     assert [r.case for r in read_manifest(path)] == ["a"]

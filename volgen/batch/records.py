@@ -34,9 +34,11 @@ from volgen.types import PathLike
 MANIFEST_NAME = "manifest.csv"
 #: Columns of ``manifest.csv`` (and of the shard manifests).
 MANIFEST_COLUMNS = ("case", "sample", "output", "input", "outputs", "seed", "status", "seconds", "error")
-#: Columns a row must have to be read (``output`` came later: older rows are keyed by their first output).
+#: Columns a row must have to be read (``output`` came later: older rows are keyed by case and sample).
 _REQUIRED = ("case", "sample", "input", "outputs", "seed", "status")
 STATUSES = ("done", "skipped", "failed")
+#: Bytes at the end of a manifest an append looks at for a row cut short (rows are far shorter).
+_TAIL = 1 << 16
 
 logger = logging.getLogger("volgen.batch")
 _SHARD_MANIFEST = re.compile(r"^manifest\.shard-(\d+)-of-(\d+)\.csv$")
@@ -152,8 +154,8 @@ def _locked(path: Path) -> Iterator[IO[bytes]]:
 def append_record(path: Path, record: ItemRecord) -> None:
     """Append one row to the manifest ``path`` (with the header when the file is new or empty).
 
-    The row starts on a new line also when the file was cut mid-row (the torn row stays one row, which the
-    reader skips).
+    The row starts on a new line also when the file was cut mid-row; a quoted cell the cut left open is
+    closed first, so the torn row stays one row (which the reader skips) and cannot swallow this one.
 
     Raises:
         OutputError: The manifest cannot be written (read-only folder, full disk).
@@ -162,10 +164,11 @@ def append_record(path: Path, record: ItemRecord) -> None:
         with _locked(path) as f:
             size = f.seek(0, os.SEEK_END)
             text = _csv_text([record], header=size == 0)
-            if size:
-                f.seek(size - 1)
-                if f.read(1) not in (b"\n", b"\r"):
-                    text = "\n" + text
+            f.seek(max(0, size - _TAIL))
+            tail = f.read()
+            if tail and not tail.endswith((b"\n", b"\r")):  # cut mid-row: end that row first
+                torn = tail[tail.rfind(b"\n") + 1 :]
+                text = ('"\n' if torn.count(b'"') % 2 else "\n") + text  # a quote left open is closed
             f.write(_encode(text))
             f.flush()
     except OSError as e:
