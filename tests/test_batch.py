@@ -716,3 +716,17 @@ def test_resume_does_not_open_a_sidecar_that_is_a_named_pipe(full_run, cases_dir
     assert result.exit_code == 0, result.output
     assert statuses(out) == {(c, 0): "done" if c == "a" else "skipped" for c in GOOD}
     assert sidecar.is_file()  # like a damaged sidecar: the item is made again, with a sidecar
+
+
+def test_a_run_manifest_that_is_a_named_pipe_is_refused_not_fed(tmp_path):
+    """Rows appended to a FIFO would vanish (or block once its buffer is full): refused by stat."""
+    from volgen.batch.records import ItemRecord, append_record
+    from volgen.errors import OutputError
+
+    path = tmp_path / "manifest.csv"
+    os.mkfifo(path)
+    row = ItemRecord(
+        case="a", sample=0, input="a.nii.gz", outputs=[], seed=1, status="failed", output="a.nii.gz"
+    )
+    with pytest.raises(OutputError, match="manifest.csv: is not a regular file"):
+        append_record(path, row)

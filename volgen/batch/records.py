@@ -19,6 +19,7 @@ import csv
 import logging
 import os
 import re
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from io import StringIO
@@ -134,7 +135,14 @@ def _encode(text: str) -> bytes:
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[IO[bytes]]:
     """``path`` opened for appending (created if missing) under an exclusive lock; reopened when another
-    process replaced the file (:func:`compact_manifest`) while this one waited for the lock."""
+    process replaced the file (:func:`compact_manifest`) while this one waited for the lock.
+
+    Raises:
+        OutputError: ``path`` is not a regular file (a FIFO would take the rows, or block).
+    """
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise OutputError(path, "is not a regular file; volgen keeps its batch manifest there")
     while True:
         f = open(path, "a+b")  # noqa: SIM115 - closed below
         try:
