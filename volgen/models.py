@@ -347,7 +347,8 @@ def _check_schedule(folder: Path) -> None:
 
 
 def load_model(folder: PathLike) -> LoadedModel:
-    """Load a model folder (or an embedded model by name, e.g. ``default``): UNet (float32), its training scheduler and metadata, checked for consistency.
+    """Load a model folder (or an embedded model by name, e.g. ``default``): UNet (float32), its training
+    scheduler and metadata, checked for consistency.
 
     Raises:
         ModelError: missing files, pickle weights, or a ``volgen.json`` that disagrees with the UNet.
