@@ -32,11 +32,15 @@ def example_path() -> Path:
     return Path(str(resources.files("volgen.examples") / EXAMPLE))
 
 
-def example_or(segmentation: Path) -> Path:
-    """``segmentation``, or the shipped example when it is ``example`` and no such file exists."""
-    if str(segmentation) == EXAMPLE_NAME and not segmentation.exists() and not segmentation.is_symlink():
-        return example_path()
-    return segmentation
+def example_or(segmentation: Path, output: Path | None) -> tuple[Path, Path | None]:
+    """``(segmentation, output)``, or, when ``segmentation`` is ``example`` and no such file exists, the
+    shipped example and an output in the working folder (never inside the installed package)."""
+    if str(segmentation) != EXAMPLE_NAME or segmentation.exists() or segmentation.is_symlink():
+        return segmentation, output
+    from volgen.io.naming import default_output
+
+    example = example_path()
+    return example, output if output is not None else Path(default_output(example).name)
 
 
 def copy_example(destination: Path, *, overwrite: bool = False) -> Path:

@@ -128,7 +128,7 @@ def generate(
 
     from volgen.generation import generate_samples, parse_memory
 
-    segmentation = example_or(segmentation)
+    segmentation, output = example_or(segmentation, output)
     checked = check_generation(
         segmentation,
         output,
