@@ -273,3 +273,53 @@ def test_generate_dry_run_is_batchs_estimate_and_writes_nothing(seg_path, tiny_m
     names = [c.strip() for c in header.split("┃")]
     assert cells[names.index("steps")] == "5" and cells[names.index("passes/step")] in ("1", "2")
     assert "×" not in cells[names.index("slices")]
+
+
+# ---------------------------------------------------------------------- 10. evaluate names the classes
+
+
+def test_evaluate_names_classes_from_the_generating_model(tiny_model_dir, tmp_path):
+    root = tmp_path / "eval"
+    for sub in ("labels", "generated", "images"):
+        (root / sub).mkdir(parents=True)
+    for k in range(2):
+        seg = make_volume("label", size=(12, 10, 6), spacing=(1.5, 1.2, 3.0), seed=k)
+        io.write_volume(seg, root / "labels" / f"c{k}.nii.gz")
+        io.write_volume(
+            make_volume("image", size=(12, 10, 6), spacing=(1.5, 1.2, 3.0), seed=k),
+            root / "images" / f"c{k}.nii.gz",
+        )
+        result = _cli(
+            "generate", root / "labels" / f"c{k}.nii.gz", "-o", root / "generated" / f"c{k}.nii.gz",
+            "--model", tiny_model_dir, "--steps", 1, "--progress", "none",
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+
+    named = _cli(
+        "evaluate", root, tmp_path / "e1", "--segmenter", "intensity", "--no-planes", terminal_width=200
+    )
+    assert named.exit_code == 0, named.output
+    report = json.loads((tmp_path / "e1" / "evaluation.json").read_text(encoding="utf-8"))
+    assert report["classes"] == ["background", "liver", "kidney", "spleen"], report["classes"]
+    assert "label map of" in named.stderr and "liver" in named.stdout
+
+    by_name = _cli(
+        "evaluate",
+        root,
+        tmp_path / "e2",
+        "--segmenter",
+        "intensity",
+        "--no-planes",
+        "--labels",
+        tiny_model_dir,
+    )
+    assert by_name.exit_code == 0, by_name.output
+    report = json.loads((tmp_path / "e2" / "evaluation.json").read_text(encoding="utf-8"))
+    assert report["classes"][1:] == ["liver", "kidney", "spleen"]
+
+    for sidecar in (root / "generated").glob("*.json"):
+        sidecar.unlink()
+    numbered = _cli("evaluate", root, tmp_path / "e3", "--segmenter", "intensity", "--no-planes")
+    assert numbered.exit_code == 0, numbered.output
+    report = json.loads((tmp_path / "e3" / "evaluation.json").read_text(encoding="utf-8"))
+    assert "liver" not in report["classes"]
