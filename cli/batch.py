@@ -114,9 +114,11 @@ def batch(
     import logging
 
     from volgen.batch import BatchOptions, parse_shard
+    from volgen.batch.cases import read_cases
     from volgen.default_model import resolve_model
     from volgen.errors import VolgenError
     from volgen.generation import parse_memory, resolve_device
+    from volgen.models import read_metadata
 
     if merge:
         if out_dir is not None:
@@ -155,8 +157,10 @@ def batch(
         copy_patient_info=copy_patient_info,
     )
     options.check()
-    resolve_device(device)  # a device this machine has, before anything is read
     shard_spec = parse_shard(shard) if shard is not None else (0, 1)
+    read_metadata(model_dir)
+    read_cases(input)  # the input (folder or manifest) before torch loads: a wrong path fails at once
+    resolve_device(device)  # a device this machine has, before any case is read
     if quiet:
         progress = ProgressMode.none if progress == ProgressMode.rich else progress
     else:

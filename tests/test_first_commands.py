@@ -173,6 +173,19 @@ def test_errors_come_before_torch_and_the_note(case, phrase, seg_path, tmp_path)
     assert case == "existing_output" or not out.exists()
 
 
+@pytest.mark.parametrize("case", ["missing_input", "missing_model"])
+def test_batch_errors_come_before_torch_and_the_note(case, seg_path, tmp_path):
+    args = ["batch", str(seg_path.parent), str(tmp_path / "out")]
+    if case == "missing_input":
+        args[1] = str(tmp_path / "no_such_folder")
+    else:
+        args += ["--model", "no-such-model"]
+    code, stderr, torch_loaded = _run_cli_without_torch(args, tmp_path)
+    lines = stderr.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("error:"), stderr
+    assert not torch_loaded and not (tmp_path / "out").exists()
+
+
 def test_the_embedded_model_note_is_one_line_after_the_checks(colin_seg, tmp_path):
     result = _cli("generate", colin_seg, "-o", tmp_path / "o.nii.gz", "--dry-run", terminal_width=80)
     assert result.exit_code == 0, result.output
