@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def wheel_names(tmp_path_factory) -> set[str]:
     # build from a clean copy: setuptools reuses a stale build/ folder of the working tree
     src = tmp_path_factory.mktemp("src")
-    _copy_source(src)
+    copy_source(src)
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(src), "-w", str(out)],
@@ -31,7 +31,7 @@ def wheel_names(tmp_path_factory) -> set[str]:
         return set(zf.namelist())
 
 
-def _copy_source(src: Path) -> None:
+def copy_source(src: Path) -> None:
     """What a release builds from: the packages, the example data, the metadata files and the licence."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
     for name in ("volgen", "cli", "configs", "examples"):
@@ -49,7 +49,7 @@ def test_license_is_apache_2_in_the_repository_the_wheel_and_the_sdist(wheel_nam
     assert "volgen-0.1.0.dist-info/licenses/LICENSE" in wheel_names
     src = tmp_path / "src"
     src.mkdir()
-    _copy_source(src)
+    copy_source(src)
     done = subprocess.run(
         [
             sys.executable,

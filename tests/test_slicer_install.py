@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import re
-import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -99,11 +98,10 @@ def test_urls():
 
 def test_pip_accepts_what_the_helper_gives(tmp_path):
     """A real wheel of this checkout, checked by the helper, is what pip would install (dry run)."""
+    from test_packaging import copy_source
+
     src = tmp_path / "src"
-    for name in ("volgen", "cli", "configs"):
-        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "setup.py", "README.md"):
-        shutil.copy2(ROOT / name, src / name)
+    copy_source(src)
     dist = tmp_path / "my dist"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(src), "-w", str(dist)], check=True
