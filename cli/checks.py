@@ -10,9 +10,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from volgen.cli.options import build_settings
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from volgen.generation import GenerateSettings
@@ -82,12 +80,13 @@ def check_generation(
     output_format: str | None,
     overwrite: bool,
     precision: str,
-    settings: dict[str, Any],
+    settings: GenerateSettings,
 ) -> CheckedGeneration:
-    """Check ``volgen generate``'s arguments without torch: settings (:func:`build_settings`), the model
-    (path or embedded name, its metadata), the segmentation and reference (headers: they exist and are
-    volumes of a known format), class names against the model's label map, and every output (as
-    :func:`volgen.generation.generate_samples` will, before it loads the model).
+    """Check ``volgen generate``'s arguments without torch (the settings were checked where
+    :func:`volgen.cli.options.build_settings` built them): the model (path or embedded name, its
+    metadata), the segmentation and reference (headers: they exist and are volumes of a known format), class
+    names against the model's label map, and every output (as :func:`volgen.generation.generate_samples`
+    will, before it loads the model).
 
     Raises:
         VolgenError: The first problem, naming the file or option.
@@ -101,15 +100,13 @@ def check_generation(
 
     check_samples(samples)
     check_precision(precision)
-    built = build_settings(**settings)
     model_dir = resolve_model(model)
     metadata = read_metadata(model_dir)
     grid = io.read_header(segmentation)
     if reference is not None:
         io.read_header(reference)
-    metadata.label_map.selection(
-        keep=built.keep, drop=built.drop
-    )  # unknown class names, before the model loads
+    # unknown class names, before the model loads
+    metadata.label_map.selection(keep=settings.keep, drop=settings.drop)
     protected = [("input", segmentation), ("reference", reference), ("model folder", model_dir)]
     outputs = sample_paths(output if output is not None else default_output(segmentation), samples)
     previews = [None] * samples if preview is None else sample_paths(preview, samples)
@@ -122,4 +119,4 @@ def check_generation(
             overwrite=overwrite,
             protected=protected,
         )
-    return CheckedGeneration(segmentation, grid, model_dir, metadata, built, samples, reference)
+    return CheckedGeneration(segmentation, grid, model_dir, metadata, settings, samples, reference)

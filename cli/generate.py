@@ -139,7 +139,7 @@ def generate(
         output_format=output_format,
         overwrite=overwrite,
         precision=precision,
-        settings=dict(
+        settings=build_settings(
             seed=seed,
             scheduler=scheduler,
             steps=steps,
