@@ -336,3 +336,14 @@ def test_evaluate_names_classes_from_the_generating_model(tiny_model_dir, tmp_pa
     assert numbered.exit_code == 0, numbered.output
     report = json.loads((tmp_path / "e3" / "evaluation.json").read_text(encoding="utf-8"))
     assert "liver" not in report["classes"]
+
+
+# ------------------------------------------------------------------------------- 8. the time claims
+
+
+def test_the_readme_separates_install_time_from_generation_time():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    quick = text[text.index("## Quick start") : text.index("## How good is it")]
+    assert "installing (`pip install torch==2.13.0 && pip install -e .`" in quick
+    assert "generating (`volgen generate …` alone" in quick and "load of" in quick
+    assert "about a minute" not in text and "10–25 s" not in text
