@@ -121,8 +121,9 @@ def generate(
 
     SEGMENTATION 'example' is the example segmentation shipped with volgen (volgen example PATH copies it).
 
-    Paths, formats and options are checked before the model loads; --dry-run stops there and shows the plan
-    (slices, steps, UNet passes) with time and memory estimates, writing nothing.
+    Paths, formats and options are checked before the model loads. --dry-run then loads the model, times one
+    UNet forward and shows the plan (slices, steps, UNet passes) with time and memory estimates, writing
+    nothing.
     """
     import logging
 
@@ -192,16 +193,18 @@ def generate(
     steps_note.finish()
     if mode == ProgressMode.json:
         return
+    if quiet:  # warnings only
+        for message in (m for result in results for m in result.warnings):
+            warn(message, progress)
+        return
     for result in results:
-        if not quiet:
-            console.print(
-                f"[green]wrote[/] {result.output}  ({result.seconds:.1f} s on {result.device})",
-                highlight=False,
-            )
-            if result.preview is not None:
-                console.print(f"[green]preview[/] {result.preview}", highlight=False)
+        console.print(
+            f"[green]wrote[/] {result.output}  ({result.seconds:.1f} s on {result.device})", highlight=False
+        )
+        if result.preview is not None:
+            console.print(f"[green]preview[/] {result.preview}", highlight=False)
         for message in result.warnings:
-            warn(message, mode)
+            warn(message, progress)
 
 
 def _run_json(
