@@ -127,6 +127,7 @@ def batch(
         return
     if out_dir is None:
         raise VolgenError("missing OUT_DIR: volgen batch INPUT OUT_DIR")
+    read_cases(input)  # the input (folder or manifest) first, before torch loads: a wrong path fails at once
     model_dir = resolve_model(model)  # a folder, or an embedded model by name
     options = BatchOptions(
         model=None if model is None else model_dir,
@@ -159,7 +160,6 @@ def batch(
     options.check()
     shard_spec = parse_shard(shard) if shard is not None else (0, 1)
     read_metadata(model_dir)
-    read_cases(input)  # the input (folder or manifest) before torch loads: a wrong path fails at once
     resolve_device(device)  # a device this machine has, before any case is read
     if quiet:
         progress = ProgressMode.none if progress == ProgressMode.rich else progress
