@@ -31,6 +31,18 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def print_table(table: Any) -> None:
+    """Print a rich table on stdout; when stdout is not a terminal (a pipe, a file), at its natural width, so
+    that names and paths are never wrapped or cut at 80 columns (one row, one line, for grep and diff)."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    from rich.measure import Measurement
+
+    width = Measurement.get(console, console.options.update_width(10**5), table).maximum
+    Console(width=max(console.width, width), highlight=False).print(table)
+
+
 class _State:
     debug = False
 

@@ -52,7 +52,11 @@ def evaluate(
     ] = None,
     labels: Annotated[
         str | None,
-        typer.Option(help="Label map (YAML or preset name) that maps the masks' values to classes."),
+        typer.Option(
+            help="Label map that maps the masks' values to classes: a YAML file, a preset name, or a model "
+            "(folder or name, e.g. 'default'). Default: the segmenter's, else the label map of the model "
+            "that generated the volumes (from their sidecars), else class numbers."
+        ),
     ] = None,
     slice_axis: Annotated[
         str, typer.Option(help="The generator's slice axis: axial, coronal or sagittal.")
@@ -80,7 +84,6 @@ def evaluate(
     """
     from volgen.errors import VolgenError
     from volgen.evaluation import CommandSegmenter, evaluate_cases, find_evaluation_cases, write_report
-    from volgen.labels import load_label_map
 
     if (segmenter is None) == (segmenter_command is None):
         raise VolgenError(
@@ -93,8 +96,10 @@ def evaluate(
         raise VolgenError(f"--modality must be MR or CT, got {modality!r}")
     if unknown_labels not in ("error", "background"):
         raise VolgenError(f"--unknown-labels must be error or background, got {unknown_labels!r}")
-    label_map = load_label_map(labels) if labels is not None else None
+    label_map = _label_map(labels) if labels is not None else None
     found = find_evaluation_cases(cases)
+    if label_map is None and (segmenter_command is not None or segmenter == "intensity"):
+        label_map = _label_map_of_generator(found)
     if segmenter_command is not None:
         seg = CommandSegmenter(segmenter_command, label_map)
     elif segmenter == "intensity":
@@ -120,6 +125,37 @@ def evaluate(
     _render_planes(report)
     written = ", ".join(str(p) for p in (json_path, png_path, planes_path) if p is not None)
     console.print(f"wrote {written}", highlight=False)
+
+
+def _label_map(labels: str):
+    """``--labels``: a model folder or embedded model name gives its label map; otherwise a YAML file or a
+    preset name (:func:`volgen.labels.load_label_map`)."""
+    from volgen.default_model import embedded_model
+    from volgen.labels import load_label_map
+    from volgen.models import METADATA_FILE, read_metadata
+
+    path = Path(labels)
+    if (path / METADATA_FILE).is_file() or (not path.exists() and embedded_model(labels) is not None):
+        return read_metadata(labels).label_map
+    return load_label_map(labels)
+
+
+def _label_map_of_generator(found):
+    """The label map of the model that generated the cases (their sidecars), said on stderr; ``None``."""
+    from volgen.evaluation.cases import generating_model
+    from volgen.io import printable
+
+    model = generating_model(found)
+    if model is None:
+        return None
+    folder, label_map = model
+    err_console.print(
+        f"[yellow]note:[/] classes named by the label map of {escape(printable(folder))}, the model in the "
+        "generated volumes' sidecars (--labels to choose another)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return label_map
 
 
 def _render(report) -> None:

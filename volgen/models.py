@@ -293,8 +293,11 @@ def _folder_facts(folder: Path) -> dict[str, Any]:
 
 
 def read_metadata(folder: PathLike) -> ModelMetadata:
-    """Read and validate a model folder's metadata (``volgen.json`` with the pipeline and UNet configs)."""
-    folder = Path(folder)
+    """Read and validate a model folder's metadata (``volgen.json`` with the pipeline and UNet configs);
+    ``folder`` may name an embedded model (``default``)."""
+    from volgen.default_model import resolve_model
+
+    folder = resolve_model(folder)
     path = folder / METADATA_FILE
     if not path.is_file():
         raise ModelError(folder, f"not a volgen model folder (no {METADATA_FILE})")
@@ -344,14 +347,17 @@ def _check_schedule(folder: Path) -> None:
 
 
 def load_model(folder: PathLike) -> LoadedModel:
-    """Load a model folder: UNet (float32), its training scheduler and metadata, checked for consistency.
+    """Load a model folder (or an embedded model by name, e.g. ``default``): UNet (float32), its training
+    scheduler and metadata, checked for consistency.
 
     Raises:
         ModelError: missing files, pickle weights, or a ``volgen.json`` that disagrees with the UNet.
     """
     from diffusers import DDPMScheduler, UNet2DModel
 
-    folder = Path(folder)
+    from volgen.default_model import resolve_model
+
+    folder = resolve_model(folder)  # a path, or an embedded model's name ("default")
     if not folder.is_dir():
         raise ModelError(folder, "model folder not found" if not folder.exists() else "not a folder")
     check_safe_folder(folder)
