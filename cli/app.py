@@ -55,6 +55,40 @@ def _root(
     state.debug = debug
 
 
+# SIGHUP (the terminal closed, an ssh session lost) cleans up the same way as SIGTERM
+_TERMINATING = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+
+
+@contextlib.contextmanager
+def all_or_nothing(before: dict[Any, Any]) -> Iterator[Callable[[], None]]:
+    """A command's outputs under interruption: all of them, or none.
+
+    Until the block calls the ``finished`` function it is given, Ctrl-C or SIGTERM (anywhere: in a write's
+    cleanup, in the progress bar's last refresh) removes what the command wrote, found by comparing with
+    ``before`` (:func:`volgen.io.remove_replaced`), and ends in "interrupted". Once the outputs are complete
+    and ``finished`` was called, these signals are ignored until the block ends: the command reports success.
+    """
+    ignored: dict[int, Any] = {}
+
+    def finished() -> None:
+        for sig in [signal.SIGINT, *_TERMINATING]:
+            try:
+                ignored[sig] = signal.signal(sig, signal.SIG_IGN)
+            except ValueError:  # not the main thread
+                return
+
+    try:
+        yield finished
+    except KeyboardInterrupt:
+        from volgen import io
+
+        io.remove_replaced(before)
+        raise
+    finally:
+        for sig, handler in ignored.items():
+            signal.signal(sig, handler)
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """While the block runs, SIGTERM (``kill``, a scheduler's time limit, Slicer's cancel) unwinds like
@@ -63,8 +97,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    # SIGHUP (the terminal closed, an ssh session lost) cleans up the same way
-    signals = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    signals = _TERMINATING
     try:
         previous = {sig: signal.signal(sig, interrupt) for sig in signals}
     except ValueError:  # not the main thread: leave signals alone

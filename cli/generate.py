@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from volgen import defaults
-from volgen.cli.app import app, console, err_console, handle_errors
+from volgen.cli.app import all_or_nothing, app, console, err_console, handle_errors
 from volgen.cli.options import (  # noqa: F401 - re-exported for volgen.cli.batch
     AxisScheduleOption,
     GuidanceOption,
@@ -107,6 +107,7 @@ def generate(
     import logging
 
     from volgen.generation import generate_samples, parse_memory
+    from volgen.generation.files import output_identities
     from volgen.generation.settings import check_samples
 
     check_samples(samples)
@@ -145,24 +146,30 @@ def generate(
         notify_default_model(progress)
     logging.getLogger("volgen.generation").setLevel(logging.ERROR)  # the CLI renders notes and warnings
 
-    if progress == ProgressMode.json:
-        _run_json(segmentation, output, kwargs, generate_samples)
-        return
-    if progress == ProgressMode.none:
-        results = generate_samples(segmentation, output, **kwargs)
-    else:
-        results = _run_rich(segmentation, output, kwargs, generate_samples)
-    for result in results:
-        console.print(
-            f"[green]wrote[/] {result.output}  ({result.seconds:.1f} s on {result.device})", highlight=False
-        )
-        if result.preview is not None:
-            console.print(f"[green]preview[/] {result.preview}", highlight=False)
-        for message in result.warnings:
-            warn(message, progress)
+    before = output_identities(segmentation, output, samples=samples, preview=preview)
+    with all_or_nothing(before) as finished:  # a signal after the last write: success, not half a result
+        if progress == ProgressMode.json:
+            _run_json(segmentation, output, kwargs, generate_samples, finished)
+            return
+        if progress == ProgressMode.none:
+            results = generate_samples(segmentation, output, **kwargs)
+        else:
+            results = _run_rich(segmentation, output, kwargs, generate_samples)
+        finished()
+        for result in results:
+            console.print(
+                f"[green]wrote[/] {result.output}  ({result.seconds:.1f} s on {result.device})",
+                highlight=False,
+            )
+            if result.preview is not None:
+                console.print(f"[green]preview[/] {result.preview}", highlight=False)
+            for message in result.warnings:
+                warn(message, progress)
 
 
-def _run_json(segmentation: Path, output: Path | None, kwargs: dict[str, Any], run_generate: Any) -> None:
+def _run_json(
+    segmentation: Path, output: Path | None, kwargs: dict[str, Any], run_generate: Any, finished: Any
+) -> None:
     """``--progress json``: start, progress, warning, done (or error) events, one JSON object a line.
 
     ``done`` names the output and sidecar (the first sample's) and lists every sample's in ``outputs`` and
@@ -188,6 +195,7 @@ def _run_json(segmentation: Path, output: Path | None, kwargs: dict[str, Any], r
     except VolgenError as e:
         emit_json(event="error", message=str(e))
         raise
+    finished()
     for result in results:
         for message in result.warnings:
             warn(message, ProgressMode.json)
