@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -148,6 +149,9 @@ def _register() -> None:
 def main() -> None:
     """Entry point of the ``volgen`` console script."""
     # The thread policy (OMP_WAIT_POLICY) was applied by `import volgen` above, as for the Python API.
+    # diffusers' own notes (e.g. "config attributes ... are not expected and will be ignored" for an unknown
+    # key in a model's config.json) are not volgen's lines: every terminal line is one volgen printed.
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     _register()
     app(prog_name="volgen")
 

@@ -130,3 +130,31 @@ def test_every_output_format_has_the_same_values_at_the_same_physical_points(
     assert np.ptp(reference) > 0
     for fmt, (image, step) in images.items():  # DICOM MR: floats on a 16-bit scale, half a step off at most
         np.testing.assert_allclose(sample(image), reference, rtol=0, atol=step * 0.51, err_msg=fmt)
+
+
+# ------------------------------------------------------------------------- tracebacks and stray lines
+
+
+def test_unknown_keys_in_a_model_config_print_no_diffusers_lines(tiny_model_dir, tmp_path: Path) -> None:
+    """diffusers' own "config attributes ... are not expected" lines used to reach stderr."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    for name in ("unet/config.json", "scheduler/scheduler_config.json"):
+        config = json.loads((model / name).read_text(encoding="utf-8"))
+        config["bogus_key"] = 1
+        (model / name).write_text(json.dumps(config), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "DIFFUSERS_VERBOSITY"}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", COLUMNS="200")
+    proc = subprocess.run(
+        [sys.executable, "-m", "volgen", "info", str(model)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "", proc.stderr
+    assert "tiny-test" in proc.stdout
