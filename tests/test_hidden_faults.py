@@ -158,3 +158,29 @@ def test_unknown_keys_in_a_model_config_print_no_diffusers_lines(tiny_model_dir,
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "", proc.stderr
     assert "tiny-test" in proc.stdout
+
+
+@pytest.mark.parametrize("name", ["seg.nii", "seg.nii.gz"])
+def test_a_segmentation_truncated_while_it_is_read(workspace: Workspace, monkeypatch, name: str) -> None:
+    """The file is cut short after volgen's own scan and before ITK reads the voxels: ITK fills what is
+    missing without complaint, so this used to generate from a half-empty segmentation with exit 0."""
+    from volumes import make_volume
+
+    import volgen.io.volumes as volume_io
+    from volgen import io
+
+    seg = workspace.root / name
+    io.write_volume(make_volume("label", size=(40, 40, 20)), seg)
+    real_open, opened = volume_io.open_file, []
+
+    def open_then_truncate(path, **kwargs):
+        found = real_open(path, **kwargs)  # header read, data scanned: complete
+        opened.append(path)
+        data = seg.read_bytes()
+        seg.write_bytes(data[: len(data) * 2 // 3])
+        return found
+
+    monkeypatch.setattr(volume_io, "open_file", open_then_truncate)
+    line = one_error_line(invoke(*workspace.generate(seg).args))
+    assert name in line and "changed while it was read" in line, line
+    assert opened and list(workspace.out.iterdir()) == []
