@@ -127,8 +127,8 @@ def _as_label(image: sitk.Image, source: PathLike | None, *, nonfinite: bool = F
             raise InputError(source, "NaN/Inf in segmentation")
         fractional = np.mod(array, 1) != 0
         if fractional.any():
-            example = float(array[fractional].flat[0])
-            raise InputError(source, f"float labels with non-integer values (e.g. {example:g})")
+            example = float(array[fractional].flat[0])  # exactly (repr): 1.0000001 is not "1"
+            raise InputError(source, f"float labels with non-integer values (e.g. {example!r})")
     elif not np.issubdtype(array.dtype, np.integer):
         raise InputError(source, f"voxel type {array.dtype} cannot hold labels")
     low, high = array.min(), array.max()
