@@ -39,6 +39,15 @@ class _State:
 state = _State()
 
 
+def shown(text: object) -> str:
+    """Text from file names, files or errors, safe for the terminal: every terminal line goes through this.
+    Control characters escaped (one line, no terminal escape sequences; :func:`volgen.io.printable`) and
+    rich markup escaped (a name like ``[red]x`` is printed as it is)."""
+    from volgen.io import printable
+
+    return escape(printable(text))
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"volgen {__version__}")
@@ -125,10 +134,8 @@ def handle_errors(func: F) -> F:
         except VolgenError as e:
             if state.debug:
                 raise
-            # escaped: file names and messages may hold [brackets] that rich would read as markup
-            from volgen.io import printable  # control characters in file names: one line, no escapes
-
-            err_console.print(f"[bold red]error:[/] {escape(printable(e))}", highlight=False, soft_wrap=True)
+            # file names and messages may hold [brackets] (rich markup) and control characters
+            err_console.print(f"[bold red]error:[/] {shown(e)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]")

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from volgen import defaults
-from volgen.cli.app import all_or_nothing, app, console, err_console, handle_errors
+from volgen.cli.app import all_or_nothing, app, console, err_console, handle_errors, shown
 from volgen.cli.options import (  # noqa: F401 - re-exported for volgen.cli.batch
     AxisScheduleOption,
     GuidanceOption,
@@ -158,11 +158,12 @@ def generate(
         finished()
         for result in results:
             console.print(
-                f"[green]wrote[/] {result.output}  ({result.seconds:.1f} s on {result.device})",
+                f"[green]wrote[/] {shown(result.output)}  ({result.seconds:.1f} s on {result.device})",
                 highlight=False,
+                soft_wrap=True,  # one line however long the path: programs read it
             )
             if result.preview is not None:
-                console.print(f"[green]preview[/] {result.preview}", highlight=False)
+                console.print(f"[green]preview[/] {shown(result.preview)}", highlight=False, soft_wrap=True)
             for message in result.warnings:
                 warn(message, progress)
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from volgen import defaults
-from volgen.cli.app import err_console
+from volgen.cli.app import err_console, shown
 
 if TYPE_CHECKING:
     from volgen.generation import GenerateSettings
@@ -133,7 +133,7 @@ def notify_default_model(progress: ProgressMode) -> None:
     if progress == ProgressMode.json:
         emit_json(event="notice", message=note)
     else:
-        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+        err_console.print(f"[yellow]note:[/] {shown(note)}", highlight=False)
 
 
 def warn(message: str, progress: ProgressMode) -> None:
@@ -141,7 +141,7 @@ def warn(message: str, progress: ProgressMode) -> None:
     if progress == ProgressMode.json:
         emit_json(event="warning", message=message)
     else:
-        err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]warning:[/] {shown(message)}", highlight=False, soft_wrap=True)
 
 
 def emit_json(**event: object) -> None:

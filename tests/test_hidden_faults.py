@@ -184,3 +184,32 @@ def test_a_segmentation_truncated_while_it_is_read(workspace: Workspace, monkeyp
     line = one_error_line(invoke(*workspace.generate(seg).args))
     assert name in line and "changed while it was read" in line, line
     assert opened and list(workspace.out.iterdir()) == []
+
+
+# ------------------------------------------------------------------------- words on the terminal
+
+HOSTILE_NAME = "[red]x\x1b[2J\x1b]0;pwned\x07"  # rich markup, a clear-screen and a window-title escape
+SHOWN_NAME = "[red]x\\x1b[2J\\x1b]0;pwned\\x07"
+
+
+def test_wrote_and_preview_lines_show_hostile_file_names_as_text(workspace: Workspace) -> None:
+    """Output and preview names used to reach the terminal raw: markup applied, escape sequences sent."""
+    args = workspace.generate(workspace.good_segmentation()).args
+    args[3] = str(workspace.out / f"{HOSTILE_NAME}.nii.gz")
+    result = invoke(*args, "--preview", str(workspace.out / f"{HOSTILE_NAME}.png"))
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\x07" not in result.output
+    lines = result.output.splitlines()
+    assert any(line.startswith("wrote ") and f"{SHOWN_NAME}.nii.gz" in line for line in lines), lines
+    assert any(line.startswith("preview ") and f"{SHOWN_NAME}.png" in line for line in lines), lines
+
+
+def test_info_table_title_shows_a_hostile_file_name_as_text(workspace: Workspace) -> None:
+    import shutil
+
+    seg = workspace.root / f"{HOSTILE_NAME}.nii.gz"
+    shutil.copy(workspace.good_segmentation(), seg)
+    result = invoke("info", seg)
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\x07" not in result.output
+    assert f"{SHOWN_NAME}.nii.gz" in result.output.replace("\n", "")

@@ -341,7 +341,9 @@ def _write_sample(
     if patient_info is not None:
         sidecar.patient_info_copied = sorted(patient_info)  # what --copy-patient-info copied
     name = generator.metadata.name
-    title = f"{Path(segmentation).name} -> {plan.output.name} ({name}, seed {settings.seed})"
+    from volgen.io import printable  # file names may hold control characters no font has
+
+    title = printable(f"{Path(segmentation).name} -> {plan.output.name} ({name}, seed {settings.seed})")
     warnings = write_outputs(
         plan,
         volume,
