@@ -96,7 +96,7 @@ def all_or_nothing(before: dict[Any, Any]) -> Iterator[Callable[[], None]]:
         raise
     finally:
         for sig, handler in ignored.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 @contextlib.contextmanager
