@@ -168,6 +168,14 @@ class TrainConfig(StrictModel):
         config._source_file = Path(path).resolve()
         return config
 
+    def __eq__(self, other: object) -> bool:
+        """Equal values are equal configs, wherever they were read from."""
+        if not isinstance(other, TrainConfig):
+            return NotImplemented
+        return self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as pydantic models are
+
     @property
     def source_file(self) -> Path | None:
         """The YAML file this config was read from (``None`` when built in code); training never writes it."""
