@@ -638,3 +638,24 @@ def test_cli_resume_refuses_a_changed_label_map_in_one_line(workdir, tmp_path, l
     line = _one_line_error(_invoke("train", str(config), "--resume", "--max-steps", "2"))
     assert line.startswith("error: ") and "labels.yaml" in line and change in line, line
     assert _tree(tmp_path / "run") == before
+
+
+def test_cli_resume_of_a_checkpoint_without_a_label_map_record_is_one_line(workdir, tmp_path):
+    """A checkpoint written before the label map was recorded: a class added is still one line."""
+    import json
+
+    labels_file = tmp_path / "labels.yaml"
+    labels_file.write_text(LABELS_YAML, encoding="utf-8")
+    config = write_config(
+        tmp_path, source=str(workdir / "data"), label_map=str(labels_file), max_steps=1, preview_every=0
+    )
+    assert _invoke("train", str(config)).exit_code == 0
+    state = tmp_path / "run" / "checkpoints" / "step-000001" / "trainer_state.json"
+    record = json.loads(state.read_text(encoding="utf-8"))
+    del record["label_map"]
+    state.write_text(json.dumps(record), encoding="utf-8")
+    labels_file.write_text(LABELS_YAML + "  cyst: 9\n", encoding="utf-8")
+    result = _invoke("train", str(config), "--resume", "--max-steps", "2")
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    line = result.output.strip().splitlines()[-1]  # after the data's log lines (logged when not a terminal)
+    assert line.startswith("error: ") and "do not fit" in line and "label map" in line, line
