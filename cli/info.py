@@ -117,11 +117,10 @@ def _volume_info(path: Path, labels: Path | None, as_json: bool) -> None:
         for column in ("value", "name", "voxels", "volume (ml)"):
             counts.add_column(column, justify="right" if column != "name" else "left")
         for value, count in sorted(info.label_counts.items()):
-            name = names.get(value, "background" if value == 0 else "")
+            name = shown(names.get(value, "background" if value == 0 else ""))  # names come from the file
             if label_map is not None and value not in label_map.value_to_class():
                 name = "[red]unknown to the label map[/]"
-            shown_name = name if name.startswith("[red]") else shown(name)  # names come from the file
-            counts.add_row(str(value), shown_name, f"{count:,}", f"{info.volume_ml(value):.2f}")
+            counts.add_row(str(value), name, f"{count:,}", f"{info.volume_ml(value):.2f}")
         console.print(counts)
 
 
