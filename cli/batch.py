@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from volgen import defaults
-from volgen.cli.app import app, console, err_console, handle_errors, print_table
+from volgen.cli.app import app, console, err_console, handle_errors, print_table, shown
 from volgen.cli.generate import (
     AxisScheduleOption,
     GuidanceOption,
@@ -240,12 +239,7 @@ def _print_summary(result: BatchResult) -> None:
         console.print(f"nnU-Net dataset: {_shown(result.dataset_json.parent)}", highlight=False)
 
 
-def _shown(text: object) -> str:
-    """Text from file names or errors, safe for the terminal: control characters escaped (one line, no
-    terminal escape sequences) and rich markup escaped."""
-    from volgen.io import printable
-
-    return escape(printable(text))
+_shown = shown  # the one helper every terminal line goes through (volgen.cli.app.shown)
 
 
 def _duration(seconds: float) -> str:

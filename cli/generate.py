@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from volgen import defaults
-from volgen.cli.app import app, console, err_console, handle_errors
+from volgen.cli.app import all_or_nothing, app, console, err_console, handle_errors, shown
 from volgen.cli.checks import check_generation, example_or
 from volgen.cli.options import (  # noqa: F401 - re-exported for volgen.cli.batch
     AxisScheduleOption,
@@ -128,6 +128,7 @@ def generate(
     import logging
 
     from volgen.generation import generate_samples, parse_memory
+    from volgen.generation.files import output_identities
 
     segmentation, output = example_or(segmentation, output)
     checked = check_generation(
@@ -184,31 +185,41 @@ def generate(
     logging.getLogger("volgen.generation").setLevel(logging.ERROR)  # the CLI renders notes and warnings
 
     steps_note = StepsNote(checked.settings, mode, quiet=quiet)
-    if mode == ProgressMode.json:
-        results = _run_json(segmentation, output, kwargs, generate_samples, steps_note)
-    elif mode == ProgressMode.none:
-        results = generate_samples(segmentation, output, progress=steps_note.report, **kwargs)
-    else:
-        results = _run_rich(segmentation, output, kwargs, generate_samples, steps_note)
-    steps_note.finish()
-    if mode == ProgressMode.json:
-        return
-    if quiet:  # warnings only
-        for message in (m for result in results for m in result.warnings):
-            warn(message, progress)
-        return
-    for result in results:
-        console.print(
-            f"[green]wrote[/] {result.output}  ({result.seconds:.1f} s on {result.device})", highlight=False
-        )
-        if result.preview is not None:
-            console.print(f"[green]preview[/] {result.preview}", highlight=False)
-        for message in result.warnings:
-            warn(message, progress)
+    before = output_identities(segmentation, output, samples=samples, preview=preview)
+    with all_or_nothing(before) as finished:  # a signal after the last write: success, not half a result
+        if mode == ProgressMode.json:
+            _run_json(segmentation, output, kwargs, generate_samples, steps_note, finished)
+            steps_note.finish()
+            return
+        if mode == ProgressMode.none:
+            results = generate_samples(segmentation, output, progress=steps_note.report, **kwargs)
+        else:
+            results = _run_rich(segmentation, output, kwargs, generate_samples, steps_note)
+        finished()
+        steps_note.finish()
+        if quiet:  # warnings only
+            for message in (m for result in results for m in result.warnings):
+                warn(message, progress)
+            return
+        for result in results:
+            console.print(
+                f"[green]wrote[/] {shown(result.output)}  ({result.seconds:.1f} s on {result.device})",
+                highlight=False,
+                soft_wrap=True,  # one line however long the path: programs read it
+            )
+            if result.preview is not None:
+                console.print(f"[green]preview[/] {shown(result.preview)}", highlight=False, soft_wrap=True)
+            for message in result.warnings:
+                warn(message, progress)
 
 
 def _run_json(
-    segmentation: Path, output: Path | None, kwargs: dict[str, Any], run_generate: Any, note: StepsNote
+    segmentation: Path,
+    output: Path | None,
+    kwargs: dict[str, Any],
+    run_generate: Any,
+    note: StepsNote,
+    finished: Any,
 ) -> list[Any]:
     """``--progress json``: start, progress, warning, done (or error) events, one JSON object a line.
 
@@ -236,6 +247,7 @@ def _run_json(
     except VolgenError as e:
         emit_json(event="error", message=str(e))
         raise
+    finished()
     for result in results:
         for message in result.warnings:
             warn(message, ProgressMode.json)

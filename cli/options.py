@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from volgen import defaults
-from volgen.cli.app import err_console
+from volgen.cli.app import err_console, shown
 
 if TYPE_CHECKING:
     from volgen.generation import GenerateSettings
@@ -163,7 +162,7 @@ def notify_model(folder: Path, progress: ProgressMode) -> None:
     if progress == ProgressMode.json:
         emit_json(event="notice", message=note)
     elif progress == ProgressMode.rich:
-        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]note:[/] {shown(note)}", highlight=False, soft_wrap=True)
 
 
 class StepsNote:
@@ -202,7 +201,7 @@ def warn(message: str, progress: ProgressMode) -> None:
     if progress == ProgressMode.json:
         emit_json(event="warning", message=message)
     else:
-        err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]warning:[/] {shown(message)}", highlight=False, soft_wrap=True)
 
 
 def emit_json(**event: object) -> None:

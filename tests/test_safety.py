@@ -465,6 +465,21 @@ def test_generate_and_batch_under_a_file_size_limit(tiny_model_dir, tmp_path) ->
     assert {r.case: r.status for r in _read_manifest(batch_out)} == {"big": "done"}
 
 
+def test_dicom_under_a_file_size_limit_is_one_line(tiny_model_dir, tmp_path) -> None:
+    """The limit reached inside a slice's pixel data: pydicom re-raises the error with the tag and a whole
+    traceback in its message, which used to follow the error line."""
+    seg = tmp_path / "seg.nii.gz"
+    io.write_volume(make_volume("label", size=(64, 64, 6)), seg)
+    out = tmp_path / "out"
+    out.mkdir()
+    fast = ["--model", tiny_model_dir, "--steps", "1", "--device", "cpu", "--progress", "none"]
+    proc = _limited(5_000, "generate", seg, "-o", out / "series", "--format", "dicom", *fast)  # 8 KiB a slice
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert lines == [f"error: {out / 'series'}: could not write DICOM files: File too large"], lines
+    assert list(out.iterdir()) == []
+
+
 def _read_manifest(out: Path):
     from volgen.batch import read_manifest
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from volgen.augmentation import AugmentationConfig
 from volgen.config import StrictModel, load_yaml
@@ -176,12 +176,27 @@ class TrainConfig(StrictModel):
     model: ModelSection = Field(default_factory=ModelSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
     augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
+    _source_file: Path | None = PrivateAttr(None)
 
     @classmethod
     def from_yaml(cls, path: PathLike) -> TrainConfig:
         """Read a training config; ``output_dir``, ``data.source`` and a label map path resolve against it."""
-        config = load_yaml(path, cls)
-        return config.resolve_paths(Path(path).resolve().parent)
+        config = load_yaml(path, cls).resolve_paths(Path(path).resolve().parent)
+        config._source_file = Path(path).resolve()
+        return config
+
+    def __eq__(self, other: object) -> bool:
+        """Equal values are equal configs, wherever they were read from."""
+        if not isinstance(other, TrainConfig):
+            return NotImplemented
+        return self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as pydantic models are
+
+    @property
+    def source_file(self) -> Path | None:
+        """The YAML file this config was read from (``None`` when built in code); training never writes it."""
+        return self._source_file
 
     def resolve_paths(self, base: PathLike) -> TrainConfig:
         """A copy with relative paths made absolute against ``base``."""
