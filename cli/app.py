@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -31,11 +32,32 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def print_table(table: Any) -> None:
+    """Print a rich table on stdout; when stdout is not a terminal (a pipe, a file), at its natural width, so
+    that names and paths are never wrapped or cut at 80 columns (one row, one line, for grep and diff)."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    from rich.measure import Measurement
+
+    width = Measurement.get(console, console.options.update_width(10**5), table).maximum
+    Console(width=max(console.width, width), highlight=False).print(table)
+
+
 class _State:
     debug = False
 
 
 state = _State()
+
+
+def shown(text: object) -> str:
+    """Text from file names, files or errors, safe for the terminal: every terminal line goes through this.
+    Control characters escaped (one line, no terminal escape sequences; :func:`volgen.io.printable`) and
+    rich markup escaped (a name like ``[red]x`` is printed as it is)."""
+    from volgen.io import printable
+
+    return escape(printable(text))
 
 
 def _version(value: bool) -> None:
@@ -55,6 +77,40 @@ def _root(
     state.debug = debug
 
 
+# SIGHUP (the terminal closed, an ssh session lost) cleans up the same way as SIGTERM
+_TERMINATING = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+
+
+@contextlib.contextmanager
+def all_or_nothing(before: dict[Any, Any]) -> Iterator[Callable[[], None]]:
+    """A command's outputs under interruption: all of them, or none.
+
+    Until the block calls the ``finished`` function it is given, Ctrl-C or SIGTERM (anywhere: in a write's
+    cleanup, in the progress bar's last refresh) removes what the command wrote, found by comparing with
+    ``before`` (:func:`volgen.io.remove_replaced`), and ends in "interrupted". Once the outputs are complete
+    and ``finished`` was called, these signals are ignored until the block ends: the command reports success.
+    """
+    ignored: dict[int, Any] = {}
+
+    def finished() -> None:
+        for sig in [signal.SIGINT, *_TERMINATING]:
+            try:
+                ignored[sig] = signal.signal(sig, signal.SIG_IGN)
+            except ValueError:  # not the main thread
+                return
+
+    try:
+        yield finished
+    except KeyboardInterrupt:
+        from volgen import io
+
+        io.remove_replaced(before)
+        raise
+    finally:
+        for sig, handler in ignored.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """While the block runs, SIGTERM (``kill``, a scheduler's time limit, Slicer's cancel) unwinds like
@@ -63,8 +119,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    # SIGHUP (the terminal closed, an ssh session lost) cleans up the same way
-    signals = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    signals = _TERMINATING
     try:
         previous = {sig: signal.signal(sig, interrupt) for sig in signals}
     except ValueError:  # not the main thread: leave signals alone
@@ -91,10 +146,8 @@ def handle_errors(func: F) -> F:
         except VolgenError as e:
             if state.debug:
                 raise
-            # escaped: file names and messages may hold [brackets] that rich would read as markup
-            from volgen.io import printable  # control characters in file names: one line, no escapes
-
-            err_console.print(f"[bold red]error:[/] {escape(printable(e))}", highlight=False, soft_wrap=True)
+            # file names and messages may hold [brackets] (rich markup) and control characters
+            err_console.print(f"[bold red]error:[/] {shown(e)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]")
@@ -115,6 +168,9 @@ def _register() -> None:
 def main() -> None:
     """Entry point of the ``volgen`` console script."""
     # The thread policy (OMP_WAIT_POLICY) was applied by `import volgen` above, as for the Python API.
+    # diffusers' own notes (e.g. "config attributes ... are not expected and will be ignored" for an unknown
+    # key in a model's config.json) are not volgen's lines: every terminal line is one volgen printed.
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     _register()
     app(prog_name="volgen")
 

@@ -7,15 +7,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from volgen import defaults
-from volgen.cli.app import app, console, err_console, handle_errors
+from volgen.cli.app import app, console, err_console, handle_errors, print_table, shown
 from volgen.cli.generate import (
     AxisScheduleOption,
     GuidanceOption,
     LateFractionOption,
+    ModelOption,
     ProgressMode,
+    QuietOption,
     RhoOption,
     SchedulerOption,
     SliceAxesOption,
@@ -24,8 +25,9 @@ from volgen.cli.generate import (
     UnknownLabelsOption,
     build_settings,
     emit_json,
-    notify_default_model,
+    notify_model,
 )
+from volgen.cli.plan import duration as _duration
 
 if TYPE_CHECKING:
     from volgen.batch import BatchResult, ItemEstimate, ItemRecord, TimeModel
@@ -39,9 +41,13 @@ def batch(
         typer.Argument(help="Folder of segmentations (DICOM series in subfolders), or a CSV/YAML manifest."),
     ],
     out_dir: Annotated[Path | None, typer.Argument(help="Output folder (created).")] = None,
-    model: Annotated[Path | None, typer.Option(help="Model folder (default: the embedded model).")] = None,
+    model: ModelOption = None,
     strength: Annotated[
-        float, typer.Option(help="λ in [0, 1] (below 1 needs a 'reference' per case in the manifest).")
+        float,
+        typer.Option(
+            help="λ in [0, 1] (below 1 needs a 'reference' per case in the manifest; runs only the steps "
+            "below λ, about λ × --steps: the dry run shows them)."
+        ),
     ] = defaults.STRENGTH,
     keep: Annotated[
         str | None, typer.Option(help="Comma-separated classes to keep; the rest become background.")
@@ -95,6 +101,7 @@ def batch(
     progress: Annotated[
         ProgressMode, typer.Option(help="rich bars, json lines on stdout, or none.")
     ] = ProgressMode.rich,
+    quiet: QuietOption = False,
 ) -> None:
     """Convert every segmentation of INPUT into a synthetic volume in OUT_DIR.
 
@@ -107,13 +114,18 @@ def batch(
     import logging
 
     from volgen.batch import BatchOptions, parse_shard
+    from volgen.batch.cases import read_cases
+    from volgen.default_model import resolve_model
     from volgen.generation import parse_memory, resolve_device
+    from volgen.models import read_metadata
 
     if merge or out_dir is None:
         _merge_only(input, out_dir, merge, progress)
         return
+    read_cases(input)  # the input (folder or manifest) first, before torch loads: a wrong path fails at once
+    model_dir = resolve_model(model)  # a folder, or an embedded model by name
     options = BatchOptions(
-        model=model,
+        model=None if model is None else model_dir,
         settings=build_settings(
             seed=seed,
             scheduler=scheduler,
@@ -141,10 +153,13 @@ def batch(
         copy_patient_info=copy_patient_info,
     )
     options.check()
-    resolve_device(device)  # a device this machine has, before anything is read
     shard_spec = parse_shard(shard) if shard is not None else (0, 1)
-    if model is None:
-        notify_default_model(progress)
+    read_metadata(model_dir)
+    resolve_device(device)  # a device this machine has, before any case is read
+    if quiet:
+        progress = ProgressMode.none if progress == ProgressMode.rich else progress
+    else:
+        notify_model(model_dir, progress)
     logging.getLogger("volgen.api").setLevel(logging.ERROR)
 
     if dry_run:
@@ -220,21 +235,7 @@ def _print_summary(result: BatchResult) -> None:
         console.print(f"nnU-Net dataset: {_shown(result.dataset_json.parent)}", highlight=False)
 
 
-def _shown(text: object) -> str:
-    """Text from file names or errors, safe for the terminal: control characters escaped (one line, no
-    terminal escape sequences) and rich markup escaped."""
-    from volgen.io import printable
-
-    return escape(printable(text))
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+_shown = shown  # the one helper every terminal line goes through (volgen.cli.app.shown)
 
 
 class _JsonObserver:
@@ -407,6 +408,9 @@ def _dry_run(
                 seed=e.item.settings.seed,
                 state=e.state,
                 slices=e.slices,
+                steps=e.steps,
+                steps_asked=e.item.settings.num_inference_steps,
+                passes=e.passes,
                 slice_forwards=e.forwards,
                 seconds=None if e.seconds is None else round(e.seconds, 2),
                 peak_bytes=e.peak_bytes,
@@ -426,13 +430,17 @@ def _print_plan(estimates: list[ItemEstimate], time_model: TimeModel, out_dir: P
     from rich.table import Table
 
     from volgen.batch import total_seconds
+    from volgen.cli.plan import steps_shown
 
     table = Table(title=f"volgen batch --dry-run: {len(estimates)} items -> {_shown(out_dir)}")
     table.add_column("case", overflow="fold")
     table.add_column("seed", justify="right", no_wrap=True)
     table.add_column("input", overflow="fold")
     table.add_column("output", overflow="fold")
-    table.add_column("slices×steps", justify="right")
+    table.add_column("slices", justify="right", no_wrap=True)
+    table.add_column("steps", justify="right", no_wrap=True)
+    table.add_column("passes/step", justify="right", no_wrap=True)
+    table.add_column("slice-forwards", justify="right", no_wrap=True)
     table.add_column("time", justify="right")
     table.add_column("memory", justify="right")
     table.add_column("state")
@@ -443,12 +451,15 @@ def _print_plan(estimates: list[ItemEstimate], time_model: TimeModel, out_dir: P
             str(item.settings.seed),
             _shown(item.case.segmentation.name),
             _shown(_relative(item.output, out_dir)),
-            "" if e.slices is None else f"{e.slices}×{e.forwards // max(1, e.slices)}",
+            "" if e.slices is None else str(e.slices),
+            "" if e.steps is None else steps_shown(e.steps, item.settings.num_inference_steps),
+            "" if e.passes is None else str(e.passes),
+            "" if e.forwards is None else f"{e.forwards:,}",
             "" if e.seconds is None else _duration(e.seconds),
             "" if e.peak_bytes is None else f"{e.peak_bytes / 2**20:.0f} MiB",
             f"[red]{_shown(e.state)}[/]" if e.state.startswith("would fail") else _shown(e.state),
         )
-    console.print(table)
+    print_table(table)
     peak = max((e.peak_bytes or 0 for e in estimates), default=0)
     console.print(
         f"estimated total: {_duration(total_seconds(estimates))} in one process; largest peak memory "
@@ -457,7 +468,11 @@ def _print_plan(estimates: list[ItemEstimate], time_model: TimeModel, out_dir: P
         highlight=False,
     )
     console.print(
-        f"time model: {time_model.how}; slices×steps counts chunks padded to 8 slices", highlight=False
+        f"time model: {time_model.how}; steps: denoising steps run (λ < 1 runs fewer than asked); "
+        "passes/step: UNet passes per step (2: guided); slice-forwards: slices padded to chunks of 8 × steps "
+        "× passes",
+        highlight=False,
+        soft_wrap=True,
     )
     console.print("nothing was written (dry run)", highlight=False)
 

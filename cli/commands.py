@@ -2,5 +2,5 @@
 
 import importlib
 
-for _name in ("info", "models", "generate", "train", "batch", "evaluate"):
+for _name in ("info", "models", "example", "generate", "train", "batch", "evaluate"):
     importlib.import_module(f"volgen.cli.{_name}")

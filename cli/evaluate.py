@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from volgen.cli.app import app, console, err_console, handle_errors
+from volgen.cli.app import app, console, err_console, handle_errors, shown
 
 
 def _f(value: float | None, digits: int = 3) -> str:
@@ -52,7 +51,11 @@ def evaluate(
     ] = None,
     labels: Annotated[
         str | None,
-        typer.Option(help="Label map (YAML or preset name) that maps the masks' values to classes."),
+        typer.Option(
+            help="Label map that maps the masks' values to classes: a YAML file, a preset name, or a model "
+            "(folder or name, e.g. 'default'). Default: the segmenter's, else the label map of the model "
+            "that generated the volumes (from their sidecars), else class numbers."
+        ),
     ] = None,
     slice_axis: Annotated[
         str, typer.Option(help="The generator's slice axis: axial, coronal or sagittal.")
@@ -80,7 +83,6 @@ def evaluate(
     """
     from volgen.errors import VolgenError
     from volgen.evaluation import CommandSegmenter, evaluate_cases, find_evaluation_cases, write_report
-    from volgen.labels import load_label_map
 
     if (segmenter is None) == (segmenter_command is None):
         raise VolgenError(
@@ -93,8 +95,10 @@ def evaluate(
         raise VolgenError(f"--modality must be MR or CT, got {modality!r}")
     if unknown_labels not in ("error", "background"):
         raise VolgenError(f"--unknown-labels must be error or background, got {unknown_labels!r}")
-    label_map = load_label_map(labels) if labels is not None else None
+    label_map = _label_map(labels) if labels is not None else None
     found = find_evaluation_cases(cases)
+    if label_map is None and (segmenter_command is not None or segmenter == "intensity"):
+        label_map = _label_map_of_generator(found)
     if segmenter_command is not None:
         seg = CommandSegmenter(segmenter_command, label_map)
     elif segmenter == "intensity":
@@ -119,18 +123,48 @@ def evaluate(
     _render(report)
     _render_planes(report)
     written = ", ".join(str(p) for p in (json_path, png_path, planes_path) if p is not None)
-    console.print(f"wrote {written}", highlight=False)
+    console.print(f"wrote {shown(written)}", highlight=False)
+
+
+def _label_map(labels: str):
+    """``--labels``: a model folder or embedded model name gives its label map; otherwise a YAML file or a
+    preset name (:func:`volgen.labels.load_label_map`)."""
+    from volgen.default_model import embedded_model
+    from volgen.labels import load_label_map
+    from volgen.models import METADATA_FILE, read_metadata
+
+    path = Path(labels)
+    if (path / METADATA_FILE).is_file() or (not path.exists() and embedded_model(labels) is not None):
+        return read_metadata(labels).label_map
+    return load_label_map(labels)
+
+
+def _label_map_of_generator(found):
+    """The label map of the model that generated the cases (their sidecars), said on stderr; ``None``."""
+    from volgen.evaluation.cases import generating_model
+
+    model = generating_model(found)
+    if model is None:
+        return None
+    folder, label_map = model
+    err_console.print(
+        f"[yellow]note:[/] classes named by the label map of {shown(folder)}, the model in the "
+        "generated volumes' sidecars (--labels to choose another)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return label_map
 
 
 def _render(report) -> None:
     summary = report.summary()
-    cases = Table(title=escape(f"per case (segmenter: {report.segmenter})"), title_justify="left")
+    cases = Table(title=shown(f"per case (segmenter: {report.segmenter})"), title_justify="left")
     for column in ("case", "faithfulness", "vs real pred", "seg. on real", "ratio z", "y", "x", "anisotropy"):
         cases.add_column(column, justify="left" if column == "case" else "right")
     for c in report.cases:
         ratio = c.consistency.ratio if c.consistency else {}
         cases.add_row(
-            escape(c.case),
+            shown(c.case),
             _f(c.mean("faithfulness")),
             _f(c.mean("agreement")),
             _f(c.mean("segmenter_on_real")),
@@ -150,7 +184,7 @@ def _render(report) -> None:
     console.print(cases)
 
     classes = Table(
-        title=escape(f"per class, mean over cases (Dice; intensity median [q25, q75], {report.units})"),
+        title=shown(f"per class, mean over cases (Dice; intensity median [q25, q75], {report.units})"),
         title_justify="left",
     )
     for column in ("class", "faithfulness", "vs real pred", "seg. on real", "generated", "real"):
@@ -162,7 +196,7 @@ def _render(report) -> None:
         ]
         stats = summary["intensity"].get(name, {})
         classes.add_row(
-            escape(name), *dices, escape(_stat(stats.get("generated"))), escape(_stat(stats.get("real")))
+            shown(name), *dices, shown(_stat(stats.get("generated"))), shown(_stat(stats.get("real")))
         )
     console.print(classes)
     if summary["consistency"]:
@@ -190,7 +224,7 @@ def _render_planes(report) -> None:
     if not planes:
         return
     title = f"per plane, generated vs real (mean over {len(report.cases)} case(s); worst case in brackets)"
-    table = Table(title=escape(title), title_justify="left")
+    table = Table(title=shown(title), title_justify="left")
     table.add_column("plane (⊥ axis)", justify="left")
     for _, header in _PLANE_COLUMNS:
         table.add_column(header, justify="right")
@@ -200,7 +234,7 @@ def _render_planes(report) -> None:
             worst = entry.get(key + "_worst")
             show_worst = len(report.cases) > 1 and worst is not None
             cells.append(_f(entry[key]) + (f" [{_f(worst)}]" if show_worst else ""))
-        table.add_row(escape(f"{entry['plane']} (⊥ {axis})"), *cells)
+        table.add_row(shown(f"{entry['plane']} (⊥ {axis})"), *cells)
     console.print(table)
     floors = [c.planes[a].feature_floor for c in report.cases if c.planes for a in planes]
     console.print(
@@ -288,4 +322,4 @@ def train_segmenter(
         highlight=False,
     )
     console.print(f"Dice on the training slices: {scores}", highlight=False)
-    console.print(f"segmenter: {result.folder}", highlight=False)
+    console.print(f"segmenter: {shown(result.folder)}", highlight=False)

@@ -9,23 +9,28 @@ from typing import Annotated, Any
 import typer
 
 from volgen import defaults
-from volgen.cli.app import app, console, err_console, handle_errors
+from volgen.cli.app import all_or_nothing, app, console, err_console, handle_errors, shown
+from volgen.cli.checks import check_generation, example_or
 from volgen.cli.options import (  # noqa: F401 - re-exported for volgen.cli.batch
     AxisScheduleOption,
     GuidanceOption,
     LateFractionOption,
+    ModelOption,
     PrecisionOption,
     ProgressMode,
+    QuietOption,
     RhoOption,
     SchedulerOption,
     SliceAxesOption,
     SliceBatchOption,
+    StepsNote,
     StepsOption,
+    StrengthOption,
     UnknownLabelsOption,
     X0SmoothingOption,
     build_settings,
     emit_json,
-    notify_default_model,
+    notify_model,
     split_names,
     warn,
 )
@@ -36,7 +41,11 @@ from volgen.io.naming import DEFAULT_OUTPUT_HELP
 @handle_errors
 def generate(
     segmentation: Annotated[
-        Path, typer.Argument(help="Label volume: NIfTI, NRRD, MHA, DICOM folder or DICOM SEG.")
+        Path,
+        typer.Argument(
+            help="Label volume: NIfTI, NRRD, MHA, DICOM folder or DICOM SEG; 'example': the example "
+            "segmentation shipped with volgen."
+        ),
     ],
     output: Annotated[
         Path | None,
@@ -46,7 +55,7 @@ def generate(
             help=f"Output volume (format by extension) or DICOM folder. Default: {DEFAULT_OUTPUT_HELP}.",
         ),
     ] = None,
-    model: Annotated[Path | None, typer.Option(help="Model folder (default: the embedded model).")] = None,
+    model: ModelOption = None,
     reference: Annotated[
         Path | None,
         typer.Option(help="Real image for adjustable anatomy (λ), on the segmentation's grid."),
@@ -55,10 +64,7 @@ def generate(
         bool,
         typer.Option(help="Resample --reference onto the segmentation's grid (linear) if its grid differs."),
     ] = False,
-    strength: Annotated[
-        float,
-        typer.Option(help="λ in [0, 1]: 0 writes the reference's own values, 1 generates freely."),
-    ] = defaults.STRENGTH,
+    strength: StrengthOption = defaults.STRENGTH,
     keep: Annotated[
         str | None, typer.Option(help="Comma-separated classes to keep; the rest become background.")
     ] = None,
@@ -102,35 +108,70 @@ def generate(
     progress: Annotated[
         ProgressMode, typer.Option(help="rich bar, json lines on stdout, or none.")
     ] = ProgressMode.rich,
+    quiet: QuietOption = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            help="Check everything, then show the plan (slices, steps, UNet passes) and the time and memory "
+            "estimates of volgen batch --dry-run; write nothing."
+        ),
+    ] = False,
 ) -> None:
-    """Generate a synthetic image volume whose anatomy follows SEGMENTATION, on the same grid."""
+    """Generate a synthetic image volume whose anatomy follows SEGMENTATION, on the same grid.
+
+    SEGMENTATION 'example' is the example segmentation shipped with volgen (volgen example PATH copies it).
+
+    Paths, formats and options are checked before the model loads. --dry-run then loads the model, times one
+    UNet forward and shows the plan (slices, steps, UNet passes) with time and memory estimates, writing
+    nothing.
+    """
     import logging
 
     from volgen.generation import generate_samples, parse_memory
-    from volgen.generation.settings import check_samples
+    from volgen.generation.files import output_identities
 
-    check_samples(samples)
-    settings = build_settings(
-        seed=seed,
-        scheduler=scheduler,
-        steps=steps,
-        noise_correlation=noise_correlation,
-        guidance_scale=guidance_scale,
-        x0_smoothing=x0_smoothing,
-        strength=strength,
-        keep=keep,
-        drop=drop,
-        unknown_labels=unknown_labels,
+    segmentation, output = example_or(segmentation, output)
+    checked = check_generation(
+        segmentation,
+        output,
+        model=model,
+        reference=reference,
+        samples=samples,
+        preview=preview,
+        output_format=output_format,
+        overwrite=overwrite,
         precision=precision,
-        slice_batch_size=slice_batch_size,
-        slice_axes=slice_axes,
-        axis_schedule=axis_schedule,
-        late_fraction=late_fraction,
+        settings=build_settings(
+            seed=seed,
+            scheduler=scheduler,
+            steps=steps,
+            noise_correlation=noise_correlation,
+            guidance_scale=guidance_scale,
+            x0_smoothing=x0_smoothing,
+            strength=strength,
+            keep=keep,
+            drop=drop,
+            unknown_labels=unknown_labels,
+            precision=precision,
+            slice_batch_size=slice_batch_size,
+            slice_axes=slice_axes,
+            axis_schedule=axis_schedule,
+            late_fraction=late_fraction,
+        ),
     )
+    limit = parse_memory(max_memory)
+    mode = ProgressMode.none if quiet and progress == ProgressMode.rich else progress
+    if not quiet:
+        notify_model(checked.model, mode)
+    if dry_run:
+        from volgen.cli.plan import generation_plan
+
+        generation_plan(checked, device=device, precision=precision, max_memory=limit, progress=mode)
+        return
     kwargs: dict[str, Any] = dict(
         samples=samples,
-        model=model,
-        settings=settings,
+        model=checked.model if model is not None else None,
+        settings=checked.settings,
         reference=reference,
         resample_reference=resample_reference,
         output_format=output_format,
@@ -138,36 +179,48 @@ def generate(
         preview=preview,
         device=device,
         precision=precision,
-        max_memory=parse_memory(max_memory),
+        max_memory=limit,
         copy_patient_info=copy_patient_info,
     )
-    if model is None:
-        notify_default_model(progress)
     logging.getLogger("volgen.generation").setLevel(logging.ERROR)  # the CLI renders notes and warnings
 
-    if progress == ProgressMode.json:
-        _run_json(segmentation, output, kwargs, generate_samples)
-        return
-    if progress == ProgressMode.none:
-        results = generate_samples(segmentation, output, **kwargs)
-    else:
-        results = _run_rich(segmentation, output, kwargs, generate_samples)
-    _print_results(results, progress)
+    steps_note = StepsNote(checked.settings, mode, quiet=quiet)
+    before = output_identities(segmentation, output, samples=samples, preview=preview)
+    with all_or_nothing(before) as finished:  # a signal after the last write: success, not half a result
+        if mode == ProgressMode.json:
+            _run_json(segmentation, output, kwargs, generate_samples, steps_note, finished)
+            steps_note.finish()
+            return
+        if mode == ProgressMode.none:
+            results = generate_samples(segmentation, output, progress=steps_note.report, **kwargs)
+        else:
+            results = _run_rich(segmentation, output, kwargs, generate_samples, steps_note)
+        finished()
+        steps_note.finish()
+        if quiet:  # warnings only
+            for message in (m for result in results for m in result.warnings):
+                warn(message, progress)
+            return
+        for result in results:
+            console.print(
+                f"[green]wrote[/] {shown(result.output)}  ({result.seconds:.1f} s on {result.device})",
+                highlight=False,
+                soft_wrap=True,  # one line however long the path: programs read it
+            )
+            if result.preview is not None:
+                console.print(f"[green]preview[/] {shown(result.preview)}", highlight=False, soft_wrap=True)
+            for message in result.warnings:
+                warn(message, progress)
 
 
-def _print_results(results: Any, progress: ProgressMode) -> None:
-    """What was written, where, how fast; then the warnings."""
-    for result in results:
-        console.print(
-            f"[green]wrote[/] {result.output}  ({result.seconds:.1f} s on {result.device})", highlight=False
-        )
-        if result.preview is not None:
-            console.print(f"[green]preview[/] {result.preview}", highlight=False)
-        for message in result.warnings:
-            warn(message, progress)
-
-
-def _run_json(segmentation: Path, output: Path | None, kwargs: dict[str, Any], run_generate: Any) -> None:
+def _run_json(
+    segmentation: Path,
+    output: Path | None,
+    kwargs: dict[str, Any],
+    run_generate: Any,
+    note: StepsNote,
+    finished: Any,
+) -> list[Any]:
     """``--progress json``: start, progress, warning, done (or error) events, one JSON object a line.
 
     ``done`` names the output and sidecar (the first sample's) and lists every sample's in ``outputs`` and
@@ -178,6 +231,7 @@ def _run_json(segmentation: Path, output: Path | None, kwargs: dict[str, Any], r
     emit_json(event="start", segmentation=str(segmentation))
 
     def report(p) -> None:
+        note.report(p)
         emit_json(
             event="progress",
             step=p.step + 1,
@@ -193,6 +247,7 @@ def _run_json(segmentation: Path, output: Path | None, kwargs: dict[str, Any], r
     except VolgenError as e:
         emit_json(event="error", message=str(e))
         raise
+    finished()
     for result in results:
         for message in result.warnings:
             warn(message, ProgressMode.json)
@@ -206,9 +261,12 @@ def _run_json(segmentation: Path, output: Path | None, kwargs: dict[str, Any], r
         outputs=[str(r.output) for r in results],
         sidecars=[str(r.sidecar) for r in results],
     )
+    return results
 
 
-def _run_rich(segmentation: Path, output: Path | None, kwargs: dict[str, Any], run_generate: Any) -> Any:
+def _run_rich(
+    segmentation: Path, output: Path | None, kwargs: dict[str, Any], run_generate: Any, note: StepsNote
+) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (
@@ -222,6 +280,7 @@ def _run_rich(segmentation: Path, output: Path | None, kwargs: dict[str, Any], r
         task = bar.add_task("generate", total=None)
 
         def report(p) -> None:
+            note.report(p)
             bar.update(task, total=p.slices_total, completed=p.slices_done)
 
         return run_generate(segmentation, output, progress=report, **kwargs)

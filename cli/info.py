@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from volgen.cli.app import app, console, handle_errors
+from volgen.cli.app import app, console, handle_errors, shown
 
 #: Integer volumes with more distinct values than this are checked for being intensities (labels: a few
 #: regions of constant value; intensities: values that change between most neighbouring voxels).
@@ -100,7 +100,7 @@ def _volume_info(path: Path, labels: Path | None, as_json: bool) -> None:
         console.print_json(json.dumps(data))
         return
     g = info.geometry
-    table = Table(title=str(path), show_header=False, title_justify="left")
+    table = Table(title=shown(path), show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     table.add_row("format", info.format)
@@ -117,7 +117,7 @@ def _volume_info(path: Path, labels: Path | None, as_json: bool) -> None:
         for column in ("value", "name", "voxels", "volume (ml)"):
             counts.add_column(column, justify="right" if column != "name" else "left")
         for value, count in sorted(info.label_counts.items()):
-            name = names.get(value, "background" if value == 0 else "")
+            name = shown(names.get(value, "background" if value == 0 else ""))  # names come from the file
             if label_map is not None and value not in label_map.value_to_class():
                 name = "[red]unknown to the label map[/]"
             counts.add_row(str(value), name, f"{count:,}", f"{info.volume_ml(value):.2f}")
@@ -136,7 +136,7 @@ def _model_info(path: Path, as_json: bool) -> None:
         data.update(model_id=loaded.model_id, parameters=params, weights_sha256=loaded.weights_sha256)
         console.print_json(json.dumps(data))
         return
-    table = Table(title=f"model {path}", show_header=False, title_justify="left")
+    table = Table(title=f"model {shown(path)}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     rows = [
@@ -167,8 +167,8 @@ def _model_info(path: Path, as_json: bool) -> None:
     for key, value in meta.training.items():
         if isinstance(value, str | int | float):
             rows.append((f"training.{key}", str(value)))
-    for key, value in rows:
-        table.add_row(key, value)
+    for key, value in rows:  # names, descriptions and paths come from the model folder
+        table.add_row(shown(key), shown(value))
     console.print(table)
 
 

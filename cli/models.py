@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from volgen.cli.app import app, console, handle_errors
+from volgen.cli.app import app, console, handle_errors, shown
 
 
 @app.command()
@@ -54,7 +54,9 @@ def models(
         table.add_column(column, overflow="fold")
     for row in rows:
         name = row["name"] + (f" ({DEFAULT_NAME})" if row["default"] else "")
-        table.add_row(name, ", ".join(row["classes"]), row["trained_on"], row["path"])
+        table.add_row(
+            shown(name), shown(", ".join(row["classes"])), shown(row["trained_on"]), shown(row["path"])
+        )
     console.print(table)
     console.print(
         f"Details: volgen info NAME (e.g. volgen info {DEFAULT_NAME}); card: volgen models --card NAME",

@@ -10,18 +10,43 @@ from __future__ import annotations
 import json
 import sys
 from enum import Enum
-from typing import TYPE_CHECKING, Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from volgen import defaults
-from volgen.cli.app import err_console
+from volgen.cli.app import err_console, shown
 
 if TYPE_CHECKING:
     from volgen.generation import GenerateSettings
 
 SchedulerOption = Annotated[str, typer.Option(help="Sampler: " + ", ".join(defaults.SCHEDULERS) + ".")]
-StepsOption = Annotated[int, typer.Option(help="Denoising steps (at most the model's training timesteps).")]
+StepsOption = Annotated[
+    int,
+    typer.Option(
+        help="Denoising steps over the whole schedule (at most the model's training timesteps). With "
+        "--strength λ < 1 only the steps at or below λ run, about λ × STEPS (λ 0.4 --steps 5: 2 steps); "
+        "the run says how many on stderr."
+    ),
+]
+StrengthOption = Annotated[
+    float,
+    typer.Option(
+        help="λ in [0, 1]: 0 writes the reference's own values, 1 generates freely. Below 1 the run starts "
+        "from the reference noised to λ and runs only the remaining steps (about λ × --steps)."
+    ),
+]
+ModelOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Model folder, or an embedded model by name ('default', 'colin27-small'; volgen models). "
+        "Default: the embedded model."
+    ),
+]
+QuietOption = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No notes, progress or 'wrote' lines; warnings and errors only.")
+]
 RhoOption = Annotated[
     float,
     typer.Option("--noise-correlation", "--rho", help="ρ in [0, 1): initial-noise correlation of slices."),
@@ -122,18 +147,53 @@ def build_settings(
     )
 
 
-def notify_default_model(progress: ProgressMode) -> None:
-    """Say, once, that the embedded default model is in use and what it was trained on."""
+def notify_model(folder: Path, progress: ProgressMode) -> None:
+    """Say, on one line, that an embedded model is in use and what it was trained on (nothing for other
+    models; an event with ``--progress json``). Called after the checks, so an error comes first."""
+    from volgen.default_model import is_embedded
     from volgen.models import read_metadata
 
+    if not is_embedded(folder):
+        return
     note = (
-        f"using the embedded default model, trained on {read_metadata(defaults.MODEL_DIR).trained_on}; "
+        f"embedded model {folder.name}, trained on {read_metadata(folder).trained_on}; "
         "real use needs --model trained on real data"
     )
     if progress == ProgressMode.json:
         emit_json(event="notice", message=note)
-    else:
-        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+    elif progress == ProgressMode.rich:
+        err_console.print(f"[yellow]note:[/] {shown(note)}", highlight=False, soft_wrap=True)
+
+
+class StepsNote:
+    """Says how many denoising steps run when λ < 1 cuts them ("λ 0.4: 2 of 5 steps"), once, from the
+    first progress report (which counts the steps that run), or at the end when none ran (λ 0)."""
+
+    def __init__(self, settings: GenerateSettings, progress: ProgressMode, *, quiet: bool = False) -> None:
+        self.settings = settings
+        self.progress = progress
+        self.pending = settings.strength < 1.0 and not quiet
+
+    def report(self, p: Any) -> None:
+        if self.pending:
+            self.say(p.steps)
+
+    def finish(self) -> None:
+        if self.pending:
+            self.say(0)
+
+    def say(self, steps_run: int) -> None:
+        self.pending = False
+        asked = self.settings.num_inference_steps
+        message = f"λ {self.settings.strength:g}: {steps_run} of {asked} steps"
+        if self.progress == ProgressMode.json:
+            emit_json(event="notice", message=message, steps=steps_run, steps_asked=asked)
+        else:
+            err_console.print(
+                f"[yellow]note:[/] {message} (λ < 1 starts part-way down the noise schedule)",
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 def warn(message: str, progress: ProgressMode) -> None:
@@ -141,7 +201,7 @@ def warn(message: str, progress: ProgressMode) -> None:
     if progress == ProgressMode.json:
         emit_json(event="warning", message=message)
     else:
-        err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]warning:[/] {shown(message)}", highlight=False, soft_wrap=True)
 
 
 def emit_json(**event: object) -> None:

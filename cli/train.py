@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from volgen.cli.app import app, console, err_console, handle_errors
+from volgen.cli.app import app, console, err_console, handle_errors, shown
 
 
 def _is_main_process() -> bool:
@@ -142,10 +142,10 @@ def train(
 
     stop = " (stopped by --max-minutes)" if result.stopped_early else ""
     console.print(f"trained {result.steps} steps{stop}, final loss {result.final_loss:.4f}", highlight=False)
-    console.print(f"losses: {result.losses_csv}", highlight=False)
+    console.print(f"losses: {shown(result.losses_csv)}", highlight=False)
     if result.previews:
-        console.print(f"preview: {result.previews[-1]}", highlight=False)
-    console.print(f"model: {result.model_dir}", highlight=False)
+        console.print(f"preview: {shown(result.previews[-1])}", highlight=False)
+    console.print(f"model: {shown(result.model_dir)}", highlight=False)
 
 
 def _check_training_data(source: Path, label_map: str) -> None:
@@ -215,4 +215,4 @@ def import_checkpoint(
         name=name,
         overwrite=overwrite,
     )
-    console.print(f"model: {folder}", highlight=False)
+    console.print(f"model: {shown(folder)}", highlight=False)

@@ -518,9 +518,12 @@ def test_sigterm_and_kill_9_then_resume(cases_dir, tiny_model_dir, tmp_path):
     assert not any(p.name.startswith(".volgen-tmp-") for p in out.iterdir())
 
     # kill -9 once the second run has generated something: whatever has a final name is a complete volume
-    code, second = _interrupt(
-        command, out, signal.SIGKILL, lambda st: "skipped" in st.values() and "done" in st.values()
-    )
+    def generated_something(st):  # the first run's rows stay until the second run gets to their items
+        return all(st.get(key) == "skipped" for key in first) and "done" in (
+            status for key, status in st.items() if key not in first
+        )
+
+    code, second = _interrupt(command, out, signal.SIGKILL, generated_something)
     assert code == -signal.SIGKILL
     assert all(second[key] == "skipped" for key in first) and 0 < len(second) < n, (first, second)
     for path in out.glob("x*.nii.gz"):
@@ -564,3 +567,166 @@ def test_one_generator_per_process_and_each_segmentation_read_once(
     assert len(made) == 1
     assert len(reads) == len(set(reads)) == len(GOOD), reads  # one read per case
     assert len(list((out / "Dataset008_Once" / "labelsTr").iterdir())) == len(GOOD)
+
+
+# ------------------------------------------------------------------- faults of the hidden corpus (issue 25)
+
+
+def test_a_lone_shard_after_a_whole_run_keeps_every_row(full_run, cases_dir, tiny_model_dir, tmp_path):
+    """The shard's merge starts from manifest.csv: rows of the items of other shards do not vanish."""
+    out = tmp_path / "mixed"
+    shutil.copytree(full_run, out)
+    result = run_batch_cli(cases_dir, out, tiny_model_dir, "--seed", "3", "--shard", "0/2")
+    assert result.exit_code == 0, result.output
+    shard0 = {"a", "c", "e"}  # items sorted by (case, sample), dealt round-robin
+    assert statuses(out) == {(c, 0): "skipped" if c in shard0 else "done" for c in GOOD}
+
+
+def test_a_whole_run_keeps_the_shard_manifest_of_a_running_job(full_run, cases_dir, tiny_model_dir, tmp_path):
+    """An unsharded rerun removes the shard manifests of finished jobs (their rows folded into manifest.csv,
+    none lost) but not the one of a job still running (it holds its claim)."""
+    from volgen.batch import claims
+    from volgen.batch.records import ItemRecord, append_record
+
+    out = tmp_path / "running"
+    shutil.copytree(full_run, out)
+    running, finished = out / "manifest.shard-001-of-002.csv", out / "manifest.shard-000-of-003.csv"
+    other = ItemRecord(
+        case="z", sample=0, input="z.nii.gz", outputs=[], seed=1, status="failed", output="z.nii.gz"
+    )
+    append_record(running, other)
+    append_record(finished, other)
+    before = running.read_bytes()
+    held = claims.claim(out, claims.run_key(running))  # as the running shard job holds it
+    try:
+        result = run_batch_cli(cases_dir, out, tiny_model_dir, "--seed", "3")
+    finally:
+        held.release()
+    assert result.exit_code == 0, result.output
+    assert running.read_bytes() == before
+    assert not finished.exists()
+    assert statuses(out) == {**{(c, 0): "skipped" for c in GOOD}, ("z", 0): "failed"}
+
+
+def test_two_nnunet_datasets_built_into_one_folder_at_once(cases_dir, tiny_model_dir, tmp_path):
+    """Claims and rows are keyed by the output: a second dataset built while the first holds its claim on
+    case 'a' still makes its own 'a' (it used to leave it to the other run and count one case too few)."""
+    from volgen.batch import BatchObserver, BatchOptions, run_batch
+
+    manifest = write_csv(
+        tmp_path / "m.csv", "segmentation", str(cases_dir / "a.nii.gz"), str(cases_dir / "c.mha")
+    )
+    out = tmp_path / "nnUNet_raw"
+
+    def options(dataset_id: int, name: str) -> BatchOptions:
+        settings = GenerateSettings(num_inference_steps=2)
+        return BatchOptions(
+            model=tiny_model_dir, settings=settings, layout="nnunet", dataset_id=dataset_id,
+            dataset_name=name, device="cpu",
+        )  # fmt: skip
+
+    second = []
+
+    class SecondRunMeanwhile(BatchObserver):
+        def item_started(self, item, index, count):
+            if not second:  # the first run holds the claim of its item 'a' now
+                second.append(run_batch(manifest, out, options(2, "Two")))
+
+    first = run_batch(manifest, out, options(1, "One"), observer=SecondRunMeanwhile())
+    for result, dataset in ((first, "Dataset001_One"), (second[0], "Dataset002_Two")):
+        assert result.ok and not result.elsewhere
+        assert json.loads((out / dataset / "dataset.json").read_text())["numTraining"] == 2
+    rows = read_manifest(out / "manifest.csv")
+    assert sorted(r.output for r in rows) == [
+        f"Dataset00{i}_{n}/imagesTr/{c}_0000.nii.gz" for i, n in ((1, "One"), (2, "Two")) for c in "ac"
+    ]
+    assert {r.status for r in rows} == {"done"}
+
+
+def test_an_append_after_a_torn_row_starts_on_a_new_line(tmp_path, caplog):
+    """A row cut by a full disk or power loss (also in the header of the first append) is skipped with a
+    warning; the next append starts on a new line, so its row is whole."""
+    from dataclasses import replace
+
+    from volgen.batch.records import ItemRecord, append_record
+
+    path = tmp_path / "manifest.csv"
+    row = ItemRecord(
+        case="a", sample=0, input="a.nii.gz", outputs=["a.nii.gz", "a.nii.gz.json"], seed=1,
+        status="done", output="a.nii.gz",
+    )  # fmt: skip
+    append_record(path, row)
+    path.write_bytes(path.read_bytes() + b"b,0,b.nii.gz,b.nii.gz,b.ni")
+    append_record(path, replace(row, case="c", output="c.nii.gz"))
+    with caplog.at_level("WARNING", logger="volgen.batch"):
+        assert [r.case for r in read_manifest(path)] == ["a", "c"]
+    assert "line 3: skipped a row cut short" in caplog.text
+
+    path.write_bytes(path.read_bytes() + b'd,0,d.nii.gz,"/data/a, b/d.ni')  # cut in a quoted cell
+    append_record(path, replace(row, case="e", output="e.nii.gz"))
+    assert [r.case for r in read_manifest(path)] == ["a", "c", "e"]
+
+    path.write_bytes(b"case,sample,out")  # the first append was cut in its header
+    append_record(path, row)
+    assert [r.case for r in read_manifest(path)] == ["a"]
+
+
+@pytest.mark.parametrize("damage", ["torn", "spreadsheet"])
+def test_a_damaged_run_manifest_heals(damage, full_run, cases_dir, tiny_model_dir, tmp_path):
+    """manifest.csv cut mid-row, or re-saved by a spreadsheet (byte order mark, CRLF): the next run resumes
+    and exits 0 (it used to do its work and then fail with "not a volgen batch manifest")."""
+    out = tmp_path / damage
+    shutil.copytree(full_run, out)
+    manifest = out / "manifest.csv"
+    text = manifest.read_text(encoding="utf-8")
+    if damage == "torn":
+        manifest.write_text(text + "b,0,b.nii.gz,/data/b.nrrd,b.nii", encoding="utf-8")
+    else:
+        manifest.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    (out / "b.nii.gz").unlink()
+    result = run_batch_cli(cases_dir, out, tiny_model_dir, "--seed", "3")
+    assert result.exit_code == 0, result.output
+    assert statuses(out) == {(c, 0): "done" if c == "b" else "skipped" for c in GOOD}
+
+
+def test_resume_does_not_open_a_sidecar_that_is_a_named_pipe(full_run, cases_dir, tiny_model_dir, tmp_path):
+    """A sidecar replaced by a FIFO is checked by stat, never opened (opening it blocks forever)."""
+    import threading
+
+    from volgen.batch.resume import unfinished_reason
+
+    out = tmp_path / "fifo"
+    shutil.copytree(full_run, out)
+    sidecar = out / "a.nii.gz.json"
+    sidecar.unlink()
+    os.mkfifo(sidecar)
+    item = WorkItem(
+        case=Case("a", cases_dir / "a.nii.gz"), sample=0, name="a",
+        settings=GenerateSettings(seed=3), output=out / "a.nii.gz", sidecar=sidecar,
+    )  # fmt: skip
+    reasons = []
+    worker = threading.Thread(
+        target=lambda: reasons.append(unfinished_reason(item, weights_sha256="x", output_format="nifti")),
+        daemon=True,
+    )
+    worker.start()
+    worker.join(timeout=20)
+    assert reasons == ["unreadable sidecar"]  # not hanging
+    result = run_batch_cli(cases_dir, out, tiny_model_dir, "--seed", "3")
+    assert result.exit_code == 0, result.output
+    assert statuses(out) == {(c, 0): "done" if c == "a" else "skipped" for c in GOOD}
+    assert sidecar.is_file()  # like a damaged sidecar: the item is made again, with a sidecar
+
+
+def test_a_run_manifest_that_is_a_named_pipe_is_refused_not_fed(tmp_path):
+    """Rows appended to a FIFO would vanish (or block once its buffer is full): refused by stat."""
+    from volgen.batch.records import ItemRecord, append_record
+    from volgen.errors import OutputError
+
+    path = tmp_path / "manifest.csv"
+    os.mkfifo(path)
+    row = ItemRecord(
+        case="a", sample=0, input="a.nii.gz", outputs=[], seed=1, status="failed", output="a.nii.gz"
+    )
+    with pytest.raises(OutputError, match="manifest.csv: is not a regular file"):
+        append_record(path, row)

@@ -245,3 +245,36 @@ def test_flop_counter_counts_the_tiny_unet(tiny_model_dir):
     unet = load_model(tiny_model_dir).unet
     one = unet_forward_flops(unet, 1)
     assert one > 0 and unet_forward_flops(unet, 2) == 2 * one
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["succeeds", "fails"])
+def test_external_segmenter_printing_bytes_that_are_not_utf8(cases, tmp_path, fails):
+    """A segmenter's output in another encoding used to end in a UnicodeDecodeError traceback."""
+    script = tmp_path / "latin1.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            import numpy as np
+            import SimpleITK as sitk
+
+            sys.stdout.buffer.write(b"Fortschritt: 50 \\xb5s \\xff\\xfe\\n")
+            sys.stderr.buffer.write(b"Warnung: \\xe4\\xf6\\xfc\\n")
+            if {fails}:
+                sys.stderr.buffer.write(b"Fehler \\xe4\\x1b[31m rot\\n")
+                sys.exit(3)
+            image = sitk.ReadImage(sys.argv[1])
+            labels = sitk.GetImageFromArray((sitk.GetArrayFromImage(image) > 200).astype(np.uint8))
+            labels.CopyInformation(image)
+            sitk.WriteImage(labels, sys.argv[2])
+            """
+        )
+    )
+    command = f"{sys.executable} {script} {{input}} {{output}}"
+    result = runner.invoke(app, ["evaluate", str(cases), str(tmp_path / "e"), "--segmenter-command", command])
+    assert "Traceback" not in result.output and not isinstance(result.exception, UnicodeError)
+    if fails:
+        _one_error_line(result, "exited with 3", "Fehler \\xe4")
+        assert "\x1b" not in result.output  # nor does the program's terminal escape reach the terminal
+    else:
+        assert result.exit_code == 0, result.output

@@ -397,3 +397,74 @@ def test_label_remapping_round_trips_through_a_file(tmp_path: Path, label_map: L
     for value, index in zip(voxels, classes.ravel(), strict=True):
         allowed = label_map.background if index == 0 else label_map.classes[label_map.class_names[index]]
         assert int(value) in allowed or int(value) in unknown
+
+
+# ------------------------------------------------------------- batch faults of the hidden corpus (issue 25)
+
+
+def test_batch_folder_dead_links_and_link_loops_are_failed_cases(workspace: Workspace) -> None:
+    """An entry that is a dead link (an unmounted share) or a loop of links is a failed case - a row, a
+    line, exit 1 - not a silent skip with exit 0."""
+    folder = workspace.root / "cases"
+    folder.mkdir()
+    io.write_volume(make_volume("label"), folder / "good.nii.gz")
+    (folder / "share").symlink_to(workspace.root / "unmounted" / "patient7")
+    (folder / "loop1.nii.gz").symlink_to("loop2.nii.gz")
+    (folder / "loop2.nii.gz").symlink_to("loop1.nii.gz")
+    out = workspace.root / "batch-out"
+    result = invoke(*workspace.batch(folder).args)
+    assert isinstance(result.exception, SystemExit), result.exc_info  # handled, not a crash
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    from volgen.batch import read_manifest
+
+    records = {r.case: r for r in read_manifest(out / "manifest.csv")}
+    assert records["good"].status == "done"
+    for case in ("share", "loop1", "loop2"):
+        assert records[case].status == "failed", records[case]
+        assert "symbolic link that leads nowhere" in records[case].error
+        assert f"failed {case}" in result.output
+
+
+def test_batch_case_name_too_long_for_a_claim_file_fails_that_case_alone(workspace: Workspace) -> None:
+    """A valid case whose file name (255 bytes) leaves no room for its claim (``<case id>.claim``, 257 bytes)
+    or output: that case fails, recorded; the others are done (the batch used to die with a traceback)."""
+    folder = workspace.root / "cases"
+    folder.mkdir()
+    io.write_volume(make_volume("label"), folder / "good.nii.gz")
+    long = "x" * 251
+    sitk.WriteImage(make_volume("label"), str(folder / f"{long}.mha"))
+    out = workspace.root / "batch-out"
+    result = invoke(*workspace.batch(folder).args)
+    assert isinstance(result.exception, SystemExit), result.exc_info  # handled, not a crash
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    from volgen.batch import read_manifest
+
+    records = {r.case: r for r in read_manifest(out / "manifest.csv")}
+    assert records["good"].status == "done" and records[long].status == "failed"
+    assert "too long" in records[long].error.lower(), records[long].error
+    assert not any(p.name.startswith(long[:20]) for p in out.iterdir())
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC])
+def test_batch_out_dir_read_only_or_full_is_one_line(code: int, workspace: Workspace, monkeypatch) -> None:
+    """The claim folder cannot be made (a read-only OUT_DIR, a full disk): one line, exit 1, no traceback.
+    (Simulated: the tests may run as root, whom a read-only mode does not stop.)"""
+    import pathlib
+
+    real_mkdir = pathlib.Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self.name == ".volgen-claims":
+            raise OSError(code, os.strerror(code))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    folder = workspace.root / "cases"
+    folder.mkdir()
+    io.write_volume(make_volume("label"), folder / "a.nii.gz")
+    line = one_error_line(invoke(*workspace.batch(folder).args))
+    assert (
+        f"batch-out/.volgen-claims: cannot make claim files in the output folder ({os.strerror(code)})"
+        in line
+    )
+    assert nothing_written([workspace.root / "batch-out"])

@@ -228,3 +228,76 @@ def test_sigterm_during_training_saves_a_checkpoint_and_resume_continues(tmp_pat
     resumed = training.read_losses(run / "losses.csv")
     assert len(resumed) == 6 and resumed[:4] == first
     assert (run / "model" / "volgen.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "moment", ["sidecar renamed into place", "preview written", "wrote line", "done event", "dicom in place"]
+)
+def test_sigterm_after_the_outputs_are_in_place_is_all_or_nothing(
+    moment, seg, tiny_model_dir, tmp_path, monkeypatch
+):
+    """SIGTERM (a real signal to this process) once the outputs are renamed into place: inside the last
+    write's cleanup or after the preview, everything this run wrote is removed (exit 130); once the command
+    reports, the run stands (exit 0). It used to exit 130 leaving the volume and sidecar (or the sidecar
+    alone)."""
+    import volgen.cli.generate as command
+    import volgen.io.atomic as atomic
+    import volgen.preview as preview_module
+
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / ("series" if moment == "dicom in place" else "syn.nii.gz")
+    extra = ["--steps", "1", "--progress", "json" if moment == "done event" else "none"]
+    if moment == "dicom in place":
+        extra += ["--format", "dicom"]
+
+    def term() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    real_replace = atomic.os.replace
+
+    def replace_then_term(source, destination):
+        real_replace(source, destination)
+        last = str(destination).endswith(".json") or (
+            moment == "dicom in place" and Path(destination) == target
+        )
+        if last and moment in ("sidecar renamed into place", "dicom in place"):
+            term()  # lands in the cleanup of the write that put the file in place
+
+    monkeypatch.setattr(atomic.os, "replace", replace_then_term)
+    if moment == "preview written":
+        real_montage = preview_module.save_montage
+
+        def montage_then_term(*args, **kwargs):
+            real_montage(*args, **kwargs)
+            term()
+
+        monkeypatch.setattr(preview_module, "save_montage", montage_then_term)
+        extra += ["--preview", str(out / "p.png")]
+    if moment == "wrote line":
+        real_print = command.console.print
+
+        def print_then_term(*args, **kwargs):
+            real_print(*args, **kwargs)
+            term()
+
+        monkeypatch.setattr(command.console, "print", print_then_term)
+    if moment == "done event":
+        real_emit = command.emit_json
+
+        def emit_then_term(**event):
+            if event["event"] == "done":
+                term()
+            real_emit(**event)
+
+        monkeypatch.setattr(command, "emit_json", emit_then_term)
+
+    result = invoke(*generate_args(seg, target, tiny_model_dir, *extra))
+    assert "Traceback" not in result.output
+    if moment in ("wrote line", "done event"):  # the outputs are complete and reported: success
+        assert result.exit_code == 0, result.output
+        assert sorted(p.name for p in out.iterdir()) == ["syn.nii.gz", "syn.nii.gz.json"]
+    else:
+        assert result.exit_code == 130, result.output
+        assert "interrupted" in result.output
+        assert list(out.iterdir()) == []

@@ -414,6 +414,9 @@ def _label_file(tmp: Path, values: np.ndarray, name: str) -> Path:
     ("values", "phrase"),
     [
         (np.array([0.0, 1.0, 0.5, 2.0]), "float labels with non-integer values (e.g. 0.5)"),
+        # the value exactly as stored (float32), not rounded to "1" by a short format
+        (np.array([0.0, 1.0000001, 2.0]), f"non-integer values (e.g. {float(np.float32(1.0000001))!r})"),
+        (np.array([0.0, 2.0, 3.0e-30]), f"non-integer values (e.g. {float(np.float32(3.0e-30))!r})"),
         (np.array([0.0, 1.0, np.nan, 2.0]), "NaN/Inf in segmentation"),
         (np.array([0.0, np.inf, 1.0, 2.0]), "NaN/Inf in segmentation"),
         (np.array([0, -1, 2, -3, -1]), "negative label values (-3, -1)"),

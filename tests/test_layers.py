@@ -1,5 +1,6 @@
 """Clean arrows: the import graph of volgen (``volgen/`` and the ``volgen.cli`` package in ``cli/``) has no
-cycle, only the command line imports the public facade ``volgen.api``, and modules and functions stay small.
+cycle, only the command line imports the public facade ``volgen.api``, and modules and function bodies stay
+small.
 
 Imports are read with ``ast`` (nothing is imported): every ``import`` statement counts, inside functions too
 (a lazy import is still an arrow), except those under ``if TYPE_CHECKING:``.
@@ -103,6 +104,15 @@ def test_only_the_command_line_imports_the_api():
     assert users == []
 
 
+def _body_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """A function's lines from its first statement after the docstring to its end: the signature is a
+    declaration (a Typer command declares one annotated option per line) and the docstring is help text."""
+    body = node.body
+    has_doc = isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant)
+    first = body[1] if has_doc and len(body) > 1 else body[0]
+    return node.end_lineno - first.lineno + 1
+
+
 def test_modules_and_functions_stay_small():
     too_long = []
     for name, path in MODULES.items():
@@ -111,7 +121,7 @@ def test_modules_and_functions_stay_small():
             too_long.append(f"{name}: {len(source.splitlines())} lines")
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                lines = node.end_lineno - node.lineno + 1
+                lines = _body_lines(node)
                 if lines > MAX_FUNCTION_LINES:
                     too_long.append(f"{name}.{node.name}: {lines} lines")
     assert too_long == []

@@ -19,11 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def wheel_names(tmp_path_factory) -> set[str]:
     # build from a clean copy: setuptools reuses a stale build/ folder of the working tree
     src = tmp_path_factory.mktemp("src")
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for name in ("volgen", "cli", "configs"):
-        shutil.copytree(ROOT / name, src / name, ignore=ignore)
-    for name in ("pyproject.toml", "setup.py", "README.md"):
-        shutil.copy2(ROOT / name, src / name)
+    copy_source(src)
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(src), "-w", str(out)],
@@ -33,6 +29,53 @@ def wheel_names(tmp_path_factory) -> set[str]:
     (wheel,) = out.glob("volgen-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         return set(zf.namelist())
+
+
+def copy_source(src: Path) -> None:
+    """What a release builds from: the packages, the example data, the metadata files and the licence."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for name in ("volgen", "cli", "configs", "examples"):
+        shutil.copytree(ROOT / name, src / name, ignore=ignore)
+    for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE"):
+        shutil.copy2(ROOT / name, src / name)
+
+
+def test_license_is_apache_2_in_the_repository_the_wheel_and_the_sdist(wheel_names, tmp_path):
+    import tarfile
+
+    text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text  # the full text, not a notice
+    assert "volgen-0.1.0.dist-info/licenses/LICENSE" in wheel_names
+    src = tmp_path / "src"
+    src.mkdir()
+    copy_source(src)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"from setuptools import build_meta; build_meta.build_sdist({str(tmp_path)!r})",
+        ],
+        cwd=src,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    (sdist,) = tmp_path.glob("volgen-*.tar.gz")
+    with tarfile.open(sdist) as tf:
+        names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
+        metadata = tf.extractfile(next(m for m in tf.getmembers() if m.name.endswith("/PKG-INFO")))
+        pkg_info = metadata.read().decode("utf-8")
+    assert "LICENSE" in names and "examples/colin27_tissues_2mm.nii.gz" in names
+    assert "License-Expression: Apache-2.0" in pkg_info and "License-File: LICENSE" in pkg_info
+
+
+def test_wheel_ships_the_example_segmentation_and_not_the_example_scripts(wheel_names):
+    from volgen.examples import EXAMPLE
+
+    assert f"volgen/examples/{EXAMPLE}" in wheel_names
+    assert "volgen/examples/__init__.py" in wheel_names
+    assert not any(n.startswith("volgen/examples/colin27/") for n in wheel_names)
 
 
 def _packages(folder: Path, installed_as: str) -> set[str]:

@@ -465,6 +465,21 @@ def test_generate_and_batch_under_a_file_size_limit(tiny_model_dir, tmp_path) ->
     assert {r.case: r.status for r in _read_manifest(batch_out)} == {"big": "done"}
 
 
+def test_dicom_under_a_file_size_limit_is_one_line(tiny_model_dir, tmp_path) -> None:
+    """The limit reached inside a slice's pixel data: pydicom re-raises the error with the tag and a whole
+    traceback in its message, which used to follow the error line."""
+    seg = tmp_path / "seg.nii.gz"
+    io.write_volume(make_volume("label", size=(64, 64, 6)), seg)
+    out = tmp_path / "out"
+    out.mkdir()
+    fast = ["--model", tiny_model_dir, "--steps", "1", "--device", "cpu", "--progress", "none"]
+    proc = _limited(5_000, "generate", seg, "-o", out / "series", "--format", "dicom", *fast)  # 8 KiB a slice
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert lines == [f"error: {out / 'series'}: could not write DICOM files: File too large"], lines
+    assert list(out.iterdir()) == []
+
+
 def _read_manifest(out: Path):
     from volgen.batch import read_manifest
 
@@ -613,7 +628,7 @@ def test_two_batch_runs_on_one_folder_generate_each_case_once(cases, tiny_model_
 
 def test_a_claim_is_exclusive_and_a_dead_runs_claim_is_taken_over(tmp_path) -> None:
     from volgen.batch import claim
-    from volgen.batch.claims import CLAIMS_FOLDER
+    from volgen.batch.claims import CLAIMS_FOLDER, claim_file_name
 
     held = claim(tmp_path, "case")
     assert held is not None and claim(tmp_path, "case") is None  # held (also against another process)
@@ -630,7 +645,7 @@ def test_a_claim_is_exclusive_and_a_dead_runs_claim_is_taken_over(tmp_path) -> N
          f"c = claim(Path({str(tmp_path)!r}), 'case'); os._exit(9)"],
         env=_env(), timeout=60,
     )  # fmt: skip
-    assert killed.returncode == 9 and (tmp_path / CLAIMS_FOLDER / "case.claim").exists()
+    assert killed.returncode == 9 and (tmp_path / CLAIMS_FOLDER / claim_file_name("case")).exists()
     again = claim(tmp_path, "case")
     assert again is not None
     again.release()
@@ -754,13 +769,13 @@ def test_claims_without_file_locks(tmp_path, monkeypatch) -> None:
     assert held is not None and not held.locked
     assert claims.claim(tmp_path, "case") is None  # this (live) process holds it
     held.release()
-    assert not (tmp_path / claims.CLAIMS_FOLDER / "case.claim").exists()
+    assert not (tmp_path / claims.CLAIMS_FOLDER / claims.claim_file_name("case")).exists()
 
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
     stale = {"host": socket.gethostname(), "pid": int(dead.stdout), "since": 0}
-    (tmp_path / claims.CLAIMS_FOLDER / "case.claim").write_text(json.dumps(stale))
+    (tmp_path / claims.CLAIMS_FOLDER / claims.claim_file_name("case")).write_text(json.dumps(stale))
     again = claims.claim(tmp_path, "case")
     assert again is not None  # the dead process's claim was taken over
     again.release()

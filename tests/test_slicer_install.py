@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import re
-import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -99,11 +98,10 @@ def test_urls():
 
 def test_pip_accepts_what_the_helper_gives(tmp_path):
     """A real wheel of this checkout, checked by the helper, is what pip would install (dry run)."""
+    from test_packaging import copy_source
+
     src = tmp_path / "src"
-    for name in ("volgen", "cli", "configs"):
-        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "setup.py", "README.md"):
-        shutil.copy2(ROOT / name, src / name)
+    copy_source(src)
     dist = tmp_path / "my dist"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(src), "-w", str(dist)], check=True
@@ -187,3 +185,34 @@ def test_extension_metadata_has_no_placeholders():
     assert 'VOLGEN_MINIMUM_SLICER_VERSION "5.10"' in cmake
     readme = (MODULE_DIR.parent / "README.md").read_text(encoding="utf-8")
     assert "Slicer **5.10 or newer**" in readme and "Screenshots/VolGen.png" in readme
+
+
+def test_plugin_readme_states_the_defaults_of_volgen():
+    from volgen import defaults
+
+    readme = (MODULE_DIR.parent / "README.md").read_text(encoding="utf-8")
+    steps = next(line for line in readme.splitlines() if line.startswith("| Steps |"))
+    assert f"{defaults.STEPS} by default" in steps and "Around 20" not in readme
+    samplers = next(line for line in readme.splitlines() if line.startswith("| Scheduler |"))
+    listed = set(re.findall(r"`([a-z][a-z+0-9-]*)`", samplers)) - {"volgen"}
+    assert listed == set(defaults.SCHEDULERS), listed ^ set(defaults.SCHEDULERS)
+    assert f"`{defaults.SCHEDULER}` (the default" in samplers
+
+
+def test_the_screenshot_was_made_with_the_embedded_model():
+    """Screenshots/VolGen.png.json records the weights the picture was made with: when the embedded model
+    changes, redo it (python plugins/slicer/Screenshots/make_screenshot.py)."""
+    import hashlib
+    import json
+
+    from volgen import defaults
+    from volgen.models import weights_hash
+
+    shots = MODULE_DIR.parent / "Screenshots"
+    record = json.loads((shots / "VolGen.png.json").read_text(encoding="utf-8"))
+    assert record["png_sha256"] == hashlib.sha256((shots / "VolGen.png").read_bytes()).hexdigest()
+    assert record["weights_sha256"] == weights_hash(defaults.MODEL_DIR), (
+        "the embedded model changed since the Slicer screenshot was made: "
+        "run python plugins/slicer/Screenshots/make_screenshot.py"
+    )
+    assert record["steps"] == defaults.STEPS

@@ -75,6 +75,9 @@ def write_config(
             "context_slices": 1,
             "name": "tiny-trained",
             "description": "test",
+            # off here: dropout masks are drawn per process, so with it a two-process run would not repeat a
+            # one-process run (test_two_processes_train_one_consistent_model); its own test turns it on
+            "dropout": 0.0,
             **(model or {}),
         },
         "training": settings,
@@ -559,3 +562,134 @@ def test_class_erasure_is_drawn_per_step_reaches_the_unet_and_is_recorded(workdi
         train(TrainConfig.from_yaml(bad))
     with pytest.raises(Exception, match="data.erase_p > 0 needs data.erase_classes"):
         TrainConfig.from_yaml(write_config(workdir, output_dir="erase-none", data={"erase_p": 0.5}))
+
+
+def test_a_minimal_config_gets_the_measured_recipe_and_explicit_values_win(tmp_path):
+    """`volgen train`'s defaults carry the recipe the ablations chose (air slices, edge cuts, dropout), so a
+    user's minimal config trains the model the benchmarks measured; a config that sets a value keeps it."""
+    from volgen.models import UNetConfig
+    from volgen.training.config import TrainConfig
+
+    minimal = {"output_dir": "run", "data": {"source": "data", "label_map": "labels.yaml"}}
+    (tmp_path / "minimal.yaml").write_text(yaml.safe_dump(minimal))
+    config = TrainConfig.from_yaml(tmp_path / "minimal.yaml")
+    assert config.data.empty_slices == 4
+    assert config.data.edge_cut_p == 0.1
+    assert config.model.unet_config().dropout == 0.1
+    assert config.data.erase_classes == [] and config.data.erase_p == 0.0  # per dataset, never by default
+    # the embedded model's config spells the same recipe out (it is the example of enclosing-class erasure)
+    shipped = yaml.safe_load((Path(__file__).parents[1] / "configs/train/colin27-small.yaml").read_text())
+    assert shipped["data"]["empty_slices"] == config.data.empty_slices
+    assert shipped["data"]["edge_cut_p"] == config.data.edge_cut_p
+    assert shipped["model"]["dropout"] == config.model.dropout
+    assert shipped["data"]["erase_classes"] == ["head"]
+
+    older = {
+        "output_dir": "run",
+        "data": {"source": "data", "label_map": "labels.yaml", "empty_slices": 0, "edge_cut_p": 0.0},
+        "model": {"dropout": None},
+    }
+    (tmp_path / "older.yaml").write_text(yaml.safe_dump(older))
+    config = TrainConfig.from_yaml(tmp_path / "older.yaml")
+    assert config.data.empty_slices == 0 and config.data.edge_cut_p == 0.0
+    assert config.model.unet_config().dropout == UNetConfig.preset("small").dropout == 0.0
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    """Every entry under ``root``: file contents, ``None`` for folders."""
+    return {
+        str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize("where", ["data", "above", "inside", "manifest-folder"])
+def test_cli_output_dir_that_is_contains_or_lies_inside_the_data_writes_nothing(tmp_path, where):
+    project = tmp_path / "project"
+    make_case(project / "data", "case0", seed=0)
+    (project / "labels.yaml").write_text(LABELS_YAML, encoding="utf-8")
+    # the user's own config.yaml next to the data: a run writing into the data folder would replace it
+    source = project / "data"
+    output_dir = {
+        "data": project / "data",
+        "above": project,
+        "inside": project / "data" / "images" / "run",
+    }.get(where)
+    if where == "manifest-folder":  # a manifest elsewhere naming files in the output folder
+        (project / "lists").mkdir()
+        (project / "lists" / "m.csv").write_text(
+            "image,label\n../data/images/case0.nii.gz,../data/labels/case0.nii.gz\n", encoding="utf-8"
+        )
+        source, output_dir = project / "lists" / "m.csv", project / "data"
+    config = write_config(
+        tmp_path, source=str(source), label_map=str(project / "labels.yaml"), output_dir="x", max_steps=1
+    )
+    text = config.read_text(encoding="utf-8").replace("output_dir: x", f"output_dir: {output_dir}")
+    (project / "data" / "config.yaml").write_text(text, encoding="utf-8")
+    before = _tree(project)
+    line = _one_line_error(_invoke("train", str(project / "data" / "config.yaml")))
+    assert line.startswith("error: ") and "output_dir" in line and "choose" in line, line
+    assert _tree(project) == before
+
+
+def test_cli_output_dir_that_would_replace_the_config_file(tmp_path, workdir):
+    config = write_config(tmp_path, source=str(workdir / "data"), label_map=str(workdir / "labels.yaml"))
+    own = tmp_path / "config.yaml"
+    own.write_text(
+        config.read_text(encoding="utf-8").replace("output_dir: run", "output_dir: ."), encoding="utf-8"
+    )
+    before = _tree(tmp_path)
+    line = _one_line_error(_invoke("train", str(own)))
+    assert "config file" in line and "config.yaml" in line
+    assert _tree(tmp_path) == before
+
+
+def test_cli_output_dir_that_is_a_file(workdir, tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine\n", encoding="utf-8")
+    config = write_config(workdir, output_dir="f", max_steps=1)
+    line = _one_line_error(_invoke("train", str(config), "--output-dir", str(target)))
+    assert "notes.txt" in line and "not a folder" in line
+    assert target.read_text(encoding="utf-8") == "mine\n"
+
+
+@pytest.mark.parametrize(
+    ("labels", "change"),
+    [
+        (LABELS_YAML + "  cyst: 9\n", "class(es) added: cyst"),  # used to be torch's size-mismatch traceback
+        ("name: shapes\nclasses:\n  ball: [2, 7]\n  box: 1\n", "ball [1] -> [2, 7]; box [2, 7] -> [1]"),
+    ],
+    ids=["class-added", "values-swapped"],  # swapped: used to resume silently into an inconsistent model
+)
+def test_cli_resume_refuses_a_changed_label_map_in_one_line(workdir, tmp_path, labels, change):
+    labels_file = tmp_path / "labels.yaml"
+    labels_file.write_text(LABELS_YAML, encoding="utf-8")
+    config = write_config(
+        tmp_path, source=str(workdir / "data"), label_map=str(labels_file), max_steps=1, preview_every=0
+    )
+    assert _invoke("train", str(config)).exit_code == 0
+    labels_file.write_text(labels, encoding="utf-8")
+    before = _tree(tmp_path / "run")
+    line = _one_line_error(_invoke("train", str(config), "--resume", "--max-steps", "2"))
+    assert line.startswith("error: ") and "labels.yaml" in line and change in line, line
+    assert _tree(tmp_path / "run") == before
+
+
+def test_cli_resume_of_a_checkpoint_without_a_label_map_record_is_one_line(workdir, tmp_path):
+    """A checkpoint written before the label map was recorded: a class added is still one line."""
+    import json
+
+    labels_file = tmp_path / "labels.yaml"
+    labels_file.write_text(LABELS_YAML, encoding="utf-8")
+    config = write_config(
+        tmp_path, source=str(workdir / "data"), label_map=str(labels_file), max_steps=1, preview_every=0
+    )
+    assert _invoke("train", str(config)).exit_code == 0
+    state = tmp_path / "run" / "checkpoints" / "step-000001" / "trainer_state.json"
+    record = json.loads(state.read_text(encoding="utf-8"))
+    del record["label_map"]
+    state.write_text(json.dumps(record), encoding="utf-8")
+    labels_file.write_text(LABELS_YAML + "  cyst: 9\n", encoding="utf-8")
+    result = _invoke("train", str(config), "--resume", "--max-steps", "2")
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    line = result.output.strip().splitlines()[-1]  # after the data's log lines (logged when not a terminal)
+    assert line.startswith("error: ") and "do not fit" in line and "label map" in line, line

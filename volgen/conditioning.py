@@ -11,15 +11,17 @@ UNet is ``(B, S * channels_per_slice, H, W)``, slice-major (all channels of slic
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import field_validator
-from torch import Tensor
 
 from volgen.config import StrictModel
 from volgen.defaults import AXIS_NAMES
 from volgen.types import Encoding
+
+if TYPE_CHECKING:  # torch loads in the functions that use it: model metadata (ConditionLayout) stays light
+    import torch
+    from torch import Tensor
 
 ENCODINGS: tuple[str, ...] = ("onehot", "seed")
 
@@ -52,6 +54,8 @@ def context_stack(
     Returns:
         ``(B, 2K+1, H, W)`` class indices, same dtype as ``volume``.
     """
+    import torch
+
     z = torch.as_tensor(z, dtype=torch.long, device=volume.device)
     offsets = torch.arange(-context_slices, context_slices + 1, device=volume.device)
     index = z[:, None] + offsets[None, :]  # (B, S)
@@ -73,6 +77,8 @@ def draw_ablation(batch: int, num_classes: int, p: float, generator: torch.Gener
     Returns:
         ``(B, C)`` bool, ``True`` where the class is removed from that sample's condition.
     """
+    import torch
+
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"ablation probability must be in [0, 1], got {p}")
     removed = torch.rand((batch, num_classes), generator=generator) < p
@@ -82,6 +88,8 @@ def draw_ablation(batch: int, num_classes: int, p: float, generator: torch.Gener
 
 def selection_to_removed(keep: Sequence[int], num_classes: int) -> Tensor:
     """A class selection at inference as a removal row: ``(C,)`` bool, ``True`` for dropped classes."""
+    import torch
+
     removed = torch.ones(num_classes, dtype=torch.bool)
     removed[0] = False
     removed[list(keep)] = False
@@ -95,6 +103,8 @@ def remove_classes(stack: Tensor, removed: Tensor | None) -> Tensor:
         stack: ``(B, S, H, W)`` class indices.
         removed: ``(B, C)`` or ``(C,)`` bool, ``True`` for removed classes; ``None`` keeps everything.
     """
+    import torch
+
     if removed is None or not bool(removed.any()):
         return stack
     removed = removed.to(stack.device)
@@ -116,6 +126,8 @@ def encode(stack: Tensor, num_classes: int, encoding: Encoding) -> Tensor:
     Returns:
         ``(B, S * channels_per_slice, H, W)`` float32.
     """
+    import torch
+
     b, s, h, w = stack.shape
     if encoding == "seed":
         return stack.float() / 255.0
@@ -207,6 +219,8 @@ def condition_vector(
     Returns:
         ``(B, D)`` float32 with ``D = layout.dim(C)``, or ``None`` when ``D = 0``.
     """
+    import torch
+
     if layout is None:
         return None
     parts = []
@@ -225,6 +239,8 @@ def condition_vector(
 
 def specified_from_removed(removed: Tensor | None, batch: int, num_classes: int) -> Tensor:
     """``(B, C-1)`` "specified" flags (float) from a removal: ``(B, C)``, ``(C,)`` or ``None`` (none)."""
+    import torch
+
     if removed is None:
         return torch.ones(batch, num_classes - 1)
     removed = removed.cpu()
@@ -246,6 +262,8 @@ def unet_condition(mask_channels: Tensor, vector: Tensor | None) -> Tensor:
     Returns:
         ``(B, M + D, H, W)``.
     """
+    import torch
+
     if vector is None:
         return mask_channels
     b, _, h, w = mask_channels.shape

@@ -196,6 +196,27 @@ class LabelMap(StrictModel):
         return self.model_dump()
 
 
+def label_map_change(old: LabelMap, new: LabelMap) -> str | None:
+    """What changed from ``old`` to ``new`` in a way that changes the class indices or what they mean
+    (classes added, removed or reordered; label values moved), in words; ``None`` if nothing did."""
+    added = [n for n in new.classes if n not in old.classes]
+    removed = [n for n in old.classes if n not in new.classes]
+    if added or removed:
+        parts = [f"class(es) added: {', '.join(added)}"] if added else []
+        parts += [f"class(es) removed: {', '.join(removed)}"] if removed else []
+        return "; ".join(parts)
+    if list(old.classes) != list(new.classes):
+        return f"class order {', '.join(old.classes)} is now {', '.join(new.classes)}"
+    moved = [
+        f"{name} {old.classes[name]} -> {new.classes[name]}"
+        for name in old.classes
+        if old.classes[name] != new.classes[name]
+    ]
+    if sorted(old.background) != sorted(new.background):
+        moved.insert(0, f"background {old.background} -> {new.background}")
+    return f"label values changed: {'; '.join(moved)}" if moved else None
+
+
 def load_label_map(path_or_name: PathLike) -> LabelMap:
     """Read a label map from a YAML path, or a preset name from ``configs/labels`` (e.g. ``colin27``)."""
     from volgen.config import preset_path

@@ -28,12 +28,13 @@ from volgen.conditioning import ConditionLayout
 from volgen.config import StrictModel, load_yaml, preset_path, validate
 from volgen.errors import ConfigError, ModelError
 from volgen.io.checks import check_finite_weights, check_model_files
+from volgen.io.naming import MODEL_METADATA_FILE
 from volgen.labels import LabelMap
 from volgen.types import Encoding, PathLike
 
 logger = logging.getLogger(__name__)
 
-METADATA_FILE = "volgen.json"
+METADATA_FILE = MODEL_METADATA_FILE
 #: 2: the pipeline's settings live in ``model_index.json`` and the slice size in ``unet/config.json`` only.
 FORMAT_VERSION = 2
 #: The pipeline class a model folder's ``model_index.json`` names (``volgen.pipeline``).
@@ -290,8 +291,11 @@ def _folder_facts(folder: Path) -> dict[str, Any]:
 
 
 def read_metadata(folder: PathLike) -> ModelMetadata:
-    """Read and validate a model folder's metadata (``volgen.json`` with the pipeline and UNet configs)."""
-    folder = Path(folder)
+    """Read and validate a model folder's metadata (``volgen.json`` with the pipeline and UNet configs);
+    ``folder`` may name an embedded model (``default``)."""
+    from volgen.default_model import resolve_model
+
+    folder = resolve_model(folder)
     path = folder / METADATA_FILE
     if not path.is_file():
         raise ModelError(folder, f"not a volgen model folder (no {METADATA_FILE})")
@@ -358,12 +362,15 @@ def load_unet_and_schedule(folder: Path) -> tuple[Any, Any]:
 
 
 def load_model(folder: PathLike) -> LoadedModel:
-    """Load a model folder: UNet (float32), its training scheduler and metadata, checked for consistency.
+    """Load a model folder (or an embedded model by name, e.g. ``default``): UNet (float32), its training
+    scheduler and metadata, checked for consistency.
 
     Raises:
         ModelError: missing files, pickle weights, or a ``volgen.json`` that disagrees with the UNet.
     """
-    folder = Path(folder)
+    from volgen.default_model import resolve_model
+
+    folder = resolve_model(folder)  # a path, or an embedded model's name ("default")
     if not folder.is_dir():
         raise ModelError(folder, "model folder not found" if not folder.exists() else "not a folder")
     check_safe_folder(folder)

@@ -938,6 +938,37 @@ def _model_fifo(ws: Workspace) -> Invocation:
     return ws.generate(ws.good_segmentation(), model=model, names="scheduler_config.json")
 
 
+@case("batch-manifest-nul-in-path", "batch manifest", "holds a NUL byte; not a file name")
+def _batch_nul(ws: Workspace) -> Invocation:
+    """A CSV manifest whose segmentation cell holds a NUL byte (os.stat raises ValueError on it)."""
+    return ws.batch(ws.text("cases.csv", "segmentation\nseg\x00.nii.gz\n"))
+
+
+@case("batch-manifest-case-named-manifest", "batch manifest", "would be the run's manifest")
+def _batch_case_manifest(ws: Workspace) -> Invocation:
+    """A case id `manifest.csv` with `--format dicom` (its output folder would be OUT_DIR/manifest.csv)."""
+    seg = ws.good_segmentation()
+    invocation = ws.batch(
+        ws.text("cases.csv", f"segmentation,case\n{seg},manifest.csv\n"), names="manifest.csv"
+    )
+    invocation.args += ["--format", "dicom"]
+    return invocation
+
+
+@case(
+    "batch-manifest-seed-overflow",
+    "batch manifest",
+    "case 'a': seed 9223372036854775807 gives sample 1 (--samples-per-case 2) the seed 9223372036854775808",
+)
+def _batch_seed_overflow(ws: Workspace) -> Invocation:
+    """A manifest seed of 2**63-1 with `--samples-per-case 2` (sample 1 would need 2**63; `--seed` is not
+    given and must not be blamed)."""
+    seg = ws.good_segmentation()
+    invocation = ws.batch(ws.text("cases.csv", f"segmentation,case,seed\n{seg},a,{2**63 - 1}\n"))
+    invocation.args += ["--samples-per-case", "2"]
+    return invocation
+
+
 # -------------------------------------------------------------------------------- batch options (issue 16)
 
 

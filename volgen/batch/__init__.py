@@ -16,10 +16,11 @@ one job each:
 - :mod:`~volgen.batch.resume`: an item is **skipped** when its outputs and sidecar exist and the sidecar
   records the same model weights, settings, output format and input contents.
 - :mod:`~volgen.batch.claims`: **concurrency**: each item is claimed (a locked file in
-  ``OUT_DIR/.volgen-claims``) before it is worked on, so runs and shards sharing a folder generate each item
-  once; a dead run's claims are taken over.
-- :mod:`~volgen.batch.records`: the **manifest**: one row appended per item; the last row of an item wins;
-  compacted once at the end; shard manifests merged into ``manifest.csv``.
+  ``OUT_DIR/.volgen-claims``, keyed by the item's output path) before it is worked on, so runs and shards
+  sharing a folder generate each item once; a dead run's claims are taken over.
+- :mod:`~volgen.batch.records`: the **manifest**: one row appended per item, keyed by its output; the last row
+  of an item wins; torn rows are skipped; compacted once at the end; shard manifests merged into
+  ``manifest.csv`` (whose rows stay).
 - :mod:`~volgen.batch.nnunet`: the nnU-Net layout (label files, ``dataset.json``).
 - :mod:`~volgen.batch.runner`: the run itself; one failing item is recorded and the run goes on.
 - :mod:`~volgen.batch.dryrun`: the dry run: items, states, time and honest peak memory, from headers only.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ class Case:
         keep: Classes to keep; replaces the run's keep/drop selection.
         drop: Classes to drop; replaces the run's keep/drop selection.
         strength: λ for this case.
+        origin: Where the case was given, for messages (``cases.csv, line 3``); ``None`` for a folder's file.
     """
 
     id: str
@@ -47,6 +48,7 @@ class Case:
     keep: tuple[str, ...] | None = None
     drop: tuple[str, ...] | None = None
     strength: float | None = None
+    origin: str | None = field(default=None, compare=False)
 
 
 class ManifestEntry(StrictModel):
@@ -63,6 +65,8 @@ class ManifestEntry(StrictModel):
     @field_validator("case", "segmentation", "reference", mode="before")
     @classmethod
     def _text(cls, value: Any) -> Any:
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError(f"{value!r} holds a NUL byte; not a file name")
         return (
             str(value).strip()
             if isinstance(value, int | float | str) and not isinstance(value, bool)
@@ -123,7 +127,10 @@ def _cases_in_folder(folder: Path) -> list[Case]:
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
             continue
-        if entry.is_dir():
+        if entry.is_symlink() and not entry.exists():
+            # a dead link (an unmounted share) or a loop of links: a case that fails, never a silent skip
+            cases.append(Case(id=case_id_for(entry), segmentation=entry))
+        elif entry.is_dir():
             if _looks_like_dicom_folder(entry):
                 cases.append(Case(id=case_id_for(entry), segmentation=entry))
             else:
@@ -133,7 +140,7 @@ def _cases_in_folder(folder: Path) -> list[Case]:
     return cases
 
 
-def _case_from_entry(entry: ManifestEntry, base: Path) -> Case:
+def _case_from_entry(entry: ManifestEntry, base: Path, origin: str) -> Case:
     def resolve(text: str) -> Path:
         p = Path(text).expanduser()
         return p if p.is_absolute() else base / p
@@ -147,6 +154,7 @@ def _case_from_entry(entry: ManifestEntry, base: Path) -> Case:
         keep=None if entry.keep is None else tuple(entry.keep),
         drop=None if entry.drop is None else tuple(entry.drop),
         strength=entry.strength,
+        origin=origin,
     )
 
 
@@ -157,7 +165,8 @@ def read_cases(source: PathLike) -> list[Case]:
         source: A folder or a manifest. A folder: every ``.nii``, ``.nii.gz``, ``.nrrd``, ``.seg.nrrd``,
             ``.mha``, ``.mhd`` or ``.dcm`` file in it and every subfolder holding DICOM files, each one case
             named after the file or subfolder (hidden entries are ignored; subfolders are not searched
-            further). A manifest: a ``.csv`` with a header row, or a ``.yaml`` list of mappings, with the keys
+            further; a dead link or a loop of links is a case, which fails). A manifest: a ``.csv`` with a
+            header row, or a ``.yaml`` list of mappings, with the keys
             ``segmentation`` (required), ``case``, ``reference``, ``seed``, ``keep``, ``drop``, ``strength``;
             relative paths are relative to the manifest's folder.
 
@@ -190,7 +199,7 @@ def read_cases(source: PathLike) -> list[Case]:
                 entry = validate(data, ManifestEntry, source=path)
             except ConfigError as e:
                 raise ConfigError(path, f"{where}: {e.problem}") from None
-            cases.append(_case_from_entry(entry, path.parent))
+            cases.append(_case_from_entry(entry, path.parent, f"{path}, {where}"))
         if not cases:
             raise ConfigError(path, "the manifest lists no cases")
         what = "manifest entries"

@@ -1,8 +1,12 @@
 """Claims: several ``volgen batch`` runs (or shards) on one output folder generate each item once.
 
-Before a process works on an item it claims it: it creates ``OUT_DIR/.volgen-claims/<item>.claim`` and holds
-an exclusive ``flock`` on it while it works. Another process that cannot take the lock leaves the item to
-the holder. The kernel (or the NFSv4/Lustre lock manager) drops the lock when its process dies, so the claim
+Before a process works on an item it claims it: it creates ``OUT_DIR/.volgen-claims/<key>.claim`` and holds
+an exclusive ``flock`` on it while it works. The key is what the item produces (its output path relative to
+OUT_DIR: two nnU-Net datasets built into one folder at once share case ids, not outputs); the file name is
+the key made safe and short, with a hash of the whole key (:func:`claim_file_name`), so any key fits. A
+shard job also claims its shard manifest (:func:`run_key`) while it runs, so no other run removes it.
+Another process that cannot take the lock leaves the item to the holder.
+The kernel (or the NFSv4/Lustre lock manager) drops the lock when its process dies, so the claim
 of a killed run (``kill -9``, a node lost) is taken over by the next run without any timeout.
 
 Where the file system has no locks (``flock`` fails with ``ENOLCK``/``EOPNOTSUPP``), a claim is the file's
@@ -15,20 +19,24 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from volgen.errors import OutputError
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: claims by exclusive creation only
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["CLAIMS_FOLDER", "STALE_AFTER", "Claim", "claim", "release_all"]
+__all__ = ["CLAIMS_FOLDER", "STALE_AFTER", "Claim", "claim", "claim_file_name", "release_all", "run_key"]
 
 logger = logging.getLogger("volgen.batch")
 
@@ -71,16 +79,38 @@ def _owner() -> bytes:
     return (json.dumps(data) + "\n").encode()
 
 
-def claim(out_dir: Path, name: str) -> Claim | None:
-    """Claim the item ``name`` in ``out_dir``; ``None`` when a live process holds it.
+def claim_file_name(key: str) -> str:
+    """The claim file of ``key``: its first 64 characters made safe, and 16 hex digits of its SHA-256."""
+    digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', key)[:64]}-{digest}.claim"
+
+
+def run_key(manifest: Path) -> str:
+    """The key a shard job claims for its shard manifest while it runs."""
+    return f"run:{manifest.name}"
+
+
+def claim(out_dir: Path, key: str) -> Claim | None:
+    """Claim ``key`` in ``out_dir``; ``None`` when a live process holds it.
 
     Args:
         out_dir: The output folder (claims live in its :data:`CLAIMS_FOLDER`).
-        name: The item's name (a validated case id with its sample suffix: a safe file name).
+        key: What is claimed: an item's output path relative to ``out_dir`` (any text; see
+            :func:`claim_file_name`).
+
+    Raises:
+        OutputError: No claim file can be made (a read-only OUT_DIR, a full disk).
     """
     folder = out_dir / CLAIMS_FOLDER
+    try:
+        return _claim(folder, folder / claim_file_name(key))
+    except OSError as e:
+        problem = f"cannot make claim files in the output folder ({e.strerror or e})"
+        raise OutputError(folder, problem) from None
+
+
+def _claim(folder: Path, path: Path) -> Claim | None:
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.claim"
     if not _locks_work(folder):
         return _claim_by_creation(path)
     for _ in range(8):
@@ -111,8 +141,12 @@ def claim(out_dir: Path, name: str) -> Claim | None:
         if not same:  # released (removed) between our open and our lock: try again on the new file
             os.close(fd)
             continue
-        os.ftruncate(fd, 0)
-        os.write(fd, _owner())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, _owner())
+        except OSError:
+            os.close(fd)
+            raise
         return Claim(path=path, fd=fd, locked=True)
     return None
 
@@ -152,7 +186,12 @@ def _claim_by_creation(path: Path) -> Claim | None:
                 os.replace(path, stale)  # only one process wins this rename
                 stale.unlink()
             continue
-        os.write(fd, _owner())
+        try:
+            os.write(fd, _owner())
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
         return Claim(path=path, fd=fd, locked=False)
     return None
 

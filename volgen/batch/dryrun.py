@@ -22,7 +22,7 @@ from volgen.errors import VolgenError
 from volgen.generation.generator import slices_along
 
 if TYPE_CHECKING:
-    from volgen.generation import VolumeGenerator
+    from volgen.generation import GenerateSettings, VolumeGenerator
     from volgen.io.geometry import Geometry
 
 #: Memory a real run needs beyond the dry run's process and the volume's arrays (libraries it loads to
@@ -62,7 +62,8 @@ class TimeModel:
 
 @dataclass
 class ItemEstimate:
-    """A dry-run line: the item, its slices and slice-forwards, estimated time and peak memory, and state."""
+    """A dry-run line: the item, its slices, the denoising steps that run (λ < 1 runs fewer than asked),
+    UNet passes per step (2 when guided) and slice-forwards, estimated time and peak memory, and state."""
 
     item: WorkItem
     state: str
@@ -70,6 +71,61 @@ class ItemEstimate:
     forwards: int | None = None
     seconds: float | None = None
     peak_bytes: int | None = None
+    steps: int | None = None
+    passes: int | None = None
+
+
+@dataclass
+class GenerationEstimate:
+    """What generating one volume of a grid costs: slices, denoising steps run, UNet passes per step,
+    slice-forwards (its share of the volumes generated together), seconds and peak memory (bytes)."""
+
+    slices: int
+    steps: int
+    passes: int
+    forwards: int
+    seconds: float
+    peak_bytes: int
+
+
+def estimate_generation(
+    generator: VolumeGenerator,
+    grid: Geometry,
+    settings: GenerateSettings,
+    time_model: TimeModel,
+    *,
+    volumes: int = 1,
+    max_memory: int | None = None,
+    baseline: int | None = None,
+) -> GenerationEstimate:
+    """Estimate one volume of ``grid`` when ``volumes`` volumes of it are to be generated (together, as
+    many at a time as fit in ``max_memory``), asking the generator (memory, slice-forwards) and its
+    pipeline (the steps λ leaves, guidance). ``volgen generate --dry-run`` and :func:`estimate_plan` use it.
+
+    Peak memory is ``baseline`` (default: this process now, :func:`process_baseline`, plus
+    :data:`RUN_ALLOWANCE`) plus what the volumes add.
+    """
+    import numpy as np
+
+    from volgen.pipeline import UNGUIDED
+
+    if baseline is None:
+        baseline = process_baseline() + RUN_ALLOWANCE
+    together = generator.volumes_together(grid, settings, max(1, volumes), max_memory)
+    forwards = math.ceil(
+        generator.slice_forwards(grid, settings, volumes=together, max_memory=max_memory) / together
+    )
+    steps = len(generator.pipeline.set_timesteps(settings.num_inference_steps, settings.strength))
+    voxels = int(np.prod(grid.size, dtype=np.int64))
+    return GenerationEstimate(
+        slices=slices_along(grid, generator.metadata.slice_axis),
+        steps=steps,
+        passes=1 if generator.guidance_scale(settings) == UNGUIDED else 2,
+        forwards=forwards,
+        seconds=time_model.seconds(forwards, voxels),
+        peak_bytes=baseline
+        + generator.memory_needed(grid, settings, volumes=together, max_memory=max_memory),
+    )
 
 
 def measure_time_model(generator: VolumeGenerator, *, slice_batch_size: int | str) -> TimeModel:
@@ -124,8 +180,6 @@ def estimate_plan(
     and its share of the group's slice-forwards. The state says whether the item would be skipped
     (complete), generated, or fails on what its header shows.
     """
-    import numpy as np
-
     from volgen import io
 
     baseline = process_baseline() + RUN_ALLOWANCE
@@ -153,21 +207,25 @@ def estimate_plan(
         state = (
             "complete (skip)" if reason is None else ("to do" if reason == "no output" else f"redo: {reason}")
         )
-        limit = plan.options.max_memory
-        together = generator.volumes_together(grid, item.settings, max(1, to_do[item.case.id]), limit)
-        forwards = math.ceil(
-            generator.slice_forwards(grid, item.settings, volumes=together, max_memory=limit) / together
+        cost = estimate_generation(
+            generator,
+            grid,
+            item.settings,
+            time_model,
+            volumes=to_do[item.case.id],
+            max_memory=plan.options.max_memory,
+            baseline=baseline,
         )
-        voxels = int(np.prod(grid.size, dtype=np.int64))
         estimates.append(
             ItemEstimate(
                 item=item,
                 state=state,
-                slices=slices_along(grid, generator.metadata.slice_axis),
-                forwards=forwards,
-                seconds=0.0 if reason is None else time_model.seconds(forwards, voxels),
-                peak_bytes=baseline
-                + generator.memory_needed(grid, item.settings, volumes=together, max_memory=limit),
+                slices=cost.slices,
+                forwards=cost.forwards,
+                seconds=0.0 if reason is None else cost.seconds,
+                peak_bytes=cost.peak_bytes,
+                steps=cost.steps,
+                passes=cost.passes,
             )
         )
     return estimates

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from volgen import defaults
 from volgen.batch.cases import Case
+from volgen.batch.records import MANIFEST_NAME, is_reserved
 from volgen.errors import VolgenError
 from volgen.generation.settings import GenerateSettings
 from volgen.io.naming import FORMAT_ENDINGS, sample_name, sidecar_path
@@ -187,6 +189,13 @@ def plan_batch(
     dataset_dir = out_dir / options.dataset_folder_name if options.layout == "nnunet" else None
     items = []
     for case in cases:
+        last, top = options.samples_per_case - 1, defaults.MAX_SEED
+        if case.seed is not None and case.seed + last > top:
+            raise VolgenError(
+                f"{case.origin or case.id}: case {case.id!r}: seed {case.seed} gives sample {last} "
+                f"(--samples-per-case {options.samples_per_case}) the seed {case.seed + last}, "
+                f"above the largest seed {top}; give this case a seed of at most {top - last}"
+            )
         for sample in range(options.samples_per_case):
             settings = item_settings(options.settings, case, sample)
             try:
@@ -204,6 +213,11 @@ def plan_batch(
                 label = dataset_dir / "labelsTr" / f"{name}{ending}"
             else:
                 output, label = out_dir / f"{name}{ending}", None
+                if is_reserved(output.name):
+                    raise VolgenError(
+                        f"{case.origin or case.segmentation}: case {case.id!r}: its output {output} would be "
+                        f"the run's manifest ({MANIFEST_NAME} or a shard manifest); rename the case"
+                    )
             items.append(
                 WorkItem(
                     case=case,

@@ -14,6 +14,7 @@ from volgen.generation.settings import GenerateSettings
 from volgen.generation.sidecar import Sidecar
 from volgen.io.atomic import TEMP_NAME
 from volgen.io.files import file_sha256, remove_path
+from volgen.io.paths import check_readable
 
 logger = logging.getLogger("volgen.batch")
 
@@ -40,16 +41,20 @@ def unfinished_reason(item: WorkItem, *, weights_sha256: str, output_format: str
     ``slice_axes``, axis schedule or late fraction are other settings), and the SHA-256 of the segmentation
     and reference files (DICOM folders are not hashed).
     """
-    if output_format == "dicom":
-        if not (item.output.is_dir() and any(item.output.iterdir())):
-            return "no output"
-    elif not item.output.is_file():
-        return "no output"
-    if item.label is not None and not item.label.is_file():
-        return "no label file"
-    if not (item.sidecar.exists() or item.sidecar.is_symlink()):
-        return "no sidecar"
     try:
+        if output_format == "dicom":
+            if not (item.output.is_dir() and any(item.output.iterdir())):
+                return "no output"
+        elif not item.output.is_file():
+            return "no output"
+        if item.label is not None and not item.label.is_file():
+            return "no label file"
+        if not (item.sidecar.exists() or item.sidecar.is_symlink()):
+            return "no sidecar"
+    except OSError as e:  # e.g. a name too long for the file system: writing will say so
+        return f"cannot check the outputs ({e.strerror or e})"
+    try:
+        check_readable(item.sidecar, folder_ok=False, what="sidecar")  # stat first: a FIFO would block open
         sidecar = Sidecar.read(item.sidecar)
     except InputError:
         return "unreadable sidecar"

@@ -14,6 +14,7 @@ fails alone, a failure the samples share (reading the segmentation, generating) 
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Sequence
@@ -31,13 +32,14 @@ from volgen.batch.records import (
     ItemRecord,
     append_record,
     compact_manifest,
+    fold_finished_shards,
     merge_manifests,
     read_manifest,
     shard_manifest_name,
     shard_manifests,
 )
 from volgen.batch.resume import find_temporaries, remove_temporaries, unfinished_reason
-from volgen.errors import VolgenError
+from volgen.errors import OutputError, VolgenError
 from volgen.io.files import remove_output
 from volgen.types import PathLike
 
@@ -144,14 +146,17 @@ def run_items(
         limit=plan.options.max_memory,
     )
     for folder in plan.folders():
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(folder, f"cannot create the folder ({e.strerror or e})") from None
     context.temporaries = find_temporaries({p.parent for item in items for p in item.outputs})
     records: list[ItemRecord] = []
     position = {id(item): index for index, item in enumerate(items)}
     for group in _by_case(items):
         held: dict[tuple[str, int], claims.Claim] = {}
         for item in group:
-            claimed = claims.claim(plan.out_dir, f"{item.name}")
+            claimed = claims.claim(plan.out_dir, _relative(item.output, plan.out_dir))
             if claimed is None:
                 logger.info(
                     "%s sample %d: another run is working on it; left to it", item.case.id, item.sample
@@ -190,6 +195,7 @@ def _by_case(items: Sequence[WorkItem]) -> list[list[WorkItem]]:
 
 def _record(item: WorkItem, plan: BatchPlan, status: str, seconds: float, error: str = "") -> ItemRecord:
     return ItemRecord(
+        output=_relative(item.output, plan.out_dir),
         case=item.case.id,
         sample=item.sample,
         input=str(item.case.segmentation),
@@ -212,8 +218,13 @@ def _run_case(items: list[WorkItem], context: _Context, held: list[claims.Claim]
     todo = []
     for item in items:
         started = time.perf_counter()
-        remove_temporaries(item, context.temporaries)
-        reason = unfinished_reason(item, weights_sha256=loaded.weights_sha256, output_format=fmt)
+        try:
+            remove_temporaries(item, context.temporaries)
+            reason = unfinished_reason(item, weights_sha256=loaded.weights_sha256, output_format=fmt)
+        except OSError as e:  # a leftover that cannot be removed: this item fails alone
+            error = one_line(OutputError(item.output, f"cannot use this output ({e.strerror or e})"))
+            records[item.key] = _record(item, plan, "failed", time.perf_counter() - started, error)
+            continue
         if reason is None:
             records[item.key] = _record(item, plan, "skipped", time.perf_counter() - started)
         else:
@@ -225,7 +236,11 @@ def _run_case(items: list[WorkItem], context: _Context, held: list[claims.Claim]
             error, seconds = outcome[item.key]
             if error:
                 for path in item.outputs:  # stale outputs of an earlier run must not pass as results
-                    remove_output(path)
+                    try:
+                        remove_output(path)
+                    except OSError as e:  # a name the file system refuses (too long) holds nothing
+                        level = logging.DEBUG if e.errno == errno.ENAMETOOLONG else logging.WARNING
+                        logger.log(level, "%s: stale output not removed (%s)", path, e.strerror or e)
             records[item.key] = _record(item, plan, "failed" if error else "done", seconds, error)
     return [records[item.key] for item in items]
 
@@ -412,8 +427,7 @@ def run_batch(
             plan, mine, generator=generator, manifest=manifest, observer=observer, elsewhere=elsewhere
         )
         compact_manifest(manifest)
-        for stale in shard_manifests(out):  # superseded by this whole run's manifest.csv
-            stale.unlink(missing_ok=True)
+        _fold_finished_shards(out)
         return BatchResult(
             records=records,
             seconds=time.perf_counter() - started,
@@ -422,6 +436,36 @@ def run_batch(
             elsewhere=elsewhere,
         )
     return _run_shard(plan, generator, mine, group, shard, observer, started)
+
+
+def _fold_finished_shards(out: Path) -> None:
+    """Fold the shard manifests of shard jobs that have finished into this whole run's ``manifest.csv``
+    (rows of items it has not recorded) and remove them; a job still running holds its shard manifest's
+    claim, and its shard manifest stays."""
+    held, live = [], []
+    try:
+        for part in shard_manifests(out):
+            taken = claims.claim(out, claims.run_key(part))
+            if taken is None:
+                live.append(part)
+            else:
+                held.append(taken)
+        fold_finished_shards(out, live)
+    finally:
+        for taken in held:
+            taken.release()
+        claims.release_all(out)
+
+
+def _claim_shard_manifest(out: Path, part: Path) -> claims.Claim | None:
+    """Claim this job's shard manifest for as long as it runs (a whole run folding finished shards holds it
+    for a moment: wait for it; another live job of the same shard holds it for good: go on, it is kept)."""
+    for _ in range(50):
+        taken = claims.claim(out, claims.run_key(part))
+        if taken is not None:
+            return taken
+        time.sleep(0.1)
+    return None
 
 
 def _run_shard(
@@ -439,37 +483,47 @@ def _run_shard(
     shard_index, shard_count = shard
     index, count = shard_index * group.world + group.rank, shard_count * group.world
     part = out / shard_manifest_name(index, count)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(out, f"cannot create the folder ({e.strerror or e})") from None
     elsewhere: list[WorkItem] = []
-    records = run_items(
-        plan, mine, generator=generator, manifest=part, observer=observer, elsewhere=elsewhere
-    )
-    compact_manifest(part)
-    group.barrier()
-    if group.is_main:
-        merge_manifests(out)
-        write_dataset_json(plan)
-    group.barrier()
+    running = _claim_shard_manifest(out, part)
+    try:
+        records = run_items(
+            plan, mine, generator=generator, manifest=part, observer=observer, elsewhere=elsewhere
+        )
+        compact_manifest(part)
+        group.barrier()
+        if group.is_main:
+            merge_manifests(out)
+            write_dataset_json(plan)
+        group.barrier()
+    finally:
+        if running is not None:
+            running.release()
+        claims.release_all(out)
     dataset_json = None if plan.dataset_dir is None else plan.dataset_dir / "dataset.json"
     if group.world > 1:  # every rank reports on the whole run of its --shard group
         expected = {
-            it.key: it
+            _relative(it.output, out): it
             for r in range(group.world)
             for it in select_shard(plan.items, shard_index * group.world + r, count)
         }
-        merged = {rec.key: rec for rec in read_manifest(manifest) if rec.key in expected}
+        merged = {rec.target: rec for rec in read_manifest(manifest) if rec.target in expected}
         records = [
             merged.get(key)
             or ItemRecord(
-                case=key[0],
-                sample=key[1],
+                output=key,
+                case=it.case.id,
+                sample=it.sample,
                 input=str(it.case.segmentation),
                 outputs=[],
                 seed=it.settings.seed,
                 status="failed",
                 error="no record from its process",
             )
-            for key, it in sorted(expected.items())
+            for key, it in sorted(expected.items(), key=lambda pair: (pair[1].key, pair[0]))
         ]
     return BatchResult(
         records=records,

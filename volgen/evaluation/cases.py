@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from volgen.types import PathLike
+
+if TYPE_CHECKING:
+    from volgen.labels import LabelMap
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 #: How many voxels per real volume the intensity segmenter is fitted on (an even subsample).
@@ -121,3 +124,36 @@ def _evaluation_cases_from_folder(folder: Path) -> list[EvaluationCase]:
     if not cases:
         raise ConfigError(folder, "no segmentations in labels/")
     return cases
+
+
+def generating_model(cases: list[EvaluationCase]) -> tuple[Path, LabelMap] | None:
+    """The model folder that generated every case and its label map, read from the generated volumes'
+    sidecars, to name the classes when no label map is given. ``None`` unless every case has a readable
+    sidecar naming the same model, which still exists, and every case was generated with unknown label
+    values refused (so every mask value is in that label map)."""
+    from volgen import defaults
+    from volgen.errors import VolgenError
+    from volgen.generation.sidecar import EMBEDDED_DEFAULT, Sidecar
+    from volgen.io.naming import sidecar_path
+    from volgen.models import read_metadata
+
+    folders = set()
+    for case in cases:
+        path = sidecar_path(case.generated)
+        if not path.is_file():
+            return None
+        try:
+            sidecar = Sidecar.read(path)
+        except VolgenError:
+            return None
+        if sidecar.settings.get("unknown_labels", "error") != "error":
+            return None
+        recorded = sidecar.model.path
+        folders.add(defaults.MODEL_DIR if recorded == EMBEDDED_DEFAULT else Path(recorded))
+    if len(folders) != 1:
+        return None
+    (folder,) = folders
+    try:
+        return folder, read_metadata(folder).label_map
+    except VolgenError:
+        return None

@@ -98,7 +98,15 @@ class CommandSegmenter:
             if shutil.which(argv[0]) is None and not Path(argv[0]).is_file():
                 raise VolgenError(f"--segmenter-command: program not found: {argv[0]}")
             try:
-                done = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout, check=False)
+                # any bytes: a program's output need not be UTF-8 (its last line is quoted in an error)
+                done = subprocess.run(
+                    argv,
+                    capture_output=True,
+                    encoding="utf-8",
+                    errors="backslashreplace",
+                    timeout=self.timeout,
+                    check=False,
+                )
             except (OSError, subprocess.TimeoutExpired) as e:
                 raise VolgenError(f"--segmenter-command failed to run: {e}") from None
             if done.returncode != 0:

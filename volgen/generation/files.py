@@ -78,6 +78,7 @@ class OutputPlan:
         out = Path(output) if output is not None else default_output(segmentation)
         fmt = io.output_format(out, output_format)
         plan = cls(out, fmt, sidecar_path(out), None if preview is None else Path(preview), protected or [])
+        io.check_apart(plan.named_outputs())
         targets = [(plan.output, fmt == "dicom"), (plan.sidecar, False)]
         if plan.preview is not None:
             targets.append((plan.preview, False))
@@ -87,6 +88,10 @@ class OutputPlan:
             for stale in io.remove_stale_temporaries(path):
                 logger.info("removed %s (left by an interrupted run)", stale)
         return plan
+
+    def named_outputs(self) -> list[tuple[str, Path | None]]:
+        """``(what, path)`` of everything this plan writes, for :func:`volgen.io.check_apart`."""
+        return [("output", self.output), ("sidecar", self.sidecar), ("preview", self.preview)]
 
 
 def generate(
@@ -198,8 +203,7 @@ def generate_samples(
     seg_path = Path(segmentation)
     model_dir = model if model is not None else getattr(loaded, "path", None) or defaults.MODEL_DIR
     protected = [("input", seg_path), ("reference", reference), ("model folder", model_dir)]
-    outputs = sample_paths(output if output is not None else default_output(seg_path), samples)
-    previews = [None] * samples if preview is None else sample_paths(preview, samples)
+    outputs, previews = _sample_outputs(seg_path, output, samples, preview)
     plans = [
         OutputPlan.make(
             seg_path,
@@ -211,6 +215,9 @@ def generate_samples(
         )
         for out, view in zip(outputs, previews, strict=True)
     ]
+    from volgen import io
+
+    io.check_apart(named for plan in plans for named in plan.named_outputs())  # across samples too
     if generator is None:
         generator = VolumeGenerator(
             loaded if loaded is not None else model, device=device, precision=precision
@@ -220,8 +227,6 @@ def generate_samples(
             "using the embedded default model (%s); real use needs --model", generator.metadata.trained_on
         )
     generator.check(settings, reference=reference is not None)
-
-    from volgen import io
 
     # from the header first: a small .nii.gz can hold gigabytes of voxels; refuse it before decompressing
     header = io.read_header(seg_path)
@@ -243,6 +248,7 @@ def generate_samples(
 
     results: list[GenerateResult] = []
     report = _OverallProgress(progress, samples)
+    before = output_identities(seg_path, output, samples=samples, preview=preview)
     try:
         for first in range(0, samples, together):
             group = range(first, min(first + together, samples))
@@ -268,12 +274,40 @@ def generate_samples(
                     )
                 )
     except BaseException:
-        for done in results:  # all or nothing: no sample stands while the call fails
-            for path in (done.output, done.sidecar, done.preview):
-                if path is not None:
-                    remove_written(path)
+        # all or nothing: no sample stands while the call fails, wherever it stopped (also in the cleanup
+        # of a write whose file was already renamed into place)
+        remove_replaced(before)
         raise
     return results
+
+
+def _sample_outputs(
+    segmentation: Path, output: PathLike | None, samples: int, preview: PathLike | None
+) -> tuple[list[Path], list[Path | None]]:
+    outputs = sample_paths(output if output is not None else default_output(segmentation), samples)
+    previews: list[Path | None] = (
+        [None] * samples if preview is None else list(sample_paths(preview, samples))
+    )
+    return outputs, previews
+
+
+def output_identities(
+    segmentation: PathLike, output: PathLike | None, *, samples: int = 1, preview: PathLike | None = None
+) -> dict[Path, Any]:
+    """What is now at every path :func:`generate_samples` would write (outputs, sidecars, previews), for
+    :func:`volgen.io.remove_replaced`: after an interruption, it removes exactly what the run wrote."""
+    from volgen import io
+
+    outputs, previews = _sample_outputs(Path(segmentation), output, samples, preview)
+    paths = [*outputs, *(sidecar_path(o) for o in outputs), *(p for p in previews if p is not None)]
+    return {path: io.file_identity(path) for path in paths}
+
+
+def remove_replaced(before: dict[Path, Any]) -> None:
+    from volgen import io
+
+    for path in io.remove_replaced(before):
+        logger.info("removed %s (the run did not finish)", path)
 
 
 def _write_sample(
@@ -307,7 +341,9 @@ def _write_sample(
     if patient_info is not None:
         sidecar.patient_info_copied = sorted(patient_info)  # what --copy-patient-info copied
     name = generator.metadata.name
-    title = f"{Path(segmentation).name} -> {plan.output.name} ({name}, seed {settings.seed})"
+    from volgen.io import printable  # file names may hold control characters no font has
+
+    title = printable(f"{Path(segmentation).name} -> {plan.output.name} ({name}, seed {settings.seed})")
     warnings = write_outputs(
         plan,
         volume,
@@ -366,14 +402,15 @@ def write_outputs(
     """Write the volume, then its sidecar (each atomically), then the optional preview.
 
     All or nothing for the result: if the sidecar cannot be written or the run is interrupted (Ctrl-C,
-    SIGTERM) before both are in place, what this call wrote is removed again, so a volume never stands
-    without its sidecar. A failing preview is optional: it is reported (returned as one line) and the volume
+    SIGTERM) before this call returns, what it wrote is removed again (found by identity, see
+    :func:`volgen.io.remove_replaced`), so a volume never stands without its sidecar, nor a sidecar alone.
+    A failing preview is optional: it is reported (returned as one line) and the volume
     and sidecar stay.
     """
     from volgen import io
 
     meta = generator.metadata
-    written: list[Path] = []
+    before = {p: io.file_identity(p) for p in (plan.output, plan.sidecar, plan.preview) if p is not None}
     try:
         io.write_volume(
             volume.image,
@@ -385,10 +422,8 @@ def write_outputs(
             patient_info=patient_info,
             protected=plan.protected,
         )
-        written.append(plan.output)
         sidecar.seconds = round(time.perf_counter() - started, 3)
         sidecar.write(plan.sidecar, overwrite=overwrite)
-        written.append(plan.sidecar)
         if plan.preview is None:
             return []
         return write_preview(
@@ -399,9 +434,8 @@ def write_outputs(
             overwrite=overwrite,
             class_names=meta.label_map.class_names,
         )
-    except BaseException:
-        for path in written:
-            remove_written(path)
+    except BaseException:  # what this call renamed into place, even if the signal came in a write's cleanup
+        remove_replaced(before)
         raise
 
 
@@ -433,10 +467,3 @@ def write_preview(
         logger.warning(message)
         return [message]
     return []
-
-
-def remove_written(path: Path) -> None:
-    """Remove an output this run wrote (a file, or a DICOM folder): :func:`volgen.io.remove_output`."""
-    from volgen import io
-
-    io.remove_output(path)

@@ -14,6 +14,9 @@ from volgen.errors import InputError, OutputError
 from volgen.io.files import file_sha256  # the one SHA-256 of volgen (re-exported here)
 from volgen.types import PathLike
 
+#: ``model.path`` of a volume made with the embedded default model (no ``--model``).
+EMBEDDED_DEFAULT = "(embedded default)"
+
 
 class SidecarModel(BaseModel):
     """The model that made a volume."""
@@ -86,7 +89,7 @@ class Sidecar(BaseModel):
             model=SidecarModel(
                 id=loaded.model_id,
                 name=loaded.metadata.name,
-                path=str(model_path) if model_path is not None else "(embedded default)",
+                path=str(model_path) if model_path is not None else EMBEDDED_DEFAULT,
                 weights_sha256=loaded.weights_sha256,
                 trained_on=loaded.metadata.trained_on,
             ),

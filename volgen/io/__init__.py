@@ -25,10 +25,10 @@ from volgen.io.dicom import (
     patient_info_of,
     write_dicom_series,
 )
-from volgen.io.files import file_sha256, remove_output
+from volgen.io.files import file_identity, file_sha256, remove_output, remove_replaced
 from volgen.io.geometry import Geometry
 from volgen.io.naming import FORMAT_ENDINGS, sidecar_path
-from volgen.io.paths import check_output, check_readable, overlap, resolve
+from volgen.io.paths import check_apart, check_output, check_readable, overlap, resolve
 from volgen.io.torchio_bridge import from_torchio, to_torchio
 from volgen.io.volumes import (
     INPUT_EXTENSIONS,
@@ -55,10 +55,12 @@ __all__ = [
     "VolumeInfo",
     "atomic_directory",
     "atomic_write",
+    "check_apart",
     "check_output",
     "check_output_path",
     "check_readable",
     "describe",
+    "file_identity",
     "file_sha256",
     "from_torchio",
     "list_dicom_series",
@@ -71,6 +73,7 @@ __all__ = [
     "read_label",
     "read_volume",
     "remove_output",
+    "remove_replaced",
     "remove_stale_temporaries",
     "resolve",
     "sidecar_path",

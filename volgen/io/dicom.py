@@ -417,4 +417,15 @@ def _write_slice(
     try:
         ds.save_as(path, enforce_file_format=True)
     except OSError as exc:
-        raise OutputError(folder, f"could not write DICOM files: {exc.strerror or exc}") from exc
+        raise OutputError(folder, f"could not write DICOM files: {_os_reason(exc)}") from exc
+
+
+def _os_reason(exc: BaseException) -> str:
+    """The operating system's reason behind a write error ("File too large"), also when pydicom re-raised
+    it as a new OSError whose message holds the tag and a whole traceback; else the message's first line."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        cause = cause.__cause__ or cause.__context__
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

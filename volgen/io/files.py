@@ -15,7 +15,7 @@ from pathlib import Path
 from volgen.io.paths import is_volgen_folder
 from volgen.types import PathLike
 
-__all__ = ["file_sha256", "remove_output", "remove_path"]
+__all__ = ["file_identity", "file_sha256", "remove_output", "remove_path", "remove_replaced"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,34 @@ def file_sha256(path: PathLike | None) -> str | None:
         for block in iter(lambda: f.read(_BLOCK), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+#: What tells a file or folder apart from the one that was at the same path before: device, inode, mtime.
+Identity = tuple[int, int, int]
+
+
+def file_identity(path: PathLike) -> Identity | None:
+    """The identity of what is at ``path`` now (links not followed), or ``None`` when nothing is there.
+
+    volgen writes every output under a temporary name and renames it into place, so an output it wrote has
+    a new identity: comparing identities taken before a run with those after it finds what the run wrote,
+    wherever an interruption stopped it."""
+    try:
+        info = Path(path).lstat()
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino, info.st_mtime_ns
+
+
+def remove_replaced(before: dict[Path, Identity | None]) -> list[Path]:
+    """Remove every output whose identity differs from ``before`` (the run created or replaced it), with
+    :func:`remove_output`; return what was removed. Paths the run did not touch are left as they were."""
+    removed = []
+    for path, identity in before.items():
+        now = file_identity(path)
+        if now is not None and now != identity and remove_output(path):
+            removed.append(path)
+    return removed
 
 
 def remove_path(path: PathLike) -> None:

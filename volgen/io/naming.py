@@ -79,6 +79,9 @@ DEFAULT_OUTPUT_HELP = f"SEGMENTATION{DEFAULT_OUTPUT_TAG}{DEFAULT_OUTPUT_EXTENSIO
 
 _ALL_EXTENSIONS = tuple(sorted(set(INPUT_EXTENSIONS) | set(OUTPUT_EXTENSIONS), key=len, reverse=True))
 
+#: The metadata file of a volgen model folder (:mod:`volgen.models`).
+MODEL_METADATA_FILE = "volgen.json"
+
 
 def extension(path: PathLike) -> str:
     """The known (multi-part) extension of ``path``, lower case (``.nii.gz``, ``.seg.nrrd``); else its last

@@ -5,6 +5,8 @@ strings the user typed, so a link to an input folder is the input folder. The ru
 
 - An output must not be, contain or lie inside a *protected* path: an input (segmentation, DICOM folder,
   manifest), the reference, the model folder (:func:`check_output`). A sidecar is an output like any other.
+- The outputs of one run must not be, contain or lie inside each other either (:func:`check_apart`): a
+  preview named like the run's own sidecar would replace it.
 - An existing output is replaced only with ``overwrite``; an existing *folder* is replaced (and so removed)
   only when it holds nothing but what volgen writes into such a folder: DICOM slices named ``IM0001.dcm``...,
   or the files of a model or segmenter folder (:func:`is_volgen_folder`).
@@ -25,6 +27,7 @@ from volgen.io._common import NOT_UTF8, display_path, is_utf8
 from volgen.types import PathLike
 
 __all__ = [
+    "check_apart",
     "check_output",
     "check_readable",
     "is_volgen_folder",
@@ -140,6 +143,30 @@ def check_output(
         if not overwrite:
             raise OutputError(path, "already exists; use --overwrite to replace it")
     return path
+
+
+def check_apart(outputs: Iterable[tuple[str, PathLike | None]]) -> None:
+    """Check the outputs of one run against each other: no two may be, contain or lie inside one another
+    (links resolved). Check each against the inputs with :func:`check_output`.
+
+    Args:
+        outputs: ``(what, path)`` pairs, e.g. ``("output", out)``, ``("sidecar", side)``,
+            ``("preview", png)``; ``None`` paths are ignored.
+
+    Raises:
+        OutputError: Naming the later path, how it collides and the earlier one.
+    """
+    seen: list[tuple[str, PathLike]] = []
+    for what, path in outputs:
+        if path is None:
+            continue
+        for other_what, other in seen:
+            how = overlap(path, other)
+            if how is not None:
+                raise OutputError(
+                    path, f"the {what} {how} the {other_what} {other} of the same run; choose another {what}"
+                )
+        seen.append((what, path))
 
 
 def check_readable(path: PathLike, *, folder_ok: bool = True, what: str = "file") -> os.stat_result:

@@ -72,9 +72,19 @@ def _extension(path: Path) -> str:
 # --------------------------------------------------------------------------------------------- reading
 
 
+def _version(path: Path) -> tuple[int, ...] | None:
+    """Which version of a file is at ``path`` (inode, size, modification time), ``None`` if unreadable."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns
+
+
 def _read_raw(path: PathLike, *, series: str | None = None) -> Loaded:
     """Read any supported input as a 3D single-component image (no label/image rules yet)."""
     path = Path(path)
+    before = _version(path)
     reader, fmt, nonfinite = open_file(path, series=series, scan=True)
     if reader is None:
         return (
@@ -92,6 +102,8 @@ def _read_raw(path: PathLike, *, series: str | None = None) -> Loaded:
         if _extension(path) == ".mhd":
             problem += " (or the data file the .mhd names is missing)"
         raise InputError(path, problem) from exc
+    if _version(path) != before:  # the checks scanned one file, ITK read another (ITK fills what is missing)
+        raise InputError(path, "the file changed while it was read (truncated or rewritten?); read it again")
     if squeeze:
         image = sitk.Extract(image, [*size[:3], 0], [0, 0, 0, 0])
     if slicer:
@@ -115,8 +127,8 @@ def _as_label(image: sitk.Image, source: PathLike | None, *, nonfinite: bool = F
             raise InputError(source, "NaN/Inf in segmentation")
         fractional = np.mod(array, 1) != 0
         if fractional.any():
-            example = float(array[fractional].flat[0])
-            raise InputError(source, f"float labels with non-integer values (e.g. {example:g})")
+            example = float(array[fractional].flat[0])  # exactly (repr): 1.0000001 is not "1"
+            raise InputError(source, f"float labels with non-integer values (e.g. {example!r})")
     elif not np.issubdtype(array.dtype, np.integer):
         raise InputError(source, f"voxel type {array.dtype} cannot hold labels")
     low, high = array.min(), array.max()

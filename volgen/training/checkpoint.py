@@ -51,9 +51,18 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
 
 
 def save_checkpoint(
-    accelerator, ema, output_dir: Path, step: int, history: dict[str, list[float]], config: TrainConfig
+    accelerator,
+    ema,
+    output_dir: Path,
+    step: int,
+    history: dict[str, list[float]],
+    config: TrainConfig,
+    label_map: dict[str, Any],
 ) -> Path:
-    """Write a checkpoint atomically (temporary folder, then rename); keep the last ``KEEP_CHECKPOINTS``."""
+    """Write a checkpoint atomically (temporary folder, then rename); keep the last ``KEEP_CHECKPOINTS``.
+
+    The trainer state records the config and the label map (as read, not its path): resuming compares both.
+    """
     from safetensors.torch import save_file
 
     root = output_dir / CHECKPOINTS
@@ -80,6 +89,7 @@ def save_checkpoint(
             "lrs": history["lr"],
             "num_processes": accelerator.num_processes,
             "config": config.model_dump(mode="json"),
+            "label_map": label_map,
         }
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state) + "\n", encoding="utf-8")
         if final.exists():
@@ -96,7 +106,14 @@ def load_checkpoint(accelerator, ema, checkpoint: Path, device) -> dict[str, Any
     from safetensors.torch import load_file
 
     trainer_state = read_trainer_state(checkpoint)
-    accelerator.load_state(str(checkpoint))
+    try:
+        accelerator.load_state(str(checkpoint))
+    except RuntimeError as e:  # torch's "size mismatch for ...": a checkpoint older than its label map record
+        if "size mismatch" not in str(e):
+            raise
+        raise ConfigError(
+            checkpoint, "its weights do not fit the model this config builds (was the label map changed?)"
+        ) from None
     tensors = load_file(str(checkpoint / EMA_WEIGHTS))
     shadow = [tensors[k] for k in sorted(tensors)]
     if len(shadow) != len(ema.shadow_params):

@@ -38,6 +38,7 @@ from volgen.training.config import TrainConfig, first_difference, resume_relevan
 from volgen.training.dataset import TrainingData, prepare_training_data
 from volgen.training.history import write_losses
 from volgen.training.objective import diffusion_loss
+from volgen.training.outputs import check_output_dir
 from volgen.training.preview import ema_unet, write_preview
 from volgen.training.randomness import (
     StepBatchSampler,
@@ -140,6 +141,23 @@ def resolve_resume(config: TrainConfig, resume: bool | PathLike) -> Path | None:
     return checkpoint
 
 
+def _check_label_map(config: TrainConfig, checkpoint: Path) -> None:
+    """Refuse to resume when the label map (the file's content, not its path) changed since the checkpoint:
+    a class added or removed changes the UNet's inputs, values moved between classes change their meaning."""
+    from volgen.labels import LabelMap, label_map_change, load_label_map
+
+    saved = read_trainer_state(checkpoint).get("label_map")
+    if saved is None:  # written before the label map was recorded
+        return
+    change = label_map_change(LabelMap.model_validate(saved), load_label_map(config.data.label_map))
+    if change:
+        raise ConfigError(
+            config.data.label_map,
+            f"changed since checkpoint {checkpoint} ({change}); resume needs the label map it was "
+            "trained with",
+        )
+
+
 def _accelerator(config: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -240,6 +258,7 @@ def _setup(config: TrainConfig, checkpoint: Path | None) -> _Run:
             raise ConfigError(
                 checkpoint, f"was written with a different '{difference}'; resume needs the same value"
             )
+        _check_label_map(config, checkpoint)
     accelerator = _accelerator(config)
     data = prepare_training_data(config)
     metadata = _metadata(config, data)
@@ -445,11 +464,14 @@ def train(
 
     Raises:
         ConfigError, InputError: bad config or training data (the message names the file).
-        OutputError: ``output_dir`` already holds a run and ``resume`` is false.
+        OutputError: ``output_dir`` already holds a run and ``resume`` is false; it is a file; it is,
+            contains or lies inside an input, or would overwrite the config file
+            (:func:`volgen.training.outputs.check_output_dir`).
         KeyboardInterrupt: SIGINT or SIGTERM during the loop, raised once the step under way is finished and
             its checkpoint saved (:class:`StopOnSignal`); ``resume=True`` continues from there.
     """
     cfg = config.training
+    check_output_dir(config, resume=resume is not False and resume is not None)
     run = _setup(config, resolve_resume(config, resume))
     accelerator, output_dir = run.accelerator, run.output_dir
     config_path, losses_csv = output_dir / "config.yaml", output_dir / "losses.csv"
@@ -470,7 +492,9 @@ def train(
             stopped_early = _time_is_up(run, step, started)
             interrupted = signals.agreed(accelerator)
             if step % cfg.checkpoint_every == 0 or step == run.end_step or stopped_early or interrupted:
-                run.checkpoint = save_checkpoint(accelerator, run.ema, output_dir, step, run.history, config)
+                run.checkpoint = save_checkpoint(
+                    accelerator, run.ema, output_dir, step, run.history, config, run.data.label_map.to_dict()
+                )
                 if accelerator.is_main_process:
                     write_losses(losses_csv, run.history["loss"], run.history["lr"])
             if interrupted:

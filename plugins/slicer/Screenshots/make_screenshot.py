@@ -7,11 +7,17 @@ child process, result read back into a scalar volume node), then the input and t
 volgen's preview (same class colours as every volgen figure). It is not a capture of the Slicer window.
 
     python plugins/slicer/Screenshots/make_screenshot.py      # writes plugins/slicer/Screenshots/VolGen.png
+
+It also writes ``VolGen.png.json`` next to the picture: the embedded model's weights hash, the settings and
+the picture's own hash. ``tests/test_slicer_install.py`` compares that hash with the embedded model's, so the
+screenshot is redone whenever the embedded weights change.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -31,10 +37,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--segmentation", type=Path, default=ROOT / "examples" / "colin27_tissues_2mm.nii.gz")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=None, help="default: volgen's (volgen/defaults.py)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-o", "--output", type=Path, default=HERE / "VolGen.png")
     args = parser.parse_args()
+    from volgen import defaults
+
+    args.steps = defaults.STEPS if args.steps is None else args.steps
 
     import matplotlib.pyplot as plt
     import slicer
@@ -90,7 +99,18 @@ def main() -> None:
     )
     fig.savefig(args.output, dpi=100)
     plt.close(fig)
-    print(f"wrote {args.output}")
+    record = screenshot_record(args.output)
+    from volgen.models import weights_hash
+
+    record.update(weights_sha256=weights_hash(default_model_dir()), steps=args.steps, seed=args.seed)
+    record_path = args.output.with_name(args.output.name + ".json")
+    record_path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.output} and {record_path}")
+
+
+def screenshot_record(png: Path) -> dict:
+    """What the screenshot record says about the picture itself (its SHA-256)."""
+    return {"png_sha256": hashlib.sha256(png.read_bytes()).hexdigest()}
 
 
 if __name__ == "__main__":

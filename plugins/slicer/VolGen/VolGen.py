@@ -61,6 +61,7 @@ from VolGenLib import (  # noqa: E402
     guidance_option,
     install_source,
     model_classes,
+    model_folder,
     model_label_map,
     model_summary,
     pip_arguments,
@@ -105,7 +106,8 @@ class VolGenParameterNode:
     inputNode: segmentation or labelmap volume to generate from.
     referenceVolume: optional real image on the segmentation's grid (enables λ).
     outputVolume: volume receiving the result (``None``: a new one is created).
-    modelDirectory: volgen model folder ("" : volgen's embedded default model).
+    modelDirectory: volgen model folder, or an embedded model by name ("default", "colin27-small");
+        "" : volgen's embedded default model.
     droppedClasses: comma-separated classes unchecked in the panel.
     strength: λ in [0, 1] (used only with a reference).
     steps, scheduler, seed, noiseCorrelation (ρ), device: as ``volgen generate``.
@@ -568,13 +570,14 @@ class VolGenLogic(ScriptedLoadableModuleLogic):
         forget_environment_checks()
 
     def modelDirectory(self, configured: str, python: str = "") -> str:
-        """The model folder to use: the configured one, or the default model of volgen in ``python``."""
-        if configured:
-            return configured
-        folder = default_model_dir(self.pythonExecutable(python))
+        """The model folder to use: the configured folder or embedded model name ('default',
+        'colin27-small'), or the default model of volgen in ``python``."""
+        folder = model_folder(configured, self.pythonExecutable(python))
         if folder is None:
             raise InputError(
-                "volgen is not installed in the chosen Python (Advanced → Check / install volgen)"
+                f"no model {configured!r} (not a folder, nor a model of the volgen in the chosen Python)"
+                if configured
+                else "volgen is not installed in the chosen Python (Advanced → Check / install volgen)"
             )
         return str(folder)
 

@@ -20,7 +20,13 @@ from .command import (
     subprocess_options,
     volgen_prefix,
 )
-from .environment import EnvironmentStatus, check_environment, default_model_dir, forget_environment_checks
+from .environment import (
+    EnvironmentStatus,
+    check_environment,
+    default_model_dir,
+    forget_environment_checks,
+    model_folder,
+)
 from .install import (
     FILE_FILTER,
     InstallSource,
@@ -86,6 +92,7 @@ __all__ = [
     "default_python_executable",
     "error_message",
     "forget_environment_checks",
+    "model_folder",
     "install_source",
     "model_classes",
     "model_label_map",

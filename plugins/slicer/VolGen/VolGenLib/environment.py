@@ -41,6 +41,14 @@ print({_MARK!r} + json.dumps({{"default_model": str(default_model_dir())}}))
 """
 
 
+#: Resolves a model name (sys.argv[1]) the way ``volgen generate --model`` does: volgen's one resolver.
+_RESOLVE_MODEL_SCRIPT = f"""
+import json, sys
+from volgen.default_model import resolve_model
+print({_MARK!r} + json.dumps({{"model": str(resolve_model(sys.argv[1]))}}))
+"""
+
+
 @dataclass(frozen=True)
 class EnvironmentStatus:
     """What a Python executable offers for running volgen.
@@ -106,17 +114,36 @@ def default_model_dir(python: str | None = None, *, timeout: float = 60.0) -> Pa
     return _model_cache[python]
 
 
+def model_folder(configured: str | None, python: str | None = None, *, timeout: float = 60.0) -> Path | None:
+    """The model folder the panel's model field means, as ``volgen generate --model`` reads it: empty is
+    the default model, an existing folder is itself, anything else the name of an embedded model
+    (``default``, ``colin27-small``) of the volgen installed in ``python``. ``None``: volgen is not
+    installed there, or it has no model of that name."""
+    if not configured:
+        return default_model_dir(python, timeout=timeout)
+    if Path(configured).exists():
+        return Path(configured)
+    python = python or default_python_executable()
+    key = f"{python}\0{configured}"
+    if key not in _model_cache:
+        info, error = _query(python, _RESOLVE_MODEL_SCRIPT, timeout, configured)
+        if error is not None or "model" not in info:
+            return None
+        _model_cache[key] = Path(info["model"])
+    return _model_cache[key]
+
+
 def forget_environment_checks() -> None:
     """Drop cached answers (after installing or upgrading volgen)."""
     _status_cache.clear()
     _model_cache.clear()
 
 
-def _query(python: str, script: str, timeout: float) -> tuple[dict, str | None]:
-    """Run ``python -c script`` and read the JSON it prints after the marker."""
+def _query(python: str, script: str, timeout: float, *args: str) -> tuple[dict, str | None]:
+    """Run ``python -c script args...`` and read the JSON it prints after the marker."""
     try:
         done = subprocess.run(  # noqa: S603 - an argument list, no shell
-            [python, "-c", script],
+            [python, "-c", script, *args],
             capture_output=True,
             text=True,
             encoding="utf-8",

@@ -2,7 +2,8 @@
 
 The events (see ``cli/generate.py``)::
 
-    {"event": "notice", "message": "..."}                      only with the embedded default model
+    {"event": "notice", "message": "..."}                      an embedded model is in use; λ < 1 says
+                                                               how many steps run ("λ 0.4: 2 of 5 steps")
     {"event": "start", "segmentation": "..."}
     {"event": "progress", "step": i, "steps": n, "slices_done": a, "slices_total": b, "fraction": f,
      "elapsed": s}

@@ -26,7 +26,7 @@ from VolGenLib import (
     ModelInfoError,
     ProgressEvent,
     RunResult,
-    default_model_dir,
+    model_folder,
     model_label_map,
     panel_error,
 )
@@ -110,9 +110,12 @@ class NodeGeneration:
 
     def classes(self) -> dict[str, list[int]]:
         """The model's label map (class name -> values), needed to map segments onto label values."""
-        model = self.params.model_dir or default_model_dir(self.python)
+        model = model_folder(self.params.model_dir, self.python)
         if model is None:
-            raise InputError("cannot find volgen's default model: is volgen installed in the chosen Python?")
+            raise InputError(
+                f"cannot find the model {self.params.model_dir or 'default'!r}: not a folder, nor a model "
+                "of the volgen installed in the chosen Python (volgen models lists them)"
+            )
         try:
             return model_label_map(model)
         except ModelInfoError as e:

@@ -1,0 +1,241 @@
+"""Vanishing anatomy: train with a minimal config on the lower part of a head, generate the upper part.
+
+    OMP_NUM_THREADS=1 python benchmarks/vanishing.py --steps 1000 --seeds 8 --data data/colin27 \
+        --out runs/vanishing
+
+The case the defaults must get right without a recipe YAML: a model trained by ``volgen train`` with a
+**minimal config** (data folder, label map, modality and a preset; everything else volgen's defaults) never
+sees the top of the head, where the head's cross-section shrinks to nothing and the last slices are empty;
+it is then asked to generate exactly that part from its labels.
+
+1. Splits the Colin27 T1 and its tissue labels (``data/colin27`` from ``examples/colin27/prepare.py``) at
+   axial slice ``--cut`` (default 130, 1 mm): the slices below are the one training case, the slices from
+   the cut to the top (the skull vault: the head's area falls from about 20,000 voxels to 0 over 46 slices,
+   the brain ends 25 slices above the cut, and the real volume has 5 empty slices above the head) are held
+   out.
+2. Trains each variant at the same budget: ``defaults`` (the minimal config as it is: today's training
+   defaults) and ``old-defaults`` (the same config with the training defaults before they carried the
+   measured recipe: no air slices, no edge cuts, no dropout).
+3. Generates the held-out part for ``--seeds`` seeds at the generation defaults and scores every seed:
+
+   - faithfulness: mean Dice over the tissue classes of a fixed segmenter (nearest class median, fitted on
+     the real training slices at 1 mm) on the generated part against its mask; the same segmenter on the
+     real part is the ceiling (it is what the real image itself scores);
+   - tissue outside the mask, per slice: voxels where the mask is background but the image is brighter than
+     the real background + 15 % of the real range, generated against real. A slice passes when the
+     generated count is at most 1.5× the real one, counting at least 1 % of the slice's voxels for the real
+     one (so an all-air slice may hold a few bright voxels of noise); the worst slice's ratio is reported;
+   - the top slices: mask voxels, and bright voxels in the real and the generated image, for the last
+     slices with anatomy and the first empty one (where a model that does not follow the mask paints a
+     full cross-section);
+   - background error: |mean generated − mean real| over the mask's background, as % of the real range.
+
+Writes ``vanishing.json`` and ``vanishing.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # volgen from this source tree when it is not installed
+    sys.path.insert(0, str(ROOT))
+from heldout_slab import ANATOMY_FRACTION, ANATOMY_LEVEL, CLASSES, background_error, crop  # noqa: E402
+
+#: The training defaults before they carried the recipe (volgen.training.config.RECIPE_*).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "old-defaults": {"data": {"empty_slices": 0, "edge_cut_p": 0.0}, "model": {"dropout": None}},
+}
+#: A slice passes when it has at most this many times the real image's tissue outside the mask.
+OUTSIDE_RATIO = 1.5
+
+
+def prepare_split(data: Path, work: Path, cut: int) -> dict[str, Path]:
+    """Write the training case (below the cut) and the held-out part's labels and real image (idempotent)."""
+    from volgen.io import read_image, read_label, write_volume
+
+    image = read_image(data / "images" / "colin27.nii.gz")
+    labels = read_label(data / "labels" / "colin27.nii.gz")
+    top = image.GetSize()[2]
+    paths = {"train": work / "data", "seg": work / "top_labels.nii.gz", "real": work / "top_real.nii.gz"}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    for sub in ("images", "labels"):
+        (paths["train"] / sub).mkdir(parents=True, exist_ok=True)
+    write_volume(crop(image, 0, cut), paths["train"] / "images" / "below.nii.gz", overwrite=True)
+    write_volume(crop(labels, 0, cut), paths["train"] / "labels" / "below.nii.gz", overwrite=True)
+    write_volume(crop(labels, cut, top), paths["seg"], overwrite=True)
+    write_volume(crop(image, cut, top), paths["real"], overwrite=True)
+    return paths
+
+
+def minimal_config(name: str, *, train_dir: Path, output_dir: Path, args: argparse.Namespace):
+    """What a new user writes (data, label map, modality, a preset), the budget, and the variant."""
+    from volgen.config import validate
+    from volgen.models import UNetConfig
+    from volgen.training import TrainConfig
+
+    data: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "data": {"source": str(train_dir), "label_map": "colin27", "modality": "MR"},
+        "model": {"preset": args.preset},
+        "training": {
+            "max_steps": args.steps,
+            "max_minutes": args.max_minutes,
+            "batch_size": args.batch_size,
+            "checkpoint_every": args.steps,
+            "preview_every": 0,
+            "log_every": max(1, args.steps // 10),
+        },
+    }
+    if args.size is not None:
+        unet = UNetConfig.preset(args.preset).model_dump(mode="json")
+        data["model"] = {"unet": {**unet, "sample_size": args.size}}
+    for section, values in VARIANTS[name].items():
+        data[section] = {**data.get(section, {}), **values}
+    return validate(data, TrainConfig)
+
+
+class Scorer:
+    """Scores generated top parts against the real one (the fixed segmenter, fitted once)."""
+
+    def __init__(self, paths: dict[str, Path]) -> None:
+        from volgen.evaluation import IntensitySegmenter
+        from volgen.io import read_image, read_label
+
+        train_image = sitk.GetArrayFromImage(read_image(paths["train"] / "images" / "below.nii.gz"))
+        train_labels = sitk.GetArrayFromImage(read_label(paths["train"] / "labels" / "below.nii.gz"))
+        self.segmenter = IntensitySegmenter().fit(train_image.astype(np.float32), train_labels)
+        self.mask = sitk.GetArrayFromImage(read_label(paths["seg"]))
+        self.real = sitk.GetArrayFromImage(read_image(paths["real"])).astype(np.float32)
+        lo, hi = np.percentile(self.real[self.mask > 0], (0.5, 99.5))
+        self.span = float(hi - lo)
+        self.level = float(self.real[self.mask == 0].mean() + ANATOMY_LEVEL * self.span)
+        self.floor = ANATOMY_FRACTION * self.mask[0].size
+        self.real_outside = self.outside(self.real)
+        area = (self.mask > 0).reshape(len(self.mask), -1).sum(axis=1)
+        last = int(np.flatnonzero(area)[-1])
+        #: the last slices with anatomy and the first empty one (where the mask has vanished)
+        self.top_slices = [z for z in (last - 10, last - 5, last - 2, last, last + 1) if 0 <= z < len(area)]
+        self.ceiling = self.faithfulness(self.real)
+
+    def outside(self, volume: np.ndarray) -> np.ndarray:
+        """Per slice, voxels outside the mask brighter than the anatomy level."""
+        return ((volume > self.level) & (self.mask == 0)).reshape(len(volume), -1).sum(axis=1)
+
+    def faithfulness(self, volume: np.ndarray) -> float:
+        from volgen.evaluation import dice
+
+        d = dice(self.segmenter.predict(volume), self.mask, CLASSES)
+        return float(np.nanmean(list(d.values())))
+
+    def score(self, generated: np.ndarray) -> dict[str, Any]:
+        ratios = self.outside(generated) / np.maximum(self.real_outside, self.floor)
+        bright = (generated > self.level).reshape(len(generated), -1).sum(axis=1)
+        return {
+            "faithfulness": self.faithfulness(generated),
+            "background_error_pct": background_error(generated, self.real, self.mask, self.span),
+            "outside_ratio_worst": float(ratios.max()),
+            "outside_ratio_worst_slice": int(ratios.argmax()),
+            "slices_over": int((ratios > OUTSIDE_RATIO).sum()),
+            "top_bright": {int(z): int(bright[z]) for z in self.top_slices},
+        }
+
+
+def run_variant(name: str, args: argparse.Namespace, paths: dict[str, Path], scorer: Scorer) -> dict:
+    """Train one variant (or resume its finished run), generate ``--seeds`` seeds and score them."""
+    from volgen.api import GenerateSettings, generate
+    from volgen.io import read_image
+    from volgen.models import load_model
+    from volgen.training import train
+
+    work = args.out / "work" / name
+    config = minimal_config(name, train_dir=paths["train"], output_dir=work / "train", args=args)
+    started = time.monotonic()
+    result = train(config, resume=(work / "train").exists())
+    train_seconds = time.monotonic() - started
+    loaded = load_model(result.model_dir)
+    seeds = []
+    for seed in range(args.seeds):
+        out = work / f"seed-{seed}.nii.gz"
+        if not out.exists():
+            generate(
+                paths["seg"], out, model=result.model_dir, loaded=loaded, settings=GenerateSettings(seed=seed)
+            )
+        generated = sitk.GetArrayFromImage(read_image(out)).astype(np.float32)
+        seeds.append({"seed": seed, **scorer.score(generated)})
+        print(f"{name} seed {seed}: {json.dumps(seeds[-1])}", flush=True)
+    return {
+        "variant": name,
+        "overrides": VARIANTS[name],
+        "steps": result.steps,
+        "stopped_early": result.stopped_early,
+        "train_seconds": round(train_seconds, 1),
+        "per_seed": seeds,
+    }
+
+
+def table(records: list[dict], scorer: Scorer) -> str:
+    mask_area = (scorer.mask > 0).reshape(len(scorer.mask), -1).sum(axis=1)
+    real_bright = (scorer.real > scorer.level).reshape(len(scorer.real), -1).sum(axis=1)
+    tops = ", ".join(f"z{z}: {mask_area[z]} / {real_bright[z]}" for z in scorer.top_slices)
+    lines = [
+        f"Real image: faithfulness {scorer.ceiling:.3f}; top slices (mask voxels / bright voxels) {tops}.",
+        "",
+        "| variant | steps | faithfulness mean [worst] | background error mean [worst] % "
+        "| worst slice: tissue outside the mask, generated / real | seeds with every slice ≤ 1.5× "
+        "| top slices: bright voxels, mean over seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        s = r["per_seed"]
+        faith = [x["faithfulness"] for x in s]
+        bg = [x["background_error_pct"] for x in s]
+        worst = [x["outside_ratio_worst"] for x in s]
+        top = ", ".join(f"z{z}: {np.mean([x['top_bright'][z] for x in s]):.0f}" for z in scorer.top_slices)
+        steps = f"{r['steps']}{' (time cap)' if r['stopped_early'] else ''}"
+        lines.append(
+            f"| {r['variant']} | {steps} | {np.mean(faith):.3f} [{min(faith):.3f}] | "
+            f"{np.mean(bg):.1f} [{max(bg):.1f}] | {np.mean(worst):.2f} [{max(worst):.2f}] | "
+            f"{sum(x['slices_over'] == 0 for x in s)}/{len(s)} | {top} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--steps", type=int, default=1000, help="training steps per variant (the equal budget)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--preset", default="small", help="UNet preset (configs/models)")
+    p.add_argument("--size", type=int, default=None, help="slice size in px (default: the preset's)")
+    p.add_argument("--seeds", type=int, default=8)
+    p.add_argument("--cut", type=int, default=130, help="first held-out axial slice")
+    p.add_argument("--max-minutes", type=float, default=None, help="time cap per training (safety)")
+    p.add_argument("--data", type=Path, default=ROOT / "data" / "colin27")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "vanishing")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    paths = prepare_split(args.data, args.out / "work", args.cut)
+    scorer = Scorer(paths)
+    records = [run_variant(name, args, paths, scorer) for name in args.variants]
+    command = "python benchmarks/vanishing.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = f"`{command}`\n\n{table(records, scorer)}"
+    (args.out / "vanishing.json").write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+    (args.out / "vanishing.md").write_text(text, encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
