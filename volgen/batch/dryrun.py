@@ -107,20 +107,16 @@ def estimate_generation(
     """
     import numpy as np
 
-    from volgen.pipeline import UNGUIDED
-
     if baseline is None:
         baseline = process_baseline() + RUN_ALLOWANCE
     together = generator.volumes_together(grid, settings, max(1, volumes), max_memory)
-    forwards = math.ceil(
-        generator.slice_forwards(grid, settings, volumes=together, max_memory=max_memory) / together
-    )
-    steps = len(generator.pipeline.set_timesteps(settings.num_inference_steps, settings.strength))
+    plan = generator.plan(grid, settings, volumes=together, max_memory=max_memory)  # the run, resolved once
+    forwards = math.ceil(plan.forwards / together)
     voxels = int(np.prod(grid.size, dtype=np.int64))
     return GenerationEstimate(
         slices=slices_along(grid, generator.metadata.slice_axis),
-        steps=steps,
-        passes=1 if generator.guidance_scale(settings) == UNGUIDED else 2,
+        steps=plan.steps,
+        passes=max(plan.passes, default=1),
         forwards=forwards,
         seconds=time_model.seconds(forwards, voxels),
         peak_bytes=baseline
