@@ -132,8 +132,12 @@ def test_train_on_three_axes_then_sample_along_them(tmp_path):
     make_case(tmp_path / "data", "case0", seed=0, spacing=(1.0, 1.2, 1.5))
     (tmp_path / "labels.yaml").write_text("name: shapes\nclasses:\n  ball: 1\n  box: [2, 7]\n")
     axes = ["axial", "coronal", "sagittal"]
-    path = write_config(tmp_path, data={"slice_axes": axes}, max_steps=3, preview_every=3)
+    # without the default air slices, so the three slicings are exact permutations of one cube
+    path = write_config(tmp_path, data={"slice_axes": axes, "empty_slices": 0}, max_steps=3, preview_every=3)
     config = TrainConfig.from_yaml(path)
+    padded = prepare_training_data(TrainConfig.from_yaml(write_config(tmp_path, data={"slice_axes": axes})))
+    # the default: 4 air slices at both ends of every volume, along its own slice axis
+    assert all(tuple(v.labels.shape) == (24, 16, 16) for v in padded.volumes)
     data = prepare_training_data(config)
     # one cube per axis, each sliced along its axis; the model's slice_axis first
     assert data.axes == [0, 1, 2] and [v.case for v in data.volumes] == [f"case0:{a}" for a in axes]
