@@ -12,6 +12,7 @@ from volgen import defaults
 from volgen.cli.app import app, console, err_console, handle_errors, print_table, shown
 from volgen.cli.generate import (
     AxisScheduleOption,
+    FineRhoOption,
     GuidanceOption,
     LateFractionOption,
     ModelOption,
@@ -61,6 +62,7 @@ def batch(
     scheduler: SchedulerOption = defaults.SCHEDULER,
     steps: StepsOption = defaults.STEPS,
     noise_correlation: RhoOption = defaults.NOISE_CORRELATION,
+    fine_noise_correlation: FineRhoOption = defaults.FINE_NOISE_CORRELATION,
     guidance_scale: GuidanceOption = None,
     slice_axes: SliceAxesOption = defaults.SLICE_AXES,  # type: ignore[assignment]
     axis_schedule: AxisScheduleOption = defaults.AXIS_SCHEDULE,
@@ -131,6 +133,7 @@ def batch(
             scheduler=scheduler,
             steps=steps,
             noise_correlation=noise_correlation,
+            fine_noise_correlation=fine_noise_correlation,
             guidance_scale=guidance_scale,
             strength=strength,
             keep=keep,

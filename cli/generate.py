@@ -13,6 +13,7 @@ from volgen.cli.app import all_or_nothing, app, console, err_console, handle_err
 from volgen.cli.checks import check_generation, example_or
 from volgen.cli.options import (  # noqa: F401 - re-exported for volgen.cli.batch
     AxisScheduleOption,
+    FineRhoOption,
     GuidanceOption,
     LateFractionOption,
     ModelOption,
@@ -82,6 +83,7 @@ def generate(
     scheduler: SchedulerOption = defaults.SCHEDULER,
     steps: StepsOption = defaults.STEPS,
     noise_correlation: RhoOption = defaults.NOISE_CORRELATION,
+    fine_noise_correlation: FineRhoOption = defaults.FINE_NOISE_CORRELATION,
     guidance_scale: GuidanceOption = None,
     slice_axes: SliceAxesOption = defaults.SLICE_AXES,  # type: ignore[assignment]
     axis_schedule: AxisScheduleOption = defaults.AXIS_SCHEDULE,
@@ -146,6 +148,7 @@ def generate(
             scheduler=scheduler,
             steps=steps,
             noise_correlation=noise_correlation,
+            fine_noise_correlation=fine_noise_correlation,
             guidance_scale=guidance_scale,
             x0_smoothing=x0_smoothing,
             strength=strength,

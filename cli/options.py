@@ -49,7 +49,20 @@ QuietOption = Annotated[
 ]
 RhoOption = Annotated[
     float,
-    typer.Option("--noise-correlation", "--rho", help="ρ in [0, 1): initial-noise correlation of slices."),
+    typer.Option(
+        "--noise-correlation",
+        "--rho",
+        help="ρ in [0, 1): initial-noise correlation of slices (coarse scales).",
+    ),
+]
+FineRhoOption = Annotated[
+    float,
+    typer.Option(
+        "--fine-noise-correlation",
+        "--rho-fine",
+        help="ρ in [0, 1) of the initial noise's fine in-plane detail between slices (0: texture is not "
+        "copied along the slice axis; equal to --rho: one ρ at every scale, volgen's earlier noise).",
+    ),
 ]
 SliceBatchOption = Annotated[
     str,
@@ -111,6 +124,7 @@ def build_settings(
     scheduler: str = defaults.SCHEDULER,
     steps: int = defaults.STEPS,
     noise_correlation: float = defaults.NOISE_CORRELATION,
+    fine_noise_correlation: float = defaults.FINE_NOISE_CORRELATION,
     strength: float = defaults.STRENGTH,
     keep: str | None = None,
     drop: str | None = None,
@@ -134,6 +148,7 @@ def build_settings(
         scheduler=scheduler,
         num_inference_steps=steps,
         noise_correlation=noise_correlation,
+        fine_noise_correlation=fine_noise_correlation,
         x0_smoothing=x0_smoothing,
         guidance_scale=guidance_scale,
         strength=strength,

@@ -26,6 +26,7 @@ EXPECTED = {
     "scheduler": defaults.SCHEDULER,
     "steps": defaults.STEPS,
     "noise_correlation": defaults.NOISE_CORRELATION,
+    "fine_noise_correlation": defaults.FINE_NOISE_CORRELATION,
     "x0_smoothing": defaults.X0_SMOOTHING,
     "strength": defaults.STRENGTH,
     "slice_batch_size": defaults.SLICE_BATCH_SIZE,
@@ -38,6 +39,7 @@ EXPECTED = {
 }
 #: Settings the Slicer panel does not expose: it never passes them, so ``volgen generate``'s defaults apply.
 NOT_IN_PANEL = {
+    "fine_noise_correlation": "--fine-noise-correlation",
     "axis_schedule": "--axis-schedule",
     "late_fraction": "--late-fraction",
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from volgen import defaults
 from volgen.errors import VolgenError
 from volgen.models import load_model
 from volgen.pipeline import SCHEDULERS, SegmentationToVolumePipeline, build_pipeline, correlated_noise
@@ -70,6 +71,60 @@ def test_correlated_noise_statistics():
     independent = correlated_noise((64, 1, 32, 32), 0.0, torch.Generator().manual_seed(0))
     corr0 = torch.corrcoef(torch.stack([independent[:-1].flatten(), independent[1:].flatten()]))[0, 1]
     assert abs(float(corr0)) < 0.02
+
+
+def _split(n: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` (Z, C, H, W) as its coarse and fine in-plane parts (a hard split at ``scale`` cycles/pixel)."""
+    f2 = torch.fft.fftfreq(n.shape[-2])[:, None] ** 2 + torch.fft.fftfreq(n.shape[-1])[None, :] ** 2
+    spectrum = torch.fft.fft2(n.double())
+    coarse = torch.fft.ifft2(spectrum * (f2 < (scale / 4) ** 2)).real
+    fine = torch.fft.ifft2(spectrum * (f2 > (3 * scale) ** 2)).real
+    return coarse, fine
+
+
+def _neighbour_corr(x: torch.Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([x[:-1].flatten(), x[1:].flatten()]))[0, 1])
+
+
+def test_two_scale_noise_keeps_coarse_structure_and_decorrelates_fine_detail():
+    """The default initial noise: coarse scales correlated between slices with ρ, fine detail with the fine ρ;
+    every slice still white, unit-variance noise; one ρ at both scales is the earlier noise, byte for byte."""
+    shape = (96, 1, 64, 64)
+    n = correlated_noise(shape, 0.95, torch.Generator().manual_seed(0), fine_rho=0.0, scale=0.08)
+    assert n.dtype == torch.float32 and n.shape == shape
+    assert abs(float(n.mean())) < 0.02 and abs(float(n.std()) - 1.0) < 0.03
+    per_slice = n.flatten(1).std(dim=1)
+    assert float(per_slice.min()) > 0.85 and float(per_slice.max()) < 1.15
+    # white in-plane: neighbouring pixels of a slice are uncorrelated
+    in_plane = torch.corrcoef(torch.stack([n[..., :-1].flatten(), n[..., 1:].flatten()]))[0, 1]
+    assert abs(float(in_plane)) < 0.02
+    coarse, fine = _split(n, 0.08)
+    assert _neighbour_corr(coarse) > 0.9  # the anatomy's large shapes do not flicker
+    assert abs(_neighbour_corr(fine)) < 0.05  # fine texture is not copied to the next slice
+    # one ρ at every scale: exactly the single-ρ recursion (the same bytes as before for a given seed)
+    single = correlated_noise(shape, 0.95, torch.Generator().manual_seed(0))
+    same = correlated_noise(shape, 0.95, torch.Generator().manual_seed(0), fine_rho=0.95)
+    assert torch.equal(single, same)
+    _, fine_single = _split(single, 0.08)
+    assert _neighbour_corr(fine_single) > 0.9
+    with pytest.raises(VolgenError, match="fine noise correlation"):
+        correlated_noise(shape, 0.9, fine_rho=1.0)
+
+
+def test_fine_noise_correlation_is_a_setting_that_reaches_the_noise(pipe, labels):
+    """The default and ``fine_noise_correlation == noise_correlation`` (the earlier noise) give other volumes;
+    the same settings give the same volume."""
+    from volgen.generation import GenerateSettings, SettingsError
+
+    run = dict(num_inference_steps=2, seed=3, noise_correlation=0.9)
+    default = pipe(labels, **run).volume
+    assert torch.equal(
+        default, pipe(labels, **run, fine_noise_correlation=defaults.FINE_NOISE_CORRELATION).volume
+    )
+    single = pipe(labels, **run, fine_noise_correlation=0.9).volume
+    assert not torch.equal(default, single)
+    with pytest.raises(SettingsError, match="--fine-noise-correlation"):
+        GenerateSettings(fine_noise_correlation=1.5)
 
 
 def test_strength_zero_returns_reference_and_strength_runs_fewer_steps(pipe, labels):

@@ -29,6 +29,17 @@ STEPS = 10
 #: neighbouring slices of held-out anatomy a little more different than real ones (step ratio z 1.22, out of
 #: the 0.85-1.2 band); 0.995 gives 1.17 at the same faithfulness (docs/consistency.md).
 NOISE_CORRELATION = 0.995
+#: ρ of the fine scales: in-plane detail of the initial noise finer than ``NOISE_SCALE`` (cycles per pixel of
+#: the model's slices) is correlated between neighbouring slices with this ρ instead; coarse scales keep
+#: ``NOISE_CORRELATION``. With one ρ at every scale, the fine texture drawn from the noise is copied along
+#: the slice axis (vertical streaks in every reslice; texture correlation between neighbouring slices 1.37×
+#: the real image's on the example at 2 mm); 0 brings it to 0.88× and the neighbour step from 0.67× to
+#: 1.00×, at the same faithfulness (docs/consistency.md, benchmarks/README.md "Through-plane texture"). A
+#: value equal to ρ gives volgen's earlier noise exactly (the same bytes per seed).
+FINE_NOISE_CORRELATION = 0.0
+#: The boundary between coarse and fine noise scales, in cycles per pixel of the model's slices (a Gaussian
+#: transition): 0.08 keeps ρ for structure larger than about 12 pixels.
+NOISE_SCALE = 0.08
 #: σ in slices of the through-plane smoothing of the x0 prediction (0: off), at most ``MAX_X0_SMOOTHING``.
 X0_SMOOTHING = 0.0
 MAX_X0_SMOOTHING = 10.0

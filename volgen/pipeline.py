@@ -254,6 +254,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         guidance_interval: tuple[float, float] = defaults.GUIDANCE_INTERVAL,
         slice_axes: Sequence[str] | None = None,
         noise_correlation: float = DEFAULT_NOISE_CORRELATION,
+        fine_noise_correlation: float = defaults.FINE_NOISE_CORRELATION,
         x0_smoothing: float = DEFAULT_X0_SMOOTHING,
         autocast_dtype: torch.dtype | None = None,
         budget_bytes: int | None = None,
@@ -299,6 +300,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             num_inference_steps=num_inference_steps,
             strength=strength,
             noise_correlation=noise_correlation,
+            fine_noise_correlation=fine_noise_correlation,
             x0_smoothing=x0_smoothing,
         )
 
@@ -380,6 +382,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         scheduler: str | None = None,
         slice_batch_size: int | str = defaults.SLICE_BATCH_SIZE,
         noise_correlation: float = DEFAULT_NOISE_CORRELATION,
+        fine_noise_correlation: float = defaults.FINE_NOISE_CORRELATION,
         x0_smoothing: float = DEFAULT_X0_SMOOTHING,
         keep: Sequence[int] | None = None,
         reference: Tensor | np.ndarray | Sequence[Tensor | np.ndarray] | None = None,
@@ -409,7 +412,8 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
                 ``None`` uses ``self.scheduler`` as it is.
             slice_batch_size: Slices per UNet forward, or ``"auto"`` (:meth:`resolve_slice_batch_size`; the
                 slices of all volumes count); does not change the result.
-            noise_correlation: ρ of the initial noise along the (first) slice axis.
+            noise_correlation: ρ of the initial noise along the (first) slice axis (its coarse scales).
+            fine_noise_correlation: ρ of its fine in-plane scales (:func:`volgen.sampling.correlated_noise`).
             x0_smoothing: σ (in slices) of a Gaussian applied along each step's slice axis to the clean-image
                 (x0) prediction, before the scheduler uses it; 0 turns it off.
             keep: Foreground class indices kept in the condition (the rest become background); ``None``: all.
@@ -439,6 +443,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             guidance_scale=guidance_scale,
             slice_axes=slice_axes,
             noise_correlation=noise_correlation,
+            fine_noise_correlation=fine_noise_correlation,
             x0_smoothing=x0_smoothing,
             autocast_dtype=autocast_dtype,
         )

@@ -64,7 +64,8 @@ class SamplingPlan:
         autocast_dtype: Autocast dtype of the network (``None``: float32).
         num_inference_steps: Steps of the full schedule.
         strength: λ.
-        noise_correlation: ρ of the initial noise along the primary axis.
+        noise_correlation: ρ of the initial noise along the primary axis (its coarse scales).
+        fine_noise_correlation: ρ of the initial noise's fine in-plane scales (:func:`correlated_noise`).
         x0_smoothing: σ (slices) of the through-plane smoothing of the x0 prediction (0: off).
     """
 
@@ -79,6 +80,7 @@ class SamplingPlan:
     num_inference_steps: int
     strength: float
     noise_correlation: float
+    fine_noise_correlation: float
     x0_smoothing: float
 
     @property
@@ -147,24 +149,48 @@ def correlated_noise(
     rho: float,
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
+    *,
+    fine_rho: float | None = None,
+    scale: float = defaults.NOISE_SCALE,
 ) -> Tensor:
-    """Gaussian noise for a whole volume, correlated along the slice axis (dim 0).
+    """Gaussian noise for a whole volume ``(Z, C, H, W)``, correlated along the slice axis (dim 0).
 
-    ``n[0] = e[0]``, ``n[z] = rho * n[z-1] + sqrt(1 - rho^2) * e[z]``: every slice has unit variance and
-    neighbouring slices have correlation ``rho`` (0 gives independent slices). Drawn on the CPU from one
-    generator, so the same seed gives the same noise on every device.
+    One ρ (``fine_rho`` ``None`` or equal to ``rho``): ``n[0] = e[0]``,
+    ``n[z] = rho * n[z-1] + sqrt(1 - rho^2) * e[z]``: every slice has unit variance and neighbouring slices
+    have correlation ``rho`` (0 gives independent slices).
+
+    Two scales: the same recursion runs on each in-plane spatial frequency ``f`` (cycles per pixel) of the
+    slices' 2D Fourier transform, with ``ρ(f) = fine_rho + (rho - fine_rho) · exp(-f² / (2 scale²))``: coarse
+    structure is correlated with ``rho`` (no flicker of the anatomy's large shapes), fine detail with
+    ``fine_rho`` (no texture copied from slice to slice). Every frequency keeps unit power, so each slice is
+    still white Gaussian noise of unit variance, as the network expects.
+
+    Drawn on the CPU from one generator, so the same seed gives the same noise on every device.
     """
-    if not 0.0 <= rho < 1.0:
-        raise VolgenError(f"noise correlation must be in [0, 1), got {rho}")
+    for name, value in (("noise correlation", rho), ("fine noise correlation", fine_rho)):
+        if value is not None and not 0.0 <= value < 1.0:
+            raise VolgenError(f"{name} must be in [0, 1), got {value}")
     e = torch.randn(tuple(shape), generator=generator, dtype=dtype)
-    if rho == 0.0 or shape[0] < 2:
+    if shape[0] < 2:
         return e
-    noise = torch.empty_like(e)
-    noise[0] = e[0]
-    keep = math.sqrt(1.0 - rho * rho)
+    if fine_rho is None or fine_rho == rho:
+        if rho == 0.0:
+            return e
+        noise = torch.empty_like(e)
+        noise[0] = e[0]
+        keep = math.sqrt(1.0 - rho * rho)
+        for z in range(1, shape[0]):
+            noise[z] = rho * noise[z - 1] + keep * e[z]
+        return noise
+    height, width = shape[-2], shape[-1]
+    f2 = torch.fft.fftfreq(height, dtype=torch.float64)[:, None] ** 2
+    f2 = f2 + torch.fft.fftfreq(width, dtype=torch.float64)[None, :] ** 2
+    r = fine_rho + (rho - fine_rho) * torch.exp(-f2 / (2.0 * scale * scale))
+    keep = torch.sqrt(1.0 - r * r)
+    spectrum = torch.fft.fft2(e.double())
     for z in range(1, shape[0]):
-        noise[z] = rho * noise[z - 1] + keep * e[z]
-    return noise
+        spectrum[z] = r * spectrum[z - 1] + keep * spectrum[z]
+    return torch.fft.ifft2(spectrum).real.to(dtype).contiguous()
 
 
 @dataclass(frozen=True)
@@ -241,7 +267,10 @@ def denoise(
     for volume, ref, gen, sched in zip(labels, references, generators, schedulers, strict=True):
         first = frame.slices(volume, plan.primary)
         noise = correlated_noise(
-            (first.shape[0], out_channels, *first.shape[1:]), plan.noise_correlation, gen
+            (first.shape[0], out_channels, *first.shape[1:]),
+            plan.noise_correlation,
+            gen,
+            fine_rho=plan.fine_noise_correlation,
         )
         noise = noise.to(device)
         if plan.strength < 1.0:

@@ -334,6 +334,7 @@ class VolumeGenerator:
             slice_batch_size=self._slice_batch(slices, voxels, settings, max_memory),
             guidance_scale=self.guidance_scale(settings),
             noise_correlation=settings.noise_correlation,
+            fine_noise_correlation=settings.fine_noise_correlation,
             x0_smoothing=settings.x0_smoothing,
             autocast_dtype=self.autocast_dtype,
         )

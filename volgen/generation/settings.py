@@ -34,7 +34,10 @@ class GenerateSettings:
         seed: Seed of all randomness, ``0 .. 2**63 - 1``.
         scheduler: Sampler name (:data:`volgen.defaults.SCHEDULERS`).
         num_inference_steps: Denoising steps over the full schedule (``>= 1``).
-        noise_correlation: ρ of the initial noise between slices, in [0, 1).
+        noise_correlation: ρ of the initial noise between slices, in [0, 1) (its coarse scales).
+        fine_noise_correlation: ρ of the initial noise's fine scales between slices, in [0, 1)
+            (:data:`volgen.defaults.FINE_NOISE_CORRELATION`; equal to ``noise_correlation``: one ρ at every
+            scale, volgen's earlier noise).
         x0_smoothing: σ in slices of the through-plane smoothing of the x0 prediction, in [0, 10].
         guidance_scale: Classifier-free guidance ``w`` in [0, 20] (1: off); ``None``: the model's default
             (:data:`volgen.defaults.GUIDANCE_SCALE` for a model with "specified" flags, off for older models,
@@ -59,6 +62,7 @@ class GenerateSettings:
     scheduler: str = defaults.SCHEDULER
     num_inference_steps: int = defaults.STEPS
     noise_correlation: float = defaults.NOISE_CORRELATION
+    fine_noise_correlation: float = defaults.FINE_NOISE_CORRELATION
     x0_smoothing: float = defaults.X0_SMOOTHING
     guidance_scale: float | None = None
     strength: float = defaults.STRENGTH
@@ -85,6 +89,8 @@ class GenerateSettings:
             yield f"--steps must be an integer >= 1, got {self.num_inference_steps!r}"
         if not _is_number(self.noise_correlation) or not 0.0 <= self.noise_correlation < 1.0:
             yield f"--noise-correlation (ρ) must be in [0, 1), got {self.noise_correlation!r}"
+        if not _is_number(self.fine_noise_correlation) or not 0.0 <= self.fine_noise_correlation < 1.0:
+            yield f"--fine-noise-correlation must be in [0, 1), got {self.fine_noise_correlation!r}"
         if not _is_number(self.x0_smoothing) or not 0.0 <= self.x0_smoothing <= defaults.MAX_X0_SMOOTHING:
             top = defaults.MAX_X0_SMOOTHING
             yield f"--x0-smoothing must be in [0, {top:g}] slices, got {self.x0_smoothing!r}"
