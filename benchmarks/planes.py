@@ -1,6 +1,6 @@
 """Per-plane 3D consistency and faithfulness against ρ and x0 smoothing, over several seeds.
 
-    OMP_NUM_THREADS=1 python benchmarks/planes.py --rho 0 0.5 0.9 0.99 --x0-smoothing 0 1 \
+    OMP_NUM_THREADS=1 python benchmarks/planes.py --rho 0 0.5 0.9 0.99 --rho-fine 0 --x0-smoothing 0 1 \
         --seeds 0 1 2 3 4 5 6 7 --steps 10 --out runs/planes
 
 Generates the Colin27 example segmentation (examples/colin27_tissues_2mm.nii.gz) with a model (default: the
@@ -29,6 +29,7 @@ from pathlib import Path
 import SimpleITK as sitk
 from _planes_common import score, table
 
+from volgen import defaults
 from volgen.api import GenerateSettings, default_model_dir, generate
 from volgen.io import read_image, read_label, write_volume
 
@@ -62,13 +63,16 @@ def generate_all(args: argparse.Namespace) -> list[dict]:
     volumes.mkdir(parents=True, exist_ok=True)
     rows = []
     guidance = args.guidance_scale or [None]  # None: the model's default (volgen.defaults)
-    for w, rho, sigma, seed in itertools.product(guidance, args.rho, args.x0_smoothing, args.seeds):
+    combos = itertools.product(guidance, args.rho, args.rho_fine, args.x0_smoothing, args.seeds)
+    for w, rho, fine, sigma, seed in combos:
         tag = "" if w is None else f"w{w:g}-"
-        path = volumes / f"{tag}rho{rho}-s{sigma}-seed{seed}.nii.gz"
+        fine_tag = "" if fine == rho else f"-fine{fine}"  # one ρ at every scale: the earlier names
+        path = volumes / f"{tag}rho{rho}{fine_tag}-s{sigma}-seed{seed}.nii.gz"
         if not path.exists():
             settings = GenerateSettings(
                 seed=seed,
                 noise_correlation=rho,
+                fine_noise_correlation=fine,
                 x0_smoothing=sigma,
                 num_inference_steps=args.steps,
                 guidance_scale=w,
@@ -76,7 +80,9 @@ def generate_all(args: argparse.Namespace) -> list[dict]:
             started = time.perf_counter()
             generate(EXAMPLE, path, model=args.model, overwrite=True, settings=settings)
             print(f"{path.name}: {time.perf_counter() - started:.0f} s", flush=True)
-        rows.append({"guidance": w, "rho": rho, "x0_smoothing": sigma, "seed": seed, "path": path})
+        rows.append(
+            {"guidance": w, "rho": rho, "fine": fine, "x0_smoothing": sigma, "seed": seed, "path": path}
+        )
     return rows
 
 
@@ -86,6 +92,13 @@ def main() -> None:
     )
     parser.add_argument("--model", type=Path, default=default_model_dir())
     parser.add_argument("--rho", type=float, nargs="+", default=[0.0, 0.5, 0.9, 0.99])
+    parser.add_argument(
+        "--rho-fine",
+        type=float,
+        nargs="+",
+        default=[defaults.FINE_NOISE_CORRELATION],
+        help="ρ of the noise's fine scales (a value equal to --rho: one ρ at every scale)",
+    )
     parser.add_argument("--x0-smoothing", type=float, nargs="+", default=[0.0, 1.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
     parser.add_argument("--steps", type=int, default=10)
@@ -135,7 +148,9 @@ def score_all(args: argparse.Namespace, rows: list[dict], reference: str) -> dic
         result = score(generated, real, mask, segmenter, range(1, 5), segmentation.GetDirection())
         scored.append({**row, **result, "path": str(row["path"])})
         guided = "" if row["guidance"] is None else f"guidance {row['guidance']:g}, "
-        groups.setdefault(f"{guided}ρ {row['rho']}, x0 σ {row['x0_smoothing']}", []).append(scored[-1])
+        fine = "" if row["fine"] == row["rho"] else f", fine ρ {row['fine']}"
+        name = f"{guided}ρ {row['rho']}{fine}, x0 σ {row['x0_smoothing']}"
+        groups.setdefault(name, []).append(scored[-1])
         print(f"{row['path']}: Dice {result['mean_dice']:.3f}, in range {result['in_range']}", flush=True)
     where = "at its own 2 mm" if reference == "native" else "through the model's slicing frame"
     print(
