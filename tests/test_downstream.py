@@ -216,7 +216,7 @@ def test_nnunet_asked_for_and_absent_is_a_clear_error(data, noise_model, tmp_pat
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
     args = ["evaluate-downstream", str(data / "train"), str(tmp_path / "out"), "--test", str(data / "test")]
     result = runner.invoke(app, [*args, "--model", str(noise_model), "--segmenter", "nnunet"])
-    _one_error_line(result, "nnUNetv2_train", "not found")
+    _one_error_line(result, "nnUNetv2_train", "not found", "--segmenter volgen")
     _one_error_line(runner.invoke(app, [*args, "--segmenter", "monai"]), "--segmenter")
 
 
@@ -237,3 +237,66 @@ def test_options_are_checked():
         DownstreamOptions(seeds=0).check()
     with pytest.raises(VolgenError, match="--synthetic-multiples"):
         DownstreamOptions(multiples=(0,)).check()
+
+
+FAKE_NNUNET = '''#!{python}
+"""A stand-in for nnU-Net v2's {name}: checks what volgen hands it; predict thresholds the image."""
+import json, os, sys
+from pathlib import Path
+import numpy as np
+import SimpleITK as sitk
+
+name, args = Path(sys.argv[0]).name, sys.argv[1:]
+raw = Path(os.environ["nnUNet_raw"])
+dataset = raw / "Dataset001_volgen"
+with open(raw.parent / "calls.txt", "a") as log:
+    log.write(name + " " + " ".join(args) + "\\n")
+if name == "nnUNetv2_plan_and_preprocess":
+    info = json.loads((dataset / "dataset.json").read_text())
+    images = sorted((dataset / "imagesTr").iterdir())
+    assert info["numTraining"] == len(images) == len(list((dataset / "labelsTr").iterdir())), info
+    for image in images:
+        label = dataset / "labelsTr" / image.name.replace("_0000", "")
+        assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(label))))) <= {{0, 1, 2, 3}}
+elif name == "nnUNetv2_predict":
+    source, target = Path(args[args.index("-i") + 1]), Path(args[args.index("-o") + 1])
+    target.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        image = sitk.ReadImage(str(path))
+        values = sitk.GetArrayFromImage(image)
+        out = sitk.GetImageFromArray(np.where(values > 150, 1, np.where(values > 55, 2, 0)).astype(np.uint8))
+        out.CopyInformation(image)
+        sitk.WriteImage(out, str(target / path.name.replace("_0000", "")))
+'''
+
+
+def test_nnunet_segmenter_gets_the_dataset_and_commands(data, noise_model, tmp_path, monkeypatch):
+    """nnU-Net's own commands are stand-ins here (no nnU-Net in the test environment): volgen's side of the
+    contract - the raw dataset per condition, the environment, the command lines, reading predictions."""
+    import os
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("nnUNetv2_plan_and_preprocess", "nnUNetv2_train", "nnUNetv2_predict"):
+        script = bin_dir / name
+        script.write_text(FAKE_NNUNET.format(python=sys.executable, name=name))
+        script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "out"
+    args = ["evaluate-downstream", str(data / "train"), str(out), "--test", str(data / "test")]
+    args += ["--model", str(noise_model), "--seeds", "1", "--steps", "2", "--segmenter", "nnunet"]
+    result = runner.invoke(app, [*args, "--nnunet-configuration", "3d_fullres", "--nnunet-epochs", "5"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "downstream.json").read_text())["summary"]
+    assert summary["real"]["mean"]["mean"] > 0.9  # the stand-in's thresholds on the real test images
+    for condition, count in (("real", 4), ("synthetic", 4), ("real+synthetic", 8)):
+        work = out / "nnunet" / condition / "seed-0"
+        assert len(list((work / "raw" / "Dataset001_volgen" / "imagesTr").iterdir())) == count
+        calls = (work / "calls.txt").read_text().splitlines()
+        assert [c.split()[0] for c in calls] == [
+            "nnUNetv2_plan_and_preprocess",
+            "nnUNetv2_train",
+            "nnUNetv2_predict",
+        ]
+        assert calls[1].split()[1:] == ["1", "3d_fullres", "all", "-tr", "nnUNetTrainer_5epochs"]
