@@ -6,8 +6,10 @@
 Each dataset is one subject split into axial slabs along the image's third axis; the test side is a slab in
 the middle, the training side the slices below and above it (two training cases):
 
-- ``colin27-slab``: the Colin27 T1 and its tissue labels (``data/colin27`` from ``examples/colin27/prepare.py``),
-  test slab z = 80..109 (30 mm through the ventricles: the held-out slab of ``benchmarks/heldout_slab.py``).
+- ``colin27-slab``: the Colin27 T1 and its tissue labels (``data/colin27``, made by
+  ``examples/colin27/prepare.py``), test slab z = 80..109 (30 mm through the ventricles: the held-out slab
+  of ``benchmarks/heldout_slab.py``), training slabs z = 50..79 and 110..139 (30 slices each: a CPU-sized
+  generation budget per seed).
   The embedded model was trained on all of Colin27, this slab included: its synthetic images are not
   independent of the test image (the generator has seen it), so this is the optimistic case;
 - ``macaque``: the INIA19 rhesus macaque T1 (skull-stripped) and its derived tissue labels at 1 mm, as
@@ -47,10 +49,17 @@ from volgen.io import read_image, read_label, write_volume  # noqa: E402
 DATASETS = ("colin27-slab", "macaque")
 
 
-def write_split(image: sitk.Image, labels: sitk.Image, slab: tuple[int, int], folder: Path) -> None:
-    """``folder/train`` (below, above) and ``folder/test`` (slab), each with images/ and labels/."""
+def write_split(
+    image: sitk.Image, labels: sitk.Image, slab: tuple[int, int], folder: Path, margin: int | None = None
+) -> None:
+    """``folder/train`` (below, above: ``margin`` slices each, default all) and ``folder/test`` (slab), each
+    with images/ and labels/."""
     z0, z1 = slab
-    parts = {"train": {"below": (0, z0), "above": (z1, image.GetSize()[2])}, "test": {"slab": (z0, z1)}}
+    end = image.GetSize()[2]
+    below, above = (0, z0), (z1, end)
+    if margin is not None:
+        below, above = (max(0, z0 - margin), z0), (z1, min(end, z1 + margin))
+    parts = {"train": {"below": below, "above": above}, "test": {"slab": (z0, z1)}}
     for side, cases in parts.items():
         for sub in ("images", "labels"):
             (folder / side / sub).mkdir(parents=True, exist_ok=True)
@@ -67,14 +76,14 @@ def prepare(dataset: str, data: Path, work: Path) -> Path:
     if dataset == "colin27-slab":
         image = read_image(data / "images" / "colin27.nii.gz")
         labels = read_label(data / "labels" / "colin27.nii.gz")
-        slab = (80, 110)
+        slab, margin = (80, 110), 30
     else:
         image_path, label_path = prepare_macaque(TEMPLATE, 1.0, work / "macaque-source")
         image, labels = read_image(image_path), read_label(label_path)
         z = np.flatnonzero(sitk.GetArrayViewFromImage(labels).any(axis=(1, 2)))
         third = (z[-1] + 1 - z[0]) // 3
-        slab = (int(z[0] + third), int(z[0] + 2 * third))
-    write_split(image, labels, slab, folder)
+        slab, margin = (int(z[0] + third), int(z[0] + 2 * third)), None
+    write_split(image, labels, slab, folder, margin)
     return folder
 
 
