@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from test_evaluate import _one_error_line
 from typer.testing import CliRunner
 
 from volgen.cli.app import _register, app
@@ -88,14 +89,6 @@ def noise_model(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("models") / "noise"
     save_model(folder, unet, build_training_scheduler(), metadata)
     return folder
-
-
-def _one_error_line(result, *words):
-    assert result.exit_code == 1, result.output
-    text = result.output.strip()
-    assert text.startswith("error:") and text.count("\n") == 0, text
-    for word in words:
-        assert word in text, text
 
 
 def test_end_to_end_the_numbers_come_from_the_segmenters(data, noise_model, tmp_path):
