@@ -310,9 +310,9 @@ def evaluate_downstream(
     data: Annotated[
         Path,
         typer.Argument(
-            help="Real image/label pairs: a folder with images/ and labels/ or a CSV/YAML manifest "
-            "(image,label[,case]), as volgen train reads them. With --test: the training pairs; with "
-            "--split: all pairs."
+            help="Real image/label pairs: a folder with images/ and labels/, an nnU-Net raw dataset "
+            "(imagesTr/, labelsTr/) or a CSV/YAML manifest (image,label[,case]). With --test: the training "
+            "pairs; with --split: all pairs."
         ),
     ],
     out_dir: Annotated[

@@ -172,6 +172,23 @@ def test_split_file_and_nnunet_folds(data, tmp_path):
     folds.write_text(json.dumps([{"train": ["a"], "val": ["b"]}, {"train": ["b", "c"], "val": ["f", "e"]}]))
     found = read_split(data / "all", split=folds, fold=1)
     assert [c.case for c in found.train] == ["b", "c"] and [c.case for c in found.test] == ["f", "e"]
+    # an nnU-Net v2 raw dataset folder with its splits_final.json
+    dataset = tmp_path / "Dataset001_Toy"
+    for sub in ("imagesTr", "labelsTr"):
+        (dataset / sub).mkdir(parents=True)
+    for name in "abcef":
+        (dataset / "imagesTr" / f"{name}_0000.nii.gz").write_bytes(
+            (data / "all/images" / f"{name}.nii.gz").read_bytes()
+        )
+        (dataset / "labelsTr" / f"{name}.nii.gz").write_bytes(
+            (data / "all/labels" / f"{name}.nii.gz").read_bytes()
+        )
+    found = read_split(dataset, split=folds, fold=1)
+    assert [c.case for c in found.train] == ["b", "c"] and [c.case for c in found.test] == ["f", "e"]
+    assert found.test[0].image.name == "f_0000.nii.gz" and found.test[0].label.name == "f.nii.gz"
+    (dataset / "imagesTr" / "a_0001.nii.gz").write_bytes(b"")
+    with pytest.raises(VolgenError, match="single-channel"):
+        read_split(dataset, split=folds)
 
 
 def test_leaks_and_bad_splits_are_one_clear_error(data, tmp_path):

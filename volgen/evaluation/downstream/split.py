@@ -1,8 +1,10 @@
 """The real train/test split of a downstream evaluation, checked for leaks.
 
 Real pairs are read as ``volgen train`` reads them (:func:`volgen.data.find_cases`: a folder with
-``images/`` + ``labels/`` or a CSV/YAML manifest ``image,label[,case]``). The split is either two sources
-(train, test) or one source and a split file:
+``images/`` + ``labels/`` or a CSV/YAML manifest ``image,label[,case]``) or from an nnU-Net v2 raw dataset
+folder (``imagesTr/CASE_0000.nii.gz`` + ``labelsTr/CASE.nii.gz``, one channel; the labels are read with the
+generator's label map like any other). The split is either two sources (train, test) or one source and a
+split file:
 
 - ``{"train": [ids], "test": [ids]}`` (JSON or YAML);
 - nnU-Net v2's ``splits_final.json``: a list of folds ``{"train": [ids], "val": [ids]}``; one fold is used
@@ -50,9 +52,9 @@ def read_split(
         raise VolgenError(
             "give the test cases either as a second source (--test) or as a split file (--split)"
         )
-    cases = find_cases(data)
+    cases = find_pairs(data)
     if test is not None:
-        result = DownstreamSplit(train=cases, test=find_cases(test))
+        result = DownstreamSplit(train=cases, test=find_pairs(test))
     else:
         train_ids, test_ids = _read_split_file(Path(split), fold)  # type: ignore[arg-type]
         by_id = {c.case: c for c in cases}
@@ -66,6 +68,36 @@ def read_split(
             raise ConfigError(split if split is not None else data, f"the {side} side has no cases")
     check_disjoint(result.train, result.test)
     return result
+
+
+def find_pairs(source: PathLike) -> list[TrainingCase]:
+    """Image/label pairs of a folder, a manifest or an nnU-Net v2 raw dataset (``imagesTr`` + ``labelsTr``).
+
+    Raises:
+        ConfigError: No pairs; an nnU-Net image without its label; a multi-channel nnU-Net dataset.
+    """
+    from volgen.io.naming import FORMAT_ENDINGS
+
+    folder = Path(source)
+    images, labels = folder / "imagesTr", folder / "labelsTr"
+    if not (images.is_dir() and labels.is_dir()):
+        return find_cases(source)
+    cases = []
+    for image in sorted(images.iterdir()):
+        ending = next((e for e in FORMAT_ENDINGS.values() if e and image.name.endswith(e)), None)
+        if ending is None or image.name.startswith("."):
+            continue
+        stem = image.name[: -len(ending)]
+        name, channel = stem[:-5], stem[-5:]
+        if channel != "_0000":
+            raise ConfigError(image, "only single-channel nnU-Net datasets (CASE_0000 images) are supported")
+        label = labels / f"{name}{ending}"
+        if not label.is_file():
+            raise ConfigError(folder, f"{image.name} has no label {label.name} in labelsTr")
+        cases.append(TrainingCase(case=name, image=image, label=label))
+    if not cases:
+        raise ConfigError(folder, "no CASE_0000 images in imagesTr")
+    return cases
 
 
 def _read_split_file(path: Path, fold: int) -> tuple[list[str], list[str]]:
