@@ -328,7 +328,7 @@ def evaluate_downstream(
     split: Annotated[
         Path | None,
         typer.Option(
-            help='A split of DATA: JSON/YAML {"train": [ids], "test": [ids]}, or nnU-Net\'s '
+            help="A split of DATA: JSON/YAML with 'train' and 'test' lists of case ids, or nnU-Net's "
             "splits_final.json (--fold; its val cases are the test cases)."
         ),
     ] = None,
