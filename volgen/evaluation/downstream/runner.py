@@ -185,7 +185,7 @@ def run_downstream(
     """
     from volgen.api import default_model_dir
     from volgen.data import prepare_case
-    from volgen.models import IntensityMapping, read_metadata, weights_hash
+    from volgen.models import read_metadata, weights_hash
 
     options.check()
     say = progress or (lambda message: None)
@@ -206,11 +206,11 @@ def run_downstream(
         )
     for message in warnings:
         logger.warning(message)
-    source = metadata.intensity
-    intensity = (
-        IntensityMapping.ct(source.low, source.high)
+    source = metadata.intensity  # the segmenter maps intensities as the generator does
+    mapping: dict[str, Any] = (
+        {"ct_window": (source.low, source.high)}
         if source.modality == "CT"
-        else IntensityMapping(modality="MR", percentiles=source.percentiles or (0.5, 99.5))
+        else {"percentiles": source.percentiles or (0.5, 99.5)}
     )
     config = SegmenterConfig(
         label_map=label_map.name,
@@ -222,7 +222,9 @@ def run_downstream(
         channels=list(options.channels),
         modality=source.modality,
         unknown_labels=options.unknown_labels,
+        **mapping,
     )
+    intensity = config.intensity_mapping()
     conditions = condition_names(options.multiples)
     settings = asdict(options.settings)
     settings.pop("seed")
