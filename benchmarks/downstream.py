@@ -89,7 +89,11 @@ def prepare(dataset: str, data: Path, work: Path) -> Path:
 
 def table(report, command: str) -> str:
     summary = report.summary()
-    names = [*report.class_names, "mean"]
+    names = [
+        n
+        for n in [*report.class_names, "mean"]
+        if any(e["mean"][n] == e["mean"][n] for e in summary.values())
+    ]
     lines = [
         f"`{command}`",
         "",

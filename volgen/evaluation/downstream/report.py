@@ -159,8 +159,9 @@ def downstream_figure(report: DownstreamReport, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     summary = report.summary()
-    groups = [*report.class_names, "mean"]
     conditions = [c for c in report.conditions if c in summary]
+    scored = [n for n in report.class_names if any(not math.isnan(summary[c]["mean"][n]) for c in conditions)]
+    groups = [*scored, "mean"]  # classes no test case contains have no bars
     width = 0.8 / max(1, len(conditions))
     x = np.arange(len(groups))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(groups) + 2), 4.2), constrained_layout=True)
