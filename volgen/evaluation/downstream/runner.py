@@ -157,6 +157,20 @@ def _test_volumes(cases: Sequence[TrainingCase], label_map: Any, unknown: str) -
     return volumes
 
 
+def multiple_of(condition: str) -> int:
+    """Synthetic images per training label in ``condition`` (``synthetic-4x``: 4; ``real``: 0)."""
+    if condition == "real":
+        return 0
+    return int(condition[len("synthetic-") : -1]) if condition.startswith("synthetic-") else 1
+
+
+def compose(condition: str, real: Sequence[Any], synthetic: Sequence[Any]) -> list[Any]:
+    """The training set of ``condition`` from the real items and the synthetic items of its multiple."""
+    return ([] if condition.startswith("synthetic") else list(real)) + (
+        [] if condition == "real" else list(synthetic)
+    )
+
+
 def dice_on_test(prediction: np.ndarray, target: np.ndarray, classes: int) -> dict[int, float]:
     """Dice per foreground class index; a class absent from the test labels has none (NaN), as MONAI's
     ``DiceMetric(ignore_empty=True)``: a test case without a class cannot say how well it is segmented."""
@@ -275,17 +289,14 @@ def run_downstream(
             if cached is not None:
                 runs.append(cached)
                 continue
-            k = int(condition[len("synthetic-") : -1]) if condition.startswith("synthetic-") else 1
+            k = max(1, multiple_of(condition))
             say(f"seed {seed + 1}/{options.seeds}: training on {condition}")
             started = time.perf_counter()
             if options.segmenter == "nnunet":
                 from volgen.evaluation.downstream.nnunet import nnunet_scores
 
-                train_cases = ([] if condition.startswith("synthetic") else list(split.train)) + (
-                    [] if condition == "real" else synthetic_cases[k]
-                )
                 scores = nnunet_scores(
-                    train_cases,
+                    compose(condition, split.train, synthetic_cases[k]),
                     split.test,
                     label_map,
                     out_dir / "nnunet" / condition / f"seed-{seed}",
@@ -299,13 +310,11 @@ def run_downstream(
             else:
                 from volgen.segmenter import fit_segmenter
 
-                if real is None and condition != "synthetic" and not condition.startswith("synthetic-"):
+                if real is None and not condition.startswith("synthetic"):
                     real = prepare(split.train)
                 if condition != "real" and k not in synthetic:
                     synthetic[k] = prepare(synthetic_cases[k])
-                volumes = ([] if condition.startswith("synthetic") else real or []) + (
-                    [] if condition == "real" else synthetic[k]
-                )
+                volumes = compose(condition, real or [], synthetic.get(k, []))
                 segmenter, _ = fit_segmenter(
                     volumes, label_map, intensity, config.model_copy(update={"seed": seed})
                 )
@@ -320,8 +329,7 @@ def run_downstream(
                     case: {label_map.class_names[c]: v for c, v in per_class.items()}
                     for case, per_class in scores.items()
                 },
-                train_cases=len(split.train) * (0 if condition.startswith("synthetic") else 1)
-                + (0 if condition == "real" else len(split.train) * k),
+                train_cases=len(compose(condition, split.train, synthetic_cases[k])),
                 train_slices=slices,
                 seconds=time.perf_counter() - started,
             )
