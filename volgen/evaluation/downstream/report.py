@@ -177,7 +177,10 @@ def downstream_figure(report: DownstreamReport, path: Path) -> None:
     ax.set_xticks(x, groups, rotation=20, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("Dice on the real test cases")
-    ax.set_title("Segmenters trained on real, synthetic and both (bar: mean over seeds; whisker: worst seed)")
+    ax.set_title(
+        "Trained on real, synthetic and both; tested on real\n(bar: mean over seeds, whisker: worst seed)",
+        fontsize=10,
+    )
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
     fig.savefig(path, dpi=110, format="png")
