@@ -251,7 +251,6 @@ def run_downstream(
         "config": config.model_dump(mode="json")
         if options.segmenter == "volgen"
         else [options.nnunet_configuration, options.nnunet_epochs],
-        "multiples": sorted(set(options.multiples)),
     }
 
     def prepare(cases: Sequence[TrainingCase]) -> list[Any]:
