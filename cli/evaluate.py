@@ -1,4 +1,5 @@
-"""``volgen evaluate`` (faithfulness, consistency, intensity realism) and ``volgen train-segmenter``."""
+"""``volgen evaluate`` (faithfulness, consistency, intensity realism), ``volgen train-segmenter`` and
+``volgen evaluate-downstream`` (segmenters trained on real, synthetic and both, tested on real images)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,20 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from volgen import defaults
 from volgen.cli.app import app, console, err_console, handle_errors, shown
+from volgen.cli.options import (
+    GuidanceOption,
+    ModelOption,
+    ProgressMode,
+    RhoOption,
+    SchedulerOption,
+    StepsOption,
+    UnknownLabelsOption,
+    build_settings,
+    notify_model,
+    warn,
+)
 
 
 def _f(value: float | None, digits: int = 3) -> str:
@@ -323,3 +337,141 @@ def train_segmenter(
     )
     console.print(f"Dice on the training slices: {scores}", highlight=False)
     console.print(f"segmenter: {shown(result.folder)}", highlight=False)
+
+
+@app.command("evaluate-downstream")
+@handle_errors
+def evaluate_downstream(
+    data: Annotated[
+        Path,
+        typer.Argument(
+            help="Real image/label pairs: a folder with images/ and labels/, an nnU-Net raw dataset "
+            "(imagesTr/, labelsTr/) or a CSV/YAML manifest (image,label[,case]). With --test: the training "
+            "pairs; with --split: all pairs."
+        ),
+    ],
+    out_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="Folder for downstream.json/csv/png, the synthetic images (synthetic/seed-S) and finished "
+            "runs (runs/); a rerun reuses what is there."
+        ),
+    ],
+    test: Annotated[
+        Path | None, typer.Option(help="The real test pairs (a folder or manifest like DATA).")
+    ] = None,
+    split: Annotated[
+        Path | None,
+        typer.Option(
+            help="A split of DATA: JSON/YAML with 'train' and 'test' lists of case ids, or nnU-Net's "
+            "splits_final.json (--fold; its val cases are the test cases)."
+        ),
+    ] = None,
+    fold: Annotated[int, typer.Option(min=0, help="The fold of an nnU-Net splits_final.json.")] = 0,
+    model: ModelOption = None,
+    seeds: Annotated[
+        int, typer.Option(min=1, help="Repetitions; seed s is the generation and the segmenter seed.")
+    ] = 3,
+    synthetic_multiples: Annotated[
+        str,
+        typer.Option(help="Synthetic images per training label to compare, comma-separated (e.g. 1,2,4)."),
+    ] = "1",
+    segmenter: Annotated[
+        str, typer.Option(help="volgen (a small 2D UNet, CPU) or nnunet (nnU-Net v2, needs nnUNetv2_train).")
+    ] = "volgen",
+    segmenter_steps: Annotated[int, typer.Option(min=1, help="volgen segmenter: optimisation steps.")] = 1000,
+    segmenter_batch_size: Annotated[int, typer.Option(min=1, help="volgen segmenter: slices per step.")] = 8,
+    learning_rate: Annotated[float, typer.Option(help="volgen segmenter: AdamW learning rate.")] = 1e-3,
+    channels: Annotated[str, typer.Option(help="volgen segmenter: UNet widths per level.")] = "16,32,64",
+    nnunet_configuration: Annotated[
+        str, typer.Option(help="nnU-Net configuration (2d, 3d_fullres, ...).")
+    ] = "2d",
+    nnunet_epochs: Annotated[
+        int, typer.Option(min=1, help="nnU-Net epochs (a trainer nnUNetTrainer_<N>epochs must exist).")
+    ] = 50,
+    steps: StepsOption = defaults.STEPS,
+    scheduler: SchedulerOption = defaults.SCHEDULER,
+    noise_correlation: RhoOption = defaults.NOISE_CORRELATION,
+    guidance_scale: GuidanceOption = None,
+    device: Annotated[str, typer.Option(help="Generation device: auto, cpu or cuda.")] = defaults.DEVICE,
+    unknown_labels: UnknownLabelsOption = defaults.UNKNOWN_LABELS,
+) -> None:
+    """Downstream utility: train the same segmenter on real, synthetic and real + synthetic pairs, test each
+    on real test pairs.
+
+    Synthetic images are generated for the training labels only (through volgen batch, N seeds); every
+    condition gets the same segmenter, budget and seed. Reports Dice per class, the mean and the worst seed,
+    and writes downstream.json, downstream.csv and downstream.png.
+
+    Example: volgen evaluate-downstream data/colin27 runs/downstream --split split.json --seeds 8
+    """
+    from volgen.errors import VolgenError
+    from volgen.evaluation.downstream import (
+        DownstreamOptions,
+        read_split,
+        run_downstream,
+        write_downstream_report,
+    )
+
+    def integers(text: str, option: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise VolgenError(f"{option} must be comma-separated integers, got {text!r}") from None
+        if not values:
+            raise VolgenError(f"{option} is empty")
+        return values
+
+    settings = build_settings(
+        steps=steps,
+        scheduler=scheduler,
+        noise_correlation=noise_correlation,
+        guidance_scale=guidance_scale,
+        unknown_labels=unknown_labels,
+    )
+    from volgen.default_model import resolve_model
+
+    model_dir = resolve_model(model)
+    options = DownstreamOptions(
+        model=model_dir,
+        seeds=seeds,
+        multiples=integers(synthetic_multiples, "--synthetic-multiples"),
+        settings=settings,
+        segmenter=segmenter,
+        steps=segmenter_steps,
+        batch_size=segmenter_batch_size,
+        learning_rate=learning_rate,
+        channels=integers(channels, "--channels"),
+        nnunet_configuration=nnunet_configuration,
+        nnunet_epochs=nnunet_epochs,
+        device=device,
+        unknown_labels=unknown_labels,
+    )
+    options.check()
+    found = read_split(data, test=test, split=split, fold=fold)
+    notify_model(model_dir, ProgressMode.rich)
+    with console.status("downstream evaluation", spinner="dots") as status:
+        report = run_downstream(found, out_dir, options, progress=lambda message: status.update(message))
+    for message in report.warnings:
+        warn(message, ProgressMode.rich)
+    _render_downstream(report)
+    written = write_downstream_report(report, out_dir)
+    console.print(f"wrote {shown(', '.join(str(p) for p in written))}", highlight=False)
+
+
+def _render_downstream(report) -> None:
+    summary = report.summary()
+    seeds = max((entry["seeds"] for entry in summary.values()), default=0)
+    table = Table(
+        title=shown(f"Dice on the real test cases ({len(report.settings.get('test_cases', []))} case(s), "
+                     f"{seeds} seed(s)): mean over seeds [worst seed]"),
+        title_justify="left",
+    )  # fmt: skip
+    table.add_column("trained on", justify="left")
+    for name in [*report.class_names, "mean"]:
+        table.add_column(shown(name), justify="right")
+    table.add_column("× real", justify="right")
+    for condition, entry in summary.items():
+        cells = [f"{_f(entry['mean'][n])} [{_f(entry['worst'][n])}]" for n in [*report.class_names, "mean"]]
+        table.add_row(shown(condition), *cells, _f(entry["ratio"], 2))
+    console.print(table)

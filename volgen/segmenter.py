@@ -280,64 +280,33 @@ def load_segmenter(folder: PathLike) -> Segmenter:
     return Segmenter(unet.float(), metadata, folder)
 
 
-@dataclass
-class SegmenterTrainResult:
-    """What :func:`train_segmenter` did."""
-
-    folder: Path
-    steps: int
-    final_loss: float
-    train_dice: dict[str, float]
-    seconds: float
-    slices: int
-
-
-def train_segmenter(
-    data: PathLike,
-    output: PathLike,
+def fit_segmenter(
+    volumes: Sequence[Any],
+    label_map: LabelMap,
+    intensity: IntensityMapping,
     config: SegmenterConfig,
     *,
-    overwrite: bool = False,
     progress: SegmenterProgress | None = None,
-) -> SegmenterTrainResult:
-    """Train a 2D segmenter on image/segmentation pairs and save it.
+) -> tuple[Segmenter, float]:
+    """Train a fresh segmenter in memory on prepared volumes (nothing is written).
 
     Args:
-        data: A manifest (CSV/YAML) or a folder with ``images/`` and ``labels/`` (as for ``volgen train``).
-        output: The segmenter folder to write.
-        config: :class:`SegmenterConfig`.
-        overwrite: Replace an existing output folder.
+        volumes: :class:`volgen.data.PreparedVolume` s in the slicing frame of ``config`` (``image``:
+            ``(N, H, W)`` in [-1, 1]; ``labels``: ``(N, H, W)`` class indices of ``label_map``).
+        label_map: The classes (``label_map.num_classes`` output logits).
+        intensity: How the volumes' intensities were mapped (recorded in the metadata).
+        config: Steps, batch size, learning rate, widths, augmentation and seed; ``config.label_map`` is not
+            read (``label_map`` is).
         progress: Called after every step with ``(step, steps, loss)`` (loss: mean of the last 20 steps).
 
     Returns:
-        :class:`SegmenterTrainResult`; ``train_dice`` is the Dice per foreground class of the final network
-        on all training slices in the slicing frame (a sanity check, not a test score).
+        The segmenter (eval mode) and its final loss. The same volumes, config and seed give the same network.
     """
     import torch
     import torch.nn.functional as F
 
-    from volgen.data import find_cases, prepare_case
-    from volgen.evaluation import dice
-    from volgen.io import check_output_path
-    from volgen.labels import load_label_map
-
-    started = time.perf_counter()
-    output = Path(output)
-    check_output_path(output, overwrite=overwrite, directory=True)
-    label_map = load_label_map(config.label_map)
-    intensity = config.intensity_mapping()
-    cases = find_cases(data)
-    volumes = [
-        prepare_case(
-            case,
-            label_map=label_map,
-            intensity=intensity,
-            slice_size=config.slice_size,
-            slice_axis=config.slice_axis,
-            unknown_labels=config.unknown_labels,
-        )
-        for case in cases
-    ]
+    if not volumes:
+        raise ValueError("no volumes to train a segmenter on")
     images = torch.cat([v.image for v in volumes]).float()
     labels = torch.cat([v.labels for v in volumes]).long()
     logger.info("training a segmenter on %d slices of %d case(s)", images.shape[0], len(volumes))
@@ -372,7 +341,6 @@ def train_segmenter(
         if progress is not None:
             progress(step + 1, config.steps, float(np.mean(recent)))
 
-    unet.eval()
     metadata = SegmenterMetadata(
         label_map=label_map,
         slice_size=config.slice_size,
@@ -380,11 +348,73 @@ def train_segmenter(
         intensity=intensity,
         trained_on=", ".join(v.case for v in volumes),
     )
-    segmenter = Segmenter(unet, metadata)
+    return Segmenter(unet, metadata), float(np.mean(recent))
+
+
+@dataclass
+class SegmenterTrainResult:
+    """What :func:`train_segmenter` did."""
+
+    folder: Path
+    steps: int
+    final_loss: float
+    train_dice: dict[str, float]
+    seconds: float
+    slices: int
+
+
+def train_segmenter(
+    data: PathLike,
+    output: PathLike,
+    config: SegmenterConfig,
+    *,
+    overwrite: bool = False,
+    progress: SegmenterProgress | None = None,
+) -> SegmenterTrainResult:
+    """Train a 2D segmenter on image/segmentation pairs and save it.
+
+    Args:
+        data: A manifest (CSV/YAML) or a folder with ``images/`` and ``labels/`` (as for ``volgen train``).
+        output: The segmenter folder to write.
+        config: :class:`SegmenterConfig`.
+        overwrite: Replace an existing output folder.
+        progress: Called after every step with ``(step, steps, loss)`` (loss: mean of the last 20 steps).
+
+    Returns:
+        :class:`SegmenterTrainResult`; ``train_dice`` is the Dice per foreground class of the final network
+        on all training slices in the slicing frame (a sanity check, not a test score).
+    """
+    import torch
+
+    from volgen.data import find_cases, prepare_case
+    from volgen.evaluation import dice
+    from volgen.io import check_output_path
+    from volgen.labels import load_label_map
+
+    started = time.perf_counter()
+    output = Path(output)
+    check_output_path(output, overwrite=overwrite, directory=True)
+    label_map = load_label_map(config.label_map)
+    intensity = config.intensity_mapping()
+    cases = find_cases(data)
+    volumes = [
+        prepare_case(
+            case,
+            label_map=label_map,
+            intensity=intensity,
+            slice_size=config.slice_size,
+            slice_axis=config.slice_axis,
+            unknown_labels=config.unknown_labels,
+        )
+        for case in cases
+    ]
+    segmenter, final_loss = fit_segmenter(volumes, label_map, intensity, config, progress=progress)
+    images = torch.cat([v.image for v in volumes]).float()
+    labels = torch.cat([v.labels for v in volumes]).long()
+    metadata = segmenter.metadata
     predicted = segmenter.predict_slices(images)
     scores = dice(predicted.numpy(), labels.numpy(), range(1, label_map.num_classes))
     train_dice = {label_map.class_names[c]: v for c, v in scores.items()}
-    final_loss = float(np.mean(recent))
     metadata.training = {
         "data": str(data),
         "cases": len(volumes),
