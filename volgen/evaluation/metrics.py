@@ -73,6 +73,13 @@ def dice(prediction: np.ndarray, target: np.ndarray, classes: Iterable[int]) -> 
     return result
 
 
+def dice_on_test(prediction: np.ndarray, target: np.ndarray, classes: int) -> dict[int, float]:
+    """Dice per foreground class index; a class absent from the test labels has none (NaN), as MONAI's
+    ``DiceMetric(ignore_empty=True)``: a test case without a class cannot say how well it is segmented."""
+    scores = dice(prediction, target, range(1, classes))
+    return {c: v if bool((target == c).any()) else float("nan") for c, v in scores.items()}
+
+
 class IntensitySegmenter:
     """A segmenter for data whose classes are told apart by intensity (e.g. T1 brain tissues).
 

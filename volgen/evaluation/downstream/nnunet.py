@@ -92,7 +92,7 @@ def nnunet_scores(
 
     from volgen.batch.nnunet import nnunet_dataset_json
     from volgen.data import read_case
-    from volgen.evaluation.downstream.runner import dice_on_test
+    from volgen.evaluation.metrics import dice_on_test
     from volgen.io import read_label
 
     check_nnunet()

@@ -32,6 +32,7 @@ from volgen.data import TrainingCase
 from volgen.errors import VolgenError
 from volgen.evaluation.downstream.report import DownstreamReport, RunResult
 from volgen.evaluation.downstream.split import DownstreamSplit, generator_training_overlap
+from volgen.evaluation.metrics import dice_on_test
 from volgen.generation import GenerateSettings
 from volgen.segmenter import SegmenterConfig
 from volgen.types import PathLike
@@ -171,18 +172,61 @@ def compose(condition: str, real: Sequence[Any], synthetic: Sequence[Any]) -> li
     )
 
 
-def dice_on_test(prediction: np.ndarray, target: np.ndarray, classes: int) -> dict[int, float]:
-    """Dice per foreground class index; a class absent from the test labels has none (NaN), as MONAI's
-    ``DiceMetric(ignore_empty=True)``: a test case without a class cannot say how well it is segmented."""
-    from volgen.evaluation.metrics import dice
-
-    scores = dice(prediction, target, range(1, classes))
-    return {c: v if bool((target == c).any()) else float("nan") for c, v in scores.items()}
-
-
 def _score(segment: Callable[[Any], np.ndarray], tests: Sequence[tuple[str, Any, Any]], classes: int):
     """Dice per test case and foreground class index (:func:`dice_on_test`)."""
     return {case: dice_on_test(segment(image), target, classes) for case, image, target in tests}
+
+
+def _leak_warnings(metadata: Any, split: DownstreamSplit) -> list[str]:
+    """A warning (also logged) when a test case appears in the generator's recorded training data."""
+    leaked = generator_training_overlap(metadata.trained_on, metadata.training, [c.case for c in split.test])
+    if not leaked:
+        return []
+    message = (
+        f"test case(s) {', '.join(leaked)} appear in the generator's training data "
+        f"({metadata.trained_on!r}): synthetic images may carry what the test measures"
+    )
+    logger.warning(message)
+    return [message]
+
+
+def _segmenter_config(metadata: Any, options: DownstreamOptions) -> SegmenterConfig:
+    """The segmenter of every condition: the options' budget, the generator's frame and intensity mapping."""
+    source = metadata.intensity  # the segmenter maps intensities as the generator does
+    mapping: dict[str, Any] = (
+        {"ct_window": (source.low, source.high)}
+        if source.modality == "CT"
+        else {"percentiles": source.percentiles or (0.5, 99.5)}
+    )
+    return SegmenterConfig(
+        label_map=metadata.label_map.name,
+        steps=options.steps,
+        batch_size=options.batch_size,
+        learning_rate=options.learning_rate,
+        slice_size=metadata.slice_size,
+        slice_axis=metadata.slice_axis,
+        channels=list(options.channels),
+        modality=source.modality,
+        unknown_labels=options.unknown_labels,
+        **mapping,
+    )
+
+
+def _prepare(cases: Sequence[TrainingCase], label_map: Any, config: SegmenterConfig, unknown: str) -> list:
+    """Training cases in the segmenter's slicing frame and intensity mapping."""
+    from volgen.data import prepare_case
+
+    return [
+        prepare_case(
+            c,
+            label_map=label_map,
+            intensity=config.intensity_mapping(),
+            slice_size=config.slice_size,
+            slice_axis=config.slice_axis,
+            unknown_labels=unknown,  # type: ignore[arg-type]
+        )
+        for c in cases
+    ]
 
 
 def run_downstream(
@@ -197,47 +241,21 @@ def run_downstream(
     Raises:
         VolgenError: bad options; a generation that fails; nnU-Net asked for and not installed.
     """
-    from volgen.api import default_model_dir
-    from volgen.data import prepare_case
+    from volgen.default_model import resolve_model
     from volgen.models import read_metadata, weights_hash
 
     options.check()
     say = progress or (lambda message: None)
     out_dir = Path(out_dir)
-    model_dir = Path(options.model) if options.model is not None else default_model_dir()
+    model_dir = resolve_model(options.model)
     metadata = read_metadata(model_dir)
     if options.segmenter == "nnunet":
         from volgen.evaluation.downstream.nnunet import check_nnunet
 
         check_nnunet()
     label_map = metadata.label_map
-    warnings = []
-    leaked = generator_training_overlap(metadata.trained_on, metadata.training, [c.case for c in split.test])
-    if leaked:
-        warnings.append(
-            f"test case(s) {', '.join(leaked)} appear in the generator's training data "
-            f"({metadata.trained_on!r}): synthetic images may carry what the test measures"
-        )
-    for message in warnings:
-        logger.warning(message)
-    source = metadata.intensity  # the segmenter maps intensities as the generator does
-    mapping: dict[str, Any] = (
-        {"ct_window": (source.low, source.high)}
-        if source.modality == "CT"
-        else {"percentiles": source.percentiles or (0.5, 99.5)}
-    )
-    config = SegmenterConfig(
-        label_map=label_map.name,
-        steps=options.steps,
-        batch_size=options.batch_size,
-        learning_rate=options.learning_rate,
-        slice_size=metadata.slice_size,
-        slice_axis=metadata.slice_axis,
-        channels=list(options.channels),
-        modality=source.modality,
-        unknown_labels=options.unknown_labels,
-        **mapping,
-    )
+    warnings = _leak_warnings(metadata, split)
+    config = _segmenter_config(metadata, options)
     intensity = config.intensity_mapping()
     conditions = condition_names(options.multiples)
     settings = asdict(options.settings)
@@ -254,17 +272,7 @@ def run_downstream(
     }
 
     def prepare(cases: Sequence[TrainingCase]) -> list[Any]:
-        return [
-            prepare_case(
-                c,
-                label_map=label_map,
-                intensity=intensity,
-                slice_size=config.slice_size,
-                slice_axis=config.slice_axis,
-                unknown_labels=options.unknown_labels,  # type: ignore[arg-type]
-            )
-            for c in cases
-        ]
+        return _prepare(cases, label_map, config, options.unknown_labels)
 
     real: list[Any] | None = None
     tests: list[tuple[str, Any, Any]] | None = None
