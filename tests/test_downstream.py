@@ -310,3 +310,15 @@ def test_nnunet_segmenter_gets_the_dataset_and_commands(data, noise_model, tmp_p
             "nnUNetv2_predict",
         ]
         assert calls[1].split()[1:] == ["1", "3d_fullres", "all", "-tr", "nnUNetTrainer_5epochs"]
+
+
+def test_the_leak_warning_sees_training_cases_beyond_the_first_five():
+    """The model card's ``trained_on`` names five cases; ``training["cases"]`` (written by ``volgen train``)
+    names all of them, and the overlap check reads both."""
+    from volgen.evaluation.downstream.split import generator_training_overlap
+
+    ids = [f"case{i}" for i in range(8)]
+    trained_on = "8 case(s) from /data (case0, case1, case2, case3, case4 ...)"
+    assert generator_training_overlap(trained_on, {}, ["case6", "case1"]) == ["case1"]
+    found = generator_training_overlap(trained_on, {"cases": ids}, ["case6", "case1", "other"])
+    assert found == ["case6", "case1"]

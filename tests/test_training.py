@@ -128,6 +128,7 @@ def test_train_exports_a_loadable_model(reference_run, workdir):
     meta = model.metadata
     assert meta.name == "tiny-trained" and meta.encoding == "onehot" and meta.context_slices == 1
     assert meta.slice_size == 16 and meta.slice_axis == "axial"
+    assert meta.training["cases"] == ["case0", "case1"]  # every id, for the downstream leak warning
     assert meta.label_map == LabelMap.from_yaml(workdir / "labels.yaml")
     assert meta.intensity.modality == "MR" and meta.intensity.percentiles == (1.0, 99.0)
     windows = [

@@ -23,6 +23,8 @@ class TrainingData:
     description: str
     #: Multi-axis data: the axis code of each volume (see :class:`volgen.multiaxis.MultiAxisSliceDataset`).
     axes: list[int] | None = None
+    #: Every training case id (the model card records them all: ``description`` names only the first few).
+    cases: list[str] | None = None
 
 
 def prepare_training_data(config: TrainConfig) -> TrainingData:
@@ -61,7 +63,9 @@ def prepare_training_data(config: TrainConfig) -> TrainingData:
         volumes = [with_empty_slices(v, data.empty_slices) for v in volumes]
         intensity = data.intensity_mapping([v.window for v in volumes])
         description = f"{len(cases)} case(s) from {data.source}, slices along {', '.join(order)}"
-        return TrainingData(volumes, label_map, intensity, description, axes=axes)
+        return TrainingData(
+            volumes, label_map, intensity, description, axes=axes, cases=[c.case for c in cases]
+        )
     for case in cases:
         volume = prepare_case(
             case,
@@ -80,4 +84,10 @@ def prepare_training_data(config: TrainConfig) -> TrainingData:
     logger.info(
         "prepared %s: %d slices of %d px", description, sum(v.labels.shape[0] for v in volumes), slice_size
     )
-    return TrainingData(volumes=volumes, label_map=label_map, intensity=intensity, description=description)
+    return TrainingData(
+        volumes=volumes,
+        label_map=label_map,
+        intensity=intensity,
+        description=description,
+        cases=[c.case for c in cases],
+    )

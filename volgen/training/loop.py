@@ -417,6 +417,7 @@ def _export(run: _Run, step: int, final_loss: float) -> Path:
             "edge_cut_p": config.data.edge_cut_p,
             "erase_classes": list(config.data.erase_classes),
             "erase_p": config.data.erase_p,
+            "cases": list(run.data.cases or []),  # every case id (trained_on names the first five)
             "ema_decay": cfg.ema_decay,
             "seed": cfg.seed,
             "final_loss": final_loss,
