@@ -405,6 +405,7 @@ def evaluate_downstream(
 
     Example: volgen evaluate-downstream data/colin27 runs/downstream --split split.json --seeds 8
     """
+    from volgen.default_model import resolve_model
     from volgen.errors import VolgenError
     from volgen.evaluation.downstream import (
         DownstreamOptions,
@@ -429,8 +430,6 @@ def evaluate_downstream(
         guidance_scale=guidance_scale,
         unknown_labels=unknown_labels,
     )
-    from volgen.default_model import resolve_model
-
     model_dir = resolve_model(model)
     options = DownstreamOptions(
         model=model_dir,
