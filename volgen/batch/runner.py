@@ -3,13 +3,16 @@
 Each process holds one :class:`~volgen.generation.VolumeGenerator` (the model set up once on its device) for
 all its items. It works case by case: claim the case's items (its samples; :mod:`volgen.batch.claims`; an
 item another live process holds is left to it), remove the temporaries a killed run left for them, skip those
-whose outputs are complete and current (:func:`volgen.batch.resume.unfinished_reason`), refuse the rest before
-reading voxels when the header's grid needs more memory than allowed, else read the segmentation once (the
-nnU-Net label files are made from the same image) and generate the samples to do *together* - as many per
-UNet run as fit in memory (:meth:`~volgen.generation.VolumeGenerator.volumes_together`), each exactly what it
-would be alone; then append one row per item to the manifest and release the claims. A failing item is
-recorded (its stale outputs removed, only what volgen wrote) and the run goes on: a sample whose write fails
-fails alone, a failure the samples share (reading the segmentation, generating) fails each of them.
+whose outputs are complete and current (:func:`volgen.batch.resume.unfinished_reason`), and run the rest
+through the case workflow that ``volgen generate`` runs too (:class:`~volgen.generation.case.CaseWorkflow`):
+refuse them before reading voxels when the header's grid needs more memory than allowed, else read the
+segmentation once (the nnU-Net label files are made from the same image) and generate the samples to do
+*together* - as many per UNet run as fit in memory
+(:meth:`~volgen.generation.VolumeGenerator.volumes_together`), each exactly what it would be alone - and
+write each (volume, then sidecar); then append one row per item to the manifest and release the claims. A
+failing item is recorded (its stale outputs removed, only what volgen wrote) and the run goes on: a sample
+whose write fails fails alone, a failure the samples share (reading the segmentation, generating) fails each
+of them.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from volgen.types import PathLike
 
 if TYPE_CHECKING:
     from volgen.generation import VolumeGenerator
+    from volgen.generation.case import CaseWorkflow
     from volgen.models import LoadedModel
     from volgen.pipeline import Progress
 
@@ -251,46 +255,41 @@ def _generate_case(
     """Generate the samples ``items`` of one case, together (as many at a time as fit in memory): each item's
     error (``""``: done) and seconds.
 
-    Before any voxel is read, the header's grid is checked against ``--max-memory`` (or 80% of what is
-    available). The segmentation, the reference and (nnU-Net layout) the class image are read once.
+    The case workflow (:class:`~volgen.generation.case.CaseWorkflow`) checks the header's grid against
+    ``--max-memory`` (or 80% of what is available) before any voxel is read, and reads the segmentation and
+    the reference once; (nnU-Net layout) the class image is made once from the same image.
     """
-    from volgen import io
-    from volgen.generation.reference import match_reference
+    from volgen.generation.case import CaseWorkflow
 
     options, generator = context.plan.options, context.generator
     first = items[0]
-    segmentation, reference, settings = first.case.segmentation, first.case.reference, first.settings
+    settings = first.settings
     outcome: dict[tuple[str, int], tuple[str, float]] = {}
-    pending, current = list(items), []
     started = time.perf_counter()
     try:
-        grid = io.read_header(segmentation)  # a Geometry stands in for the image: nothing decompressed
-        together = generator.volumes_together(grid, settings, len(items), context.limit)
-        generator.check_memory(grid, settings, context.limit, source=segmentation, volumes=together)
-        generator.check(settings, reference=reference is not None)
-        image = io.read_label(segmentation)
-        copy = options.copy_patient_info and options.output_format == "dicom"
-        patient_info = io.patient_info_of(segmentation) if copy else None
-        ref_image = None
-        if reference is not None:
-            ref_image = match_reference(
-                io.read_image(reference), image, resample=False, source=reference, segmentation=segmentation
-            )
-        generator.check_memory(image, settings, context.limit, source=segmentation, volumes=together)
+        case = CaseWorkflow.read(
+            generator,
+            first.case.segmentation,
+            settings,
+            samples=len(items),
+            reference=first.case.reference,
+            copy_patient_info=options.copy_patient_info and options.output_format == "dicom",
+            model_path=options.model,
+            max_memory=context.limit,
+        )
         classes = None
-        while pending:
-            current, pending = pending[:together], pending[together:]
+        for group in case.groups(len(items)):
+            current = [items[k] for k in group]
             begun = time.perf_counter()
             if classes is None and any(item.label is not None for item in current):
                 unknown = settings.unknown_labels
-                classes = generator.classes(image, unknown_labels=unknown, source=segmentation)
-            errors = _generate(current, context, held, image, ref_image, classes, patient_info)
+                classes = generator.classes(case.image, unknown_labels=unknown, source=case.segmentation)
+            errors = _generate(current, context, held, case, classes)
             share = (time.perf_counter() - begun) / len(current)
             outcome.update({item.key: (errors[item.key], share) for item in current})
-            current = []
     except Exception as exc:  # noqa: BLE001 - one bad case must not stop the run; it is recorded
         logger.debug("%s failed", first.case.id, exc_info=True)
-        failed = [*current, *pending]
+        failed = [item for item in items if item.key not in outcome]
         share = (time.perf_counter() - started) / max(1, len(failed))
         outcome.update({item.key: (one_line(exc), share) for item in failed})
     return outcome
@@ -300,19 +299,15 @@ def _generate(
     items: list[WorkItem],
     context: _Context,
     held: list[claims.Claim],
-    image: object,
-    ref_image: object,
+    case: CaseWorkflow,
     classes: object,
-    patient_info: dict | None,
 ) -> dict[tuple[str, int], str]:
     """Generate ``items`` (samples of one case) in one run of the pipeline and write each one's outputs (all
     or nothing per item, as the file level does) and, in the nnU-Net layout, its label file; each item's
     error (``""``: written). A failure of the generation itself raises (it is every item's)."""
-    from volgen.generation import GenerationRequest
-    from volgen.generation.files import OutputPlan, write_outputs
-    from volgen.generation.sidecar import Sidecar
+    from volgen.generation.files import OutputPlan
 
-    options, generator = context.plan.options, context.generator
+    options = context.plan.options
     started = time.perf_counter()
 
     def progress(p: Progress) -> None:
@@ -320,8 +315,7 @@ def _generate(
             claim.touch()
         context.observer.item_progress(items[0], p)
 
-    requests = [GenerationRequest(image, item.settings, ref_image, item.case.segmentation) for item in items]
-    volumes = generator.generate_many(requests, progress=progress, max_memory=context.limit)
+    volumes = case.generate([item.settings for item in items], progress=progress)
     errors: dict[tuple[str, int], str] = {}
     for item, volume in zip(items, volumes, strict=True):
         segmentation, reference = item.case.segmentation, item.case.reference
@@ -332,16 +326,7 @@ def _generate(
             )  # fmt: skip
             if item.label is not None:
                 write_label(item, context.plan, classes)
-            sidecar = Sidecar.describe(
-                volume, generator, item.settings, segmentation=segmentation, output=item.output,
-                output_format=options.output_format, model_path=options.model, reference=reference,
-            )  # fmt: skip
-            if patient_info is not None:
-                sidecar.patient_info_copied = sorted(patient_info)
-            write_outputs(
-                outputs, volume, sidecar, generator, overwrite=True, started=started, title=item.name,
-                patient_info=patient_info,
-            )  # fmt: skip
+            case.write(outputs, volume, item.settings, overwrite=True, started=started, output=item.output)
             errors[item.key] = ""
         except Exception as exc:  # noqa: BLE001 - this sample fails alone; it is recorded
             logger.debug("%s sample %d failed", item.case.id, item.sample, exc_info=True)

@@ -1,9 +1,11 @@
 """The file level, paths in and out: ``generate`` checks outputs, reads, generates, writes (all or nothing).
 
-This is what ``volgen generate`` (and the Slicer module, through the CLI) calls; batch conversion calls it
-with one :class:`~volgen.generation.VolumeGenerator` for all its volumes. :func:`generate_samples` writes
-several samples of one segmentation (seeds ``seed``, ``seed + 1``, ...), generated together; all of them or
-none.
+This is what ``volgen generate`` (and the Slicer module, through the CLI) calls. :func:`generate_samples`
+writes several samples of one segmentation (seeds ``seed``, ``seed + 1``, ...), generated together; all of
+them or none. Reading, checking, generating and writing one case is the case workflow
+(:class:`~volgen.generation.case.CaseWorkflow`), which ``volgen batch`` runs for its cases too; this module
+adds what is ``generate``'s own: every output checked before the model loads, its naming, and the rollback
+of every sample when one fails.
 """
 
 from __future__ import annotations
@@ -16,15 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from volgen import defaults
-from volgen.generation.generator import (
-    GeneratedVolume,
-    GenerationRequest,
-    VolumeGenerator,
-    sample_settings,
-)
-from volgen.generation.reference import match_reference
+from volgen.generation.case import CaseWorkflow, remove_replaced
+from volgen.generation.generator import VolumeGenerator, sample_settings
 from volgen.generation.settings import GenerateSettings
-from volgen.generation.sidecar import Sidecar
 from volgen.io.naming import default_output, sample_paths, sidecar_path
 from volgen.types import PathLike
 
@@ -226,51 +222,44 @@ def generate_samples(
         logger.info(
             "using the embedded default model (%s); real use needs --model", generator.metadata.trained_on
         )
-    generator.check(settings, reference=reference is not None)
-
-    # from the header first: a small .nii.gz can hold gigabytes of voxels; refuse it before decompressing
-    header = io.read_header(seg_path)
-    together = generator.volumes_together(header, settings, samples, max_memory)
-    generator.check_memory(header, settings, max_memory, source=seg_path, volumes=together)
-    seg_image = io.read_label(seg_path)
-    fmt = plans[0].format
-    patient_info = io.patient_info_of(seg_path) if copy_patient_info and fmt == "dicom" else None
-    ref_image = None
-    if reference is not None:
-        ref_image = match_reference(
-            io.read_image(reference),
-            seg_image,
-            resample=resample_reference,
-            source=reference,
-            segmentation=seg_path,
-        )
-    generator.check_memory(seg_image, settings, max_memory, source=seg_path, volumes=together)
-
+    case = CaseWorkflow.read(
+        generator,
+        segmentation,
+        settings,
+        samples=samples,
+        reference=reference,
+        resample_reference=resample_reference,
+        copy_patient_info=copy_patient_info and plans[0].format == "dicom",
+        model_path=model,
+        max_memory=max_memory,
+    )
     results: list[GenerateResult] = []
     report = _OverallProgress(progress, samples)
     before = output_identities(seg_path, output, samples=samples, preview=preview)
     try:
-        for first in range(0, samples, together):
-            group = range(first, min(first + together, samples))
-            requests = [GenerationRequest(seg_image, seeds[k], ref_image, seg_path) for k in group]
+        for group in case.groups(samples):
             report.start_group(len(group))
-            volumes = generator.generate_many(requests, progress=report, max_memory=max_memory)
+            volumes = case.generate([seeds[k] for k in group], progress=report)
             for k, volume in zip(group, volumes, strict=True):
+                plan = plans[k]
+                warnings = case.write(
+                    plan,
+                    volume,
+                    seeds[k],
+                    overwrite=overwrite,
+                    started=started,
+                    output=output if output is not None and samples == 1 else plan.output,
+                )
                 results.append(
-                    _write_sample(
-                        plans[k],
-                        volume,
-                        seeds[k],
-                        generator,
-                        segmentation=segmentation,
-                        output=output if output is not None and samples == 1 else plans[k].output,
-                        model=model,
-                        reference=reference,
-                        resample_reference=resample_reference,
-                        overwrite=overwrite,
-                        patient_info=patient_info,
-                        started=started,
-                        reference_image=ref_image,
+                    GenerateResult(
+                        output=plan.output,
+                        sidecar=plan.sidecar,
+                        preview=plan.preview if plan.preview is not None and not warnings else None,
+                        model_id=generator.model.model_id,
+                        seconds=time.perf_counter() - started,
+                        classes_kept=volume.classes_kept,
+                        device=str(generator.device),
+                        warnings=warnings,
                     )
                 )
     except BaseException:
@@ -303,70 +292,6 @@ def output_identities(
     return {path: io.file_identity(path) for path in paths}
 
 
-def remove_replaced(before: dict[Path, Any]) -> None:
-    from volgen import io
-
-    for path in io.remove_replaced(before):
-        logger.info("removed %s (the run did not finish)", path)
-
-
-def _write_sample(
-    plan: OutputPlan,
-    volume: Any,
-    settings: GenerateSettings,
-    generator: VolumeGenerator,
-    *,
-    segmentation: PathLike,
-    output: PathLike,
-    model: PathLike | None,
-    reference: PathLike | None,
-    resample_reference: bool,
-    overwrite: bool,
-    patient_info: Any,
-    started: float,
-    reference_image: Any,
-) -> GenerateResult:
-    """Write one generated sample (volume, sidecar, preview) as ``plan`` says and describe it."""
-    sidecar = Sidecar.describe(
-        volume,
-        generator,
-        settings,
-        segmentation=segmentation,
-        output=output,
-        output_format=plan.format,
-        model_path=model,
-        reference=reference,
-        resample_reference=resample_reference,
-    )
-    if patient_info is not None:
-        sidecar.patient_info_copied = sorted(patient_info)  # what --copy-patient-info copied
-    name = generator.metadata.name
-    from volgen.io import printable  # file names may hold control characters no font has
-
-    title = printable(f"{Path(segmentation).name} -> {plan.output.name} ({name}, seed {settings.seed})")
-    warnings = write_outputs(
-        plan,
-        volume,
-        sidecar,
-        generator,
-        overwrite=overwrite,
-        patient_info=patient_info,
-        started=started,
-        title=title,
-        reference_image=reference_image,
-    )
-    return GenerateResult(
-        output=plan.output,
-        sidecar=plan.sidecar,
-        preview=plan.preview if plan.preview is not None and not warnings else None,
-        model_id=generator.model.model_id,
-        seconds=time.perf_counter() - started,
-        classes_kept=volume.classes_kept,
-        device=str(generator.device),
-        warnings=warnings,
-    )
-
-
 class _OverallProgress:
     """Progress over all samples of a call that runs them in groups: slices done and total of the whole
     call, not of the current group."""
@@ -385,85 +310,3 @@ class _OverallProgress:
         if self.progress is not None:
             total = p.slices_total // self.group * self.samples
             self.progress(Progress(p.step, p.steps, self.offset + p.slices_done, total))
-
-
-def write_outputs(
-    plan: OutputPlan,
-    volume: GeneratedVolume,
-    sidecar: Sidecar,
-    generator: VolumeGenerator,
-    *,
-    overwrite: bool,
-    started: float,
-    title: str,
-    patient_info: dict[str, Any] | None = None,
-    reference_image: Any = None,
-) -> list[str]:
-    """Write the volume, then its sidecar (each atomically), then the optional preview.
-
-    All or nothing for the result: if the sidecar cannot be written or the run is interrupted (Ctrl-C,
-    SIGTERM) before this call returns, what it wrote is removed again (found by identity, see
-    :func:`volgen.io.remove_replaced`), so a volume never stands without its sidecar, nor a sidecar alone.
-    A failing preview is optional: it is reported (returned as one line) and the volume
-    and sidecar stay.
-    """
-    from volgen import io
-
-    meta = generator.metadata
-    before = {p: io.file_identity(p) for p in (plan.output, plan.sidecar, plan.preview) if p is not None}
-    try:
-        io.write_volume(
-            volume.image,
-            plan.output,
-            overwrite=overwrite,
-            format=plan.format,
-            modality=meta.intensity.modality,
-            series_description=f"SYNTHETIC volgen {meta.name}",
-            patient_info=patient_info,
-            protected=plan.protected,
-        )
-        sidecar.seconds = round(time.perf_counter() - started, 3)
-        sidecar.write(plan.sidecar, overwrite=overwrite)
-        if plan.preview is None:
-            return []
-        return write_preview(
-            plan,
-            volume,
-            title=title,
-            reference=reference_image,
-            overwrite=overwrite,
-            class_names=meta.label_map.class_names,
-        )
-    except BaseException:  # what this call renamed into place, even if the signal came in a write's cleanup
-        remove_replaced(before)
-        raise
-
-
-def write_preview(
-    plan: OutputPlan,
-    volume: GeneratedVolume,
-    *,
-    title: str,
-    reference: Any = None,
-    overwrite: bool = False,
-    class_names: Any = None,
-) -> list[str]:
-    """The PNG montage, or one warning line if it cannot be made (the result it shows is kept)."""
-    try:
-        from volgen.preview import save_montage
-
-        save_montage(
-            volume.condition,
-            volume.image,
-            plan.preview,
-            reference=reference,
-            class_names=class_names,
-            overwrite=overwrite,
-            title=title,
-        )
-    except Exception as exc:  # noqa: BLE001 - an optional output: any failure becomes one line, result kept
-        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        message = f"{plan.preview}: preview not written ({detail}); {plan.output} is complete"
-        logger.warning(message)
-        return [message]
-    return []
