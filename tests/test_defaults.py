@@ -7,6 +7,7 @@ import ast
 import dataclasses
 import inspect
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -186,3 +187,56 @@ def test_slicer_module_guidance_and_slice_axes_default_to_the_model():
     for bad in ({"guidance_scale": 21.0}, {"slice_axes": ["axial", "axial"]}, {"slice_axes": ["oblique"]}):
         with pytest.raises(ParameterError):
             GenerationParameters(**bad)
+
+
+#: Settings of ``GenerateSettings`` the panel leaves to ``volgen generate``'s defaults, and why.
+PANEL_LEAVES = {
+    **NOT_IN_PANEL,
+    "x0_smoothing": "--x0-smoothing (off by default; an expert knob)",
+    "slice_batch_size": "--slice-batch-size (auto; it never changes the result)",
+}
+#: ``GenerateSettings`` field -> the Slicer helper's ``GenerationParameters`` field, where the names differ.
+PANEL_NAMES = {"num_inference_steps": "steps"}
+
+
+def _plugin_helper():
+    """The Slicer helper package ``VolGenLib`` (plain Python)."""
+    sys.path.insert(0, str(PLUGIN))
+    try:
+        import VolGenLib
+    finally:
+        sys.path.remove(str(PLUGIN))
+    return VolGenLib
+
+
+def test_slicer_panel_offers_every_generation_setting():
+    """Every setting of a generation is in the panel or named here as left to the CLI's default: a new
+    knob must be added to the panel (or here, with its reason)."""
+    helper = _plugin_helper()
+    panel = {f.name for f in dataclasses.fields(helper.GenerationParameters)}
+    for field in dataclasses.fields(GenerateSettings):
+        name = PANEL_NAMES.get(field.name, field.name)
+        assert name in panel or field.name in PANEL_LEAVES, f"the Slicer panel lacks {field.name}"
+    assert {"guidance_scale", "slice_axes", "samples"} <= panel
+
+
+def test_slicer_panel_samples():
+    """``--samples`` in the panel: volgen's default and limit (parameter node, spin box), passed to
+    ``volgen generate`` only when changed, checked before a run."""
+    helper = _plugin_helper()
+    assert helper.SAMPLES == defaults.SAMPLES and helper.MAX_SAMPLES == defaults.MAX_SAMPLES
+    assert helper.GenerationParameters().samples == defaults.SAMPLES
+    assert _plugin_node_defaults()["samples"] == defaults.SAMPLES
+    tree = ET.parse(PLUGIN / "Resources" / "UI" / "VolGen.ui")
+    box = next(w for w in tree.iter("widget") if w.get("name") == "samplesSpinBox")
+    limits = {
+        p.get("name"): int(p.findtext("number")) for p in box.iter("property") if p.find("number") is not None
+    }
+    assert (limits["minimum"], limits["maximum"]) == (1, defaults.MAX_SAMPLES)
+    paths = helper.GenerationPaths(input=Path("in.nii.gz"), output=Path("out.nii.gz"))
+    assert "--samples" not in helper.build_command(helper.GenerationParameters(), paths, python="py")
+    three = helper.build_command(helper.GenerationParameters(samples=3), paths, python="py")
+    assert three[three.index("--samples") + 1] == "3"
+    for bad in (0, defaults.MAX_SAMPLES + 1, 2.0, True):
+        with pytest.raises(helper.ParameterError, match="samples"):
+            helper.GenerationParameters(samples=bad)

@@ -73,6 +73,8 @@ def test_parameters_defaults_are_valid():
         ({"device": "tpu"}, "device"),
         ({"unknown_labels": "ignore"}, "unknown labels"),
         ({"keep": ["a,b"]}, "comma"),
+        ({"samples": 0}, "samples"),
+        ({"samples": 1.5}, "samples"),
     ],
 )
 def test_parameters_reject_out_of_range(kwargs, words):
@@ -256,6 +258,18 @@ def test_runner_success_with_stand_in(tmp_path):
     assert runner.noise == ["some library noise"] and runner.poll() == []
 
 
+def test_runner_reports_every_sample_with_stand_in(tmp_path):
+    """``--samples``: the ``done`` event lists every output; a relative path is in the CLI's folder."""
+    done = {"event": "done", "output": "o_s0.nii.gz", "outputs": ["o_s0.nii.gz", "/abs/o_s1.nii.gz"]}
+    script = f"import json; print(json.dumps({done!r}))"
+    result = GenerationRunner([PYTHON, "-c", script], cwd=tmp_path).start().wait(timeout=60)
+    assert result.ok and result.output == tmp_path / "o_s0.nii.gz"
+    assert result.outputs == [tmp_path / "o_s0.nii.gz", Path("/abs/o_s1.nii.gz")]
+    assert parse_progress_line(json.dumps(done)).outputs == done["outputs"]
+    one = GenerationRunner([PYTHON, "-c", FAKE_CLI, "0", "ok"], cwd=tmp_path).start().wait(timeout=60)
+    assert one.outputs == [one.output]  # a CLI that lists no outputs: the one it names
+
+
 @pytest.mark.parametrize(
     ("mode", "message"), [("fail", "label values unknown"), ("crash", "RuntimeError: boom")]
 )
@@ -323,7 +337,8 @@ def _bad_labels() -> sitk.Image:
 
 @pytest.fixture(scope="module")
 def cli_jobs(tiny_model_dir, tmp_path_factory):
-    """Three started ``volgen generate`` jobs: ``ok`` (2 steps), ``long`` (to cancel), ``bad`` (fails)."""
+    """Four started ``volgen generate`` jobs: ``ok`` (2 steps), ``samples`` (two samples), ``long`` (to
+    cancel), ``bad`` (fails)."""
     model = str(tiny_model_dir)
     root = tmp_path_factory.mktemp("slicer-jobs")
     specs = {
@@ -332,6 +347,11 @@ def cli_jobs(tiny_model_dir, tmp_path_factory):
                 model_dir=model, steps=2, scheduler="ddim", seed=3, device="cpu", drop=["spleen"]
             ),
             make_volume("label", size=(12, 10, 7), spacing=(0.7, 0.9, 2.5)),  # oblique, anisotropic
+            {},
+        ),
+        "samples": (
+            GenerationParameters(model_dir=model, steps=2, scheduler="ddim", seed=5, device="cpu", samples=2),
+            make_volume("label", size=(10, 9, 5), spacing=(0.8, 1.1, 2.0)),
             {},
         ),
         "long": (
@@ -370,6 +390,26 @@ def test_generate_through_the_real_cli(cli_jobs):
     assert np.isfinite(sitk.GetArrayViewFromImage(out)).all()
     sidecar = json.loads(job.paths.sidecar.read_text())
     assert sidecar["settings"]["drop"] == ["spleen"] and sidecar["settings"]["num_inference_steps"] == 2
+    job.close()
+    assert not job.workspace.exists
+
+
+def test_samples_through_the_real_cli(cli_jobs):
+    """The panel's samples: ``--samples 2`` writes two volumes (seeds 5 and 6), and the run reports both."""
+    job, seg, _ = cli_jobs["samples"]
+    assert job.command[job.command.index("--samples") + 1] == "2"
+    result = job.wait(timeout=300)
+    assert result.ok, (result.error, result.stderr)
+    assert [p.name for p in result.outputs] == ["synthetic_s0.nii.gz", "synthetic_s1.nii.gz"]
+    assert result.output == result.outputs[0]
+    arrays = []
+    for k, path in enumerate(result.outputs):
+        out = sitk.ReadImage(str(path))
+        assert_same_geometry(out, seg)
+        arrays.append(sitk.GetArrayFromImage(out))
+        sidecar = json.loads(path.with_name(path.name + ".json").read_text())
+        assert sidecar["settings"]["seed"] == 5 + k
+    assert not np.array_equal(arrays[0], arrays[1])
     job.close()
     assert not job.workspace.exists
 

@@ -115,6 +115,32 @@ def test_generate_from_a_labelmap_node(scene, seg_image, tiny_model_dir, tmp_pat
     assert not any(tmp_path.iterdir())  # temporary folder removed
 
 
+def test_samples_go_into_one_node_each(scene, seg_image, tiny_model_dir, tmp_path):
+    """The panel's samples: sample 0 fills the output node, sample k a new node ``<output> s<k>`` of the
+    same scene, each on the input's grid under its transform."""
+    transform = slicer.vtkMRMLLinearTransformNode()
+    scene.AddNode(transform)
+    node = add_volume(scene, seg_image)
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    output = slicer.vtkMRMLScalarVolumeNode()
+    scene.AddNode(output)
+    params = GenerationParameters(
+        model_dir=str(tiny_model_dir), steps=2, scheduler="ddim", device="cpu", seed=4, samples=3
+    )
+    generation = NodeGeneration(node, output, params, python=sys.executable, workspace_root=tmp_path)
+    outcome = generation.start().wait(timeout=300)
+    assert outcome.ok, (outcome.error, outcome.run.stderr if outcome.run else None)
+    nodes = outcome.output_nodes
+    assert nodes[0] is output and outcome.output_node is output and len(nodes) == 3
+    assert [n.GetName() for n in nodes] == ["input synthetic", "input synthetic s1", "input synthetic s2"]
+    for sample in nodes:
+        assert sample.GetScene() is scene and sample.GetTransformNodeID() == transform.GetID()
+        assert dimensions(sample) == seg_image.GetSize()
+        np.testing.assert_allclose(ijk_to_ras(sample), ijk_to_ras(node), rtol=0, atol=1e-5)
+    assert not np.array_equal(voxels(nodes[0]), voxels(nodes[1]))  # seeds 4 and 5
+    assert not any(tmp_path.iterdir())
+
+
 def test_segmentation_is_exported_by_segment_name(scene, tmp_path):
     """Segments get the model's label values by name, else by their own value; others are left out."""
     image = make_volume("label", size=(12, 10, 7), n_labels=4)  # values 1..4; 4 is unknown to the model

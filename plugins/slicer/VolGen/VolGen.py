@@ -46,6 +46,7 @@ from VolGenLib import (  # noqa: E402
     FILE_FILTER,
     GUIDANCE_SCALE,
     MAX_GUIDANCE_SCALE,
+    MAX_SAMPLES,
     SCHEDULERS,
     EnvironmentStatus,
     GenerationParameters,
@@ -113,6 +114,7 @@ class VolGenParameterNode:
     steps, scheduler, seed, noiseCorrelation (ρ), device: as ``volgen generate``.
     guidanceScale: classifier-free guidance ``w``; at its default the model decides (no ``--guidance-scale``).
     sliceAxes: comma-separated slice axes of a multi-axis model ("" : the model's own axis).
+    samples: volumes to generate (``--samples``; seeds seed, seed + 1, ...), each into its own node.
     unknownLabelsAsBackground: ``--unknown-labels background`` instead of refusing unknown values.
     keepTemporaryFiles: keep the temporary folder after a run.
     pythonExecutable: Python with volgen ("" : Slicer's own PythonSlicer).
@@ -134,6 +136,7 @@ class VolGenParameterNode:
     device: Annotated[str, Choice(list(DEVICES))] = GenerationParameters.device
     guidanceScale: Annotated[float, WithinRange(0.0, MAX_GUIDANCE_SCALE)] = GUIDANCE_SCALE
     sliceAxes: str = ""
+    samples: Annotated[int, WithinRange(1, MAX_SAMPLES)] = GenerationParameters.samples
     unknownLabelsAsBackground: bool = False
     keepTemporaryFiles: bool = False
     pythonExecutable: str = ""
@@ -601,6 +604,7 @@ class VolGenLogic(ScriptedLoadableModuleLogic):
             unknown_labels="background" if node.unknownLabelsAsBackground else "error",
             guidance_scale=guidance_option(float(node.guidanceScale)),
             slice_axes=node.sliceAxes or None,
+            samples=int(node.samples),
         )
 
     # -- running -------------------------------------------------------------------------------------------
@@ -693,10 +697,10 @@ class VolGenLogic(ScriptedLoadableModuleLogic):
 
     def _done(self, outcome: Outcome) -> Outcome:
         if outcome.ok:
-            node = outcome.output_node
-            if node.GetDisplayNode() is None:
-                node.CreateDefaultDisplayNodes()
-            node.GetDisplayNode().AutoWindowLevelOn()
+            for node in outcome.output_nodes or [outcome.output_node]:
+                if node.GetDisplayNode() is None:
+                    node.CreateDefaultDisplayNodes()
+                node.GetDisplayNode().AutoWindowLevelOn()
             self._createdOutput = None
         else:
             self._removeCreatedOutput()

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 
-from .parameters import GenerationParameters, ParameterError
+from .parameters import SAMPLES, GenerationParameters, ParameterError
 from .workspace import GenerationPaths
 
 
@@ -71,6 +71,8 @@ def build_command(
         command += ["--guidance-scale", _number(params.guidance_scale)]
     if params.slice_axes:
         command += ["--slice-axes", ",".join(params.slice_axes)]
+    if params.samples != SAMPLES:  # written as OUTPUT_s0, OUTPUT_s1, ...: the done event lists them
+        command += ["--samples", str(params.samples)]
     if overwrite:
         command.append("--overwrite")
     return command

@@ -1,4 +1,8 @@
-"""The settings of one generation, validated before anything is exported or started."""
+"""The settings of one generation, validated before anything is exported or started.
+
+The defaults and limits below mirror ``volgen/defaults.py`` (the panel cannot import volgen: it may not be
+installed yet, or only in another Python); ``tests/test_defaults.py`` compares every one of them with it.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +32,9 @@ MAX_GUIDANCE_SCALE = 20.0
 #: The panel's guidance: volgen's default ``w`` for models with "specified" flags. At this value the panel
 #: passes no ``--guidance-scale``, so the model decides (older models without flags run unguided).
 GUIDANCE_SCALE = 1.25
+#: Volumes one run generates (``volgen generate --samples``; sample k has seed + k), and the most it accepts.
+SAMPLES = 1
+MAX_SAMPLES = 10_000
 
 
 class ParameterError(ValueError):
@@ -51,6 +58,7 @@ class GenerationParameters:
         unknown_labels: ``error`` (the CLI refuses label values the model does not know) or ``background``.
         guidance_scale: Classifier-free guidance ``w`` in [0, 20] (1: off); ``None``: the model's default.
         slice_axes: Axes to slice along, primary first (a multi-axis model); ``None``: the model's own axis.
+        samples: Volumes to generate, seeds ``seed``, ``seed + 1``, ... (``--samples``), in 1..MAX_SAMPLES.
     """
 
     model_dir: str | None = None
@@ -65,6 +73,7 @@ class GenerationParameters:
     unknown_labels: str = "error"
     guidance_scale: float | None = None
     slice_axes: list[str] | None = None
+    samples: int = SAMPLES
 
     def __post_init__(self) -> None:
         if self.model_dir is not None:
@@ -107,7 +116,7 @@ class GenerationParameters:
         self._validate_sampling()
 
     def _validate_sampling(self) -> None:
-        """Guidance and slice axes."""
+        """Guidance, slice axes and the number of samples."""
         w = self.guidance_scale
         if w is not None and (isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w)):
             raise ParameterError(f"guidance must be a number, got {w!r}")
@@ -119,6 +128,9 @@ class GenerationParameters:
             raise ParameterError(f"unknown slice axis {unknown[0]!r}; use {', '.join(SLICE_AXES)}")
         if len(set(axes)) != len(axes):
             raise ParameterError(f"slice axes repeat an axis: {', '.join(axes)}")
+        n = self.samples
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SAMPLES:
+            raise ParameterError(f"samples must be an integer in 1..{MAX_SAMPLES}, got {n!r}")
 
     @property
     def needs_reference(self) -> bool:

@@ -7,7 +7,8 @@ The events (see ``cli/generate.py``)::
     {"event": "start", "segmentation": "..."}
     {"event": "progress", "step": i, "steps": n, "slices_done": a, "slices_total": b, "fraction": f,
      "elapsed": s}
-    {"event": "done", "output": "...", "sidecar": "...", "preview": null, "seconds": s}
+    {"event": "done", "output": "...", "sidecar": "...", "preview": null, "seconds": s,
+     "outputs": [...], "sidecars": [...]}                      every sample's files (--samples), in order
     {"event": "error", "message": "..."}                       also "error: ..." on stderr, exit code 1
 
 Anything else on stdout (a library printing a warning, a blank line) is noise and is skipped.
@@ -76,6 +77,12 @@ class ProgressEvent:
         """Path the CLI wrote (``done`` events)."""
         value = self.data.get("output")
         return None if value is None else str(value)
+
+    @property
+    def outputs(self) -> list[str]:
+        """Every sample's file (``done`` events; ``--samples``), in order; empty if the CLI lists none."""
+        value = self.data.get("outputs")
+        return [str(v) for v in value] if isinstance(value, list) else []
 
     def describe(self) -> str:
         """A short status line for the panel (``step 3/20, 15%``)."""

@@ -37,6 +37,7 @@ class RunResult:
     Attributes:
         returncode: The process's exit code (negative: killed by that signal on POSIX).
         output: The file the CLI reported in its ``done`` event; ``None`` when it did not finish.
+        outputs: Every sample's file (``--samples``), in order; ``[output]`` for one sample.
         error: The CLI's error message (its ``error`` event or ``error: ...`` line), or what else went
             wrong; ``None`` on success.
         cancelled: The run was cancelled.
@@ -47,6 +48,7 @@ class RunResult:
 
     returncode: int | None
     output: Path | None = None
+    outputs: list[Path] = field(default_factory=list)
     error: str | None = None
     cancelled: bool = False
     events: list[ProgressEvent] = field(default_factory=list)
@@ -267,6 +269,11 @@ class GenerationRunner:
         """The last lines of stderr read so far."""
         return list(self._stderr)
 
+    def _path(self, reported: str) -> Path:
+        """A path the CLI reported, relative to its working folder."""
+        path = Path(reported)
+        return Path(self.cwd) / path if not path.is_absolute() and self.cwd is not None else path
+
     def result(self) -> RunResult:
         """The :class:`RunResult` of a finished (or cancelled) run."""
         if self._result is not None:
@@ -281,16 +288,16 @@ class GenerationRunner:
             self._ended = time.monotonic()
         done = next((e for e in reversed(self.events) if e.kind == "done"), None)
         error = None if self._cancelled else error_message(self.events, self.stderr_lines, returncode)
-        output = None
+        output, outputs = None, []
         if done is not None and done.output and not self._cancelled and returncode == 0:
-            output = Path(done.output)
-            if not output.is_absolute() and self.cwd is not None:
-                output = Path(self.cwd) / output
+            output = self._path(done.output)
+            outputs = [self._path(o) for o in done.outputs] or [output]
         if error is None and not self._cancelled and output is None:
             error = "volgen generate ended without reporting an output" + _tail(self.stderr_lines)
         self._result = RunResult(
             returncode=returncode,
             output=output,
+            outputs=outputs,
             error=error,
             cancelled=self._cancelled,
             events=list(self.events),

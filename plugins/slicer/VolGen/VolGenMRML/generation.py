@@ -8,9 +8,11 @@ runs headless (``slicer-core``) in the project's tests:
 2. ``volgen generate ... --progress json`` runs as a child process (:class:`VolGenLib.GenerationJob`);
 3. :meth:`NodeGeneration.poll` (from a Qt timer) or :meth:`NodeGeneration.wait` hands each progress event
    to ``on_progress`` on the caller's thread;
-4. on success the result is read into the output scalar volume node, under the input's parent transform;
-   the temporary folder is removed (unless "keep temporary files"); on cancel the process is terminated
-   (then killed) and every file removed; on failure the CLI's error line becomes :attr:`Outcome.error`.
+4. on success the result is read into the output scalar volume node, under the input's parent transform
+   (with ``samples`` > 1, sample 0 goes there and every further sample k into a new node of the output's
+   scene, named ``<output> s<k>``); the temporary folder is removed (unless "keep temporary files"); on
+   cancel the process is terminated (then killed) and every file removed; on failure the CLI's error line
+   becomes :attr:`Outcome.error`.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ class Outcome:
         ok: The output node holds the generated volume.
         error: What went wrong, for the user (``None`` on success or cancel).
         cancelled: The user cancelled.
-        output_node: The node that received the result.
+        output_node: The node that received the result (sample 0).
+        output_nodes: Every sample's node, in order (``[output_node]`` for one sample).
         seconds: Wall time of the whole generation.
         notes: Remarks for the user (segments left out, the default model's notice, kept files).
         run: The CLI run's details (events, stderr), when it started.
@@ -52,6 +55,7 @@ class Outcome:
     error: str | None = None
     cancelled: bool = False
     output_node: object | None = None
+    output_nodes: list = field(default_factory=list)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     run: RunResult | None = None
@@ -202,11 +206,10 @@ class NodeGeneration:
             return
         notes = self._notes(result)
         error = None if result.error is None else panel_error(result.error, self.job.paths)
+        nodes: list = []
         if error is None and result.output is not None:
             try:
-                name = self.output_name or f"{self.input_node.GetName()} synthetic"
-                like = self.reference_node if self.reference_node is not None else self.input_node
-                import_result(result.output, self.output_node, like=like, name=name)
+                nodes = self._import_samples(result.outputs or [result.output])
             except OSError as e:
                 error = f"cannot read the generated volume back: {e}"
         if self.job.workspace.keep:
@@ -216,7 +219,27 @@ class NodeGeneration:
             ok=error is None,
             error=error,
             output_node=self.output_node,
+            output_nodes=nodes,
             seconds=time.monotonic() - self._started,
             notes=notes,
             run=result,
         )
+
+    def _import_samples(self, outputs: list[Path]) -> list:
+        """Read every sample into its node (sample 0 into the output node, sample k into a new node
+        ``<output> s<k>``); a failure removes the nodes made here again."""
+        name = self.output_name or f"{self.input_node.GetName()} synthetic"
+        like = self.reference_node if self.reference_node is not None else self.input_node
+        import_result(outputs[0], self.output_node, like=like, name=name)
+        nodes = [self.output_node]
+        scene = self.output_node.GetScene()
+        try:
+            for k, path in enumerate(outputs[1:], start=1):
+                label = scene.GenerateUniqueName(f"{name} s{k}")
+                nodes.append(scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", label))
+                import_result(path, nodes[-1], like=like, name=label)
+        except BaseException:
+            for node in nodes[1:]:
+                scene.RemoveNode(node)
+            raise
+        return nodes
