@@ -24,7 +24,7 @@ from volgen.cli.generate import (
     SliceBatchOption,
     StepsOption,
     UnknownLabelsOption,
-    build_settings,
+    command_settings,
     emit_json,
     notify_model,
 )
@@ -128,23 +128,7 @@ def batch(
     model_dir = resolve_model(model)  # a folder, or an embedded model by name
     options = BatchOptions(
         model=None if model is None else model_dir,
-        settings=build_settings(
-            seed=seed,
-            scheduler=scheduler,
-            steps=steps,
-            noise_correlation=noise_correlation,
-            fine_noise_correlation=fine_noise_correlation,
-            guidance_scale=guidance_scale,
-            strength=strength,
-            keep=keep,
-            drop=drop,
-            unknown_labels=unknown_labels,
-            precision=precision,
-            slice_batch_size=slice_batch_size,
-            slice_axes=slice_axes,
-            axis_schedule=axis_schedule,
-            late_fraction=late_fraction,
-        ),
+        settings=command_settings(locals()),
         samples_per_case=samples_per_case,
         output_format=output_format.lower(),
         layout=layout.lower(),

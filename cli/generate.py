@@ -30,6 +30,7 @@ from volgen.cli.options import (  # noqa: F401 - re-exported for volgen.cli.batc
     UnknownLabelsOption,
     X0SmoothingOption,
     build_settings,
+    command_settings,
     emit_json,
     notify_model,
     split_names,
@@ -143,24 +144,7 @@ def generate(
         output_format=output_format,
         overwrite=overwrite,
         precision=precision,
-        settings=build_settings(
-            seed=seed,
-            scheduler=scheduler,
-            steps=steps,
-            noise_correlation=noise_correlation,
-            fine_noise_correlation=fine_noise_correlation,
-            guidance_scale=guidance_scale,
-            x0_smoothing=x0_smoothing,
-            strength=strength,
-            keep=keep,
-            drop=drop,
-            unknown_labels=unknown_labels,
-            precision=precision,
-            slice_batch_size=slice_batch_size,
-            slice_axes=slice_axes,
-            axis_schedule=axis_schedule,
-            late_fraction=late_fraction,
-        ),
+        settings=command_settings(locals()),
     )
     limit = parse_memory(max_memory)
     mode = ProgressMode.none if quiet and progress == ProgressMode.rich else progress

@@ -7,8 +7,10 @@ builds them.
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
+from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -160,6 +162,15 @@ def build_settings(
         axis_schedule=axis_schedule,
         late_fraction=late_fraction,
     )
+
+
+def command_settings(values: Mapping[str, Any]) -> GenerateSettings:
+    """The generation settings of a command from its option values by name (a command passes its
+    ``locals()``): every option named like a parameter of :func:`build_settings` counts, those the command
+    does not have (``volgen batch`` has no ``--x0-smoothing``) keep their defaults. A settings option added
+    to both commands thus reaches the settings without another list of names."""
+    names = inspect.signature(build_settings).parameters
+    return build_settings(**{name: value for name, value in values.items() if name in names})
 
 
 def notify_model(folder: Path, progress: ProgressMode) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
-import torch
 from typer.testing import CliRunner
 from volumes import make_volume, rotation
 
@@ -19,14 +18,6 @@ from volgen.batch import read_manifest
 FAST = ["--steps", "2", "--device", "cpu", "--progress", "none"]
 #: Sidecar fields that name where a file went or how long it took (they differ by command).
 WHERE_AND_WHEN = ("output", "seconds")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _cli(*args: object):
@@ -113,3 +104,16 @@ def test_generate_and_batch_refuse_a_case_alike(case, tiny_model_dir, tmp_path):
     (record,) = read_manifest(batch_out / "manifest.csv")
     assert record.status == "failed" and record.error == lines[0].removeprefix("error: ")
     assert not (batch_out / "liver.nii.gz").exists()
+
+
+def test_generate_is_generate_samples_with_one_sample():
+    """``generate`` passes its parameters on to ``generate_samples`` by name: each must be one of its, with
+    the same default."""
+    import inspect
+
+    from volgen.api import generate, generate_samples
+
+    one, many = inspect.signature(generate).parameters, inspect.signature(generate_samples).parameters
+    assert set(many) - set(one) == {"samples"}
+    for name, parameter in one.items():
+        assert (parameter.kind, parameter.default) == (many[name].kind, many[name].default), name

@@ -89,14 +89,20 @@ def test_labelmap_node_round_trips_through_nifti(scene, seg_image, tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(written), sitk.GetArrayFromImage(seg_image))
 
 
-def test_generate_from_a_labelmap_node(scene, seg_image, tiny_model_dir, tmp_path):
-    """Labelmap node -> exported NIfTI -> real CLI -> scalar volume node on the input's grid."""
+def _transformed_input_and_output(scene, image: sitk.Image):
+    """A transform, a labelmap node of ``image`` under it and an empty scalar volume node, in ``scene``."""
     transform = slicer.vtkMRMLLinearTransformNode()
     scene.AddNode(transform)
-    node = add_volume(scene, seg_image)
+    node = add_volume(scene, image)
     node.SetAndObserveTransformNodeID(transform.GetID())
     output = slicer.vtkMRMLScalarVolumeNode()
     scene.AddNode(output)
+    return transform, node, output
+
+
+def test_generate_from_a_labelmap_node(scene, seg_image, tiny_model_dir, tmp_path):
+    """Labelmap node -> exported NIfTI -> real CLI -> scalar volume node on the input's grid."""
+    transform, node, output = _transformed_input_and_output(scene, seg_image)
     events = []
     params = GenerationParameters(model_dir=str(tiny_model_dir), steps=2, scheduler="ddim", device="cpu")
     generation = NodeGeneration(
@@ -118,12 +124,7 @@ def test_generate_from_a_labelmap_node(scene, seg_image, tiny_model_dir, tmp_pat
 def test_samples_go_into_one_node_each(scene, seg_image, tiny_model_dir, tmp_path):
     """The panel's samples: sample 0 fills the output node, sample k a new node ``<output> s<k>`` of the
     same scene, each on the input's grid under its transform."""
-    transform = slicer.vtkMRMLLinearTransformNode()
-    scene.AddNode(transform)
-    node = add_volume(scene, seg_image)
-    node.SetAndObserveTransformNodeID(transform.GetID())
-    output = slicer.vtkMRMLScalarVolumeNode()
-    scene.AddNode(output)
+    transform, node, output = _transformed_input_and_output(scene, seg_image)
     params = GenerationParameters(
         model_dir=str(tiny_model_dir), steps=2, scheduler="ddim", device="cpu", seed=4, samples=3
     )

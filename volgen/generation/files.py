@@ -131,28 +131,11 @@ def generate(
         copy_patient_info: DICOM output only: copy patient identifiers from a DICOM input.
         progress: Called with :class:`volgen.pipeline.Progress` after every UNet chunk.
         loaded: ``model`` already loaded with :func:`volgen.models.load_model`.
-        generator: A :class:`VolumeGenerator` to reuse (batch conversion keeps one); overrides ``model``,
-            ``loaded``, ``device`` and ``precision``.
+        generator: A :class:`VolumeGenerator` to reuse (many files, one model set up once); overrides
+            ``model``, ``loaded``, ``device`` and ``precision``.
     """
-    return generate_samples(
-        segmentation,
-        output,
-        samples=1,
-        model=model,
-        settings=settings,
-        reference=reference,
-        resample_reference=resample_reference,
-        output_format=output_format,
-        overwrite=overwrite,
-        preview=preview,
-        device=device,
-        precision=precision,
-        max_memory=max_memory,
-        copy_patient_info=copy_patient_info,
-        progress=progress,
-        loaded=loaded,
-        generator=generator,
-    )[0]
+    # locals() here are exactly the parameters, each one of generate_samples' (tests/test_case_workflow.py)
+    return generate_samples(**locals(), samples=1)[0]
 
 
 def generate_samples(
