@@ -513,7 +513,9 @@ class VolGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(f"Generation failed:\n{outcome.error}", windowTitle="VolGen", **extra)
             return
         self.ui.progressBar.value = 1000
-        self.ui.statusLabel.text = f"Done in {outcome.seconds:.1f} s." + (f"\n{notes}" if notes else "")
+        samples = len(outcome.output_nodes)
+        done = f"Done in {outcome.seconds:.1f} s" + (f" ({samples} volumes)." if samples > 1 else ".")
+        self.ui.statusLabel.text = done + (f"\n{notes}" if notes else "")
         slicer.util.setSliceViewerLayers(background=outcome.output_node, fit=True)
 
 
