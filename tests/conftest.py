@@ -70,3 +70,12 @@ def flagged_model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("guidance") / "flags"
     save_model(folder, unet, scheduler, metadata)
     return folder
+
+
+@pytest.fixture
+def wide_help(monkeypatch):
+    """Render ``--help`` 300 columns wide. Typer reads ``TERMINAL_WIDTH`` once, when ``typer.rich_utils`` is
+    first imported, so an environment variable set for one invocation does not reach later ones."""
+    import typer.rich_utils
+
+    monkeypatch.setattr(typer.rich_utils, "MAX_WIDTH", 300)

@@ -285,8 +285,8 @@ def test_reference_geometry_error_says_what_differs(seg_path, tiny_model_dir, tm
     assert result.exit_code == 0, result.output
 
 
-def test_help_shows_the_default_output_name():
-    result = runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
+def test_help_shows_the_default_output_name(wide_help):
+    result = runner.invoke(app, ["generate", "--help"])
     assert "SEGMENTATION_synthetic.nii.gz" in " ".join(result.output.split())
 
 
