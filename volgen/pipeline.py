@@ -30,7 +30,7 @@ from torch import Tensor
 
 from volgen import defaults
 from volgen.conditioning import ConditionLayout, model_axes, selection_to_removed
-from volgen.denoiser import BATCH_GRANULE, UNGUIDED, Denoiser
+from volgen.denoiser import BATCH_GRANULE, UNGUIDED, Denoiser, uses_channels_last
 from volgen.errors import VolgenError
 from volgen.sampling import (
     Progress,
@@ -322,7 +322,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             layout=self.condition_layout,
             slice_axis=self.config.slice_axis,
             autocast_dtype=autocast_dtype,
-            channels_last=self.unet.device.type == "cuda",
+            channels_last=uses_channels_last(self.unet.device, autocast_dtype),
         )
 
     def _validate(self, labels: Tensor, reference: Tensor | None, strength: float, cube: bool) -> None:
@@ -425,7 +425,9 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
                 for older models; see :meth:`resolve_guidance_scale`).
             slice_axes: Multi-axis sampling: the slicing axis of every step of the full schedule
                 (:func:`volgen.multiaxis.axis_schedule`; its length is ``num_inference_steps``).
-            autocast_dtype: ``torch.float16``/``torch.bfloat16`` to run the UNet under autocast (CUDA).
+            autocast_dtype: ``torch.float16``/``torch.bfloat16`` to run the UNet under autocast (CUDA;
+                on the CPU ``torch.bfloat16``, with channels-last input: see
+                :func:`volgen.denoiser.uses_channels_last`).
             callback: Called with a :class:`Progress` after every UNet chunk (slices of all volumes).
             output_type: ``"pt"`` (CPU tensors) or ``"np"`` (numpy arrays).
 

@@ -114,7 +114,8 @@ class VolumeGenerator:
     Args:
         model: A model folder, a :class:`volgen.models.LoadedModel`, or ``None`` for the embedded default.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        precision: ``auto``, ``fp32``, ``fp16`` or ``bf16`` (autocast on CUDA; the CPU runs float32).
+        precision: ``auto``, ``fp32``, ``fp16`` or ``bf16`` (autocast: on CUDA; on the CPU bf16, ``auto``
+            where the CPU has native bf16, see :func:`volgen.generation.device.autocast_dtype`).
 
     Attributes:
         model: The :class:`~volgen.models.LoadedModel`.
