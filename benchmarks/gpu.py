@@ -9,8 +9,8 @@ Rows, for a 256 x 256 x 128 and a 512 x 512 x 256 volume (``paper`` preset, rand
 
 - ``defaults bf16``: the pipeline as ``volgen generate`` runs it (:mod:`volgen.defaults`: sampler, steps,
   guidance and the steps it runs on, ρ, ``slice_batch_size=auto``: chunks sized to the card's free memory),
-  under bf16 autocast, channels-last; guidance is one batched forward
-  per chunk. One warm-up step on one chunk first, then a full timed run.
+  under bf16 autocast, channels-last; guidance is one batched forward per chunk. One warm-up step on one
+  chunk first, then a full timed run.
 - ``defaults bf16 compile``: the same with the UNet in ``torch.compile`` (the one-off compile cost, measured
   in the warm-up, is its own column).
 - ``reference ddim50 bf16``: the reference implementation's way, one slice per forward, DDIM 50 steps
