@@ -180,6 +180,15 @@ def main() -> None:
         generators[precision] = VolumeGenerator(model, device=args.device, precision=precision)
     fp32 = VolumeGenerator(model, device=args.device, precision="fp32")  # the reference way's precision
     slices = int(mask.shape[0])
+    meta = {
+        "model": str(args.model),
+        "slab": list(mask.shape),
+        "seeds": args.seeds,
+        "device": str(fp32.device),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if fp32.device.type == "cuda" else None,
+        "segmenter_on_real": score(real, real, mask, segmenter, span)["faithfulness"],
+    }
     ref_timings = [reference_seconds(fp32, slices)]
     print(
         f"reference way (one slice per forward, DDIM 50, fp32): {ref_timings[0]:.2f} s / volume", flush=True
@@ -243,25 +252,22 @@ def main() -> None:
             flush=True,
         )
         generator.pipeline.plan = plan
+        write_results(args.out, meta, rows, ref_timings)
+    print((args.out / "samplers.md").read_text())
 
-    real_score = score(real, real, mask, segmenter, span)["faithfulness"]
-    args.out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "model": str(args.model),
-        "slab": list(mask.shape),
-        "seeds": args.seeds,
-        "device": str(fp32.device),
+
+def write_results(out: Path, meta: dict, rows: list[dict], ref_timings: list[float]) -> None:
+    """``OUT/samplers.json`` and ``OUT/samplers.md`` with the rows so far (written after every row)."""
+    out.mkdir(parents=True, exist_ok=True)
+    meta = meta | {
         "precisions": sorted({r["precision"] for r in rows}),
-        "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name() if fp32.device.type == "cuda" else None,
         "reference_seconds_per_volume": float(np.median(ref_timings)),
         "reference_timings": ref_timings,
-        "segmenter_on_real": real_score,
     }
-    (args.out / "samplers.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (out / "samplers.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     reference = meta["reference_seconds_per_volume"]
     lines = [
-        f"Segmenter on the real slab: {real_score:.3f}. Reference way: {reference:.2f} "
+        f"Segmenter on the real slab: {meta['segmenter_on_real']:.3f}. Reference way: {reference:.2f} "
         f"s / volume (median of {len(ref_timings)} timings, {min(ref_timings):.2f}-{max(ref_timings):.2f}).",
         "",
         "| sampler | steps | precision | guidance | UNet passes / slice | faithfulness mean | worst "
@@ -280,8 +286,7 @@ def main() -> None:
             f"| {step} | {texture} "
             f"| {r['seconds_per_volume']:.2f} | {r['x_reference']:.1f} |"
         )
-    (args.out / "samplers.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    (out / "samplers.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
