@@ -22,7 +22,8 @@ from volgen.models import (
 from volgen.pipeline import build_pipeline
 
 _register()
-FAST = ["--steps", "2", "--device", "cpu", "--progress", "none"]
+STEPS = 2
+FAST = ["--steps", str(STEPS), "--device", "cpu", "--progress", "none"]
 
 
 def pipeline(folder: Path):
@@ -119,12 +120,15 @@ def test_cli_records_the_guidance_that_ran_and_refuses_it_for_older_models(
     sidecar = json.loads(Path(f"{out}.json").read_text())
     assert sidecar["settings"]["guidance_scale"] is None  # asked: the model's default
     assert sidecar["guidance_scale"] == defaults.GUIDANCE_SCALE  # ran
+    start, stop = defaults.GUIDANCE_INTERVAL  # on the steps of the default interval
+    assert sidecar["guided_steps"] == sum(start <= k / STEPS < stop for k in range(STEPS)) > 0
     result, explicit = generate(
         "explicit.nii.gz", flagged_model_dir, "--guidance-scale", defaults.GUIDANCE_SCALE
     )
     assert result.exit_code == 0 and explicit.read_bytes() == out.read_bytes()
     result, off = generate("off.nii.gz", flagged_model_dir, "--guidance-scale", "1")
     assert json.loads(Path(f"{off}.json").read_text())["guidance_scale"] == 1.0
+    assert json.loads(Path(f"{off}.json").read_text())["guided_steps"] == 0
     assert off.read_bytes() != out.read_bytes()
 
     result, old = generate("old.nii.gz", tiny_model_dir)
