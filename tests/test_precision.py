@@ -81,3 +81,12 @@ def test_bf16_on_the_cpu_keeps_batch_independence_and_samples(pipe, labels):
     assert torch.equal(stack.volumes[0], reference)
     assert torch.equal(stack.volumes[1], run(pipe, labels[:6], torch.bfloat16, seed=4).volume)
     assert torch.equal(stack.volumes[2], run(pipe, labels, torch.bfloat16, seed=5).volume)
+
+
+def test_the_generator_runs_bf16_by_default_only_where_the_cpu_has_it(tiny_model_dir, monkeypatch):
+    from volgen.generation import VolumeGenerator
+
+    for native, expected in ((True, "bfloat16"), (False, "fp32")):
+        monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda native=native: native)
+        assert VolumeGenerator(tiny_model_dir, device="cpu").precision == expected
+        assert VolumeGenerator(tiny_model_dir, device="cpu", precision="fp32").precision == "fp32"
