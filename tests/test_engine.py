@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from volgen import defaults
 from volgen.conditioning import condition_slices, condition_vector, unet_condition
 from volgen.denoiser import BATCH_GRANULE, Denoiser
 from volgen.pipeline import SegmentationToVolumePipeline
@@ -25,9 +26,12 @@ def labels() -> torch.Tensor:
     return torch.randint(0, 4, (16, 16, 16), generator=torch.Generator().manual_seed(5))
 
 
-def reference_loop(pipe, labels: torch.Tensor, seed: int, guidance: float) -> torch.Tensor:
+def reference_loop(
+    pipe, labels: torch.Tensor, seed: int, guidance: float, interval: tuple[float, float]
+) -> torch.Tensor:
     """The sampling algorithm written out plainly (DDIM, ρ = 0, one chunk of 16 slices, the UNet run in the
-    CPU's fixed granules): what the engine must give bit for bit on the CPU."""
+    CPU's fixed granules, guidance on the steps ``k`` with ``k / STEPS`` in ``interval``): what the engine
+    must give bit for bit on the CPU in float32."""
     pipe.set_scheduler("ddim")
     sched = pipe.scheduler
     sched.set_timesteps(STEPS)
@@ -45,20 +49,24 @@ def reference_loop(pipe, labels: torch.Tensor, seed: int, guidance: float) -> to
         parts = torch.cat([x_in, c], dim=1).split(BATCH_GRANULE)
         return torch.cat([pipe.unet(p, t).sample for p in parts])
 
-    for t in sched.timesteps:
+    for k, t in enumerate(sched.timesteps):
         x_in = sched.scale_model_input(x, t)
         eps = unet(x_in, cond, t)
-        if guidance != 1.0:
+        if guidance != 1.0 and interval[0] <= k / STEPS < interval[1]:
             eps_u = unet(x_in, uncond, t)
             eps = eps_u + guidance * (eps - eps_u)
         x = sched.step(eps, t, x).prev_sample
     return x[:, 0].clamp(-1.0, 1.0)
 
 
-@pytest.mark.parametrize("guidance", [1.0, 2.0])
-def test_cpu_result_is_bitwise_the_reference_loop(pipe, labels, guidance):
+@pytest.mark.parametrize(
+    ("guidance", "interval"), [(1.0, (0.0, 1.0)), (2.0, (0.0, 1.0)), (2.0, (0.5, 1.0)), (2.0, (0.0, 0.5))]
+)
+def test_cpu_result_is_bitwise_the_reference_loop(pipe, labels, guidance, interval):
+    """float32 (the pipeline's default; ``--precision fp32``): the same bytes as before bf16 and guidance
+    intervals came, for every step range guided."""
     with torch.no_grad():
-        expected = reference_loop(pipe, labels, seed=4, guidance=guidance)
+        expected = reference_loop(pipe, labels, seed=4, guidance=guidance, interval=interval)
         out = pipe(
             labels,
             seed=4,
@@ -67,7 +75,9 @@ def test_cpu_result_is_bitwise_the_reference_loop(pipe, labels, guidance):
             noise_correlation=0.0,
             x0_smoothing=0.0,
             guidance_scale=guidance,
+            guidance_interval=interval,
             slice_batch_size=16,
+            autocast_dtype=None,
         )
     assert torch.equal(out.volume, expected)
 
@@ -82,6 +92,7 @@ def test_samples_are_their_seeds_and_guidance_is_one_batched_forward(pipe, label
 
     monkeypatch.setattr(Denoiser, "forward", forward)
     kwargs = {"num_inference_steps": STEPS, "scheduler": "ddim", "guidance_scale": 1.5}
+    kwargs["guidance_interval"] = (0.0, 1.0)  # every step guided
     kwargs["slice_batch_size"] = 16
     together = pipe([labels, labels[:5]], seed=[7, 8], **kwargs).volumes
     plan = pipe.plan(21, **{k: v for k, v in kwargs.items() if k != "scheduler"})
@@ -99,7 +110,9 @@ def test_plan_is_frozen_and_resolved_once(pipe, labels, monkeypatch):
     assert plan.start_timestep == plan.timesteps[0]
     assert plan.guidance_scale == pipe.resolve_guidance_scale(None) and plan.axes == (None, None)
     multi = pipe.plan(16, num_inference_steps=4, slice_axes=["axial"] * 4, guidance_scale=1.0)
-    assert multi.primary == "axial" and multi.forwards == 4 * 16 and plan.forwards == 2 * 16 * 2
+    start, stop = defaults.GUIDANCE_INTERVAL  # steps 2 and 3 of 4 run: guided where the interval says
+    assert plan.passes == tuple(2 if start <= k / 4 < stop else 1 for k in (2, 3))
+    assert multi.primary == "axial" and multi.forwards == 4 * 16 and plan.forwards == sum(plan.passes) * 16
     resolved = []
     original = SegmentationToVolumePipeline.resolve_guidance_scale
     monkeypatch.setattr(

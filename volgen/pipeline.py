@@ -388,6 +388,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         reference: Tensor | np.ndarray | Sequence[Tensor | np.ndarray] | None = None,
         strength: float = 1.0,
         guidance_scale: float | None = None,
+        guidance_interval: tuple[float, float] = defaults.GUIDANCE_INTERVAL,
         slice_axes: Sequence[str] | None = None,
         autocast_dtype: torch.dtype | None = None,
         callback: Callable[[Progress], None] | None = None,
@@ -423,6 +424,8 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             guidance_scale: Classifier-free guidance ``w`` towards the condition (1: off, one UNet pass per
                 step; ``None``: :data:`volgen.defaults.GUIDANCE_SCALE` for a model with "specified" flags, off
                 for older models; see :meth:`resolve_guidance_scale`).
+            guidance_interval: ``(start, stop)``: the steps guided, by position in the schedule (see
+                :meth:`plan`; default :data:`volgen.defaults.GUIDANCE_INTERVAL`, the last 30 %).
             slice_axes: Multi-axis sampling: the slicing axis of every step of the full schedule
                 (:func:`volgen.multiaxis.axis_schedule`; its length is ``num_inference_steps``).
             autocast_dtype: ``torch.float16``/``torch.bfloat16`` to run the UNet under autocast (CUDA;
@@ -443,6 +446,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             strength=strength,
             slice_batch_size=slice_batch_size,
             guidance_scale=guidance_scale,
+            guidance_interval=guidance_interval,
             slice_axes=slice_axes,
             noise_correlation=noise_correlation,
             fine_noise_correlation=fine_noise_correlation,
