@@ -1,4 +1,5 @@
-"""The sampling engine: one denoiser, one loop, one plan; CPU results pinned against a reference loop."""
+"""The sampling engine: one denoiser, one loop, one plan; CPU results pinned against a reference loop (fp32),
+and the engine's invariants (slice batch, samples) in bf16 too."""
 
 from __future__ import annotations
 
@@ -133,3 +134,39 @@ def test_training_and_sampling_call_the_network_through_the_denoiser(pipe, label
     vector = denoiser.vector(removed[0], 1)
     sample_cond = denoiser.volume_condition([labels], [0, 16], 4, 5, removed[0], vector)
     assert torch.equal(train_cond, sample_cond)
+
+
+def run(pipe, labels, dtype, **kwargs):
+    """A guided DPM-Solver++ run (every step guided) with the network under ``dtype`` autocast."""
+    options = {"num_inference_steps": STEPS, "scheduler": "dpmsolver++", "guidance_scale": 1.5, "seed": 3}
+    options["guidance_interval"] = (0.0, 1.0)
+    with torch.no_grad():
+        return pipe(labels, autocast_dtype=dtype, **(options | kwargs))
+
+
+def test_bf16_on_the_cpu_runs_bf16_channels_last(pipe, labels, monkeypatch):
+    seen = []
+    original = Denoiser.forward
+
+    def forward(self, x, t, condition):
+        seen.append((self.channels_last, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return original(self, x, t, condition)
+
+    monkeypatch.setattr(Denoiser, "forward", forward)
+    bf16 = run(pipe, labels, torch.bfloat16).volume
+    assert set(seen) == {(True, True, torch.bfloat16)}
+    seen.clear()
+    fp32 = run(pipe, labels, None).volume
+    assert {s[:2] for s in seen} == {(False, False)}
+    assert not torch.equal(bf16, fp32)  # it really ran in another precision ...
+    assert (bf16 - fp32).abs().mean() < 0.05  # ... and computed the same thing
+
+
+def test_bf16_on_the_cpu_keeps_batch_independence_and_samples(pipe, labels):
+    reference = run(pipe, labels, torch.bfloat16, slice_batch_size=16).volume
+    for batch in (1, 5, 8, 13):
+        assert torch.equal(run(pipe, labels, torch.bfloat16, slice_batch_size=batch).volume, reference)
+    stack = run(pipe, [labels, labels[:6], labels], torch.bfloat16, seed=[3, 4, 5], slice_batch_size=7)
+    assert torch.equal(stack.volumes[0], reference)
+    assert torch.equal(stack.volumes[1], run(pipe, labels[:6], torch.bfloat16, seed=4).volume)
+    assert torch.equal(stack.volumes[2], run(pipe, labels, torch.bfloat16, seed=5).volume)
