@@ -2,7 +2,7 @@
 
     python benchmarks/gpu.py                 # needs CUDA: one call, every row (else exits with a message)
     python benchmarks/gpu.py --no-compile    # without the torch.compile rows
-    python benchmarks/gpu.py --smoke         # the same code on the CPU at toy size (tiny preset, 16/32 px)
+    python benchmarks/gpu.py --smoke         # the code path on the CPU at toy size (tiny preset, bf16)
 
 Rows, for a 256 x 256 x 128 and a 512 x 512 x 256 volume (``paper`` preset, randomly initialised, with the
 "specified" flags of the embedded model, so the defaults are guided):
@@ -161,7 +161,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.smoke:
-        device, preset, sizes, dtype = torch.device("cpu"), "tiny", [(16, 8), (32, 16)], None
+        device, preset, sizes, dtype = torch.device("cpu"), "tiny", [(16, 8), (32, 16)], torch.bfloat16
         compile_rows, ref_steps, matmul_n = False, 2, 512
         print("--smoke: tiny preset on the CPU, 16 px x 8 and 32 px x 16 slices (checks the code path only)")
     elif not torch.cuda.is_available():
