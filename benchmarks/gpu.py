@@ -2,14 +2,15 @@
 
     python benchmarks/gpu.py                 # needs CUDA: one call, every row (else exits with a message)
     python benchmarks/gpu.py --no-compile    # without the torch.compile rows
-    python benchmarks/gpu.py --smoke         # the same code on the CPU at toy size (tiny preset, 16/32 px)
+    python benchmarks/gpu.py --smoke         # the code path on the CPU at toy size (tiny preset, bf16)
 
 Rows, for a 256 x 256 x 128 and a 512 x 512 x 256 volume (``paper`` preset, randomly initialised, with the
 "specified" flags of the embedded model, so the defaults are guided):
 
 - ``defaults bf16``: the pipeline as ``volgen generate`` runs it (:mod:`volgen.defaults`: sampler, steps,
-  guidance, ρ, ``slice_batch_size=auto``), under bf16 autocast, channels-last; guidance is one batched forward
-  per chunk. One warm-up step on one chunk first, then a full timed run.
+  guidance and the steps it runs on, ρ, ``slice_batch_size=auto``: chunks sized to the card's free memory),
+  under bf16 autocast, channels-last; guidance is one batched forward per chunk. One warm-up step on one
+  chunk first, then a full timed run.
 - ``defaults bf16 compile``: the same with the UNet in ``torch.compile`` (the one-off compile cost, measured
   in the warm-up, is its own column).
 - ``reference ddim50 bf16``: the reference implementation's way, one slice per forward, DDIM 50 steps
@@ -36,6 +37,7 @@ from speed import ROOT, machine, sync  # noqa: E402
 
 from volgen import defaults  # noqa: E402
 from volgen.conditioning import ConditionLayout  # noqa: E402
+from volgen.denoiser import runs_autocast  # noqa: E402
 from volgen.evaluation.hardware import unet_forward_flops  # noqa: E402
 from volgen.labels import load_label_map  # noqa: E402
 from volgen.models import ModelMetadata, UNetConfig, build_training_scheduler, build_unet  # noqa: E402
@@ -103,6 +105,7 @@ def run_defaults(unet, meta, schedule, labels, device, dtype) -> dict:
     row = {
         "steps": plan.steps,
         "guidance": plan.guidance_scale,
+        "guided_steps": sum(p == 2 for p in plan.passes),
         "slice_batch_size": plan.slice_batch_size,
         "forwards": plan.forwards,
         "seconds_per_volume": seconds,
@@ -124,7 +127,7 @@ def reference_loop(unet, meta, schedule, labels, device, dtype, *, steps: int, m
     z, size = labels.shape[0], labels.shape[-1]
     vector = denoiser.vector(None, 1)
     vector = None if vector is None else vector.to(device)
-    use_autocast = dtype is not None and device.type == "cuda"
+    use_autocast = runs_autocast(device, dtype)
     started = None
     for index in range(measure_slices + 1):  # the first slice is the warm-up
         if index == 1:
@@ -158,7 +161,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.smoke:
-        device, preset, sizes, dtype = torch.device("cpu"), "tiny", [(16, 8), (32, 16)], None
+        device, preset, sizes, dtype = torch.device("cpu"), "tiny", [(16, 8), (32, 16)], torch.bfloat16
         compile_rows, ref_steps, matmul_n = False, 2, 512
         print("--smoke: tiny preset on the CPU, 16 px x 8 and 32 px x 16 slices (checks the code path only)")
     elif not torch.cuda.is_available():
@@ -207,12 +210,16 @@ def main() -> None:
     print(
         f"\nmachine: {info}\nbf16 peak: {nominal} TFLOP/s nominal, {measured_peak / 1e12:.1f} measured matmul"
     )
-    print("\n| mode | volume | steps | s / volume | one-off s | TFLOP/s | share of bf16 peak | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| mode | volume | steps (guided) | slice batch | s / volume | one-off s | TFLOP/s "
+        "| share of bf16 peak | peak GiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         share = r.get("share_of_bf16_peak")
         print(
-            f"| {r['mode']} | {r['volume']} | {r['steps']} | {r['seconds_per_volume']:.2f} | "
+            f"| {r['mode']} | {r['volume']} | {r['steps']} ({r.get('guided_steps', 0)}) | "
+            f"{r.get('slice_batch_size', 1)} | {r['seconds_per_volume']:.2f} | "
             f"{r.get('warmup_seconds', 0):.1f} | {r.get('tflops', 0):.1f} | "
             f"{'-' if share is None else f'{share:.1%}'} | {r.get('peak_gib', '-')} |"
         )

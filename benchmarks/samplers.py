@@ -4,6 +4,7 @@
     python benchmarks/samplers.py ... --grid ddim:50 dpmsolver++:4,8,20 unipc:4,6,8
     python benchmarks/samplers.py ... --grid ddim:50 dpmsolver++:10 --guidance-scale 1 1.5   # cells × w
     python benchmarks/samplers.py ... --grid dpmsolver++:10 --guidance-interval 0:1 0:0.5 0.5:1   # steps
+    python benchmarks/samplers.py ... --grid ddim:50:fp32:0-0 dpmsolver++:4,6:bf16:0.7-1,0-0   # cells
 
 ``--heldout`` is the folder ``benchmarks/heldout_slab.py`` writes: ``slab_labels.nii.gz`` (the held-out
 segmentation the model never saw), ``slab_real.nii.gz`` (the real image there) and ``data/`` (the training
@@ -19,11 +20,16 @@ split, whose real image fits the fixed intensity segmenter once). For every samp
   ratio inside the body and texture-correlation ratio along each array axis (1.0 = like the real slab);
 - seconds per volume (wall clock of ``generate``; the first call of each sampler is a warm-up, not timed).
 
-The reference implementation's way (one slice per UNet forward, DDIM 50 steps) is timed with the same UNet as
-one-slice forwards (after a warm-up), extrapolated to slices x 50; each row's ``x ref`` is that time over the
-row's seconds per volume. ``--guidance-interval START:STOP`` guides only the steps whose position in the
-schedule is in ``[START, STOP)`` (``SegmentationToVolumePipeline.plan``'s ``guidance_interval``; 0 is the
-noisiest step). Rows report mean and worst seed. Output: ``OUT/samplers.json`` and
+The reference implementation's way (one slice per UNet forward, DDIM 50 steps, float32) is timed with the same
+UNet as one-slice float32 forwards (after a warm-up), extrapolated to slices x 50, before every row and after
+the last; each row's ``x ref`` is the mean of the timings before and after it over the row's seconds per
+volume (the machine's load drifts over a long run). ``--guidance-interval START:STOP`` guides only the steps
+whose position in the schedule is in ``[START, STOP)`` (``SegmentationToVolumePipeline.plan``'s
+``guidance_interval``; 0 is the noisiest step; default ``volgen.defaults.GUIDANCE_INTERVAL``).
+``--precision`` runs every cell in each precision given (``auto``, ``fp32``, ``bf16``: one generator each,
+the model loaded once). A grid item ``SAMPLER:STEPS[:PRECISION[:START-STOP[,START-STOP...]]]`` fixes its
+own precision and guided step ranges instead. Rows report mean and worst seed and the UNet passes per slice
+(slice-forwards of the run over the slab's slices, chunks padded). Output: ``OUT/samplers.json`` and
 ``OUT/samplers.md``.
 """
 
@@ -39,9 +45,11 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from volgen import defaults
 from volgen.evaluation import IntensitySegmenter, dice, plane_consistency
 from volgen.generation import GenerateSettings, VolumeGenerator
 from volgen.io import read_image, read_label
+from volgen.models import load_model
 
 DEFAULT_GRID = (
     "ddim:50",
@@ -54,14 +62,31 @@ DEFAULT_GRID = (
 )
 
 
-def parse_grid(items: list[str]) -> list[tuple[str, int]]:
-    """``name:4,6,8`` items -> (sampler, steps) pairs, in order."""
+Interval = tuple[float, float] | None  # None: the pipeline's default (volgen.defaults.GUIDANCE_INTERVAL)
+
+
+def parse_grid(
+    items: list[str], precisions: list[str], intervals: list[Interval]
+) -> list[tuple[str, int, str, Interval]]:
+    """``name:4,6,8[:precision[:start-stop,...]]`` items -> (sampler, steps, precision, interval) cells, in
+    order; an item without its own precision or intervals takes each of ``precisions`` / ``intervals``."""
     grid = []
     for item in items:
-        name, _, steps = item.partition(":")
-        if not steps:
-            raise SystemExit(f"--grid item {item!r}: write SAMPLER:STEPS[,STEPS...]")
-        grid += [(name, int(s)) for s in steps.split(",")]
+        name, steps, *rest = item.split(":")
+        if not steps or len(rest) > 2:
+            raise SystemExit(
+                f"--grid item {item!r}: write SAMPLER:STEPS[,STEPS...][:PRECISION[:START-STOP,...]]"
+            )
+        item_precisions = [rest[0]] if rest else precisions
+        item_intervals = intervals
+        if len(rest) == 2:
+            item_intervals = [tuple(float(v) for v in r.split("-")) for r in rest[1].split(",")]
+        grid += [
+            (name, int(n), precision, interval)
+            for precision in item_precisions
+            for interval in item_intervals
+            for n in steps.split(",")
+        ]
     return grid
 
 
@@ -77,18 +102,15 @@ def fit_segmenter(heldout: Path) -> IntensitySegmenter:
 
 
 @torch.no_grad()
-def reference_seconds(generator: VolumeGenerator, slices: int, forwards: int = 6) -> float:
-    """Seconds the reference way takes for ``slices`` slices: one-slice UNet forwards, DDIM 50 steps."""
+def reference_seconds(generator: VolumeGenerator, slices: int, forwards: int = 10) -> float:
+    """Seconds the reference way takes for ``slices`` slices: one-slice float32 UNet forwards, DDIM 50."""
     unet = generator.pipeline.unet
     size = generator.metadata.slice_size
     x = torch.randn(1, unet.config.in_channels, size, size, device=generator.device)
     t = torch.tensor([500], device=generator.device)
-    dtype = generator.autocast_dtype
-    enabled = dtype is not None and generator.device.type != "cpu"
 
     def forward() -> None:
-        with torch.autocast(generator.device.type, dtype=dtype or torch.float32, enabled=enabled):
-            unet(x, t, class_labels=None).sample.float().sum().item()
+        unet(x, t, class_labels=None).sample.float().sum().item()
 
     forward()
     started = time.perf_counter()
@@ -134,7 +156,9 @@ def main() -> None:
         help="START:STOP positions of the guided steps, each with every cell (default: all steps)",
     )
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto")
+    parser.add_argument(
+        "--precision", nargs="+", default=["auto"], help="auto, fp32, bf16: each cell in each (default: auto)"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/samplers"))
     args = parser.parse_args()
 
@@ -144,31 +168,46 @@ def main() -> None:
     lo, hi = np.percentile(real, [0.5, 99.5])
     span = float(hi - lo) or 1.0
     segmenter = fit_segmenter(args.heldout)
-    generator = VolumeGenerator(args.model, device=args.device, precision=args.precision)
+    model = load_model(args.model)
+    generators = {p: VolumeGenerator(model, device=args.device, precision=p) for p in args.precision}
+    intervals = [tuple(float(v) for v in i.split(":")) for i in args.guidance_interval] or [None]
+    cells = [
+        (w, *cell)
+        for w in args.guidance_scale or [None]
+        for cell in parse_grid(args.grid, args.precision, intervals)
+    ]
+    for precision in {cell[3] for cell in cells} - set(generators):
+        generators[precision] = VolumeGenerator(model, device=args.device, precision=precision)
+    fp32 = VolumeGenerator(model, device=args.device, precision="fp32")  # the reference way's precision
     slices = int(mask.shape[0])
-    ref_seconds = reference_seconds(generator, slices)
-    print(f"reference way (one slice per forward, DDIM 50): {ref_seconds:.2f} s / volume", flush=True)
+    meta = {
+        "model": str(args.model),
+        "slab": list(mask.shape),
+        "seeds": args.seeds,
+        "device": str(fp32.device),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if fp32.device.type == "cuda" else None,
+        "segmenter_on_real": score(real, real, mask, segmenter, span)["faithfulness"],
+    }
+    ref_timings = [reference_seconds(fp32, slices)]
+    print(
+        f"reference way (one slice per forward, DDIM 50, fp32): {ref_timings[0]:.2f} s / volume", flush=True
+    )
 
     rows = []
     warmed = set()
-    intervals = [tuple(float(v) for v in i.split(":")) for i in args.guidance_interval] or [None]
-    cells = [
-        (w, interval, sampler, steps)
-        for w in args.guidance_scale or [None]
-        for interval in intervals
-        for sampler, steps in parse_grid(args.grid)
-    ]
-    plan = generator.pipeline.plan
-    for guidance, interval, sampler, steps in cells:
+    for guidance, sampler, steps, precision, interval in cells:
+        generator = generators[precision]
+        plan = type(generator.pipeline).plan.__get__(generator.pipeline)
         # the guided steps: the pipeline's plan with this interval (the generator resolves every run there)
         generator.pipeline.plan = (
             plan if interval is None else functools.partial(plan, guidance_interval=interval)
         )
-        if sampler not in warmed:
+        if (sampler, precision) not in warmed:
             generator.generate(
                 segmentation, settings=GenerateSettings(scheduler=sampler, num_inference_steps=2)
             )
-            warmed.add(sampler)
+            warmed.add((sampler, precision))
         per_seed, seconds = [], []
         for seed in range(args.seeds):
             settings = GenerateSettings(
@@ -179,14 +218,22 @@ def main() -> None:
             seconds.append(time.perf_counter() - started)
             volume = sitk.GetArrayFromImage(sitk.Cast(out.image, sitk.sitkFloat32))
             per_seed.append(score(volume, real, mask, segmenter, span))
+        ref_timings.append(reference_seconds(fp32, slices))
+        ref_seconds = (ref_timings[-2] + ref_timings[-1]) / 2
+        forwards = generator.pipeline.plan(
+            slices, num_inference_steps=steps, guidance_scale=generator.guidance_scale(settings)
+        ).forwards
         faith = [s["faithfulness"] for s in per_seed]
         bg = [s["background_error_pct"] for s in per_seed]
         row = {
             "sampler": sampler,
             "steps": steps,
+            "precision": generator.precision,
             "guidance_scale": generator.guidance_scale(settings),
-            "guidance_interval": list(interval) if interval is not None else [0.0, 1.0],
+            "guidance_interval": list(interval or defaults.GUIDANCE_INTERVAL),
+            "passes_per_slice": forwards / slices,
             "seconds_per_volume": float(np.median(seconds)),
+            "reference_seconds_per_volume": ref_seconds,
             "x_reference": ref_seconds / float(np.median(seconds)),
             "faithfulness_mean": float(np.mean(faith)),
             "faithfulness_worst": float(np.min(faith)),
@@ -198,34 +245,34 @@ def main() -> None:
         }
         rows.append(row)
         print(
-            f"{sampler} {steps}, guidance {row['guidance_scale']:g} on {row['guidance_interval']}: "
-            f"faithfulness {row['faithfulness_mean']:.3f} (worst "
+            f"{sampler} {steps} {row['precision']}, guidance {row['guidance_scale']:g} on "
+            f"{row['guidance_interval']}: faithfulness {row['faithfulness_mean']:.3f} (worst "
             f"{row['faithfulness_worst']:.3f}), background {row['background_error_pct_mean']:.1f} %, "
-            f"{row['seconds_per_volume']:.2f} s",
+            f"{row['seconds_per_volume']:.2f} s, x{row['x_reference']:.1f}",
             flush=True,
         )
+        generator.pipeline.plan = plan
+        write_results(args.out, meta, rows, ref_timings)
+    print((args.out / "samplers.md").read_text())
 
-    real_score = score(real, real, mask, segmenter, span)["faithfulness"]
-    args.out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "model": str(args.model),
-        "slab": list(mask.shape),
-        "seeds": args.seeds,
-        "device": str(generator.device),
-        "precision": generator.precision,
-        "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name() if generator.device.type == "cuda" else None,
-        "reference_seconds_per_volume": ref_seconds,
-        "segmenter_on_real": real_score,
+
+def write_results(out: Path, meta: dict, rows: list[dict], ref_timings: list[float]) -> None:
+    """``OUT/samplers.json`` and ``OUT/samplers.md`` with the rows so far (written after every row)."""
+    out.mkdir(parents=True, exist_ok=True)
+    meta = meta | {
+        "precisions": sorted({r["precision"] for r in rows}),
+        "reference_seconds_per_volume": float(np.median(ref_timings)),
+        "reference_timings": ref_timings,
     }
-    (args.out / "samplers.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (out / "samplers.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    reference = meta["reference_seconds_per_volume"]
     lines = [
-        f"Segmenter on the real slab: {real_score:.3f}. Reference way: {ref_seconds:.2f} s / volume.",
+        f"Segmenter on the real slab: {meta['segmenter_on_real']:.3f}. Reference way: {reference:.2f} "
+        f"s / volume (median of {len(ref_timings)} timings, {min(ref_timings):.2f}-{max(ref_timings):.2f}).",
         "",
-        "| sampler | steps | guidance | faithfulness mean | worst | background err % mean | worst "
-        "| step ratio z/y/x "
-        "| texture ratio z/y/x | s / volume | x ref |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| sampler | steps | precision | guidance | UNet passes / slice | faithfulness mean | worst "
+        "| background err % mean | worst | step ratio z/y/x | texture ratio z/y/x | s / volume | x ref |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         step = "/".join(f"{r['step_ratio'][a]:.2f}" for a in "zyx")
@@ -233,13 +280,13 @@ def main() -> None:
         faith = f"{r['faithfulness_mean']:.3f} | {r['faithfulness_worst']:.3f}"
         background = f"{r['background_error_pct_mean']:.1f} | {r['background_error_pct_worst']:.1f}"
         lines.append(
-            f"| {r['sampler']} | {r['steps']} | {r['guidance_scale']:g} on "
-            f"{r['guidance_interval'][0]:g}-{r['guidance_interval'][1]:g} | {faith} | {background} "
+            f"| {r['sampler']} | {r['steps']} | {r['precision']} | {r['guidance_scale']:g} on "
+            f"{r['guidance_interval'][0]:g}-{r['guidance_interval'][1]:g} | {r['passes_per_slice']:.1f} "
+            f"| {faith} | {background} "
             f"| {step} | {texture} "
             f"| {r['seconds_per_volume']:.2f} | {r['x_reference']:.1f} |"
         )
-    (args.out / "samplers.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    (out / "samplers.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def batch(
     device: Annotated[
         str, typer.Option(help="auto, cpu or cuda (one GPU per process under torchrun).")
     ] = "auto",
-    precision: Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16 (CUDA autocast).")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 if native), fp32, fp16 or bf16.")] = "auto",
     max_memory: Annotated[
         str | None, typer.Option(help="Fail cases needing more than this (e.g. 8G); default 80% of free.")
     ] = None,

@@ -76,7 +76,12 @@ SliceBatchOption = Annotated[
 UnknownLabelsOption = Annotated[
     str, typer.Option(help="Label values the model does not know: 'error' or 'background'.")
 ]
-PrecisionOption = Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16 (CUDA autocast).")]
+PrecisionOption = Annotated[
+    str,
+    typer.Option(
+        help="auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32, fp16 (CUDA) or bf16.",
+    ),
+]
 SliceAxesOption = Annotated[
     str | None,
     typer.Option(

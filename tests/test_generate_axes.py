@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from typer.testing import CliRunner
 from volumes import assert_same_geometry, make_volume, rotation
 
-from volgen import io
+from volgen import defaults, io
 from volgen.api import GenerateSettings, VolumeGenerator, generate
 from volgen.cli.app import _register, app
 from volgen.denoiser import Denoiser
@@ -113,6 +113,14 @@ class Recorder:
         monkeypatch.setattr(Denoiser, "predict", predict)
 
 
+def passes_per_slice(steps: int) -> int:
+    """UNet passes per slice of a run of ``steps`` steps at the default guidance of a model with "specified"
+    flags: two on the steps in ``defaults.GUIDANCE_INTERVAL`` (step ``k`` at position ``k / steps``), one on
+    the others."""
+    start, stop = defaults.GUIDANCE_INTERVAL
+    return sum(2 if start <= k / steps < stop else 1 for k in range(steps))
+
+
 @pytest.mark.parametrize(
     ("schedule", "fraction", "steps", "expected"),
     [
@@ -136,9 +144,9 @@ def test_each_schedule_slices_as_it_says_with_the_unet_evaluations_of_single_axi
     assert all(slices == 16 for _, slices in recorder.calls)  # a cube side each
     assert out.axis_schedule == [("axial", "coronal", "sagittal")[a] for a in expected]
     assert reports[-1].slices_done == reports[-1].slices_total == steps * 16
-    # the same number of UNet evaluations as single-axis sampling of the cube (two passes: a model with
-    # "specified" flags is guided by default)
-    assert generator.slice_forwards(io.read_label(seg), settings) == steps * 16 * 2
+    # the same number of UNet evaluations as single-axis sampling of the cube (two passes on the guided
+    # steps: a model with "specified" flags is guided by default)
+    assert generator.slice_forwards(io.read_label(seg), settings) == 16 * passes_per_slice(steps)
     multi_forwards = sum(slices for _, slices in recorder.calls)
     recorder.calls.clear()
     generator.generate(
@@ -239,9 +247,13 @@ def test_memory_and_time_estimates_count_the_cube(seg, multiaxis_model_dir):
     labels = io.read_label(seg)
     multi = GenerateSettings(num_inference_steps=2, slice_axes=AXES.split(","))
     single = GenerateSettings(num_inference_steps=2)
-    # × 2: a model with "specified" flags is guided by default (two passes per step)
-    assert generator.slice_forwards(labels, multi) == 2 * 16 * 2  # a 16³ cube: 16 slices per step
-    assert generator.slice_forwards(labels, single) == 2 * 16 * 2  # 10 axial slices padded to 16
+    # a model with "specified" flags is guided by default (two passes on the guided steps)
+    assert generator.slice_forwards(labels, multi) == 16 * passes_per_slice(
+        2
+    )  # a 16³ cube: 16 slices per step
+    assert generator.slice_forwards(labels, single) == 16 * passes_per_slice(
+        2
+    )  # 10 axial slices padded to 16
     assert generator.memory_needed(labels, multi) > generator.memory_needed(labels, single)
 
 

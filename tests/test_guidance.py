@@ -22,7 +22,8 @@ from volgen.models import (
 from volgen.pipeline import build_pipeline
 
 _register()
-FAST = ["--steps", "2", "--device", "cpu", "--progress", "none"]
+STEPS = 4  # the default guidance interval guides the last of 4 steps
+FAST = ["--steps", str(STEPS), "--device", "cpu", "--progress", "none"]
 
 
 def pipeline(folder: Path):
@@ -63,7 +64,7 @@ def test_guidance_default_determinism_and_slice_batch_independence(flagged_model
     pipe = pipeline(flagged_model_dir)
 
     def run(**kwargs):
-        return pipe(labels, num_inference_steps=2, seed=3, **kwargs).volume
+        return pipe(labels, num_inference_steps=STEPS, seed=3, **kwargs).volume
 
     default = run()
     assert torch.equal(default, run(guidance_scale=defaults.GUIDANCE_SCALE))
@@ -71,8 +72,17 @@ def test_guidance_default_determinism_and_slice_batch_independence(flagged_model
     assert not torch.equal(default, run(guidance_scale=1.0))
     # keep/drop: the condition loses the dropped classes, the guidance still runs against nothing specified
     assert not torch.equal(run(keep=[1, 3]), run(keep=[1, 3], guidance_scale=1.0))
-    assert pipe.slice_forwards(11, num_inference_steps=2, slice_batch_size=8) == 2 * 16 * 2
-    assert pipe.slice_forwards(11, num_inference_steps=2, slice_batch_size=8, guidance_scale=1) == 2 * 16
+    start, stop = defaults.GUIDANCE_INTERVAL  # guided steps (of the default interval) cost two passes
+    passes = sum(2 if start <= k / STEPS < stop else 1 for k in range(STEPS))
+    assert STEPS < passes < 2 * STEPS
+    assert pipe.slice_forwards(11, num_inference_steps=STEPS, slice_batch_size=8) == passes * 16
+    assert (
+        pipe.slice_forwards(11, num_inference_steps=STEPS, slice_batch_size=8, guidance_scale=1) == STEPS * 16
+    )
+    every = pipe.slice_forwards(
+        11, num_inference_steps=STEPS, slice_batch_size=8, guidance_interval=(0.0, 1.0)
+    )
+    assert every == 2 * STEPS * 16
 
 
 def test_older_models_are_unguided_and_refuse_guidance(tiny_model_dir, labels):
@@ -119,12 +129,15 @@ def test_cli_records_the_guidance_that_ran_and_refuses_it_for_older_models(
     sidecar = json.loads(Path(f"{out}.json").read_text())
     assert sidecar["settings"]["guidance_scale"] is None  # asked: the model's default
     assert sidecar["guidance_scale"] == defaults.GUIDANCE_SCALE  # ran
+    start, stop = defaults.GUIDANCE_INTERVAL  # on the steps of the default interval
+    assert sidecar["guided_steps"] == sum(start <= k / STEPS < stop for k in range(STEPS)) > 0
     result, explicit = generate(
         "explicit.nii.gz", flagged_model_dir, "--guidance-scale", defaults.GUIDANCE_SCALE
     )
     assert result.exit_code == 0 and explicit.read_bytes() == out.read_bytes()
     result, off = generate("off.nii.gz", flagged_model_dir, "--guidance-scale", "1")
     assert json.loads(Path(f"{off}.json").read_text())["guidance_scale"] == 1.0
+    assert json.loads(Path(f"{off}.json").read_text())["guided_steps"] == 0
     assert off.read_bytes() != out.read_bytes()
 
     result, old = generate("old.nii.gz", tiny_model_dir)
@@ -141,6 +154,10 @@ def test_cli_records_the_guidance_that_ran_and_refuses_it_for_older_models(
 def test_time_estimate_counts_both_passes(seg, flagged_model_dir):
     generator = VolumeGenerator(flagged_model_dir, device="cpu")
     labels = io.read_label(seg)
-    guided = generator.slice_forwards(labels, GenerateSettings(num_inference_steps=2))
-    unguided = generator.slice_forwards(labels, GenerateSettings(num_inference_steps=2, guidance_scale=1.0))
-    assert guided == 2 * unguided
+    guided = generator.slice_forwards(labels, GenerateSettings(num_inference_steps=STEPS))
+    unguided = generator.slice_forwards(
+        labels, GenerateSettings(num_inference_steps=STEPS, guidance_scale=1.0)
+    )
+    start, stop = defaults.GUIDANCE_INTERVAL  # the guided steps of the default interval count twice
+    assert guided == unguided // STEPS * sum(2 if start <= k / STEPS < stop else 1 for k in range(STEPS))
+    assert guided > unguided

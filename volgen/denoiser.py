@@ -35,7 +35,15 @@ from volgen.conditioning import (
 )
 from volgen.errors import VolgenError
 
-__all__ = ["BATCH_GRANULE", "UNGUIDED", "Denoiser", "padded_slices", "per_sample_condition_vector"]
+__all__ = [
+    "BATCH_GRANULE",
+    "UNGUIDED",
+    "Denoiser",
+    "padded_slices",
+    "per_sample_condition_vector",
+    "runs_autocast",
+    "uses_channels_last",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +59,24 @@ BATCH_GRANULE = 8
 def padded_slices(n: int) -> int:
     """Slices a chunk of ``n`` costs: it is padded up to a multiple of :data:`BATCH_GRANULE`."""
     return n + (-n % BATCH_GRANULE)
+
+
+def runs_autocast(device: torch.device, autocast_dtype: torch.dtype | None) -> bool:
+    """Whether the network runs under autocast: any reduced dtype on a GPU, bfloat16 only on the CPU (a
+    float16 request there runs float32, as it always has)."""
+    if autocast_dtype is None:
+        return False
+    return device.type != "cpu" or autocast_dtype == torch.bfloat16
+
+
+def uses_channels_last(device: torch.device, autocast_dtype: torch.dtype | None) -> bool:
+    """Whether the network gets channels-last input: on CUDA (with a channels-last network,
+    :func:`volgen.generation.device.prepare_unet`), and on the CPU in bfloat16, where oneDNN's bf16
+    convolutions are fastest in that layout. A float32 CPU run keeps the contiguous layout, so its results
+    stay the same bytes."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and runs_autocast(device, autocast_dtype)
 
 
 def chunks(num_slices: int, slice_batch_size: int) -> list[tuple[int, int]]:
@@ -90,8 +116,9 @@ class Denoiser:
         context_slices: 2.5D context: slices on each side of the current one in its mask channels.
         layout: The condition vector (``None``: mask channels only).
         slice_axis: The model's own slice axis (its axis code when a multi-axis model is not told one).
-        autocast_dtype: Run the network under autocast with this dtype (not on the CPU).
-        channels_last: Give the network channels-last input (CUDA with a channels-last network).
+        autocast_dtype: Run the network under autocast with this dtype (on the CPU: bfloat16 only, see
+            :func:`runs_autocast`).
+        channels_last: Give the network channels-last input (:func:`uses_channels_last`).
     """
 
     net: torch.nn.Module
@@ -172,10 +199,11 @@ class Denoiser:
             net_in = net_in.contiguous(memory_format=torch.channels_last)
         return self.net(net_in, t).sample
 
-    def _run(self, x: Tensor, t: Tensor, condition: Tensor) -> Tensor:
-        """:meth:`forward` on whole granules: fixed-size forwards on the CPU, one forward on a GPU."""
+    def run(self, x: Tensor, t: Tensor, condition: Tensor) -> Tensor:
+        """:meth:`forward` on whole granules, in the denoiser's precision: fixed-size forwards on the CPU,
+        one forward on a GPU; float32 out."""
         device = x.device
-        use_autocast = self.autocast_dtype is not None and device.type != "cpu"
+        use_autocast = runs_autocast(device, self.autocast_dtype)
         with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=use_autocast):
             if device.type == "cpu":  # fixed-size forwards: see BATCH_GRANULE
                 parts = zip(x.split(BATCH_GRANULE), condition.split(BATCH_GRANULE), strict=True)
@@ -229,7 +257,7 @@ class Denoiser:
                 cond = self.volume_condition(volumes, starts, start, stop, pass_removed, vector)
                 xs.append(_pad(model_input[start:stop], pad))
                 conds.append(_pad(cond.to(model_input.dtype), pad))
-            out = self._run(torch.cat(xs), t, torch.cat(conds)).split(n + pad)
+            out = self.run(torch.cat(xs), t, torch.cat(conds)).split(n + pad)
             eps[start:stop] = (
                 out[0][:n] if len(out) == 1 else out[1][:n] + guidance_scale * (out[0][:n] - out[1][:n])
             )

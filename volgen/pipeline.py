@@ -30,7 +30,7 @@ from torch import Tensor
 
 from volgen import defaults
 from volgen.conditioning import ConditionLayout, model_axes, selection_to_removed
-from volgen.denoiser import BATCH_GRANULE, UNGUIDED, Denoiser
+from volgen.denoiser import BATCH_GRANULE, UNGUIDED, Denoiser, uses_channels_last
 from volgen.errors import VolgenError
 from volgen.sampling import (
     Progress,
@@ -322,7 +322,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             layout=self.condition_layout,
             slice_axis=self.config.slice_axis,
             autocast_dtype=autocast_dtype,
-            channels_last=self.unet.device.type == "cuda",
+            channels_last=uses_channels_last(self.unet.device, autocast_dtype),
         )
 
     def _validate(self, labels: Tensor, reference: Tensor | None, strength: float, cube: bool) -> None:
@@ -388,6 +388,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         reference: Tensor | np.ndarray | Sequence[Tensor | np.ndarray] | None = None,
         strength: float = 1.0,
         guidance_scale: float | None = None,
+        guidance_interval: tuple[float, float] = defaults.GUIDANCE_INTERVAL,
         slice_axes: Sequence[str] | None = None,
         autocast_dtype: torch.dtype | None = None,
         callback: Callable[[Progress], None] | None = None,
@@ -423,9 +424,13 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             guidance_scale: Classifier-free guidance ``w`` towards the condition (1: off, one UNet pass per
                 step; ``None``: :data:`volgen.defaults.GUIDANCE_SCALE` for a model with "specified" flags, off
                 for older models; see :meth:`resolve_guidance_scale`).
+            guidance_interval: ``(start, stop)``: the steps guided, by position in the schedule (see
+                :meth:`plan`; default :data:`volgen.defaults.GUIDANCE_INTERVAL`, the last 30 %).
             slice_axes: Multi-axis sampling: the slicing axis of every step of the full schedule
                 (:func:`volgen.multiaxis.axis_schedule`; its length is ``num_inference_steps``).
-            autocast_dtype: ``torch.float16``/``torch.bfloat16`` to run the UNet under autocast (CUDA).
+            autocast_dtype: ``torch.float16``/``torch.bfloat16`` to run the UNet under autocast (CUDA;
+                on the CPU ``torch.bfloat16``, with channels-last input: see
+                :func:`volgen.denoiser.uses_channels_last`).
             callback: Called with a :class:`Progress` after every UNet chunk (slices of all volumes).
             output_type: ``"pt"`` (CPU tensors) or ``"np"`` (numpy arrays).
 
@@ -441,6 +446,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             strength=strength,
             slice_batch_size=slice_batch_size,
             guidance_scale=guidance_scale,
+            guidance_interval=guidance_interval,
             slice_axes=slice_axes,
             noise_correlation=noise_correlation,
             fine_noise_correlation=fine_noise_correlation,

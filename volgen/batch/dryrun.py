@@ -126,9 +126,10 @@ def estimate_generation(
 
 def measure_time_model(generator: VolumeGenerator, *, slice_batch_size: int | str) -> TimeModel:
     """Time one UNet forward of a padded chunk of ``slice_batch_size`` slices (``auto``: the chunk it chooses
-    for a long run now) after one warm-up forward, on the generator's device.
+    for a long run now) after one warm-up forward, on the generator's device, through its denoiser (its
+    precision and memory layout: bf16 channels-last on a CPU with native bf16).
 
-    fp32; I/O and resampling are an assumed 1 s per item plus 0.1 µs per input voxel.
+    I/O and resampling are an assumed 1 s per item plus 0.1 µs per input voxel.
     """
     import torch
 
@@ -140,20 +141,24 @@ def measure_time_model(generator: VolumeGenerator, *, slice_batch_size: int | st
     size = generator.metadata.slice_size
     sbs = generator.pipeline.resolve_slice_batch_size(slice_batch_size, defaults.AUTO_SLICE_BATCH_GPU)
     batch = sbs + (-sbs % BATCH_GRANULE)
-    x = torch.zeros(batch, unet.config.in_channels, size, size, device=dev)
+    out_channels = unet.config.out_channels
+    x = torch.zeros(batch, out_channels, size, size, device=dev)
+    condition = torch.zeros(batch, unet.config.in_channels - out_channels, size, size, device=dev)
     t = torch.tensor(500, device=dev)
+    denoiser = generator.pipeline.denoiser(generator.autocast_dtype)
     with torch.no_grad():
-        unet(x, t)
+        denoiser.run(x, t, condition)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         begin = time.perf_counter()
-        unet(x, t)
+        denoiser.run(x, t, condition)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         per_slice = (time.perf_counter() - begin) / batch
     how = (
-        f"measured: one UNet forward of {batch} slices of {size}x{size} on {dev} (fp32) took "
-        f"{per_slice * 1000:.2f} ms per slice; assumed: 1 s + 0.1 µs per input voxel for I/O and resampling"
+        f"measured: one UNet forward of {batch} slices of {size}x{size} on {dev} ({generator.precision}) "
+        f"took {per_slice * 1000:.2f} ms per slice; assumed: 1 s + 0.1 µs per input voxel for I/O and "
+        "resampling"
     )
     return TimeModel(
         seconds_per_slice_forward=per_slice, overhead_seconds=1.0, seconds_per_input_voxel=1e-7, how=how

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from pathlib import Path
 from typing import Any
 
 from volgen import defaults
@@ -28,13 +30,42 @@ def resolve_device(device: str = defaults.DEVICE) -> Any:
         raise SettingsError(f"--device must be auto, cpu or cuda, got {device!r}") from None
 
 
+#: CPU flags of native bfloat16 arithmetic (x86: AVX512-BF16, AMX-BF16), read from /proc/cpuinfo.
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.cache
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes in bfloat16 natively (a flag of :data:`NATIVE_BF16_FLAGS`); ``False``
+    where it cannot be told (no ``/proc/cpuinfo``: not Linux), and bf16 would be emulated and slower."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    flags = {
+        f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[-1].split()
+    }
+    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
+
+
 def autocast_dtype(device: Any, precision: str = defaults.PRECISION) -> Any:
-    """The autocast dtype of the UNet (``None``: float32): on CUDA ``auto``/``bf16`` is bfloat16 (float16
-    where bf16 is unsupported) and ``fp16`` is float16; the CPU always runs float32."""
+    """The autocast dtype of the UNet (``None``: float32).
+
+    CUDA: ``auto``/``bf16`` is bfloat16 (float16 where bf16 is unsupported) and ``fp16`` is float16. CPU:
+    ``bf16`` is bfloat16 (channels-last, :func:`volgen.denoiser.uses_channels_last`), ``auto`` is bfloat16 on
+    a CPU with native bf16 (:func:`cpu_has_native_bf16`) and float32 elsewhere; ``fp32`` and ``fp16`` run
+    float32 (the same bytes as before bf16 came to the CPU).
+    """
     import torch
 
     check_precision(precision)
-    if getattr(device, "type", "cpu") != "cuda" or precision == "fp32":
+    kind = getattr(device, "type", "cpu")
+    if precision == "fp32":
+        return None
+    if kind == "cpu":
+        native = precision == "bf16" or (precision == "auto" and cpu_has_native_bf16())
+        return torch.bfloat16 if native else None
+    if kind != "cuda":
         return None
     if precision == "fp16":
         return torch.float16
@@ -42,7 +73,9 @@ def autocast_dtype(device: Any, precision: str = defaults.PRECISION) -> Any:
 
 
 def prepare_unet(unet: Any, device: Any) -> Any:
-    """Move the UNet to ``device``; on CUDA use channels-last memory and xformers attention if usable."""
+    """Move the UNet to ``device``; on CUDA use channels-last memory and xformers attention if usable (on the
+    CPU the weights stay as loaded: a bf16 run gives channels-last input only, and the bf16 copies autocast
+    makes of the weights are reordered by oneDNN either way)."""
     import torch
 
     unet = unet.to(device)

@@ -51,6 +51,8 @@ class GeneratedVolume:
         cube_voxel: The isotropic voxel (mm) of the cube frame of multi-axis sampling; ``None`` for
             single-axis sampling in the model's slicing frame.
         guidance_scale: The classifier-free guidance that ran (1: unguided).
+        guided_steps: How many of the denoised steps ran guided (the last ones with the default
+            :data:`volgen.defaults.GUIDANCE_INTERVAL`).
     """
 
     image: Any
@@ -63,6 +65,7 @@ class GeneratedVolume:
     axis_schedule: list[str] = field(default_factory=list)
     cube_voxel: float | None = None
     guidance_scale: float = 1.0
+    guided_steps: int = 0
 
 
 @dataclass
@@ -114,7 +117,8 @@ class VolumeGenerator:
     Args:
         model: A model folder, a :class:`volgen.models.LoadedModel`, or ``None`` for the embedded default.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        precision: ``auto``, ``fp32``, ``fp16`` or ``bf16`` (autocast on CUDA; the CPU runs float32).
+        precision: ``auto``, ``fp32``, ``fp16`` or ``bf16`` (autocast: on CUDA; on the CPU bf16, ``auto``
+            where the CPU has native bf16, see :func:`volgen.generation.device.autocast_dtype`).
 
     Attributes:
         model: The :class:`~volgen.models.LoadedModel`.
@@ -479,9 +483,11 @@ class VolumeGenerator:
                 for image in images
             ]
         seconds, guidance = time.perf_counter() - started, plan.guidance_scale
+        guided = sum(passes == 2 for passes in plan.passes)
         for volume, r in zip(volumes, requests, strict=True):
             volume.condition = prepared[id(r.segmentation), id(r.reference)][1]
             volume.classes_kept, volume.seconds, volume.guidance_scale = names, seconds, guidance
+            volume.guided_steps = guided
         return volumes
 
     def _prepare(self, request: GenerationRequest, kept: list[int]) -> tuple[Any, Any]:

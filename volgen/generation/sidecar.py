@@ -36,8 +36,8 @@ class Sidecar(BaseModel):
     Unknown keys are kept (a newer volgen may add some); :meth:`read` is what batch resume uses.
     ``settings`` holds what was asked (``slice_axes`` ``null``: the model's own axis); ``slice_axes``,
     ``axis_schedule`` (the slicing axis of each denoised step) and ``cube_voxel_mm`` (multi-axis sampling's
-    isotropic voxel, ``null`` in the model's slicing frame) and ``guidance_scale`` (``settings`` ``null``: the
-    model's default) say what ran.
+    isotropic voxel, ``null`` in the model's slicing frame), ``guidance_scale`` (``settings`` ``null``: the
+    model's default) and ``guided_steps`` (how many of the denoised steps ran guided) say what ran.
     """
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
@@ -60,6 +60,7 @@ class Sidecar(BaseModel):
     axis_schedule: list[str] = []
     cube_voxel_mm: float | None = None
     guidance_scale: float = 1.0
+    guided_steps: int = 0
     device: str = "cpu"
     precision: str = "fp32"
     seconds: float = 0.0
@@ -105,6 +106,7 @@ class Sidecar(BaseModel):
             axis_schedule=volume.axis_schedule,
             cube_voxel_mm=None if volume.cube_voxel is None else round(volume.cube_voxel, 6),
             guidance_scale=volume.guidance_scale,
+            guided_steps=volume.guided_steps,
             device=str(generator.device),
             precision=generator.precision,
         )

@@ -63,7 +63,7 @@ class GenerationParameters:
 
     model_dir: str | None = None
     strength: float = 1.0
-    steps: int = 10
+    steps: int = 6
     scheduler: str = "dpmsolver++"
     seed: int = 0
     noise_correlation: float = 0.995
