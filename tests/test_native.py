@@ -1,4 +1,5 @@
-"""Native-resolution models: trained on crops at a pixel spacing, generating whole slices on the input grid."""
+"""Native-resolution models: trained on crops at a pixel spacing, generating whole slices on the input
+grid."""
 
 from __future__ import annotations
 

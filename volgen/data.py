@@ -201,8 +201,9 @@ class SliceDataset(Dataset):
     loop (:mod:`volgen.conditioning`), the same code sampling uses. Indexing with ``(i, seed)`` adds the
     ``seed`` of the sample's augmentation, applied by :class:`volgen.augmentation.AugmentingCollate`.
 
-    With ``crop_size`` (native-resolution models), every item is a ``crop_size x crop_size`` crop of its slice,
-    image and context together, at a position drawn from the item's ``seed`` (index with ``(i, seed)``).
+    With ``crop_size`` (native-resolution models), every item is a ``crop_size x crop_size`` crop of its
+    slice, image and context together, at a position drawn from the item's ``seed`` (index with
+    ``(i, seed)``).
     """
 
     def __init__(

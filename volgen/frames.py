@@ -163,7 +163,7 @@ def native_grid(
 
 
 def _pad_into(data: Tensor, shape: tuple[int, ...], value: float) -> Tensor:
-    """``(X, Y, Z)`` ``data`` centred in a tensor of ``shape`` filled with ``value`` (as :func:`native_grid`)."""
+    """``(X, Y, Z)`` ``data`` centred in a tensor of ``shape`` filled with ``value`` (as in native_grid)."""
     out = data.new_full(shape, value)
     starts = [(s - n) // 2 for s, n in zip(shape, data.shape, strict=True)]
     out[tuple(slice(a, a + n) for a, n in zip(starts, data.shape, strict=True))] = data
@@ -263,9 +263,8 @@ class ModelFrame:
         """``labels`` (and ``image``) in this frame."""
         if self.pixel_spacing is None:
             return to_slice_frame(labels, image, slice_size=self.slice_size, slice_axis=self.slice_axis)
-        return to_native_frame(
-            labels, image, pixel_spacing=self.pixel_spacing, slice_axis=self.slice_axis, multiple=self.multiple
-        )
+        spacing, axis, multiple = self.pixel_spacing, self.slice_axis, self.multiple
+        return to_native_frame(labels, image, pixel_spacing=spacing, slice_axis=axis, multiple=multiple)
 
     def plane(self, labels: sitk.Image) -> int | tuple[int, int]:
         """The size of ``labels``' slices in this frame (``H = W`` or ``(H, W)``; for memory estimates)."""

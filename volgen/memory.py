@@ -34,7 +34,9 @@ def volume_bytes(slices: int, slice_size: SliceSize) -> int:
     return 8 * 4 * slices * plane_pixels(slice_size)
 
 
-def chunk_slice_bytes(*, slice_size: SliceSize, condition_channels: int, block_channels: Sequence[int]) -> int:
+def chunk_slice_bytes(
+    *, slice_size: SliceSize, condition_channels: int, block_channels: Sequence[int]
+) -> int:
     """UNet activations one slice of a chunk needs: ~12 float32 maps per level at each level's resolution and
     width, plus its conditioning channels."""
     plane = plane_pixels(slice_size)

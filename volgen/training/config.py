@@ -75,7 +75,7 @@ class DataConfig(StrictModel):
         if not self.ct_window[1] > self.ct_window[0]:
             raise ValueError("data.ct_window must be [low, high] with high > low")
         if (self.frame == "native") != (self.pixel_spacing is not None):
-            raise ValueError("data.frame: native needs data.pixel_spacing (mm), and only a native frame takes it")
+            raise ValueError("data.frame native needs data.pixel_spacing (mm); only a native frame takes it")
         if self.frame == "native" and len(self.slice_axes) > 1:
             raise ValueError("data.frame: native trains along data.slice_axis only (no data.slice_axes)")
         axes = self.slice_axes
