@@ -126,3 +126,41 @@ def test_bad_native_config_is_one_error_line(tmp_path):
     assert result.exit_code != 0
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "pixel_spacing" in lines[0]
+
+
+def _untrained_native(folder: Path, preset: str = "tiny") -> Path:
+    """An untrained native model folder (1 mm pixels) of ``preset``: memory does not depend on weights."""
+    from volgen.labels import load_label_map
+    from volgen.models import ModelMetadata, UNetConfig, build_training_scheduler, build_unet, save_model
+
+    config = UNetConfig.preset(preset)
+    meta = ModelMetadata(
+        name="native-untrained",
+        label_map=load_label_map("colin27"),
+        slice_size=config.sample_size,
+        pixel_spacing=1.0,
+    )
+    return save_model(folder / preset, build_unet(config, meta), build_training_scheduler(), meta)
+
+
+def test_memory_estimate_of_a_512_slice_volume_is_at_its_own_size(tmp_path):
+    from volgen.errors import ResourceError
+    from volgen.generation import GenerateSettings, VolumeGenerator
+    from volgen.io import Geometry
+
+    generator = VolumeGenerator(_untrained_native(tmp_path, "small"), device="cpu")
+    grid = Geometry(size=(512, 512, 300), spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0), direction=rotation())
+    half = Geometry(size=(256, 256, 300), spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0), direction=rotation())
+    settings = GenerateSettings(slice_batch_size=16)
+    assert generator.frame.plane(grid) == (512, 512)
+    need = generator.memory_needed(grid, settings)
+    volume_arrays = 8 * 4 * 300 * 512 * 512  # the frame's volume arrays alone
+    assert volume_arrays < need < 16 * volume_arrays
+    assert 3 < need / generator.memory_needed(half, settings) < 5  # grows with the slice's pixels
+    # "auto" fits the budget: a smaller budget, a smaller slice batch; above it, a clear refusal
+    auto = GenerateSettings(slice_batch_size="auto")
+    roomy = generator.plan(grid, auto, max_memory=need * 4).slice_batch_size
+    tight = generator.plan(grid, auto, max_memory=int(need * 0.9)).slice_batch_size
+    assert tight < roomy
+    with pytest.raises(ResourceError, match="max-memory"):
+        generator.check_memory(grid, settings, max_memory=need // 2)
