@@ -149,8 +149,8 @@ def test_memory_estimate_of_a_512_slice_volume_is_at_its_own_size(tmp_path):
     from volgen.io import Geometry
 
     generator = VolumeGenerator(_untrained_native(tmp_path, "small"), device="cpu")
-    grid = Geometry(size=(512, 512, 300), spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0), direction=rotation())
-    half = Geometry(size=(256, 256, 300), spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0), direction=rotation())
+    place = {"spacing": (1.0, 1.0, 2.0), "origin": (0.0, 0.0, 0.0), "direction": rotation()}
+    grid, half = Geometry(size=(512, 512, 300), **place), Geometry(size=(256, 256, 300), **place)
     settings = GenerateSettings(slice_batch_size=16)
     assert generator.frame.plane(grid) == (512, 512)
     need = generator.memory_needed(grid, settings)
@@ -164,3 +164,13 @@ def test_memory_estimate_of_a_512_slice_volume_is_at_its_own_size(tmp_path):
     assert tight < roomy
     with pytest.raises(ResourceError, match="max-memory"):
         generator.check_memory(grid, settings, max_memory=need // 2)
+
+
+def test_info_names_the_native_frame(native_model):
+    from typer.testing import CliRunner
+
+    from volgen.cli.app import _register, app
+
+    _register()
+    result = CliRunner().invoke(app, ["info", str(native_model)])
+    assert result.exit_code == 0 and "native: whole slices at 1.1 mm" in " ".join(result.output.split())
