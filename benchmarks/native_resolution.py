@@ -5,7 +5,7 @@
     python benchmarks/native_resolution.py score --work runs/native/work \\
         --model native-2mm=runs/native/work/native-2mm --model frame-64px=runs/edgeA/work/recipe
     # 2. time and peak memory of one volume per in-plane size (an untrained `small` native model at 1 mm)
-    OMP_NUM_THREADS=1 python benchmarks/native_resolution.py timing --sizes 256 512 --slices 8 --steps 2
+    OMP_NUM_THREADS=1 python benchmarks/native_resolution.py timing --sizes 256 512 --slices 8 --steps 1
 
 ``score`` reads ``seed-*.nii.gz`` of each ``--model NAME=DIR`` and prints, mean [worst seed] over the seeds:
 faithfulness (the held-out slab's fixed intensity segmenter, :class:`heldout_slab.Scorer`), background error
@@ -204,7 +204,7 @@ def main() -> None:
     t = sub.add_parser("timing", help="time and memory per in-plane size")
     t.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     t.add_argument("--slices", type=int, default=8)
-    t.add_argument("--steps", type=int, default=2)
+    t.add_argument("--steps", type=int, default=1)
     args = parser.parse_args()
     if args.child is not None:
         print(json.dumps(child(*args.child)))
