@@ -117,6 +117,38 @@ def score(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
+def figure(args: argparse.Namespace) -> None:
+    """The real slab beside seed 0 of each model: a whole axial slice and a crop at 100 % (one screen pixel
+    per voxel, enlarged ``--zoom`` times by repetition), one grey window for all."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    real = sitk.GetArrayFromImage(sitk.ReadImage(str(args.work / "slab_real.nii.gz"))).astype(np.float32)
+    panels = {"real (1 mm)": real}
+    for item in args.model:
+        name, folder = item.split("=", 1)
+        panels[name] = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(folder) / "seed-0.nii.gz")))
+    z = real.shape[0] // 2
+    low, high = np.percentile(real[z], (0.5, 99.5))
+    y0, x0, n = args.crop
+    fig = Figure(figsize=(3.2 * len(panels), 6.6))
+    for i, (name, volume) in enumerate(panels.items()):
+        whole = fig.add_subplot(2, len(panels), i + 1)
+        whole.imshow(volume[z], cmap="gray", vmin=low, vmax=high, origin="lower")
+        whole.add_patch(Rectangle((x0, y0), n, n, fill=False, ec="y"))
+        whole.set_title(name, fontsize=9)
+        crop = fig.add_subplot(2, len(panels), len(panels) + i + 1)
+        patch = np.repeat(np.repeat(volume[z, y0 : y0 + n, x0 : x0 + n], args.zoom, 0), args.zoom, 1)
+        crop.imshow(patch, cmap="gray", vmin=low, vmax=high, origin="lower", interpolation="nearest")
+        crop.set_title(f"{n} x {n} voxels at 100 % (x{args.zoom})", fontsize=8)
+        for ax in (whole, crop):
+            ax.set_axis_off()
+    fig.tight_layout()
+    FigureCanvasAgg(fig).print_png(str(args.out))
+    print(args.out)
+
+
 def _peak_rss() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
@@ -201,6 +233,12 @@ def main() -> None:
     s.add_argument("--model", action="append", default=[], help="NAME=DIR holding seed-*.nii.gz")
     s.add_argument("--data", type=Path, default=ROOT / "data" / "colin27")
     s.add_argument("--slab", type=int, nargs=2, default=[80, 110])
+    f = sub.add_parser("figure", help="the real slab beside seed 0 of each model, whole and cropped")
+    f.add_argument("--work", type=Path, required=True, help="heldout_slab.py's work folder")
+    f.add_argument("--model", action="append", default=[], help="NAME=DIR holding seed-0.nii.gz")
+    f.add_argument("--crop", type=int, nargs=3, default=[110, 60, 64], help="y0 x0 size (voxels)")
+    f.add_argument("--zoom", type=int, default=3)
+    f.add_argument("--out", type=Path, default=ROOT / "docs" / "images" / "native-resolution.png")
     t = sub.add_parser("timing", help="time and memory per in-plane size")
     t.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     t.add_argument("--slices", type=int, default=8)
@@ -209,7 +247,7 @@ def main() -> None:
     if args.child is not None:
         print(json.dumps(child(*args.child)))
         return
-    score(args) if args.command == "score" else timing(args)
+    {"score": score, "figure": figure, "timing": timing}[args.command](args)
 
 
 if __name__ == "__main__":
