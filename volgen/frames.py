@@ -81,6 +81,11 @@ class SliceFrame:
         volume = slices_to_volume(slices, self.slice_axis).contiguous()
         return tio.io.nib_to_sitk(volume[None].numpy(), self.affine)
 
+    def to_grid(self, slices: Tensor | np.ndarray, grid: sitk.Image, *, default: float = 0.0) -> sitk.Image:
+        """Slices ``(N, H, W)`` of this frame put on ``grid``'s exact geometry (:func:`resample_to_grid`): a
+        copy of coinciding voxels where the frame is ``exact``, else linear interpolation."""
+        return resample_to_grid(self.to_sitk(slices), grid, label=self.exact, default=default)
+
 
 def to_slice_frame(
     labels: sitk.Image, image: sitk.Image | None = None, *, slice_size: int, slice_axis: str

@@ -224,7 +224,6 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         :data:`volgen.defaults.AUTO_SLICE_BATCH_CPU` on the CPU (which runs every chunk as forwards of
         :data:`BATCH_GRANULE` slices: larger chunks gain nothing there) and
         :data:`volgen.defaults.AUTO_SLICE_BATCH_GPU` on CUDA. Either way the result does not depend on it.
-        ``plane``: the slices' ``(H, W)`` (a native-resolution frame; default: the UNet's square size).
 
         Raises:
             VolgenError: Neither ``"auto"`` nor an integer >= 1.

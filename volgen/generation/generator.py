@@ -272,9 +272,8 @@ class VolumeGenerator:
             budget = memory_limit(self.device, max_memory)
             if self.device.type == "cpu":
                 budget -= input_grid_bytes(voxels)
-        return self.pipeline.resolve_slice_batch_size(
-            settings.slice_batch_size, slices, budget_bytes=budget, plane=plane
-        )
+        resolve = self.pipeline.resolve_slice_batch_size  # plane: the frame's (H, W) (native models)
+        return resolve(settings.slice_batch_size, slices, budget_bytes=budget, plane=plane)
 
     def check_memory(
         self,
@@ -327,9 +326,7 @@ class VolumeGenerator:
         slices, voxels, _ = self._run_size(segmentation, settings, volumes, max_memory)
         return self._plan(slices, voxels, settings, max_memory, self.frame.plane(segmentation))
 
-    def _plan(
-        self, slices: int, voxels: int, settings: GenerateSettings, max_memory: int | None, plane: Any = None
-    ) -> Any:
+    def _plan(self, slices: int, voxels: int, settings: GenerateSettings, max_memory: int | None, plane=None):
         """The plan of a run over ``slices`` frame slices per step and ``voxels`` input voxels (all volumes);
         the settings resolved once, against this model (a :class:`SettingsError` if they do not fit)."""
         self.pipeline.set_scheduler(settings.scheduler)
@@ -506,9 +503,6 @@ class VolumeGenerator:
 
     def _sample(self, requests, prepared, kept, progress, plan) -> tuple[list[Any], Any]:
         """Into the slicing frame, through the pipeline (all volumes in one run), back onto each grid."""
-
-        from volgen.frames import resample_to_grid
-
         meta = self.metadata
         frames: dict[tuple[int, int], tuple[Any, Any, Any]] = {}
         for r in requests:
@@ -537,9 +531,7 @@ class VolumeGenerator:
             frame, window, _ = frames[key]
             physical = meta.intensity.from_model(volume.numpy(), window)
             background = float(physical.min()) if physical.size else 0.0
-            generated = resample_to_grid(
-                frame.to_sitk(physical), request.segmentation, label=frame.exact, default=background
-            )
+            generated = frame.to_grid(physical, request.segmentation, default=background)
             images.append(self._stored(generated, request.segmentation))
         return images, result
 
