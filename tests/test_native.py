@@ -67,6 +67,7 @@ def test_native_generation_is_on_the_input_grid_deterministic_and_batch_independ
     frame = generator.frame.to_frame(generator.classes(seg))
     assert frame.labels.shape[1] % 2 == 0 and frame.labels.shape[2] % 2 == 0
     assert frame.labels.shape[1] > 16 and frame.labels.shape[2] > 16  # whole slices, not crops
+    assert generator.frame.plane(seg) == tuple(frame.labels.shape[1:])  # the memory estimate's slice size
 
     def run(seed: int, sbs: int) -> np.ndarray:
         settings = GenerateSettings(seed=seed, num_inference_steps=3, slice_batch_size=sbs)

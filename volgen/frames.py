@@ -229,23 +229,24 @@ def native_plane(
     labels: sitk.Image, *, pixel_spacing: float, slice_axis: str, multiple: int = 1, min_size: int = 0
 ) -> tuple[int, int]:
     """``(H, W)`` of the slices :func:`to_native_frame` makes of ``labels``, from its geometry alone."""
-    import nibabel as nib
-
     affine = tio.io.get_ras_affine_from_sitk(labels)
-    size = tuple(int(s) for s in labels.GetSize())
-    orientation = nib.io_orientation(affine)
-    shape = tuple(size[int(i)] for i in np.argsort(orientation[:, 0]))
-    canonical = affine @ nib.orientations.inv_ornt_aff(orientation, size)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    closeness = np.abs(affine[:3, :3] / spacing)  # (world axis, voxel axis)
+    shape, world_spacing = [0, 0, 0], [0.0, 0.0, 0.0]
+    for _ in range(3):  # each voxel axis to its closest RAS axis, the clearest first (as reorienting does)
+        w, j = np.unravel_index(int(np.argmax(closeness)), closeness.shape)
+        shape[w], world_spacing[w] = int(labels.GetSize()[j]), float(spacing[j])
+        closeness[w, :], closeness[:, j] = -1.0, -1.0
     grid, _, _ = native_grid(
-        shape,  # type: ignore[arg-type]
-        canonical,
+        (shape[0], shape[1], shape[2]),
+        np.diag([*world_spacing, 1.0]),
         pixel_spacing=pixel_spacing,
         slice_axis=slice_axis,
         multiple=multiple,
         min_size=min_size,
     )
-    n, h, w = _permutation(slice_axis)
-    return grid[h], grid[w]
+    _, rows, columns = _permutation(slice_axis)
+    return grid[rows], grid[columns]
 
 
 @dataclass(frozen=True)
