@@ -15,17 +15,22 @@ if str(ROOT) not in sys.path:  # volgen from this source tree when it is not ins
     sys.path.insert(0, str(ROOT))
 
 from volgen.evaluation import IntensitySegmenter, dice, plane_consistency  # noqa: E402
-from volgen.frames import resample_to_grid, to_slice_frame  # noqa: E402
+from volgen.frames import ModelFrame, resample_to_grid  # noqa: E402
 
 AXES = ("z", "y", "x")
 
 
 def slice_frame_round_trip(
-    labels: sitk.Image, real: sitk.Image, slice_size: int, slice_axis: str = "axial"
+    labels: sitk.Image,
+    real: sitk.Image,
+    slice_size: int,
+    slice_axis: str = "axial",
+    pixel_spacing: float | None = None,
 ) -> sitk.Image:
     """The real image through a model's slicing frame and back: what a perfect generator of that frame
-    returns (the ceiling of a comparison at the model's resolution)."""
-    frame = to_slice_frame(labels, real, slice_size=slice_size, slice_axis=slice_axis)
+    returns (the ceiling of a comparison at the model's resolution). ``pixel_spacing``: a native-resolution
+    model's frame (:class:`volgen.frames.ModelFrame`)."""
+    frame = ModelFrame(slice_size, slice_axis, pixel_spacing).to_frame(labels, real)
     assert frame.image is not None
     return resample_to_grid(frame.to_sitk(frame.image), sitk.Cast(real, sitk.sitkFloat32))
 

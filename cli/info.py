@@ -147,7 +147,13 @@ def _model_info(path: Path, as_json: bool) -> None:
         ("classes", ", ".join(f"{i}={n}" for i, n in enumerate(meta.label_map.class_names))),
         ("encoding", meta.encoding),
         ("context slices", str(meta.context_slices)),
-        ("slice", f"{meta.slice_size} x {meta.slice_size} px, {meta.slice_axis}"),
+        (
+            "slice",
+            f"{meta.slice_size} x {meta.slice_size} px, {meta.slice_axis}"
+            if meta.pixel_spacing is None
+            else f"native: whole slices at {meta.pixel_spacing:g} mm (trained on {meta.slice_size} px "
+            f"crops), {meta.slice_axis}",
+        ),
         *_trained_axes_row(meta),
         (
             "intensity",

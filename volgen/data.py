@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from volgen.conditioning import context_stack
 from volgen.config import read_yaml
 from volgen.errors import ConfigError, InputError
-from volgen.frames import to_slice_frame
+from volgen.frames import to_native_frame, to_slice_frame
 from volgen.labels import LabelMap
 from volgen.models import IntensityMapping
 from volgen.types import PathLike, UnknownLabels
@@ -151,10 +151,24 @@ def prepare_case(
     slice_size: int,
     slice_axis: str,
     unknown_labels: UnknownLabels = "error",
+    pixel_spacing: float | None = None,
+    multiple: int = 1,
 ) -> PreparedVolume:
-    """Read, check, remap and resample one pair into the slicing frame (see module docs)."""
+    """Read, check, remap and resample one pair into the slicing frame (see module docs); with
+    ``pixel_spacing``, into the native frame (:func:`volgen.frames.to_native_frame`: whole slices at that
+    spacing, at least ``slice_size`` and a multiple of ``multiple`` pixels in-plane)."""
     image, class_image = read_case(case, label_map, unknown_labels)
-    frame = to_slice_frame(class_image, image, slice_size=slice_size, slice_axis=slice_axis)
+    if pixel_spacing is None:
+        frame = to_slice_frame(class_image, image, slice_size=slice_size, slice_axis=slice_axis)
+    else:
+        frame = to_native_frame(
+            class_image,
+            image,
+            pixel_spacing=pixel_spacing,
+            slice_axis=slice_axis,
+            multiple=multiple,
+            min_size=slice_size,
+        )
     model_space, window = intensity.image_to_model(image, frame.image)
     return PreparedVolume(case=case.case, image=model_space, labels=frame.labels, window=window)
 
@@ -186,6 +200,10 @@ class SliceDataset(Dataset):
     :func:`volgen.conditioning.context_stack`). Mask ablation and encoding happen per batch in the training
     loop (:mod:`volgen.conditioning`), the same code sampling uses. Indexing with ``(i, seed)`` adds the
     ``seed`` of the sample's augmentation, applied by :class:`volgen.augmentation.AugmentingCollate`.
+
+    With ``crop_size`` (native-resolution models), every item is a ``crop_size x crop_size`` crop of its
+    slice, image and context together, at a position drawn from the item's ``seed`` (index with
+    ``(i, seed)``).
     """
 
     def __init__(
@@ -193,12 +211,14 @@ class SliceDataset(Dataset):
         volumes: Sequence[PreparedVolume],
         context_slices: int,
         padding: str = "background",
+        crop_size: int | None = None,
     ) -> None:
         if not volumes:
             raise ValueError("no training volumes")
         self.volumes = list(volumes)
         self.context_slices = context_slices
         self.padding = padding
+        self.crop_size = crop_size
         self.index = [
             (v, z) for v in range(len(self.volumes)) for z in range(self.volumes[v].labels.shape[0])
         ]
@@ -212,6 +232,8 @@ class SliceDataset(Dataset):
         volume = self.volumes[v]
         context = context_stack(volume.labels, [z], self.context_slices, self.padding)[0]
         sample = {"image": volume.image[z][None], "context": context}
+        if self.crop_size is not None:
+            sample = random_crop(sample, self.crop_size, seed)
         if seed is not None:  # augmented when the batch is collated (volgen.augmentation.AugmentingCollate)
             sample["seed"] = seed
         return sample
@@ -225,6 +247,18 @@ class SliceDataset(Dataset):
             [float((self.volumes[v].labels[z] > 0).float().mean()) for v, z in self.index], dtype=np.float64
         )
         return torch.as_tensor(1.0 + foreground_weight * 100.0 * fractions)
+
+
+def random_crop(sample: dict[str, Tensor], size: int, seed: int | None) -> dict[str, Tensor]:
+    """``sample``'s image and context cropped together to ``size x size`` at a position drawn from ``seed``
+    (uniform over the positions that fit; the slice is at least ``size`` wide, see
+    :func:`volgen.frames.to_native_frame`'s ``min_size``)."""
+    if seed is None:
+        raise ValueError("cropped samples need a seed: index the dataset with (i, seed)")
+    h, w = sample["image"].shape[-2:]
+    rng = np.random.default_rng([int(seed), 0xC409])
+    top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    return {k: v[..., top : top + size, left : left + size].contiguous() for k, v in sample.items()}
 
 
 def apply_edge_cuts(

@@ -8,6 +8,9 @@ image; the through-plane spacing is kept, so the number of slices does not chang
 model's slice axis. Going back: the generated volume gets the frame's affine and is resampled with
 SimpleITK onto the input image's grid, so size, spacing, origin and direction are exactly the input's.
 
+A native-resolution model (``pixel_spacing`` in its metadata) uses :func:`to_native_frame` instead: the
+segmentation's own field of view at the model's pixel spacing, whole slices of any size.
+
 Tensor layouts: TorchIO tensors are ``(C, X, Y, Z)`` in RAS+; slice tensors are ``(N, H, W)`` with N along
 the slice axis: axial ``(Z, Y, X)``, coronal ``(Y, Z, X)``, sagittal ``(X, Z, Y)``.
 """
@@ -62,18 +65,26 @@ class SliceFrame:
         image: ``(N, H, W)`` physical intensities (float32) of the optional image, else ``None``.
         affine: The frame's 4x4 RAS affine (of the ``(X, Y, Z)`` TorchIO tensor).
         slice_axis: ``axial``, ``coronal`` or ``sagittal``.
+        exact: The frame's voxels are the input's own (a native frame at the input's spacing, padded only):
+            going back is then a copy (nearest neighbour at coinciding points), never an interpolation.
     """
 
     labels: Tensor
     image: Tensor | None
     affine: np.ndarray
     slice_axis: str
+    exact: bool = False
 
     def to_sitk(self, slices: Tensor | np.ndarray) -> sitk.Image:
         """Slices ``(N, H, W)`` of this frame as a SimpleITK image with the frame's geometry (float32)."""
         slices = torch.as_tensor(np.asarray(slices, dtype=np.float32))
         volume = slices_to_volume(slices, self.slice_axis).contiguous()
         return tio.io.nib_to_sitk(volume[None].numpy(), self.affine)
+
+    def to_grid(self, slices: Tensor | np.ndarray, grid: sitk.Image, *, default: float = 0.0) -> sitk.Image:
+        """Slices ``(N, H, W)`` of this frame put on ``grid``'s exact geometry (:func:`resample_to_grid`): a
+        copy of coinciding voxels where the frame is ``exact``, else linear interpolation."""
+        return resample_to_grid(self.to_sitk(slices), grid, label=self.exact, default=default)
 
 
 def to_slice_frame(
@@ -114,3 +125,157 @@ def resample_to_grid(
     """Resample ``image`` onto ``grid``'s exact size, spacing, origin and direction (linear or nearest)."""
     interpolator = sitk.sitkNearestNeighbor if label else sitk.sitkLinear
     return sitk.Resample(image, grid, sitk.Transform(), interpolator, float(default), image.GetPixelID())
+
+
+#: In-plane spacings within this relative difference of a native model's pixel count as equal: the slices are
+#: then only padded, never interpolated.
+SPACING_TOLERANCE = 1e-3
+
+
+def native_grid(
+    shape: tuple[int, int, int],
+    affine: np.ndarray,
+    *,
+    pixel_spacing: float,
+    slice_axis: str,
+    multiple: int = 1,
+    min_size: int = 0,
+) -> tuple[tuple[int, int, int], np.ndarray, bool]:
+    """The grid of a native-resolution frame for a RAS+ volume of ``shape`` with ``affine``.
+
+    In-plane, the field of view is resampled to square pixels of ``pixel_spacing`` mm (centred; unchanged
+    where the volume's spacing already is that, within :data:`SPACING_TOLERANCE`) and padded, centred, to a
+    multiple of ``multiple`` and at least ``min_size`` pixels; the slices (their count and spacing) are kept.
+    Returns the frame's ``(X, Y, Z)`` shape, its 4x4 RAS affine, and whether its voxels are the input's own
+    (padding only: no interpolation needed either way).
+    """
+    dim = _permutation(slice_axis)[0]
+    spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    new_shape, new_affine, exact = list(shape), np.array(affine, dtype=np.float64), True
+    for d in (d for d in range(3) if d != dim):
+        ratio = pixel_spacing / float(spacing[d])  # input voxels per frame pixel
+        same = abs(ratio - 1.0) <= SPACING_TOLERANCE
+        ratio = 1.0 if same else ratio
+        resampled = int(shape[d]) if same else max(1, round(shape[d] / ratio))
+        size = max(resampled, min_size)
+        size += -size % multiple
+        pad = (size - resampled) // 2
+        start = (shape[d] - 1) / 2 - (resampled - 1) / 2 * ratio - pad * ratio  # input index of pixel 0
+        new_affine[:3, 3] += np.asarray(affine)[:3, d] * start
+        new_affine[:3, d] = np.asarray(affine)[:3, d] * ratio
+        new_shape[d], exact = size, exact and same
+    return (int(new_shape[0]), int(new_shape[1]), int(new_shape[2])), new_affine, exact
+
+
+def _pad_into(data: Tensor, shape: tuple[int, ...], value: float) -> Tensor:
+    """``(X, Y, Z)`` ``data`` centred in a tensor of ``shape`` filled with ``value`` (as in native_grid)."""
+    out = data.new_full(shape, value)
+    starts = [(s - n) // 2 for s, n in zip(shape, data.shape, strict=True)]
+    out[tuple(slice(a, a + n) for a, n in zip(starts, data.shape, strict=True))] = data
+    return out
+
+
+def to_native_frame(
+    labels: sitk.Image,
+    image: sitk.Image | None = None,
+    *,
+    pixel_spacing: float,
+    slice_axis: str,
+    multiple: int = 1,
+    min_size: int = 0,
+) -> SliceFrame:
+    """Bring a class-index label volume (and an image on its grid) into a native-resolution frame.
+
+    Reoriented to RAS+ like :func:`to_slice_frame`; in-plane, resampled to ``pixel_spacing`` mm (nearest for
+    labels, linear for the image; not at all when the spacing already matches) and padded to a multiple of
+    ``multiple`` (the UNet's downsampling) and at least ``min_size`` pixels (labels with background, the
+    image with its minimum): see :func:`native_grid`. :func:`resample_to_grid` brings a result back.
+
+    Args:
+        labels: Class indices (integer image), any orientation and spacing.
+        image: Physical intensities on the same grid as ``labels`` (or ``None``).
+        pixel_spacing: The model's in-plane pixel (mm).
+        slice_axis: ``axial``, ``coronal`` or ``sagittal``.
+    """
+    label_img = tio.ToCanonical()(sitk_to_torchio(labels, label=True))
+    shape, affine, exact = native_grid(
+        tuple(label_img.spatial_shape),
+        label_img.affine,
+        pixel_spacing=pixel_spacing,
+        slice_axis=slice_axis,
+        multiple=multiple,
+        min_size=min_size,
+    )
+    image_img = None
+    if image is not None:
+        image_img = tio.ToCanonical()(sitk_to_torchio(sitk.Cast(image, sitk.sitkFloat32), label=False))
+    if exact:
+        label_data = _pad_into(label_img.data[0], shape, 0)
+        image_data = None
+        if image_img is not None:
+            image_data = _pad_into(image_img.data[0].float(), shape, float(image_img.data.min()))
+    else:
+        resample = tio.Resample((shape, affine))
+        label_data = resample(label_img).data[0]
+        image_data = None if image_img is None else resample(image_img).data[0].float()
+    image_slices = None if image_data is None else volume_to_slices(image_data, slice_axis).contiguous()
+    label_slices = volume_to_slices(label_data.to(torch.uint8), slice_axis).contiguous()
+    return SliceFrame(
+        labels=label_slices, image=image_slices, affine=affine, slice_axis=slice_axis, exact=exact
+    )
+
+
+def native_plane(
+    labels: sitk.Image, *, pixel_spacing: float, slice_axis: str, multiple: int = 1, min_size: int = 0
+) -> tuple[int, int]:
+    """``(H, W)`` of the slices :func:`to_native_frame` makes of ``labels``, from its geometry alone."""
+    affine = tio.io.get_ras_affine_from_sitk(labels)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    closeness = np.abs(affine[:3, :3] / spacing)  # (world axis, voxel axis)
+    shape, world_spacing = [0, 0, 0], [0.0, 0.0, 0.0]
+    for _ in range(3):  # each voxel axis to its closest RAS axis, the clearest first (as reorienting does)
+        w, j = np.unravel_index(int(np.argmax(closeness)), closeness.shape)
+        shape[w], world_spacing[w] = int(labels.GetSize()[j]), float(spacing[j])
+        closeness[w, :], closeness[:, j] = -1.0, -1.0
+    grid, _, _ = native_grid(
+        (shape[0], shape[1], shape[2]),
+        np.diag([*world_spacing, 1.0]),
+        pixel_spacing=pixel_spacing,
+        slice_axis=slice_axis,
+        multiple=multiple,
+        min_size=min_size,
+    )
+    _, rows, columns = _permutation(slice_axis)
+    return grid[rows], grid[columns]
+
+
+@dataclass(frozen=True)
+class ModelFrame:
+    """How a model slices volumes: the fitted frame (:func:`to_slice_frame`, ``pixel_spacing`` ``None``) or
+    the native-resolution frame (:func:`to_native_frame`, padded to a multiple of ``multiple`` pixels)."""
+
+    slice_size: int
+    slice_axis: str
+    pixel_spacing: float | None = None
+    multiple: int = 1
+
+    @classmethod
+    def of(cls, metadata, unet_config) -> ModelFrame:
+        """The frame of a model: its :class:`~volgen.models.ModelMetadata` and its UNet's config."""
+        factor = 2 ** (len(unet_config.block_out_channels) - 1)
+        return cls(metadata.slice_size, metadata.slice_axis, metadata.pixel_spacing, factor)
+
+    def to_frame(self, labels: sitk.Image, image: sitk.Image | None = None) -> SliceFrame:
+        """``labels`` (and ``image``) in this frame."""
+        if self.pixel_spacing is None:
+            return to_slice_frame(labels, image, slice_size=self.slice_size, slice_axis=self.slice_axis)
+        spacing, axis, multiple = self.pixel_spacing, self.slice_axis, self.multiple
+        return to_native_frame(labels, image, pixel_spacing=spacing, slice_axis=axis, multiple=multiple)
+
+    def plane(self, labels: sitk.Image) -> int | tuple[int, int]:
+        """The size of ``labels``' slices in this frame (``H = W`` or ``(H, W)``; for memory estimates)."""
+        if self.pixel_spacing is None:
+            return self.slice_size
+        return native_plane(
+            labels, pixel_spacing=self.pixel_spacing, slice_axis=self.slice_axis, multiple=self.multiple
+        )

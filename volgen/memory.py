@@ -17,16 +17,29 @@ from volgen import defaults
 GRANULE = 8
 
 
-def volume_bytes(slices: int, slice_size: int) -> int:
+#: A slice's size: ``H = W`` pixels (the fitted frame), or ``(H, W)`` (a native-resolution frame).
+SliceSize = int | tuple[int, int]
+
+
+def plane_pixels(slice_size: SliceSize) -> int:
+    """Pixels of one slice of ``slice_size``."""
+    if isinstance(slice_size, int):
+        return slice_size * slice_size
+    return int(slice_size[0]) * int(slice_size[1])
+
+
+def volume_bytes(slices: int, slice_size: SliceSize) -> int:
     """Volume arrays in the model's frame (noisy volume, model output, scheduler history, noise, reference):
-    ~8 float32 copies of ``slices x size²`` (``slices`` over all volumes generated together)."""
-    return 8 * 4 * slices * slice_size * slice_size
+    ~8 float32 copies of ``slices x H x W`` (``slices`` over all volumes generated together)."""
+    return 8 * 4 * slices * plane_pixels(slice_size)
 
 
-def chunk_slice_bytes(*, slice_size: int, condition_channels: int, block_channels: Sequence[int]) -> int:
+def chunk_slice_bytes(
+    *, slice_size: SliceSize, condition_channels: int, block_channels: Sequence[int]
+) -> int:
     """UNet activations one slice of a chunk needs: ~12 float32 maps per level at each level's resolution and
     width, plus its conditioning channels."""
-    plane = slice_size * slice_size
+    plane = plane_pixels(slice_size)
     activations = sum(12 * 4 * width * plane // (4**level) for level, width in enumerate(block_channels))
     return activations + 4 * (1 + condition_channels) * plane
 
@@ -40,7 +53,7 @@ def input_grid_bytes(input_voxels: int) -> int:
 def estimate_memory(
     *,
     slices: int,
-    slice_size: int,
+    slice_size: SliceSize,
     condition_channels: int,
     slice_batch_size: int,
     block_channels: Sequence[int],
@@ -63,7 +76,7 @@ def fit_slice_batch_size(
     budget_bytes: int,
     *,
     slices: int,
-    slice_size: int,
+    slice_size: SliceSize,
     condition_channels: int,
     block_channels: Sequence[int],
     input_voxels: int = 0,

@@ -40,7 +40,7 @@ FORMAT_VERSION = 2
 #: The pipeline class a model folder's ``model_index.json`` names (``volgen.pipeline``).
 PIPELINE_CLASS = "SegmentationToVolumePipeline"
 #: ModelMetadata fields stored in the pipeline's config (``model_index.json``), not in ``volgen.json``.
-PIPELINE_KEYS: tuple[str, ...] = ("encoding", "context_slices", "slice_axis", "condition")
+PIPELINE_KEYS: tuple[str, ...] = ("encoding", "context_slices", "slice_axis", "condition", "pixel_spacing")
 #: File endings of pickle-based weights: loading one can run arbitrary code, so volgen refuses them.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SLICE_AXES = ("axial", "coronal", "sagittal")
@@ -164,6 +164,10 @@ class ModelMetadata(StrictModel):
     context_slices: int = Field(1, ge=0, le=8)
     slice_size: int = Field(64, ge=8, le=1024)
     slice_axis: Literal["axial", "coronal", "sagittal"] = "axial"
+    #: A native-resolution model (``volgen.frames.to_native_frame``): the in-plane pixel (mm) it was trained
+    #: at, on crops of ``slice_size``; it generates whole slices at this spacing. ``None``: the fitted frame
+    #: (the whole field of view in ``slice_size x slice_size``).
+    pixel_spacing: float | None = Field(None, gt=0.0, le=100.0)
     intensity: IntensityMapping = Field(default_factory=IntensityMapping)
     trained_on: str = ""
     training: dict[str, Any] = Field(default_factory=dict)
@@ -250,6 +254,7 @@ def pipeline_settings(metadata: ModelMetadata) -> dict[str, Any]:
         "num_classes": metadata.num_classes,
         "slice_axis": metadata.slice_axis,
         "condition": None if metadata.condition is None else metadata.condition.model_dump(mode="json"),
+        "pixel_spacing": metadata.pixel_spacing,
     }
 
 

@@ -103,6 +103,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         num_classes: int = 2,
         slice_axis: str = "axial",
         condition: dict | None = None,
+        pixel_spacing: float | None = None,
     ) -> None:
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
@@ -113,6 +114,8 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             self.register_to_config(
                 condition=ConditionLayout.model_validate(condition).model_dump(mode="json")
             )
+        if pixel_spacing is not None:  # a native-resolution model: whole slices of any size (volgen.frames)
+            self.register_to_config(pixel_spacing=float(pixel_spacing))
 
     @property
     def condition_layout(self) -> ConditionLayout | None:
@@ -211,7 +214,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         return timesteps
 
     def resolve_slice_batch_size(
-        self, slice_batch_size: int | str, num_slices: int, *, budget_bytes: int | None = None
+        self, slice_batch_size: int | str, num_slices: int, *, budget_bytes: int | None = None, plane=None
     ) -> int:
         """The slice batch a run over ``num_slices`` slices (all its volumes) uses.
 
@@ -237,7 +240,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         return fit_slice_batch_size(
             memory_limit(device) if budget_bytes is None else budget_bytes,
             slices=num_slices,
-            slice_size=int(config.sample_size),
+            slice_size=int(config.sample_size) if plane is None else plane,
             condition_channels=int(config.in_channels) - int(config.out_channels),
             block_channels=tuple(config.block_out_channels),
             cap=defaults.AUTO_SLICE_BATCH_CPU if device.type == "cpu" else defaults.AUTO_SLICE_BATCH_GPU,
@@ -329,7 +332,11 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         size = self.unet.config.sample_size
         if cube and tuple(labels.shape) != (size, size, size):
             raise VolgenError(f"labels must be a ({size}, {size}, {size}) cube, got {tuple(labels.shape)}")
-        if labels.ndim != 3 or tuple(labels.shape[1:]) != (size, size):
+        factor = 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if self.config.get("pixel_spacing") is not None and not cube:  # native: whole slices of any size
+            if labels.ndim != 3 or labels.shape[1] % factor or labels.shape[2] % factor:
+                raise VolgenError(f"labels must be (Z, H, W), H and W multiples of {factor}: {labels.shape}")
+        elif labels.ndim != 3 or tuple(labels.shape[1:]) != (size, size):
             raise VolgenError(f"labels must be (Z, {size}, {size}) class indices, got {tuple(labels.shape)}")
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
             raise VolgenError(f"labels must be an integer tensor of class indices, got {labels.dtype}")

@@ -292,8 +292,9 @@ def denoise(
                 callback(Progress(step=step, steps=plan.steps, slices_done=done, slices_total=total))
 
         views = [frame.view(s.scale_model_input(x, t), axis) for s, x in zip(schedulers, xs, strict=True)]
-        eps_all = denoiser.predict(
-            views[0] if len(views) == 1 else torch.cat(views),
+        eps_parts = _predict(
+            denoiser,
+            views,
             t,
             along[axis],
             slice_batch_size=plan.slice_batch_size,
@@ -302,7 +303,6 @@ def denoise(
             axis=_axis_code(denoiser, axis),
             on_chunk=on_chunk,
         )
-        eps_parts = eps_all.split([v.shape[0] for v in views])
         for k, (sched, view, eps, gen) in enumerate(
             zip(schedulers, views, eps_parts, generators, strict=True)
         ):
@@ -310,6 +310,25 @@ def denoise(
                 eps = smooth_x0(eps, view, t, plan.x0_smoothing, sched)
             xs[k] = scheduler_step(sched, frame.back(eps, axis), t, xs[k], gen)
     return [frame.volume(x[:, 0].float().clamp(-1.0, 1.0)).cpu() for x in xs]
+
+
+def _predict(
+    denoiser: Denoiser, views: list[Tensor], t: Tensor, labels: list[Tensor], **settings
+) -> list[Tensor]:
+    """The network's output for each volume's view: volumes of one in-plane size share every chunk (those of
+    native-resolution frames may differ in size: each size is its own stack)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for k, view in enumerate(views):
+        groups.setdefault(tuple(view.shape[-2:]), []).append(k)
+    out: list[Tensor] = list(views)
+    for members in groups.values():
+        stack = [views[k] for k in members]
+        eps = denoiser.predict(
+            stack[0] if len(stack) == 1 else torch.cat(stack), t, [labels[k] for k in members], **settings
+        )
+        for k, part in zip(members, eps.split([v.shape[0] for v in stack]), strict=True):
+            out[k] = part
+    return out
 
 
 def _axis_code(denoiser: Denoiser, axis: str | None) -> int | None:

@@ -20,6 +20,7 @@ from volgen.batch.plan import BatchPlan, WorkItem
 from volgen.batch.resume import unfinished_reason
 from volgen.errors import VolgenError
 from volgen.generation.generator import slices_along
+from volgen.memory import plane_pixels
 
 if TYPE_CHECKING:
     from volgen.generation import GenerateSettings, VolumeGenerator
@@ -113,12 +114,16 @@ def estimate_generation(
     plan = generator.plan(grid, settings, volumes=together, max_memory=max_memory)  # the run, resolved once
     forwards = math.ceil(plan.forwards / together)
     voxels = int(np.prod(grid.size, dtype=np.int64))
+    # the time model's forwards are of the model's slice size; a native frame's slices are their own size
+    scale = plane_pixels(generator.frame.plane(grid)) / plane_pixels(generator.metadata.slice_size)
+    extra = (scale - 1) * forwards * time_model.seconds_per_slice_forward
+    seconds = time_model.seconds(forwards, voxels) + extra
     return GenerationEstimate(
         slices=slices_along(grid, generator.metadata.slice_axis),
         steps=plan.steps,
         passes=max(plan.passes, default=1),
         forwards=forwards,
-        seconds=time_model.seconds(forwards, voxels),
+        seconds=seconds,
         peak_bytes=baseline
         + generator.memory_needed(grid, settings, volumes=together, max_memory=max_memory),
     )

@@ -25,7 +25,7 @@ from volgen.errors import InputError, ResourceError, VolgenError
 from volgen.generation.device import autocast_dtype, prepare_unet, resolve_device
 from volgen.generation.reference import geometry_difference
 from volgen.generation.settings import GenerateSettings, SettingsError, sample_settings
-from volgen.memory import estimate_memory, input_grid_bytes, memory_limit
+from volgen.memory import estimate_memory, input_grid_bytes, memory_limit, plane_pixels
 from volgen.types import PathLike
 
 logger = logging.getLogger(__name__)
@@ -134,6 +134,7 @@ class VolumeGenerator:
         device: str = defaults.DEVICE,
         precision: str = defaults.PRECISION,
     ) -> None:
+        from volgen.frames import ModelFrame
         from volgen.models import LoadedModel, load_model
         from volgen.pipeline import build_pipeline
 
@@ -146,6 +147,7 @@ class VolumeGenerator:
         self.pipeline = build_pipeline(
             unet, model.scheduler, model.metadata, scheduler_name=defaults.SCHEDULER
         )
+        self.frame = ModelFrame.of(model.metadata, unet.config)  # fitted or native (volgen.frames)
 
     @property
     def metadata(self) -> Any:
@@ -247,7 +249,7 @@ class VolumeGenerator:
         plan = self.plan(segmentation, settings, volumes=volumes, max_memory=max_memory)
         return estimate_memory(
             slices=plan.num_slices,
-            slice_size=meta.slice_size,
+            slice_size=self.frame.plane(segmentation),
             condition_channels=meta.condition_channels,
             slice_batch_size=plan.slice_batch_size,
             block_channels=self.model.unet.config.block_out_channels,
@@ -264,7 +266,7 @@ class VolumeGenerator:
         return slices, voxels, self._slice_batch(slices, voxels, settings, max_memory)
 
     def _slice_batch(
-        self, slices: int, voxels: int, settings: GenerateSettings, max_memory: int | None
+        self, slices: int, voxels: int, settings: GenerateSettings, max_memory: int | None, plane: Any = None
     ) -> int:
         """The slice batch of a run over ``slices`` frame slices and ``voxels`` input voxels (all volumes): as
         set, or for ``auto`` what fits ``max_memory`` (default: a share of the free memory) beside the
@@ -274,7 +276,8 @@ class VolumeGenerator:
             budget = memory_limit(self.device, max_memory)
             if self.device.type == "cpu":
                 budget -= input_grid_bytes(voxels)
-        return self.pipeline.resolve_slice_batch_size(settings.slice_batch_size, slices, budget_bytes=budget)
+        resolve = self.pipeline.resolve_slice_batch_size  # plane: the frame's (H, W) (native models)
+        return resolve(settings.slice_batch_size, slices, budget_bytes=budget, plane=plane)
 
     def check_memory(
         self,
@@ -325,9 +328,9 @@ class VolumeGenerator:
         together: timesteps after λ, guidance per step, slice batch (``auto``: as chosen within
         ``max_memory``), precision and forwards. Time estimates, dry runs and sidecars read it."""
         slices, voxels, _ = self._run_size(segmentation, settings, volumes, max_memory)
-        return self._plan(slices, voxels, settings, max_memory)
+        return self._plan(slices, voxels, settings, max_memory, self.frame.plane(segmentation))
 
-    def _plan(self, slices: int, voxels: int, settings: GenerateSettings, max_memory: int | None) -> Any:
+    def _plan(self, slices: int, voxels: int, settings: GenerateSettings, max_memory: int | None, plane=None):
         """The plan of a run over ``slices`` frame slices per step and ``voxels`` input voxels (all volumes);
         the settings resolved once, against this model (a :class:`SettingsError` if they do not fit)."""
         self.pipeline.set_scheduler(settings.scheduler)
@@ -335,7 +338,7 @@ class VolumeGenerator:
             slices,
             num_inference_steps=settings.num_inference_steps,
             strength=settings.strength,
-            slice_batch_size=self._slice_batch(slices, voxels, settings, max_memory),
+            slice_batch_size=self._slice_batch(slices, voxels, settings, max_memory, plane),
             guidance_scale=self.guidance_scale(settings),
             noise_correlation=settings.noise_correlation,
             fine_noise_correlation=settings.fine_noise_correlation,
@@ -448,7 +451,8 @@ class VolumeGenerator:
                 self.metadata.slice_size,
                 max(int(np.prod(r.segmentation.GetSize())) for r in requests),
             )
-        plan = self._plan(slices, voxels, settings, max_memory)
+        plane = max((self.frame.plane(r.segmentation) for r in requests), key=plane_pixels)
+        plan = self._plan(slices, voxels, settings, max_memory, plane)
         names = self._names(kept)
         if not plan.steps:  # λ = 0: nothing to denoise, the references are the answer
             seconds = time.perf_counter() - started
@@ -505,9 +509,6 @@ class VolumeGenerator:
 
     def _sample(self, requests, prepared, kept, progress, plan) -> tuple[list[Any], Any]:
         """Into the slicing frame, through the pipeline (all volumes in one run), back onto each grid."""
-
-        from volgen.frames import resample_to_grid, to_slice_frame
-
         meta = self.metadata
         frames: dict[tuple[int, int], tuple[Any, Any, Any]] = {}
         for r in requests:
@@ -515,9 +516,7 @@ class VolumeGenerator:
             if key in frames:
                 continue
             classes = prepared[key][0]
-            frame = to_slice_frame(
-                classes, r.reference, slice_size=meta.slice_size, slice_axis=meta.slice_axis
-            )
+            frame = self.frame.to_frame(classes, r.reference)
             window, ref_model = None, None
             if r.reference is not None:
                 ref_model, window = meta.intensity.image_to_model(r.reference, frame.image)
@@ -538,7 +537,7 @@ class VolumeGenerator:
             frame, window, _ = frames[key]
             physical = meta.intensity.from_model(volume.numpy(), window)
             background = float(physical.min()) if physical.size else 0.0
-            generated = resample_to_grid(frame.to_sitk(physical), request.segmentation, default=background)
+            generated = frame.to_grid(physical, request.segmentation, default=background)
             images.append(self._stored(generated, request.segmentation))
         return images, result
 

@@ -59,6 +59,12 @@ class DataConfig(StrictModel):
     #: the image, e.g. a skull-stripped brain mask stays a brain in air.
     erase_classes: list[str] = Field(default_factory=list)
     erase_p: float = Field(0.0, ge=0.0, le=1.0)
+    #: The slicing frame: ``fitted`` (the whole field of view in the UNet's ``sample_size``, older models) or
+    #: ``native`` (slices resampled in-plane to ``pixel_spacing`` mm, trained on random crops of the UNet's
+    #: ``sample_size``; generation runs the whole slice at that spacing: docs/resolution.md).
+    frame: Literal["fitted", "native"] = "fitted"
+    #: In-plane pixel (mm) of a ``native`` model, e.g. the training images' own spacing.
+    pixel_spacing: float | None = Field(None, gt=0.0, le=100.0)
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -68,6 +74,10 @@ class DataConfig(StrictModel):
             raise ValueError("data.percentiles must satisfy 0 <= low < high <= 100")
         if not self.ct_window[1] > self.ct_window[0]:
             raise ValueError("data.ct_window must be [low, high] with high > low")
+        if (self.frame == "native") != (self.pixel_spacing is not None):
+            raise ValueError("data.frame native needs data.pixel_spacing (mm); only a native frame takes it")
+        if self.frame == "native" and len(self.slice_axes) > 1:
+            raise ValueError("data.frame: native trains along data.slice_axis only (no data.slice_axes)")
         axes = self.slice_axes
         if axes and (len(set(axes)) != len(axes) or self.slice_axis not in axes):
             raise ValueError("data.slice_axes must be distinct and include data.slice_axis")

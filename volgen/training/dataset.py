@@ -74,6 +74,8 @@ def prepare_training_data(config: TrainConfig) -> TrainingData:
             slice_size=slice_size,
             slice_axis=data.slice_axis,
             unknown_labels=data.unknown_labels,
+            pixel_spacing=data.pixel_spacing,
+            multiple=2 ** (len(config.model.unet_config().block_out_channels) - 1),
         )
         if not bool((volume.labels > 0).any()):
             logger.warning("case %s has no foreground in label map '%s'", case.case, label_map.name)
@@ -82,7 +84,10 @@ def prepare_training_data(config: TrainConfig) -> TrainingData:
     names = ", ".join(c.case for c in cases[:5]) + (" ..." if len(cases) > 5 else "")
     description = f"{len(cases)} case(s) from {data.source} ({names})"
     logger.info(
-        "prepared %s: %d slices of %d px", description, sum(v.labels.shape[0] for v in volumes), slice_size
+        "prepared %s: %d slices of %s px",
+        description,
+        sum(v.labels.shape[0] for v in volumes),
+        slice_size if data.pixel_spacing is None else f"{data.pixel_spacing:g} mm (crops of {slice_size})",
     )
     return TrainingData(
         volumes=volumes,

@@ -191,6 +191,7 @@ def _metadata(config: TrainConfig, data: TrainingData):
         context_slices=config.model.context_slices,
         slice_size=unet_config.sample_size,
         slice_axis=config.data.slice_axis,
+        pixel_spacing=config.data.pixel_spacing,
         intensity=data.intensity,
         trained_on=data.description,
         condition=layout_with_axes(config.model.condition_layout(), config.data.slice_axes),
@@ -203,8 +204,9 @@ def _loader(config: TrainConfig, data: TrainingData, metadata, accelerator, star
 
     cfg = config.training
     padding = metadata.condition.context_padding if metadata.condition is not None else "background"
+    crop = None if metadata.pixel_spacing is None else metadata.slice_size  # native: crops of the UNet's size
     dataset = (
-        SliceDataset(data.volumes, config.model.context_slices, padding=padding)
+        SliceDataset(data.volumes, config.model.context_slices, padding=padding, crop_size=crop)
         if data.axes is None
         else MultiAxisSliceDataset(data.volumes, data.axes, config.model.context_slices, padding)
     )
@@ -231,7 +233,7 @@ def _loader(config: TrainConfig, data: TrainingData, metadata, accelerator, star
         weights=weights,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
-        augment_seeds=augmenter is not None,
+        augment_seeds=augmenter is not None or crop is not None,
         samples_per_draw=config.augmentation.samples_per_draw,
     )
     loader = torch.utils.data.DataLoader(
@@ -376,6 +378,7 @@ def _preview(run: _Run, step: int) -> None:
             seed=run.config.training.seed,
             title=f"{metadata.name}: step {step} (EMA, DDIM)",
             condition=None if metadata.condition is None else metadata.condition.model_dump(mode="json"),
+            pixel_spacing=metadata.pixel_spacing,
         )
         run.previews.append(path)
         logger.info("wrote preview %s", path)

@@ -48,11 +48,13 @@ def write_preview(
     seed: int,
     title: str = "",
     condition: dict | None = None,
+    pixel_spacing: float | None = None,
 ) -> Path:
     """Generate a few slices of ``volume`` with DDIM and save a PNG grid (mask | real | generated).
 
     Each picked slice is generated inside a block of its ``2K+1`` context slices (the others are only there to
-    give the centre slice its true context), with independent noise per slice.
+    give the centre slice its true context), with independent noise per slice. A native model
+    (``pixel_spacing``) generates the volume's whole slices.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -72,6 +74,7 @@ def write_preview(
         context_slices=context_slices,
         num_classes=num_classes,
         condition=condition,
+        pixel_spacing=pixel_spacing,
     )
     out = pipe(blocks.long(), num_inference_steps=steps, seed=seed, scheduler="ddim", noise_correlation=0.0)
     generated = out.volume[context_slices::s]
