@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/planes.py --rho 0 0.5 0.9 0.99 --rho-fine 0 --x0-smoothing 0 1 \
         --seeds 0 1 2 3 4 5 6 7 --steps 10 --out runs/planes
 
-Generates the Colin27 example segmentation (examples/colin27_tissues_2mm.nii.gz) with a model (default: the
+Generates the Colin27 example segmentation (examples/colin27_tissues_2mm.nii.gz, or ``--segmentation``) with a model (default: the
 embedded one) for every (ρ, x0 σ, seed), keeps each volume under ``--out/volumes`` (reused when the script
 runs again), and scores it against the real Colin27 T1 on the segmentation's grid (``--real native``, the
 default: the real image at its own resolution, which sees blur and copied texture), or passed through the
@@ -78,7 +78,7 @@ def generate_all(args: argparse.Namespace) -> list[dict]:
                 guidance_scale=w,
             )
             started = time.perf_counter()
-            generate(EXAMPLE, path, model=args.model, overwrite=True, settings=settings)
+            generate(args.segmentation, path, model=args.model, overwrite=True, settings=settings)
             print(f"{path.name}: {time.perf_counter() - started:.0f} s", flush=True)
         rows.append(
             {"guidance": w, "rho": rho, "fine": fine, "x0_smoothing": sigma, "seed": seed, "path": path}
@@ -91,6 +91,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", type=Path, default=default_model_dir())
+    parser.add_argument(
+        "--segmentation",
+        type=Path,
+        default=EXAMPLE,
+        help="a Colin27 tissue segmentation on any grid (default: the 2 mm example; the real T1 is resampled "
+        "onto it), e.g. the 1 mm one examples/colin27/prepare.py writes",
+    )
     parser.add_argument("--rho", type=float, nargs="+", default=[0.0, 0.5, 0.9, 0.99])
     parser.add_argument(
         "--rho-fine",
@@ -134,9 +141,9 @@ def score_all(args: argparse.Namespace, rows: list[dict], reference: str) -> dic
     from volgen.evaluation import IntensitySegmenter
 
     real_path = real_on_grid(
-        EXAMPLE, args.out / f"real-{reference}.nii.gz", args.model, frame=reference == "frame"
+        args.segmentation, args.out / f"real-{reference}.nii.gz", args.model, frame=reference == "frame"
     )
-    segmentation = read_label(EXAMPLE)
+    segmentation = read_label(args.segmentation)
     mask = sitk.GetArrayFromImage(segmentation)
     real = sitk.GetArrayFromImage(read_image(real_path)).astype("float64")
     segmenter = IntensitySegmenter().fit(real, mask)
@@ -152,7 +159,8 @@ def score_all(args: argparse.Namespace, rows: list[dict], reference: str) -> dic
         name = f"{guided}ρ {row['rho']}{fine}, x0 σ {row['x0_smoothing']}"
         groups.setdefault(name, []).append(scored[-1])
         print(f"{row['path']}: Dice {result['mean_dice']:.3f}, in range {result['in_range']}", flush=True)
-    where = "at its own 2 mm" if reference == "native" else "through the model's slicing frame"
+    spacing = "×".join(f"{v:g}" for v in segmentation.GetSpacing())
+    where = f"at its own {spacing} mm" if reference == "native" else "through the model's slicing frame"
     print(
         f"\nagainst the real T1 {where}: segmenter on the real image: mean Dice {ceiling:.3f}; "
         f"{args.steps} steps, DPM-Solver++\n"

@@ -5,6 +5,7 @@
     python benchmarks/samplers.py ... --grid ddim:50 dpmsolver++:10 --guidance-scale 1 1.5   # cells × w
     python benchmarks/samplers.py ... --grid dpmsolver++:10 --guidance-interval 0:1 0:0.5 0.5:1   # steps
     python benchmarks/samplers.py ... --grid ddim:50:fp32:0-0 dpmsolver++:4,6:bf16:0.7-1,0-0   # cells
+    python benchmarks/samplers.py ... --grid dpmsolver++:6 --rho-fine 0 0.5 0.9 auto   # the noise's fine ρ
 
 ``--heldout`` is the folder ``benchmarks/heldout_slab.py`` writes: ``slab_labels.nii.gz`` (the held-out
 segmentation the model never saw), ``slab_real.nii.gz`` (the real image there) and ``data/`` (the training
@@ -155,6 +156,12 @@ def main() -> None:
         default=[],
         help="START:STOP positions of the guided steps, each with every cell (default: all steps)",
     )
+    parser.add_argument(
+        "--rho-fine",
+        nargs="*",
+        default=[],
+        help="ρ of the initial noise's fine scales (a number or auto), each with every cell (default: volgen's)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument(
         "--precision", nargs="+", default=["auto"], help="auto, fp32, bf16: each cell in each (default: auto)"
@@ -171,12 +178,14 @@ def main() -> None:
     model = load_model(args.model)
     generators = {p: VolumeGenerator(model, device=args.device, precision=p) for p in args.precision}
     intervals = [tuple(float(v) for v in i.split(":")) for i in args.guidance_interval] or [None]
+    fines = [v if v == "auto" else float(v) for v in args.rho_fine] or [defaults.FINE_NOISE_CORRELATION]
     cells = [
-        (w, *cell)
+        (w, fine, *cell)
         for w in args.guidance_scale or [None]
+        for fine in fines
         for cell in parse_grid(args.grid, args.precision, intervals)
     ]
-    for precision in {cell[3] for cell in cells} - set(generators):
+    for precision in {cell[4] for cell in cells} - set(generators):
         generators[precision] = VolumeGenerator(model, device=args.device, precision=precision)
     fp32 = VolumeGenerator(model, device=args.device, precision="fp32")  # the reference way's precision
     slices = int(mask.shape[0])
@@ -196,7 +205,7 @@ def main() -> None:
 
     rows = []
     warmed = set()
-    for guidance, sampler, steps, precision, interval in cells:
+    for guidance, fine, sampler, steps, precision, interval in cells:
         generator = generators[precision]
         plan = type(generator.pipeline).plan.__get__(generator.pipeline)
         # the guided steps: the pipeline's plan with this interval (the generator resolves every run there)
@@ -211,7 +220,11 @@ def main() -> None:
         per_seed, seconds = [], []
         for seed in range(args.seeds):
             settings = GenerateSettings(
-                scheduler=sampler, num_inference_steps=steps, seed=seed, guidance_scale=guidance
+                scheduler=sampler,
+                num_inference_steps=steps,
+                seed=seed,
+                guidance_scale=guidance,
+                fine_noise_correlation=fine,
             )
             started = time.perf_counter()
             out = generator.generate(segmentation, settings=settings)
@@ -231,6 +244,7 @@ def main() -> None:
             "precision": generator.precision,
             "guidance_scale": generator.guidance_scale(settings),
             "guidance_interval": list(interval or defaults.GUIDANCE_INTERVAL),
+            "fine_noise_correlation": fine,
             "passes_per_slice": forwards / slices,
             "seconds_per_volume": float(np.median(seconds)),
             "reference_seconds_per_volume": ref_seconds,
@@ -241,6 +255,8 @@ def main() -> None:
             "background_error_pct_worst": float(np.max(bg)),
             "step_ratio": {a: float(np.mean([s["step_ratio"][a] for s in per_seed])) for a in "zyx"},
             "texture_ratio": {a: float(np.mean([s["texture_ratio"][a] for s in per_seed])) for a in "zyx"},
+            "step_ratio_range": {a: _range([s["step_ratio"][a] for s in per_seed]) for a in "zyx"},
+            "texture_ratio_range": {a: _range([s["texture_ratio"][a] for s in per_seed]) for a in "zyx"},
             "per_seed": per_seed,
         }
         rows.append(row)
@@ -254,6 +270,10 @@ def main() -> None:
         generator.pipeline.plan = plan
         write_results(args.out, meta, rows, ref_timings)
     print((args.out / "samplers.md").read_text())
+
+
+def _range(values: list[float]) -> list[float]:
+    return [float(np.min(values)), float(np.max(values))]
 
 
 def write_results(out: Path, meta: dict, rows: list[dict], ref_timings: list[float]) -> None:
@@ -270,9 +290,9 @@ def write_results(out: Path, meta: dict, rows: list[dict], ref_timings: list[flo
         f"Segmenter on the real slab: {meta['segmenter_on_real']:.3f}. Reference way: {reference:.2f} "
         f"s / volume (median of {len(ref_timings)} timings, {min(ref_timings):.2f}-{max(ref_timings):.2f}).",
         "",
-        "| sampler | steps | precision | guidance | UNet passes / slice | faithfulness mean | worst "
+        "| sampler | steps | precision | guidance | fine ρ | UNet passes / slice | faithfulness mean | worst "
         "| background err % mean | worst | step ratio z/y/x | texture ratio z/y/x | s / volume | x ref |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         step = "/".join(f"{r['step_ratio'][a]:.2f}" for a in "zyx")
@@ -281,7 +301,8 @@ def write_results(out: Path, meta: dict, rows: list[dict], ref_timings: list[flo
         background = f"{r['background_error_pct_mean']:.1f} | {r['background_error_pct_worst']:.1f}"
         lines.append(
             f"| {r['sampler']} | {r['steps']} | {r['precision']} | {r['guidance_scale']:g} on "
-            f"{r['guidance_interval'][0]:g}-{r['guidance_interval'][1]:g} | {r['passes_per_slice']:.1f} "
+            f"{r['guidance_interval'][0]:g}-{r['guidance_interval'][1]:g} | {r.get('fine_noise_correlation', '')} "
+            f"| {r['passes_per_slice']:.1f} "
             f"| {faith} | {background} "
             f"| {step} | {texture} "
             f"| {r['seconds_per_volume']:.2f} | {r['x_reference']:.1f} |"
