@@ -3,16 +3,16 @@
     OMP_NUM_THREADS=1 python benchmarks/planes.py --rho 0 0.5 0.9 0.99 --rho-fine 0 --x0-smoothing 0 1 \
         --seeds 0 1 2 3 4 5 6 7 --steps 10 --out runs/planes
 
-Generates the Colin27 example segmentation (examples/colin27_tissues_2mm.nii.gz, or ``--segmentation``) with a model (default: the
-embedded one) for every (ρ, x0 σ, seed), keeps each volume under ``--out/volumes`` (reused when the script
-runs again), and scores it against the real Colin27 T1 on the segmentation's grid (``--real native``, the
-default: the real image at its own resolution, which sees blur and copied texture), or passed through the
-model's slicing frame (``--real frame``: the real image as a perfect generator of the 64 px frame would
-return it; this measures volgen against itself), or both (``--real both``, two tables):
-faithfulness (intensity segmenter fitted on the real image and the mask: nearest class median), background
-error (mean generated - real outside the head, as a fraction of the real head's p1-p99 range) and the
-per-plane metrics of ``volgen evaluate`` (volgen.evaluation.planes). Prints a Markdown table (mean and worst
-seed per setting) and writes ``--out/planes.json``.
+Generates the Colin27 example segmentation (examples/colin27_tissues_2mm.nii.gz, or ``--segmentation``) with a
+model (default: the embedded one) for every (ρ, x0 σ, seed), keeps each volume under ``--out/volumes`` (reused
+when the script runs again), and scores it against the real Colin27 T1 on the segmentation's grid (``--real
+native``, the default: the real image at its own resolution, which sees blur and copied texture), or passed
+through the model's slicing frame (``--real frame``: the real image as a perfect generator of the 64 px frame
+would return it; this measures volgen against itself), or both (``--real both``, two tables): faithfulness
+(intensity segmenter fitted on the real image and the mask: nearest class median), background error (mean
+generated - real outside the head, as a fraction of the real head's p1-p99 range) and the per-plane metrics of
+``volgen evaluate`` (volgen.evaluation.planes). Prints a Markdown table (mean and worst seed per setting) and
+writes ``--out/planes.json``.
 
 The embedded model was trained on the whole Colin27 head: this is anatomy it has seen, not a held-out test
 (benchmarks/planes_heldout.py is).

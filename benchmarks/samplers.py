@@ -160,7 +160,7 @@ def main() -> None:
         "--rho-fine",
         nargs="*",
         default=[],
-        help="ρ of the initial noise's fine scales (a number or auto), each with every cell (default: volgen's)",
+        help="ρ of the noise's fine scales (a number or auto), each with every cell (default: volgen's)",
     )
     parser.add_argument("--device", default="auto")
     parser.add_argument(
@@ -301,8 +301,8 @@ def write_results(out: Path, meta: dict, rows: list[dict], ref_timings: list[flo
         background = f"{r['background_error_pct_mean']:.1f} | {r['background_error_pct_worst']:.1f}"
         lines.append(
             f"| {r['sampler']} | {r['steps']} | {r['precision']} | {r['guidance_scale']:g} on "
-            f"{r['guidance_interval'][0]:g}-{r['guidance_interval'][1]:g} | {r.get('fine_noise_correlation', '')} "
-            f"| {r['passes_per_slice']:.1f} "
+            f"{r['guidance_interval'][0]:g}-{r['guidance_interval'][1]:g} "
+            f"| {r.get('fine_noise_correlation', '')} | {r['passes_per_slice']:.1f} "
             f"| {faith} | {background} "
             f"| {step} | {texture} "
             f"| {r['seconds_per_volume']:.2f} | {r['x_reference']:.1f} |"

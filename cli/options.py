@@ -58,12 +58,15 @@ RhoOption = Annotated[
     ),
 ]
 FineRhoOption = Annotated[
-    float,
+    str,
     typer.Option(
         "--fine-noise-correlation",
         "--rho-fine",
-        help="ρ in [0, 1) of the initial noise's fine in-plane detail between slices (0: texture is not "
-        "copied along the slice axis; equal to --rho: one ρ at every scale, volgen's earlier noise).",
+        help="ρ in [0, 1) of the initial noise's fine in-plane detail between slices, or auto: by the slice "
+        "spacing, like real texture ("
+        + ", ".join(f"{rho:g} at {mm:g} mm" for mm, rho in defaults.FINE_NOISE_BY_SPACING)
+        + ", linear in between, constant beyond). 0: texture is never copied along the slice axis; equal to "
+        "--rho: one ρ at every scale, volgen's earlier noise.",
     ),
 ]
 SliceBatchOption = Annotated[
@@ -131,7 +134,7 @@ def build_settings(
     scheduler: str = defaults.SCHEDULER,
     steps: int = defaults.STEPS,
     noise_correlation: float = defaults.NOISE_CORRELATION,
-    fine_noise_correlation: float = defaults.FINE_NOISE_CORRELATION,
+    fine_noise_correlation: float | str = defaults.FINE_NOISE_CORRELATION,
     strength: float = defaults.STRENGTH,
     keep: str | None = None,
     drop: str | None = None,
@@ -147,7 +150,11 @@ def build_settings(
     """The generation settings of ``generate`` and ``batch`` from their command-line values, validated once
     (a :class:`volgen.generation.SettingsError` naming the option)."""
     from volgen.generation import GenerateSettings
-    from volgen.generation.settings import check_precision, parse_slice_batch_size
+    from volgen.generation.settings import (
+        check_precision,
+        parse_fine_noise_correlation,
+        parse_slice_batch_size,
+    )
 
     check_precision(precision)
     return GenerateSettings(
@@ -155,7 +162,7 @@ def build_settings(
         scheduler=scheduler,
         num_inference_steps=steps,
         noise_correlation=noise_correlation,
-        fine_noise_correlation=fine_noise_correlation,
+        fine_noise_correlation=parse_fine_noise_correlation(fine_noise_correlation),
         x0_smoothing=x0_smoothing,
         guidance_scale=guidance_scale,
         strength=strength,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from volgen import defaults
 from volgen.errors import VolgenError
 from volgen.models import load_model
 from volgen.pipeline import SCHEDULERS, SegmentationToVolumePipeline, build_pipeline, correlated_noise
@@ -112,17 +111,15 @@ def test_two_scale_noise_keeps_coarse_structure_and_decorrelates_fine_detail():
 
 
 def test_fine_noise_correlation_is_a_setting_that_reaches_the_noise(pipe, labels):
-    """The default and ``fine_noise_correlation == noise_correlation`` (the earlier noise) give other volumes;
-    the same settings give the same volume."""
+    """On bare tensors (no slice spacing) the default ``auto`` is one ρ at every scale, the earlier noise;
+    another fine ρ gives another volume; the same settings give the same volume."""
     from volgen.generation import GenerateSettings, SettingsError
 
     run = dict(num_inference_steps=2, seed=3, noise_correlation=0.9)
     default = pipe(labels, **run).volume
-    assert torch.equal(
-        default, pipe(labels, **run, fine_noise_correlation=defaults.FINE_NOISE_CORRELATION).volume
-    )
-    single = pipe(labels, **run, fine_noise_correlation=0.9).volume
-    assert not torch.equal(default, single)
+    assert torch.equal(default, pipe(labels, **run, fine_noise_correlation="auto").volume)
+    assert torch.equal(default, pipe(labels, **run, fine_noise_correlation=0.9).volume)
+    assert not torch.equal(default, pipe(labels, **run, fine_noise_correlation=0.0).volume)
     with pytest.raises(SettingsError, match="--fine-noise-correlation"):
         GenerateSettings(fine_noise_correlation=1.5)
 

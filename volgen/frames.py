@@ -272,6 +272,13 @@ class ModelFrame:
         spacing, axis, multiple = self.pixel_spacing, self.slice_axis, self.multiple
         return to_native_frame(labels, image, pixel_spacing=spacing, slice_axis=axis, multiple=multiple)
 
+    def slice_spacing(self, labels: sitk.Image) -> float:
+        """The spacing (mm) of ``labels``' slices along this frame's slice axis: the spacing of the image
+        axis closest to it (the frame keeps the through-plane spacing)."""
+        row = {"sagittal": 0, "coronal": 1, "axial": 2}[self.slice_axis]  # L-R, P-A, I-S
+        direction = np.asarray(labels.GetDirection(), dtype=float).reshape(3, 3)
+        return float(labels.GetSpacing()[int(np.argmax(np.abs(direction[row])))])
+
     def plane(self, labels: sitk.Image) -> int | tuple[int, int]:
         """The size of ``labels``' slices in this frame (``H = W`` or ``(H, W)``; for memory estimates)."""
         if self.pixel_spacing is None:

@@ -28,7 +28,7 @@ import torch
 from diffusers import DiffusionPipeline
 from torch import Tensor
 
-from volgen import defaults
+from volgen import defaults, sampling
 from volgen.conditioning import ConditionLayout, model_axes, selection_to_removed
 from volgen.denoiser import BATCH_GRANULE, UNGUIDED, Denoiser, uses_channels_last
 from volgen.errors import VolgenError
@@ -257,7 +257,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         guidance_interval: tuple[float, float] = defaults.GUIDANCE_INTERVAL,
         slice_axes: Sequence[str] | None = None,
         noise_correlation: float = DEFAULT_NOISE_CORRELATION,
-        fine_noise_correlation: float = defaults.FINE_NOISE_CORRELATION,
+        fine_noise_correlation: float | str = defaults.FINE_NOISE_CORRELATION,
         x0_smoothing: float = DEFAULT_X0_SMOOTHING,
         autocast_dtype: torch.dtype | None = None,
         budget_bytes: int | None = None,
@@ -303,7 +303,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             num_inference_steps=num_inference_steps,
             strength=strength,
             noise_correlation=noise_correlation,
-            fine_noise_correlation=fine_noise_correlation,
+            fine_noise_correlation=sampling.fine_rho_for(fine_noise_correlation, None, noise_correlation),
             x0_smoothing=x0_smoothing,
         )
 
@@ -389,7 +389,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         scheduler: str | None = None,
         slice_batch_size: int | str = defaults.SLICE_BATCH_SIZE,
         noise_correlation: float = DEFAULT_NOISE_CORRELATION,
-        fine_noise_correlation: float = defaults.FINE_NOISE_CORRELATION,
+        fine_noise_correlation: float | str = defaults.FINE_NOISE_CORRELATION,
         x0_smoothing: float = DEFAULT_X0_SMOOTHING,
         keep: Sequence[int] | None = None,
         reference: Tensor | np.ndarray | Sequence[Tensor | np.ndarray] | None = None,

@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -142,6 +143,18 @@ def smooth_x0(eps: Tensor, model_input: Tensor, t: Tensor, sigma: float, schedul
     x0 = (x_t - s * eps) / a
     x0 = smooth_through_plane(x0.clamp(-1.0, 1.0), sigma)
     return (x_t - a * x0) / s
+
+
+def fine_rho_for(value: float | str, slice_spacing: float | None, rho: float) -> float:
+    """The fine-scale ρ of a run: ``value`` itself, or for ``"auto"`` the one
+    :data:`volgen.defaults.FINE_NOISE_BY_SPACING` gives for slices ``slice_spacing`` mm apart (unknown, as
+    for bare tensors: ``rho``, one ρ at every scale)."""
+    if value != defaults.AUTO_FINE_NOISE:
+        return float(value)
+    if slice_spacing is None:
+        return rho
+    spacings, rhos = zip(*defaults.FINE_NOISE_BY_SPACING, strict=True)
+    return float(np.interp(slice_spacing, spacings, rhos))
 
 
 def correlated_noise(

@@ -26,6 +26,7 @@ from volgen.generation.device import autocast_dtype, prepare_unet, resolve_devic
 from volgen.generation.reference import geometry_difference
 from volgen.generation.settings import GenerateSettings, SettingsError, sample_settings
 from volgen.memory import estimate_memory, input_grid_bytes, memory_limit, plane_pixels
+from volgen.sampling import fine_rho_for
 from volgen.types import PathLike
 
 logger = logging.getLogger(__name__)
@@ -51,8 +52,8 @@ class GeneratedVolume:
         cube_voxel: The isotropic voxel (mm) of the cube frame of multi-axis sampling; ``None`` for
             single-axis sampling in the model's slicing frame.
         guidance_scale: The classifier-free guidance that ran (1: unguided).
-        guided_steps: How many of the denoised steps ran guided (the last ones with the default
-            :data:`volgen.defaults.GUIDANCE_INTERVAL`).
+        guided_steps: How many of the denoised steps ran guided (:data:`volgen.defaults.GUIDANCE_INTERVAL`).
+        fine_noise_correlation: The fine-scale ρ of the initial noise that ran (``auto`` resolved).
     """
 
     image: Any
@@ -66,6 +67,7 @@ class GeneratedVolume:
     cube_voxel: float | None = None
     guidance_scale: float = 1.0
     guided_steps: int = 0
+    fine_noise_correlation: float = 0.0
 
 
 @dataclass
@@ -328,11 +330,15 @@ class VolumeGenerator:
         together: timesteps after λ, guidance per step, slice batch (``auto``: as chosen within
         ``max_memory``), precision and forwards. Time estimates, dry runs and sidecars read it."""
         slices, voxels, _ = self._run_size(segmentation, settings, volumes, max_memory)
-        return self._plan(slices, voxels, settings, max_memory, self.frame.plane(segmentation))
+        return self._plan(slices, voxels, settings, max_memory, [segmentation])
 
-    def _plan(self, slices: int, voxels: int, settings: GenerateSettings, max_memory: int | None, plane=None):
-        """The plan of a run over ``slices`` frame slices per step and ``voxels`` input voxels (all volumes);
-        the settings resolved once, against this model (a :class:`SettingsError` if they do not fit)."""
+    def _plan(self, slices: int, voxels: int, settings: GenerateSettings, max_memory: int | None, labels):
+        """A run's plan: ``slices`` per step, ``voxels`` of ``labels``; settings resolved once, for it."""
+        plane = max((self.frame.plane(s) for s in labels), key=plane_pixels)
+        value, rho = settings.fine_noise_correlation, settings.noise_correlation
+        fine = {fine_rho_for(value, self.frame.slice_spacing(s), rho) for s in labels}  # auto: by spacing
+        if len(fine) > 1:
+            raise VolgenError(f"slice spacings give fine ρ {sorted(fine)}: generate apart or set one")
         self.pipeline.set_scheduler(settings.scheduler)
         return self.pipeline.plan(
             slices,
@@ -341,7 +347,7 @@ class VolumeGenerator:
             slice_batch_size=self._slice_batch(slices, voxels, settings, max_memory, plane),
             guidance_scale=self.guidance_scale(settings),
             noise_correlation=settings.noise_correlation,
-            fine_noise_correlation=settings.fine_noise_correlation,
+            fine_noise_correlation=fine.pop(),
             x0_smoothing=settings.x0_smoothing,
             autocast_dtype=self.autocast_dtype,
         )
@@ -354,9 +360,8 @@ class VolumeGenerator:
         volumes: int = 1,
         max_memory: int | None = None,
     ) -> int:
-        """UNet slice-forwards generating ``volumes`` volumes of this segmentation together costs (for time
-        estimates; volumes generated together share their padded chunks; ``auto`` chunks as chosen within
-        ``max_memory``): :attr:`volgen.sampling.SamplingPlan.forwards` of :meth:`plan`."""
+        """UNet slice-forwards of ``volumes`` volumes of this segmentation generated together (they share
+        padded chunks; time estimates): :attr:`volgen.sampling.SamplingPlan.forwards` of :meth:`plan`."""
         return self.plan(segmentation, settings, volumes=volumes, max_memory=max_memory).forwards
 
     def generate(
@@ -447,12 +452,9 @@ class VolumeGenerator:
             slices = sum(slices_along(r.segmentation, self.metadata.slice_axis) for r in requests)
             voxels = sum(int(np.prod(r.segmentation.GetSize())) for r in requests)
         else:  # multi-axis: one cube at a time
-            slices, voxels = (
-                self.metadata.slice_size,
-                max(int(np.prod(r.segmentation.GetSize())) for r in requests),
-            )
-        plane = max((self.frame.plane(r.segmentation) for r in requests), key=plane_pixels)
-        plan = self._plan(slices, voxels, settings, max_memory, plane)
+            slices = self.metadata.slice_size
+            voxels = max(int(np.prod(r.segmentation.GetSize())) for r in requests)
+        plan = self._plan(slices, voxels, settings, max_memory, [r.segmentation for r in requests])
         names = self._names(kept)
         if not plan.steps:  # λ = 0: nothing to denoise, the references are the answer
             seconds = time.perf_counter() - started
@@ -491,7 +493,7 @@ class VolumeGenerator:
         for volume, r in zip(volumes, requests, strict=True):
             volume.condition = prepared[id(r.segmentation), id(r.reference)][1]
             volume.classes_kept, volume.seconds, volume.guidance_scale = names, seconds, guidance
-            volume.guided_steps = guided
+            volume.guided_steps, volume.fine_noise_correlation = guided, plan.fine_noise_correlation
         return volumes
 
     def _prepare(self, request: GenerationRequest, kept: list[int]) -> tuple[Any, Any]:

@@ -35,9 +35,9 @@ class GenerateSettings:
         scheduler: Sampler name (:data:`volgen.defaults.SCHEDULERS`).
         num_inference_steps: Denoising steps over the full schedule (``>= 1``).
         noise_correlation: ρ of the initial noise between slices, in [0, 1) (its coarse scales).
-        fine_noise_correlation: ρ of the initial noise's fine scales between slices, in [0, 1)
-            (:data:`volgen.defaults.FINE_NOISE_CORRELATION`; equal to ``noise_correlation``: one ρ at every
-            scale, volgen's earlier noise).
+        fine_noise_correlation: ρ of the initial noise's fine scales between slices, in [0, 1), or
+            ``"auto"`` (the default: by the slice spacing, :data:`volgen.defaults.FINE_NOISE_BY_SPACING`);
+            equal to ``noise_correlation``: one ρ at every scale, volgen's earlier noise.
         x0_smoothing: σ in slices of the through-plane smoothing of the x0 prediction, in [0, 10].
         guidance_scale: Classifier-free guidance ``w`` in [0, 20] (1: off); ``None``: the model's default
             (:data:`volgen.defaults.GUIDANCE_SCALE` for a model with "specified" flags, off for older models,
@@ -62,7 +62,7 @@ class GenerateSettings:
     scheduler: str = defaults.SCHEDULER
     num_inference_steps: int = defaults.STEPS
     noise_correlation: float = defaults.NOISE_CORRELATION
-    fine_noise_correlation: float = defaults.FINE_NOISE_CORRELATION
+    fine_noise_correlation: float | str = defaults.FINE_NOISE_CORRELATION
     x0_smoothing: float = defaults.X0_SMOOTHING
     guidance_scale: float | None = None
     strength: float = defaults.STRENGTH
@@ -89,8 +89,9 @@ class GenerateSettings:
             yield f"--steps must be an integer >= 1, got {self.num_inference_steps!r}"
         if not _is_number(self.noise_correlation) or not 0.0 <= self.noise_correlation < 1.0:
             yield f"--noise-correlation (ρ) must be in [0, 1), got {self.noise_correlation!r}"
-        if not _is_number(self.fine_noise_correlation) or not 0.0 <= self.fine_noise_correlation < 1.0:
-            yield f"--fine-noise-correlation must be in [0, 1), got {self.fine_noise_correlation!r}"
+        fine = self.fine_noise_correlation
+        if fine != defaults.AUTO_FINE_NOISE and (not _is_number(fine) or not 0.0 <= fine < 1.0):
+            yield f"--fine-noise-correlation must be in [0, 1) or auto, got {fine!r}"
         if not _is_number(self.x0_smoothing) or not 0.0 <= self.x0_smoothing <= defaults.MAX_X0_SMOOTHING:
             top = defaults.MAX_X0_SMOOTHING
             yield f"--x0-smoothing must be in [0, {top:g}] slices, got {self.x0_smoothing!r}"
@@ -127,6 +128,20 @@ class GenerateSettings:
             value = getattr(self, name)
             if value is not None and (isinstance(value, str) or not all(isinstance(v, str) for v in value)):
                 yield f"--{name} must be a list of class names, got {value!r}"
+
+
+def parse_fine_noise_correlation(text: str | float) -> float | str:
+    """``"auto"`` or a number as given on the command line (``"0.5"`` -> 0.5); anything else is a
+    :class:`SettingsError`."""
+    value = str(text).strip().lower()
+    if value == defaults.AUTO_FINE_NOISE:
+        return defaults.AUTO_FINE_NOISE
+    try:
+        return float(value)
+    except ValueError:
+        raise SettingsError(
+            f"--fine-noise-correlation must be a number in [0, 1) or auto, got {text!r}"
+        ) from None
 
 
 def parse_slice_batch_size(text: str | int) -> int | str:

@@ -61,6 +61,7 @@ class Sidecar(BaseModel):
     cube_voxel_mm: float | None = None
     guidance_scale: float = 1.0
     guided_steps: int = 0
+    fine_noise_correlation: float = 0.0
     device: str = "cpu"
     precision: str = "fp32"
     seconds: float = 0.0
@@ -107,6 +108,7 @@ class Sidecar(BaseModel):
             cube_voxel_mm=None if volume.cube_voxel is None else round(volume.cube_voxel, 6),
             guidance_scale=volume.guidance_scale,
             guided_steps=volume.guided_steps,
+            fine_noise_correlation=volume.fine_noise_correlation,
             device=str(generator.device),
             precision=generator.precision,
         )
