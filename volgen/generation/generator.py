@@ -26,7 +26,6 @@ from volgen.generation.device import autocast_dtype, prepare_unet, resolve_devic
 from volgen.generation.reference import geometry_difference
 from volgen.generation.settings import GenerateSettings, SettingsError, sample_settings
 from volgen.memory import estimate_memory, input_grid_bytes, memory_limit, plane_pixels
-from volgen.sampling import fine_rho_for
 from volgen.types import PathLike
 
 logger = logging.getLogger(__name__)
@@ -261,8 +260,7 @@ class VolumeGenerator:
     def _run_size(
         self, segmentation: Any, settings: GenerateSettings, volumes: int, max_memory: int | None
     ) -> tuple[int, int, int]:
-        """Frame slices per step, input voxels and the slice batch of ``volumes`` volumes of this
-        segmentation generated together."""
+        """Frame slices per step, input voxels and slice batch of ``volumes`` of this segmentation at once."""
         slices = self._slices(segmentation, settings) * volumes
         voxels = int(np.prod(segmentation.GetSize())) * volumes
         return slices, voxels, self._slice_batch(slices, voxels, settings, max_memory)
@@ -334,6 +332,8 @@ class VolumeGenerator:
 
     def _plan(self, slices: int, voxels: int, settings: GenerateSettings, max_memory: int | None, labels):
         """A run's plan: ``slices`` per step, ``voxels`` of ``labels``; settings resolved once, for it."""
+        from volgen.sampling import fine_rho_for  # torch: not imported before the fast checks
+
         plane = max((self.frame.plane(s) for s in labels), key=plane_pixels)
         value, rho = settings.fine_noise_correlation, settings.noise_correlation
         fine = {fine_rho_for(value, self.frame.slice_spacing(s), rho) for s in labels}  # auto: by spacing
