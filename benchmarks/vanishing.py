@@ -10,13 +10,21 @@ it is then asked to generate exactly that part from its labels.
 
 1. Splits the Colin27 T1 and its tissue labels (``data/colin27`` from ``examples/colin27/prepare.py``) at
    axial slice ``--cut`` (default 130, 1 mm): the slices below are the one training case, the slices from
-   the cut to the top (the skull vault: the head's area falls from about 20,000 voxels to 0 over 46 slices,
-   the brain ends 25 slices above the cut, and the real volume has 5 empty slices above the head) are held
-   out.
-2. Trains each variant at the same budget: ``defaults`` (the minimal config as it is: today's training
-   defaults) and ``old-defaults`` (the same config with the training defaults before they carried the
-   measured recipe: no air slices, no edge cuts, no dropout).
-3. Generates the held-out part for ``--seeds`` seeds at the generation defaults and scores every seed:
+   the cut to the top are held out. Two held-out cases (``--cases``):
+
+   - ``vault``: the top of the head as it is (the head's area falls from about 20,000 voxels to 0 over 46
+     slices, the brain ends 25 slices above the cut, and the real volume has 5 empty slices above the head);
+   - ``cut``: the same slices with the mask eroded and split at random heights (fixed seed,
+     :func:`cut_at_random_heights`): from a random height on, eroded by a distance growing 0.5-1.5 voxels per
+     slice (it ends 4 slices earlier than the head); over a run of slices, a band 15-30 voxels wide through
+     its centre erased (two islands that merge again). The real image's anatomy outside the new mask is
+     replaced by the real background, so it stays the truth.
+2. Trains each variant at the same budget (or scores a model trained before: ``--trained VARIANT=DIR``):
+   ``defaults`` (the minimal config as it is: today's training defaults), ``no-inplane-cuts`` (the same
+   without in-plane cuts, ``data.inplane_cut_p: 0``), ``inplane-cuts-0.5`` (twice the default share) and
+   ``old-defaults`` (the training defaults before they carried the measured recipe: no air slices, no edge
+   cuts, no in-plane cuts, no dropout).
+3. Generates each case for ``--seeds`` seeds at the generation defaults and scores every seed:
 
    - faithfulness: mean Dice over the tissue classes of a fixed segmenter (nearest class median, fitted on
      the real training slices at 1 mm) on the generated part against its mask; the same segmenter on the
@@ -24,11 +32,15 @@ it is then asked to generate exactly that part from its labels.
    - tissue outside the mask, per slice: voxels where the mask is background but the image is brighter than
      the real background + 15 % of the real range, generated against real. A slice passes when the
      generated count is at most 1.5× the real one, counting at least 1 % of the slice's voxels for the real
-     one (so an all-air slice may hold a few bright voxels of noise); the worst slice's ratio is reported;
+     one (so an all-air slice may hold a few bright voxels of noise); the worst slice's ratio is reported,
+     and per slice the worst seed's;
    - the top slices: mask voxels, and bright voxels in the real and the generated image, for the last
      slices with anatomy and the first empty one (where a model that does not follow the mask paints a
      full cross-section);
    - background error: |mean generated − mean real| over the mask's background, as % of the real range.
+
+   The same scores of the real image sent through the model's frame and back (a perfect generator at the
+   model's in-plane resolution) are the first row of each table: what the resolution alone allows.
 
 Writes ``vanishing.json`` and ``vanishing.md`` under ``--out``.
 """
@@ -52,11 +64,12 @@ if str(ROOT) not in sys.path:  # volgen from this source tree when it is not ins
 from heldout_slab import ANATOMY_FRACTION, ANATOMY_LEVEL, CLASSES, background_error, crop  # noqa: E402
 
 #: ``defaults``: today's training defaults; ``no-inplane-cuts``: the same without in-plane cuts (the defaults
-#: before them); ``old-defaults``: the training defaults before they carried the recipe
-#: (volgen.training.config.RECIPE_*).
+#: before them); ``inplane-cuts-0.5``: twice the default share of them; ``old-defaults``: the training
+#: defaults before they carried the recipe (volgen.training.config.RECIPE_*).
 VARIANTS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "no-inplane-cuts": {"data": {"inplane_cut_p": 0.0}},
+    "inplane-cuts-0.5": {"data": {"inplane_cut_p": 0.5}},
     "old-defaults": {
         "data": {"empty_slices": 0, "edge_cut_p": 0.0, "inplane_cut_p": 0.0},
         "model": {"dropout": None},
