@@ -21,7 +21,7 @@ it is then asked to generate exactly that part from its labels.
      replaced by the real background, so it stays the truth.
 2. Trains each variant at the same budget (or scores a model trained before: ``--trained VARIANT=DIR``):
    ``defaults`` (the minimal config as it is: today's training defaults), ``no-inplane-cuts`` (the same
-   without in-plane cuts, ``data.inplane_cut_p: 0``), ``inplane-cuts-0.5`` (twice the default share) and
+   without in-plane cuts, ``data.inplane_cut_p: 0``), ``inplane-cuts-0.25`` (half the default share) and
    ``old-defaults`` (the training defaults before they carried the measured recipe: no air slices, no edge
    cuts, no in-plane cuts, no dropout).
 3. Generates each case for ``--seeds`` seeds at the generation defaults and scores every seed:
@@ -64,12 +64,12 @@ if str(ROOT) not in sys.path:  # volgen from this source tree when it is not ins
 from heldout_slab import ANATOMY_FRACTION, ANATOMY_LEVEL, CLASSES, background_error, crop  # noqa: E402
 
 #: ``defaults``: today's training defaults; ``no-inplane-cuts``: the same without in-plane cuts (the defaults
-#: before them); ``inplane-cuts-0.5``: twice the default share of them; ``old-defaults``: the training
+#: before them); ``inplane-cuts-0.25``: half the default share of them; ``old-defaults``: the training
 #: defaults before they carried the recipe (volgen.training.config.RECIPE_*).
 VARIANTS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "no-inplane-cuts": {"data": {"inplane_cut_p": 0.0}},
-    "inplane-cuts-0.5": {"data": {"inplane_cut_p": 0.5}},
+    "inplane-cuts-0.25": {"data": {"inplane_cut_p": 0.25}},
     "old-defaults": {
         "data": {"empty_slices": 0, "edge_cut_p": 0.0, "inplane_cut_p": 0.0},
         "model": {"dropout": None},

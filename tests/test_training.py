@@ -636,7 +636,7 @@ def test_a_minimal_config_gets_the_measured_recipe_and_explicit_values_win(tmp_p
     config = TrainConfig.from_yaml(tmp_path / "minimal.yaml")
     assert config.data.empty_slices == 4
     assert config.data.edge_cut_p == 0.1
-    assert config.data.inplane_cut_p == 0.25
+    assert config.data.inplane_cut_p == 0.5
     assert config.model.unet_config().dropout == 0.1
     assert config.data.erase_classes == [] and config.data.erase_p == 0.0  # per dataset, never by default
     # the embedded model's config spells the same recipe out (it is the example of enclosing-class erasure)
