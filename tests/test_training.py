@@ -529,7 +529,7 @@ def _disk_sample(radii, size=32):
     return torch.stack(slices)
 
 
-@pytest.mark.parametrize("kind", [0, 1, 2])
+@pytest.mark.parametrize("kind", [0, 1, 2, 3])
 def test_inplane_cuts_leave_only_air_outside_the_kept_region_and_keep_image_and_mask_aligned(kind):
     """Outside the kept region the mask is background in every context slice and the image air; inside,
     both are the sample's own; the kept region is one region per slice (no anatomy appears)."""
@@ -561,7 +561,7 @@ def test_inplane_cuts_are_drawn_per_step_and_reach_training(workdir, monkeypatch
     first = step_inplane_cuts(3, seed=0, batch_size=64, p=0.5)
     assert torch.equal(first, step_inplane_cuts(3, seed=0, batch_size=64, p=0.5))
     assert not torch.equal(first, step_inplane_cuts(4, seed=0, batch_size=64, p=0.5))
-    assert 0 < int((first[:, 0] >= 0).sum()) < 64 and set(first[:, 0].tolist()) <= {-1.0, 0.0, 1.0, 2.0}
+    assert 0 < int((first[:, 0] >= 0).sum()) < 64 and set(first[:, 0].tolist()) <= {-1.0, 0.0, 1.0, 2.0, 3.0}
     assert torch.all(step_inplane_cuts(3, seed=0, batch_size=64, p=0.0)[:, 0] == -1)
 
     foreground = []

@@ -274,7 +274,9 @@ def erase_classes(
 
 
 #: Kinds of in-plane cut (column 0 of :func:`volgen.training.randomness.step_inplane_cuts`); -1: not cut.
-CUT_HALF_PLANE, CUT_ELLIPSE, CUT_EROSION = 0, 1, 2
+CUT_HALF_PLANE, CUT_ELLIPSE, CUT_EROSION, CUT_BAND = 0, 1, 2, 3
+#: How many kinds there are (the kinds are ``0 .. CUT_KINDS - 1``).
+CUT_KINDS = 4
 
 
 def apply_inplane_cuts(
@@ -289,7 +291,9 @@ def apply_inplane_cuts(
 
     - :data:`CUT_HALF_PLANE`: a half-plane at any angle, its edge anywhere across the anatomy;
     - :data:`CUT_ELLIPSE`: a rotated ellipse of 15-90 % of the anatomy's extent near its centre;
-    - :data:`CUT_EROSION`: each slice's own mask eroded by 5-50 % of the anatomy's smaller half-extent.
+    - :data:`CUT_EROSION`: each slice's own mask eroded by 5-50 % of the anatomy's smaller half-extent;
+    - :data:`CUT_BAND`: a band 10-50 % of the anatomy's extent wide, at any angle, near its centre, erased
+      (the anatomy splits into islands).
 
     The region grows or shrinks along the slice axis (up to 25 % per context slice, column 6), so the
     context narrows as at the top of a skull. Outside the region every context slice becomes background and
@@ -343,9 +347,12 @@ def _inplane_region(
         return keep
     theta = 2 * np.pi * u[1]
     cos, sin = float(np.cos(theta)), float(np.sin(theta))
-    if kind == CUT_HALF_PLANE:
+    if kind in (CUT_HALF_PLANE, CUT_BAND):
         extent = abs(ex * cos) + abs(ey * sin)
         along = (xx - cx) * cos + (yy - cy) * sin
+        if kind == CUT_BAND:
+            middle, half_width = (u[0] - 0.5) * 0.8 * extent, (0.05 + 0.2 * u[2]) * extent
+            return (along[None] - middle).abs() > half_width * scale
         edge = (u[0] * 1.6 - 0.8) * extent
         return along[None] <= edge - (1.0 - scale) * extent
     oy, ox = cy + (u[2] - 0.5) * 0.6 * ey, cx + (u[3] - 0.5) * 0.6 * ex
