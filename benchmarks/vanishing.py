@@ -16,7 +16,7 @@ it is then asked to generate exactly that part from its labels.
      slices, the brain ends 25 slices above the cut, and the real volume has 5 empty slices above the head);
    - ``cut``: the same slices with the mask eroded and split at random heights (fixed seed,
      :func:`cut_at_random_heights`): from a random height on, eroded by a distance growing 0.5-1.5 voxels per
-     slice (it ends 4 slices earlier than the head); over a run of slices, a band 15-30 voxels wide through
+     slice (it ends 3 slices earlier than the head); over a run of slices, a band 15-30 voxels wide through
      its centre erased (two islands that merge again). The real image's anatomy outside the new mask is
      replaced by the real background, so it stays the truth.
 2. Trains each variant at the same budget (or scores a model trained before: ``--trained VARIANT=DIR``):
