@@ -521,6 +521,66 @@ def test_edge_cuts_are_drawn_per_step_and_reach_the_unet(workdir, monkeypatch):
         assert below_kept or above_kept
 
 
+def _disk_sample(radii, size=32):
+    """One sample whose context slices are concentric discs of ``radii`` (class 2 inside class 1)."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    dist = ((yy - size / 2 + 0.5) ** 2 + (xx - size / 2 + 0.5) ** 2).sqrt()
+    slices = [(dist < r).to(torch.uint8) + (dist < r / 2).to(torch.uint8) for r in radii]
+    return torch.stack(slices)
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2, 3])
+def test_inplane_cuts_leave_only_air_outside_the_kept_region_and_keep_image_and_mask_aligned(kind):
+    """Outside the kept region the mask is background in every context slice and the image air; inside,
+    both are the sample's own; the kept region is one region per slice (no anatomy appears)."""
+    from volgen.data import AIR, apply_inplane_cuts
+
+    context = torch.stack([_disk_sample([12, 13, 12]), _disk_sample([14, 12, 9])])  # (2, 3, 32, 32)
+    image = torch.rand(2, 1, 32, 32) + 0.5  # anatomy and "background" alike brighter than air
+    cuts = torch.tensor([[-1.0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5], [kind, 0.3, 0.2, 0.6, 0.4, 0.7, 0.9]])
+    cut_context, cut_image = apply_inplane_cuts(context, image, cuts)
+    assert torch.equal(cut_context[0], context[0]) and torch.equal(cut_image[0], image[0])  # not cut
+    removed = (context[1] > 0) & (cut_context[1] == 0)
+    assert removed[1].any() and (cut_context[1, 1] > 0).any()  # cut, not erased whole
+    assert torch.equal(cut_context[1][cut_context[1] > 0], context[1][cut_context[1] > 0])  # kept as it was
+    assert not ((context[1] == 0) & (cut_context[1] > 0)).any()  # no anatomy added
+    assert torch.all(cut_image[1, 0][removed[1]] == AIR)  # the centre's erased anatomy is air in the image
+    kept = cut_context[1, 1] > 0
+    assert torch.equal(cut_image[1, 0][kept], image[1, 0][kept])  # the kept anatomy is the sample's own
+    changed = cut_image[1, 0] != image[1, 0]
+    assert torch.all(cut_image[1, 0][changed] == AIR)  # whatever changed became air
+    # the context slices are cut consistently (one region, sized per slice), not each on its own
+    assert removed[0].any() and removed[2].any()
+
+
+def test_inplane_cuts_are_drawn_per_step_and_reach_training(workdir, monkeypatch):
+    """In-plane cuts are a function of (seed, step); with p = 1 the UNet's masks lose anatomy."""
+    from volgen.training import TrainConfig, train
+    from volgen.training.randomness import step_inplane_cuts
+
+    first = step_inplane_cuts(3, seed=0, batch_size=64, p=0.5)
+    assert torch.equal(first, step_inplane_cuts(3, seed=0, batch_size=64, p=0.5))
+    assert not torch.equal(first, step_inplane_cuts(4, seed=0, batch_size=64, p=0.5))
+    assert 0 < int((first[:, 0] >= 0).sum()) < 64 and set(first[:, 0].tolist()) <= {-1.0, 0.0, 1.0, 2.0, 3.0}
+    assert torch.all(step_inplane_cuts(3, seed=0, batch_size=64, p=0.0)[:, 0] == -1)
+
+    foreground = []
+    for p in (0.0, 1.0):
+        seen = record_unet_inputs(monkeypatch)
+        path = write_config(
+            workdir,
+            output_dir=f"inplane{p}",
+            max_steps=2,
+            preview_every=0,
+            ablation_p=0.0,
+            data={"edge_cut_p": 0.0, "empty_slices": 0, "inplane_cut_p": p},
+        )
+        train(TrainConfig.from_yaml(path))
+        inputs = torch.cat([x for x in seen if x.shape[0] == 4][:2])
+        foreground.append(float(inputs[:, 1:7].abs().sum()))  # onehot of 2 classes, slices z-1, z, z+1
+    assert foreground[1] < foreground[0]
+
+
 def test_erasing_a_class_makes_it_air_in_the_image_and_background_in_every_context_slice():
     from volgen.data import AIR, erase_classes
 
@@ -576,23 +636,33 @@ def test_a_minimal_config_gets_the_measured_recipe_and_explicit_values_win(tmp_p
     config = TrainConfig.from_yaml(tmp_path / "minimal.yaml")
     assert config.data.empty_slices == 4
     assert config.data.edge_cut_p == 0.1
+    assert config.data.inplane_cut_p == 0.5
     assert config.model.unet_config().dropout == 0.1
     assert config.data.erase_classes == [] and config.data.erase_p == 0.0  # per dataset, never by default
     # the embedded model's config spells the same recipe out (it is the example of enclosing-class erasure)
     shipped = yaml.safe_load((Path(__file__).parents[1] / "configs/train/colin27-small.yaml").read_text())
     assert shipped["data"]["empty_slices"] == config.data.empty_slices
     assert shipped["data"]["edge_cut_p"] == config.data.edge_cut_p
+    assert shipped["data"]["inplane_cut_p"] == config.data.inplane_cut_p
     assert shipped["model"]["dropout"] == config.model.dropout
     assert shipped["data"]["erase_classes"] == ["head"]
 
     older = {
         "output_dir": "run",
-        "data": {"source": "data", "label_map": "labels.yaml", "empty_slices": 0, "edge_cut_p": 0.0},
+        "data": {
+            "source": "data",
+            "label_map": "labels.yaml",
+            "empty_slices": 0,
+            "edge_cut_p": 0.0,
+            "inplane_cut_p": 0.0,
+        },
         "model": {"dropout": None},
     }
     (tmp_path / "older.yaml").write_text(yaml.safe_dump(older))
     config = TrainConfig.from_yaml(tmp_path / "older.yaml")
-    assert config.data.empty_slices == 0 and config.data.edge_cut_p == 0.0
+    assert (
+        config.data.empty_slices == 0 and config.data.edge_cut_p == 0.0 and config.data.inplane_cut_p == 0.0
+    )
     assert config.model.unet_config().dropout == UNetConfig.preset("small").dropout == 0.0
 
 

@@ -305,3 +305,94 @@ def erase_classes(
     k = (context.shape[1] - 1) // 2
     image = image.masked_fill(hit[:, k : k + 1], AIR)
     return context.masked_fill(hit, 0), image
+
+
+#: Kinds of in-plane cut (column 0 of :func:`volgen.training.randomness.step_inplane_cuts`); -1: not cut.
+CUT_HALF_PLANE, CUT_ELLIPSE, CUT_EROSION, CUT_BAND = 0, 1, 2, 3
+#: How many kinds there are (the kinds are ``0 .. CUT_KINDS - 1``).
+CUT_KINDS = 4
+
+
+def apply_inplane_cuts(
+    context: torch.Tensor, image: torch.Tensor, cuts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Erase the anatomy outside a random region: the training twin of a mask that shrinks, ends or splits.
+
+    ``context`` is ``(B, 2K+1, H, W)`` class indices of slices ``z-K .. z+K``, ``image`` ``(B, 1, H, W)`` and
+    ``cuts`` ``(B, 7)`` (see :func:`volgen.training.randomness.step_inplane_cuts`): column 0 the kind (-1
+    leaves a sample as it is), columns 1-6 uniforms in [0, 1) that place the region relative to the
+    sample's anatomy (its centroid and extent over the context slices):
+
+    - :data:`CUT_HALF_PLANE`: a half-plane at any angle, its edge anywhere across the anatomy;
+    - :data:`CUT_ELLIPSE`: a rotated ellipse of 15-90 % of the anatomy's extent near its centre;
+    - :data:`CUT_EROSION`: each slice's own mask eroded by 5-50 % of the anatomy's smaller half-extent;
+    - :data:`CUT_BAND`: a band 10-50 % of the anatomy's extent wide, at any angle, near its centre, erased
+      (the anatomy splits into islands).
+
+    The region grows or shrinks along the slice axis (up to 25 % per context slice, column 6), so the
+    context narrows as at the top of a skull. Outside the region every context slice becomes background and
+    the image air (:data:`AIR`), in the centre slice and its context alike; the classes stay flagged
+    specified (the flags come from mask ablation only), so the model learns that background in the mask is
+    air even right next to anatomy and however small the cross-section.
+    """
+    kinds = cuts[:, 0].round().long().tolist()
+    if all(kind < 0 for kind in kinds):
+        return context, image
+    k = (context.shape[1] - 1) // 2
+    h, w = context.shape[-2:]
+    context, image = context.clone(), image.clone()
+    yy, xx = torch.meshgrid(
+        torch.arange(h, dtype=torch.float32, device=context.device),
+        torch.arange(w, dtype=torch.float32, device=context.device),
+        indexing="ij",
+    )
+    offsets = torch.arange(-k, k + 1, dtype=torch.float32, device=context.device)
+    for b, kind in enumerate(kinds):
+        fg = context[b] > 0
+        if kind < 0 or not bool(fg.any()):
+            continue
+        u = cuts[b, 1:].to(torch.float32).tolist()
+        keep = _inplane_region(kind, u, fg, yy, xx, offsets)
+        context[b] = context[b].masked_fill(~keep, 0)
+        image[b, 0] = image[b, 0].masked_fill(~keep[k], AIR)
+    return context, image
+
+
+def _inplane_region(
+    kind: int, u: list[float], fg: torch.Tensor, yy: torch.Tensor, xx: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """The kept region ``(2K+1, H, W)`` bool of one sample (see :func:`apply_inplane_cuts`)."""
+    union = fg.any(dim=0)
+    ys, xs = yy[union], xx[union]
+    cy, cx = float(ys.mean()), float(xs.mean())
+    ey = max(1.0, (float(ys.max()) - float(ys.min())) / 2 + 0.5)
+    ex = max(1.0, (float(xs.max()) - float(xs.min())) / 2 + 0.5)
+    scale = (1.0 - (u[5] * 2 - 1) * 0.25 * offsets).clamp(min=0.0)[:, None, None]  # per context slice
+    if kind == CUT_EROSION:
+        radius = (0.05 + 0.45 * u[0]) * min(ey, ex) * scale.flatten()
+        keep = torch.zeros_like(fg)
+        for s, r in enumerate(radius.round().long().tolist()):
+            if r <= 0:
+                keep[s] = fg[s]
+                continue
+            background = (~fg[s]).float()[None, None]
+            near = torch.nn.functional.max_pool2d(background, 2 * r + 1, stride=1, padding=r)[0, 0] > 0
+            keep[s] = fg[s] & ~near
+        return keep
+    theta = 2 * np.pi * u[1]
+    cos, sin = float(np.cos(theta)), float(np.sin(theta))
+    if kind in (CUT_HALF_PLANE, CUT_BAND):
+        extent = abs(ex * cos) + abs(ey * sin)
+        along = (xx - cx) * cos + (yy - cy) * sin
+        if kind == CUT_BAND:
+            middle, half_width = (u[0] - 0.5) * 0.8 * extent, (0.05 + 0.2 * u[2]) * extent
+            return (along[None] - middle).abs() > half_width * scale
+        edge = (u[0] * 1.6 - 0.8) * extent
+        return along[None] <= edge - (1.0 - scale) * extent
+    oy, ox = cy + (u[2] - 0.5) * 0.6 * ey, cx + (u[3] - 0.5) * 0.6 * ex
+    size = 0.15 + 0.75 * u[0]
+    ry, rx = size * ey * (0.7 + 0.6 * u[4]), size * ex * (1.3 - 0.6 * u[4])
+    dx, dy = xx - ox, yy - oy
+    a, c = dx * cos + dy * sin, -dx * sin + dy * cos
+    inside = (a / rx) ** 2 + (c / ry) ** 2
+    return inside[None] <= scale**2

@@ -42,6 +42,8 @@ def model_card(meta, unet_config=None) -> str:
         edges.append(f"{meta.training['empty_slices']} air slices at each volume end")
     if meta.training.get("edge_cut_p"):
         edges.append(f"edge cuts p = {meta.training['edge_cut_p']}")
+    if meta.training.get("inplane_cut_p"):
+        edges.append(f"in-plane cuts p = {meta.training['inplane_cut_p']}")
     if meta.training.get("erase_p"):
         erased = ", ".join(meta.training.get("erase_classes", []))
         edges.append(f"{erased} erased from image and mask p = {meta.training['erase_p']}")

@@ -23,7 +23,7 @@ import torch
 
 from volgen.augmentation import Augmenter, AugmentingCollate
 from volgen.config import save_yaml
-from volgen.data import apply_edge_cuts, erase_classes
+from volgen.data import apply_edge_cuts, apply_inplane_cuts, erase_classes
 from volgen.errors import ConfigError, OutputError, VolgenError
 from volgen.multiaxis import MultiAxisSliceDataset, layout_with_axes
 from volgen.training.checkpoint import (
@@ -45,6 +45,7 @@ from volgen.training.randomness import (
     seed_step_dropout,
     step_edge_cuts,
     step_erasures,
+    step_inplane_cuts,
     step_noise,
 )
 from volgen.training.schedule import set_learning_rate
@@ -331,6 +332,10 @@ def _step(run: _Run, batch: dict[str, torch.Tensor], step: int) -> tuple[float, 
     context, x0 = apply_edge_cuts(
         batch["context"].to(device), batch["image"].to(device, non_blocking=True), cuts[local]
     )
+    inplane = step_inplane_cuts(
+        step, seed=cfg.seed, batch_size=cfg.batch_size, p=run.config.data.inplane_cut_p
+    )
+    context, x0 = apply_inplane_cuts(context, x0, inplane[local])
     erase = step_erasures(step, seed=cfg.seed, batch_size=cfg.batch_size, p=run.config.data.erase_p)
     context, x0 = erase_classes(context, x0, erase[local], run.erased)
     denoiser = Denoiser(
@@ -418,6 +423,7 @@ def _export(run: _Run, step: int, final_loss: float) -> Path:
             "augmentation": config.augmentation.enabled,
             "empty_slices": config.data.empty_slices,
             "edge_cut_p": config.data.edge_cut_p,
+            "inplane_cut_p": config.data.inplane_cut_p,
             "erase_classes": list(config.data.erase_classes),
             "erase_p": config.data.erase_p,
             "cases": list(run.data.cases or []),  # every case id (trained_on names the first five)

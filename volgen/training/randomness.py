@@ -19,6 +19,7 @@ STREAM_AUGMENT = 3
 STREAM_EDGE = 4
 STREAM_DROPOUT = 5
 STREAM_ERASE = 6
+STREAM_INPLANE = 7
 
 
 def step_seed(seed: int, stream: int, step: int, *more: int) -> int:
@@ -176,3 +177,23 @@ def step_erasures(step: int, *, seed: int, batch_size: int, p: float) -> torch.T
     if p <= 0:
         return torch.zeros(batch_size, dtype=torch.bool)
     return torch.rand(batch_size, generator=seeded_generator(seed, STREAM_ERASE, step)) < p
+
+
+def step_inplane_cuts(step: int, *, seed: int, batch_size: int, p: float) -> torch.Tensor:
+    """The global batch's in-plane cuts ``(B, 7)`` of one step (see :func:`volgen.data.apply_inplane_cuts`).
+
+    Each sample is cut with probability ``p``: column 0 is its kind (half-plane, ellipse, erosion or band,
+    each a quarter of the cuts; -1: not cut), columns 1-6 uniforms in [0, 1) that place and size the region.
+    """
+    from volgen.data import CUT_KINDS
+
+    cuts = torch.zeros(batch_size, 7)
+    cuts[:, 0] = -1
+    if p <= 0:
+        return cuts
+    gen = seeded_generator(seed, STREAM_INPLANE, step)
+    chosen = torch.rand(batch_size, generator=gen) < p
+    kinds = torch.randint(0, CUT_KINDS, (batch_size,), generator=gen).float()
+    cuts[:, 0] = torch.where(chosen, kinds, cuts[:, 0])
+    cuts[:, 1:] = torch.rand(batch_size, 6, generator=gen)
+    return cuts
