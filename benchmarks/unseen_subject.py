@@ -29,6 +29,7 @@ Writes ``OUT/unseen.json``, ``OUT/unseen.md`` and the volumes under ``OUT/volume
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -41,6 +42,7 @@ sys.path.insert(0, str(ROOT / "examples" / "colin27"))
 from _planes_common import slice_frame_round_trip  # noqa: E402
 from prepare import CSF, GM, WM, kmeans_1d, largest_component, majority_filter  # noqa: E402
 
+from volgen import defaults  # noqa: E402
 from volgen.api import GenerateSettings, default_model_dir, generate  # noqa: E402
 from volgen.evaluation import IntensitySegmenter, dice  # noqa: E402
 from volgen.io import read_image, write_volume  # noqa: E402
@@ -132,6 +134,10 @@ def main() -> None:
     parser.add_argument("--models", type=Path, nargs="+", default=[default_model_dir()])
     parser.add_argument("--guidance-scale", type=float, nargs="*", default=[], help="default: the model's")
     parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--steps", type=int, nargs="*", default=[], help="default: volgen's")
+    parser.add_argument(
+        "--rho-fine", nargs="*", default=[], help="fine-scale noise ρ values, or auto (default: volgen's)"
+    )
     parser.add_argument("--spacing", type=float, default=1.0, help="mm, isotropic")
     parser.add_argument("--template", type=Path, default=TEMPLATE)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "unseen")
@@ -146,12 +152,24 @@ def main() -> None:
     rows = []
     for k, model in enumerate(args.models):
         ceilings[f"frame {k}"] = scorer.faithfulness(round_trip(label_path, image_path, model))
-        for w in args.guidance_scale or [None]:
+        variants = itertools.product(
+            args.guidance_scale or [None],
+            args.steps or [defaults.STEPS],
+            [v if v == "auto" else float(v) for v in args.rho_fine] or [defaults.FINE_NOISE_CORRELATION],
+        )
+        for w, steps, fine in variants:
             seeds = []
             for seed in range(args.seeds):
-                out = args.out / "volumes" / f"m{k}-w{w}-seed{seed}.nii.gz"
+                tag = (
+                    ""
+                    if (steps, fine) == (defaults.STEPS, defaults.FINE_NOISE_CORRELATION)
+                    else f"-{steps}-{fine}"
+                )
+                out = args.out / "volumes" / f"m{k}-w{w}{tag}-seed{seed}.nii.gz"
                 out.parent.mkdir(parents=True, exist_ok=True)
-                settings = GenerateSettings(seed=seed, guidance_scale=w)
+                settings = GenerateSettings(
+                    seed=seed, guidance_scale=w, num_inference_steps=steps, fine_noise_correlation=fine
+                )
                 generate(label_path, out, model=model, settings=settings, overwrite=True, device="cpu")
                 ran = json.loads(Path(f"{out}.json").read_text())["guidance_scale"]
                 volume = sitk.GetArrayFromImage(read_image(out)).astype(np.float64)
@@ -163,6 +181,8 @@ def main() -> None:
                     "model": str(model),
                     "frame_ceiling": ceilings[f"frame {k}"],
                     "guidance_scale": ran,
+                    "steps": steps,
+                    "fine_noise_correlation": fine,
                     "faithfulness_mean": float(np.mean(faith)),
                     "faithfulness_worst": float(np.min(faith)),
                     "background_error_pct_worst": max(s["background_error_pct"] for s in seeds),
@@ -177,13 +197,15 @@ def main() -> None:
     lines = [
         f"Segmenter on the real image: {ceilings['real']:.3f}.",
         "",
-        "| model | guidance | frame ceiling | faithfulness mean [worst] | background error worst % "
-        "| shell mean % (real 0) | shell above 15 % of range, % | seeds with a ring |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | guidance | steps | fine ρ | frame ceiling | faithfulness mean [worst] "
+        "| background error worst % | shell mean % (real 0) | shell above 15 % of range, % "
+        "| seeds with a ring |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['guidance_scale']:g} | {r['frame_ceiling']:.3f} "
+            f"| {r['model']} | {r['guidance_scale']:g} | {r['steps']} | {r['fine_noise_correlation']} "
+            f"| {r['frame_ceiling']:.3f} "
             f"| {r['faithfulness_mean']:.3f} [{r['faithfulness_worst']:.3f}] "
             f"| {r['background_error_pct_worst']:.1f} | {r['shell_mean_pct']:.1f} "
             f"| {r['shell_bright_pct']:.1f} | {r['rings']}/{len(r['per_seed'])} |"
