@@ -37,7 +37,8 @@ NOISE_CORRELATION = 0.995
 #: the model's slices) is correlated between neighbouring slices with this ρ instead; coarse scales keep
 #: ``NOISE_CORRELATION``. A value equal to ρ gives volgen's earlier noise exactly (the same bytes per seed).
 #: ``auto``: from the slice spacing, by ``FINE_NOISE_BY_SPACING``.
-FINE_NOISE_CORRELATION = "auto"
+AUTO_FINE_NOISE = "auto"
+FINE_NOISE_CORRELATION: float | str = AUTO_FINE_NOISE
 #: ``auto``'s fine ρ against the spacing of the slices (mm), linear in between and constant beyond the ends.
 #: Real texture is alike in slices 1 mm apart and not in slices 2 mm apart, and the fine ρ that matches it
 #: follows (benchmarks/README.md, "Fine noise by slice spacing", 8 seeds each, generated / real at the real
@@ -90,7 +91,6 @@ LATE_FRACTION = 0.5
 #: larger chunks gain nothing) and ``AUTO_SLICE_BATCH_GPU`` on CUDA.
 SLICE_BATCH_SIZE = "auto"
 AUTO_SLICE_BATCH = "auto"
-AUTO_FINE_NOISE = "auto"
 AUTO_SLICE_BATCH_CPU = 16
 AUTO_SLICE_BATCH_GPU = 512
 #: Volumes ``volgen generate --samples`` writes (sample k: seed + k), and the most one call may ask for.

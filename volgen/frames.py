@@ -275,7 +275,7 @@ class ModelFrame:
     def slice_spacing(self, labels: sitk.Image) -> float:
         """The spacing (mm) of ``labels``' slices along this frame's slice axis: the spacing of the image
         axis closest to it (the frame keeps the through-plane spacing)."""
-        row = {"sagittal": 0, "coronal": 1, "axial": 2}[self.slice_axis]  # L-R, P-A, I-S
+        row = _permutation(self.slice_axis)[0]  # the world axis the slices run along (same index in LPS)
         direction = np.asarray(labels.GetDirection(), dtype=float).reshape(3, 3)
         return float(labels.GetSpacing()[int(np.argmax(np.abs(direction[row])))])
 
