@@ -167,6 +167,31 @@ def test_memory_estimate_of_a_512_slice_volume_is_at_its_own_size(tmp_path):
         generator.check_memory(grid, settings, max_memory=need // 2)
 
 
+def test_dry_run_times_a_native_model_at_the_segmentations_own_slice_size(tmp_path):
+    """A native model's slices are the segmentation's size; the estimate must not scale the model's own
+    slice size by pixels (attention grows faster): it times a forward at the grid's slice size."""
+    from volgen.batch.dryrun import estimate_generation, measure_time_model
+    from volgen.generation import GenerateSettings, VolumeGenerator
+    from volgen.io import Geometry
+
+    generator = VolumeGenerator(_untrained_native(tmp_path), device="cpu")
+    settings = GenerateSettings(num_inference_steps=2, slice_batch_size=8)
+    place = {"spacing": (1.0, 1.0, 2.0), "origin": (0.0, 0.0, 0.0), "direction": rotation()}
+    grid = Geometry(size=(40, 24, 5), **place)
+    time_model = measure_time_model(generator, slice_batch_size=8)
+    timed = []
+    measure = time_model.measure_plane
+    time_model.measure_plane = lambda plane: timed.append(plane) or measure(plane)
+    first = estimate_generation(generator, grid, settings, time_model)
+    again = estimate_generation(generator, grid, settings, time_model)
+    plane = generator.frame.plane(grid)
+    assert timed == [tuple(plane)]  # timed once at the grid's own (padded) slice size, then reused
+    per_forward = time_model.per_plane[tuple(plane)]
+    expected = time_model.seconds(first.forwards, 40 * 24 * 5, plane)
+    assert first.seconds == again.seconds == pytest.approx(expected)
+    assert f"{plane[0]}x{plane[1]}" in time_model.how and per_forward > 0
+
+
 def test_info_names_the_native_frame(native_model):
     from typer.testing import CliRunner
 

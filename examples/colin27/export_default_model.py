@@ -1,11 +1,14 @@
-"""Ship a trained model as volgen's embedded default (weights stored as float16 to halve the size).
+"""Ship a trained model as one of volgen's embedded models (weights stored as float16 to halve the size).
 
     python examples/colin27/export_default_model.py runs/colin27-small/model
+    python examples/colin27/export_default_model.py runs/colin27-native/model
 
-The whole recipe for the embedded default model, from a fresh clone (Debian's mricron-data installed):
+The model goes into ``volgen/default_model/<its name>`` (``--target`` for another folder); which embedded
+model ``default`` means is ``volgen.defaults.MODEL_DIR``. The whole recipe, from a fresh clone (Debian's
+mricron-data installed):
 
     python examples/colin27/prepare.py data/colin27
-    volgen train configs/train/colin27-small.yaml
+    volgen train configs/train/colin27-small.yaml        # or configs/train/colin27-native.yaml
     python examples/colin27/export_default_model.py runs/colin27-small/model
 """
 
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from volgen.api import default_model_dir
+from volgen.default_model import FOLDER
 from volgen.models import load_model, save_model
 
 
@@ -50,20 +53,27 @@ def model_card(meta, unet_config=None) -> str:
     augmentation += "".join(f", {e}" for e in edges)
     dropout = getattr(unet_config, "dropout", 0.0) if unet_config is not None else 0.0
     regularised = f", dropout {dropout:g}" if dropout else ""
-    return f"""# {meta.name}: volgen's embedded default model
+    if meta.pixel_spacing is not None:
+        frame = (
+            f"native frame: whole {meta.slice_axis} slices at {meta.pixel_spacing:g} mm pixels, trained on "
+            f"{meta.slice_size} px crops"
+        )
+    else:
+        frame = f"fitted frame: the field of view in {meta.slice_size} px {meta.slice_axis} slices"
+    return f"""# {meta.name}: one of volgen's embedded models
 
 {meta.description}
 
 - Trained on: {meta.trained_on}
-- Architecture: `small` preset (diffusers UNet2DModel, {meta.slice_size} px {meta.slice_axis} slices),
+- Architecture: `small` preset (diffusers UNet2DModel; {frame}),
   {schedule_text}, {meta.encoding} masks with {meta.context_slices} context slice(s) each side and
   {flags}; mask ablation p = {meta.training.get("ablation_p", 0.5)}{regularised}, {augmentation}, {steps}
   steps of batch {meta.training.get("batch_size", "?")}; EMA weights stored as float16.
 - Classes: {", ".join(meta.label_map.class_names)}.
 - Intensities: MR, percentile mapping, written as float32 on the T1 scale of Colin27 (0..255 uint8 source).
 
-Recipe: `python examples/colin27/prepare.py data/colin27`, `volgen train configs/train/colin27-small.yaml`,
-`python examples/colin27/export_default_model.py runs/colin27-small/model`.
+Recipe: `python examples/colin27/prepare.py data/colin27`, `volgen train configs/train/{meta.name}.yaml`,
+`python examples/colin27/export_default_model.py runs/{meta.name}/model`.
 
 This model saw one subject. It demonstrates volgen on a CPU; real use needs a model trained on real data
 (`volgen generate --model`).
@@ -93,12 +103,15 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("model", type=Path, help="A trained model folder (e.g. runs/colin27-small/model).")
-    parser.add_argument("--target", type=Path, default=default_model_dir())
+    parser.add_argument(
+        "--target", type=Path, default=None, help="Default: volgen/default_model/<the model's name>."
+    )
     args = parser.parse_args()
-    export_default_model(args.model, args.target)
-    reloaded = load_model(args.target)
-    size = sum(p.stat().st_size for p in args.target.rglob("*") if p.is_file())
-    print(f"wrote {args.target} ({size / 2**20:.1f} MiB), id {reloaded.model_id}")
+    target = args.target or FOLDER / load_model(args.model).metadata.name
+    export_default_model(args.model, target)
+    reloaded = load_model(target)
+    size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+    print(f"wrote {target} ({size / 2**20:.1f} MiB), id {reloaded.model_id}")
 
 
 if __name__ == "__main__":

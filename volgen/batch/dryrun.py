@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,18 +46,36 @@ def process_baseline() -> int:
 
 @dataclass
 class TimeModel:
-    """Seconds per item ≈ ``overhead + slice_forwards × seconds_per_slice_forward``; ``how`` says how."""
+    """Seconds per item ≈ ``overhead + slice_forwards × seconds per slice-forward``; ``how`` says how.
+
+    ``seconds_per_slice_forward`` is for the model's own slice size. A native-resolution model's slices are
+    the segmentation's own size, and a UNet's time does not grow with the pixels alone (attention grows with
+    their square; small slices use the CPU less well): such sizes are timed when first asked for
+    (``measure_plane``) and kept in ``per_plane``.
+    """
 
     seconds_per_slice_forward: float
     overhead_seconds: float
     seconds_per_input_voxel: float
     how: str
+    per_plane: dict[tuple[int, int], float] = field(default_factory=dict)
+    measure_plane: Callable[[tuple[int, int]], float] | None = field(default=None, repr=False)
 
-    def seconds(self, forwards: int, input_voxels: int) -> float:
+    def seconds_per_forward(self, plane: int | tuple[int, int] | None = None) -> float:
+        """Seconds per slice-forward of a slice of ``plane`` (``None``: the model's own size)."""
+        if plane is None or self.measure_plane is None:
+            return self.seconds_per_slice_forward
+        key = (plane, plane) if isinstance(plane, int) else (int(plane[0]), int(plane[1]))
+        if key not in self.per_plane:
+            self.per_plane[key] = self.measure_plane(key)
+            self.how += f"; measured at {key[0]}x{key[1]}: {self.per_plane[key] * 1000:.1f} ms per slice"
+        return self.per_plane[key]
+
+    def seconds(self, forwards: int, input_voxels: int, plane: int | tuple[int, int] | None = None) -> float:
         return (
             self.overhead_seconds
             + input_voxels * self.seconds_per_input_voxel
-            + forwards * self.seconds_per_slice_forward
+            + forwards * self.seconds_per_forward(plane)
         )
 
 
@@ -114,10 +132,9 @@ def estimate_generation(
     plan = generator.plan(grid, settings, volumes=together, max_memory=max_memory)  # the run, resolved once
     forwards = math.ceil(plan.forwards / together)
     voxels = int(np.prod(grid.size, dtype=np.int64))
-    # the time model's forwards are of the model's slice size; a native frame's slices are their own size
-    scale = plane_pixels(generator.frame.plane(grid)) / plane_pixels(generator.metadata.slice_size)
-    extra = (scale - 1) * forwards * time_model.seconds_per_slice_forward
-    seconds = time_model.seconds(forwards, voxels) + extra
+    # a native frame's slices are their own size: timed at that size (a fitted frame's are the model's)
+    plane = generator.frame.plane(grid) if generator.metadata.pixel_spacing is not None else None
+    seconds = time_model.seconds(forwards, voxels, plane)
     return GenerationEstimate(
         slices=slices_along(grid, generator.metadata.slice_axis),
         steps=plan.steps,
@@ -129,26 +146,16 @@ def estimate_generation(
     )
 
 
-def measure_time_model(generator: VolumeGenerator, *, slice_batch_size: int | str) -> TimeModel:
-    """Time one UNet forward of a padded chunk of ``slice_batch_size`` slices (``auto``: the chunk it chooses
-    for a long run now) after one warm-up forward, on the generator's device, through its denoiser (its
-    precision and memory layout: bf16 channels-last on a CPU with native bf16).
-
-    I/O and resampling are an assumed 1 s per item plus 0.1 µs per input voxel.
-    """
+def _time_forward(generator: VolumeGenerator, batch: int, plane: tuple[int, int]) -> float:
+    """Seconds per slice of one UNet forward of ``batch`` slices of ``plane`` after one warm-up forward, on
+    the generator's device, through its denoiser (its precision and memory layout)."""
     import torch
-
-    from volgen import defaults
-    from volgen.pipeline import BATCH_GRANULE
 
     dev = generator.device
     unet = generator.pipeline.unet
-    size = generator.metadata.slice_size
-    sbs = generator.pipeline.resolve_slice_batch_size(slice_batch_size, defaults.AUTO_SLICE_BATCH_GPU)
-    batch = sbs + (-sbs % BATCH_GRANULE)
     out_channels = unet.config.out_channels
-    x = torch.zeros(batch, out_channels, size, size, device=dev)
-    condition = torch.zeros(batch, unet.config.in_channels - out_channels, size, size, device=dev)
+    x = torch.zeros(batch, out_channels, *plane, device=dev)
+    condition = torch.zeros(batch, unet.config.in_channels - out_channels, *plane, device=dev)
     t = torch.tensor(500, device=dev)
     denoiser = generator.pipeline.denoiser(generator.autocast_dtype)
     with torch.no_grad():
@@ -159,14 +166,42 @@ def measure_time_model(generator: VolumeGenerator, *, slice_batch_size: int | st
         denoiser.run(x, t, condition)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        per_slice = (time.perf_counter() - begin) / batch
+    return (time.perf_counter() - begin) / batch
+
+
+def measure_time_model(generator: VolumeGenerator, *, slice_batch_size: int | str) -> TimeModel:
+    """Time one UNet forward of a padded chunk of ``slice_batch_size`` slices (``auto``: the chunk it chooses
+    for a long run now) after one warm-up forward, on the generator's device, through its denoiser (its
+    precision and memory layout: bf16 channels-last on a CPU with native bf16). A native-resolution model's
+    slice sizes are timed as they come up (one forward of :data:`~volgen.pipeline.BATCH_GRANULE` slices,
+    one for slices over 128 x 128, after a warm-up).
+
+    I/O and resampling are an assumed 1 s per item plus 0.1 µs per input voxel.
+    """
+    from volgen import defaults
+    from volgen.pipeline import BATCH_GRANULE
+
+    size = generator.metadata.slice_size
+    sbs = generator.pipeline.resolve_slice_batch_size(slice_batch_size, defaults.AUTO_SLICE_BATCH_GPU)
+    batch = sbs + (-sbs % BATCH_GRANULE)
+    per_slice = _time_forward(generator, batch, (size, size))
     how = (
-        f"measured: one UNet forward of {batch} slices of {size}x{size} on {dev} ({generator.precision}) "
-        f"took {per_slice * 1000:.2f} ms per slice; assumed: 1 s + 0.1 µs per input voxel for I/O and "
-        "resampling"
+        f"measured: one UNet forward of {batch} slices of {size}x{size} on {generator.device} "
+        f"({generator.precision}) took {per_slice * 1000:.2f} ms per slice; assumed: 1 s + 0.1 µs per input "
+        "voxel for I/O and resampling"
     )
+
+    def measure_plane(plane: tuple[int, int]) -> float:
+        big = plane_pixels(plane) > 128 * 128
+        return _time_forward(generator, 1 if big else BATCH_GRANULE, plane)
+
+    native = generator.metadata.pixel_spacing is not None
     return TimeModel(
-        seconds_per_slice_forward=per_slice, overhead_seconds=1.0, seconds_per_input_voxel=1e-7, how=how
+        seconds_per_slice_forward=per_slice,
+        overhead_seconds=1.0,
+        seconds_per_input_voxel=1e-7,
+        how=how,
+        measure_plane=measure_plane if native else None,
     )
 
 
