@@ -37,6 +37,7 @@ from heldout_slab import crop  # noqa: E402
 from unseen_subject import TEMPLATE  # noqa: E402
 from unseen_subject import prepare as prepare_macaque  # noqa: E402
 
+from volgen.default_model import resolve_model  # noqa: E402
 from volgen.evaluation.downstream import (  # noqa: E402
     DownstreamOptions,
     read_split,
@@ -122,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--learning-rate", type=float, default=2e-3)
     p.add_argument("--channels", default="8,16,32")
     p.add_argument("--synthetic-multiples", default="1")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="the generator (a folder or an embedded model's name; default: the embedded default)",
+    )
     p.add_argument("--data", type=Path, default=ROOT / "data" / "colin27")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "downstream")
     args = p.parse_args(argv)
@@ -137,12 +143,14 @@ def main(argv: list[str] | None = None) -> int:
         learning_rate=args.learning_rate,
         channels=tuple(int(c) for c in args.channels.split(",")),
         device="cpu",
+        model=None if args.model is None else resolve_model(args.model),
     )
+    model = "" if args.model is None else f" --model {args.model}"
     command = (
         f"volgen evaluate-downstream {folder / 'train'} {out} --test {folder / 'test'} --seeds {args.seeds} "
         f"--synthetic-multiples {args.synthetic_multiples} --segmenter-steps {args.segmenter_steps} "
         f"--segmenter-batch-size {args.segmenter_batch_size} --learning-rate {args.learning_rate:g} "
-        f"--channels {args.channels}"
+        f"--channels {args.channels}{model}"
     )
     print(command, flush=True)
     report = run_downstream(read_split(folder / "train", test=folder / "test"), out, options, progress=print)
