@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import SimpleITK as sitk
-from _planes_common import score, table
+from _planes_common import score, slice_frame_round_trip, table
 
 from volgen import defaults
 from volgen.api import GenerateSettings, default_model_dir, generate
@@ -43,7 +43,7 @@ def real_on_grid(segmentation: Path, out: Path, model: Path, *, frame: bool) -> 
     resampling every generated volume goes through: into the model's slices and back)."""
     if out.exists():
         return out
-    from volgen.frames import resample_to_grid, to_slice_frame
+    from volgen.frames import resample_to_grid
     from volgen.models import load_model
 
     meta = load_model(model).metadata
@@ -53,8 +53,8 @@ def real_on_grid(segmentation: Path, out: Path, model: Path, *, frame: bool) -> 
     if not frame:
         write_volume(t1, out, overwrite=True)
         return out
-    frame = to_slice_frame(classes, t1, slice_size=meta.slice_size, slice_axis=meta.slice_axis)
-    write_volume(resample_to_grid(frame.to_sitk(frame.image.numpy()), grid), out, overwrite=True)
+    back = slice_frame_round_trip(classes, t1, meta.slice_size, meta.slice_axis, meta.pixel_spacing)
+    write_volume(resample_to_grid(back, grid), out, overwrite=True)
     return out
 
 

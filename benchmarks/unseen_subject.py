@@ -123,7 +123,8 @@ def round_trip(labels_path: Path, image_path: Path, model: Path) -> np.ndarray:
 
     meta = load_model(model).metadata
     real = read_image(image_path)
-    back = slice_frame_round_trip(sitk.ReadImage(str(labels_path)), real, meta.slice_size, meta.slice_axis)
+    labels = sitk.ReadImage(str(labels_path))
+    back = slice_frame_round_trip(labels, real, meta.slice_size, meta.slice_axis, meta.pixel_spacing)
     return sitk.GetArrayFromImage(back)
 
 
