@@ -167,6 +167,8 @@ def minimal_config(name: str, *, train_dir: Path, output_dir: Path, args: argpar
     if args.size is not None:
         unet = UNetConfig.preset(args.preset).model_dump(mode="json")
         data["model"] = {"unet": {**unet, "sample_size": args.size}}
+    if args.pixel_spacing is not None:  # a native-resolution model (docs/resolution.md)
+        data["data"].update(frame="native", pixel_spacing=args.pixel_spacing)
     for section, values in VARIANTS[name].items():
         data[section] = {**data.get(section, {}), **values}
     return validate(data, TrainConfig)
@@ -200,17 +202,21 @@ class Scorer:
             None  # the real image through the model's frame (see through_frame)
         )
 
-    def through_frame(self, size: int, paths: dict[str, Path]) -> None:
-        """Score the real image sent through the model's ``size`` px frame and back: what a perfect generator
-        at the model's resolution scores (the in-plane blur alone costs faithfulness and adds tissue outside
-        the mask next to its edge)."""
+    def through_frame(self, size: int, paths: dict[str, Path], pixel_spacing: float | None = None) -> None:
+        """Score the real image sent through the model's ``size`` px frame (a native model's
+        ``pixel_spacing`` frame) and back: what a perfect generator at the model's resolution scores (the
+        in-plane blur alone costs faithfulness and adds tissue outside the mask next to its edge)."""
         from _planes_common import slice_frame_round_trip
 
         from volgen.io import read_image, read_label
 
         prefix = "" if self.case == "vault" else f"{self.case}-"
-        real = slice_frame_round_trip(read_label(self.seg_path), read_image(paths[f"{prefix}real"]), size)
-        self.frame = {"size": size, **self.score(sitk.GetArrayFromImage(real).astype(np.float32))}
+        real = slice_frame_round_trip(
+            read_label(self.seg_path), read_image(paths[f"{prefix}real"]), size, pixel_spacing=pixel_spacing
+        )
+        name = f"{size} px" if pixel_spacing is None else f"{pixel_spacing:g} mm native"
+        scores = self.score(sitk.GetArrayFromImage(real).astype(np.float32))
+        self.frame = {"size": size, "name": name, **scores}
 
     def outside(self, volume: np.ndarray) -> np.ndarray:
         """Per slice, voxels outside the mask brighter than the anatomy level."""
@@ -302,7 +308,7 @@ def table(records: list[dict], scorer: Scorer) -> str:
         f = scorer.frame
         top = ", ".join(f"z{z}: {f['top_bright'][z]}" for z in scorer.top_slices)
         lines.append(
-            f"| real image through the {f['size']} px frame | - | {f['faithfulness']:.3f} | "
+            f"| real image through the {f['name']} frame | - | {f['faithfulness']:.3f} | "
             f"{f['background_error_pct']:.1f} | {f['outside_ratio_worst']:.2f} | "
             f"{'1/1' if f['slices_over'] == 0 else '0/1'} | {top} |"
         )
@@ -336,6 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--preset", default="small", help="UNet preset (configs/models)")
     p.add_argument("--size", type=int, default=None, help="slice size in px (default: the preset's)")
+    p.add_argument(
+        "--pixel-spacing",
+        type=float,
+        default=None,
+        help="mm: train native-resolution models at this in-plane pixel (crops of --size) instead of the "
+        "fitted frame",
+    )
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--cut", type=int, default=130, help="first held-out axial slice")
     p.add_argument("--max-minutes", type=float, default=None, help="time cap per training (safety)")
@@ -356,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     scorers = [Scorer(paths, case) for case in args.cases]
     size = args.size or UNetConfig.preset(args.preset).sample_size
     for scorer in scorers:
-        scorer.through_frame(size, paths)
+        scorer.through_frame(size, paths, args.pixel_spacing)
     records = [run_variant(name, args, paths, scorers) for name in args.variants]
     command = "python benchmarks/vanishing.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = f"`{command}`\n\n" + "\n".join(table(records, scorer) for scorer in scorers)
