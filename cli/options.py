@@ -65,7 +65,9 @@ FineRhoOption = Annotated[
         help="ρ in [0, 1) of the initial noise's fine in-plane detail between slices, or auto: by the slice "
         "spacing, like real texture ("
         + ", ".join(f"{rho:g} at {mm:g} mm" for mm, rho in defaults.FINE_NOISE_BY_SPACING)
-        + ", linear in between, constant beyond). 0: texture is never copied along the slice axis; equal to "
+        + "; native-resolution models: "
+        + ", ".join(f"{rho:g} at {mm:g} mm" for mm, rho in defaults.NATIVE_FINE_NOISE_BY_SPACING)
+        + "; linear in between, constant beyond). 0: texture is never copied along the slice axis; equal to "
         "--rho: one ρ at every scale, volgen's earlier noise.",
     ),
 ]

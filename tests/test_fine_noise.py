@@ -45,6 +45,23 @@ def test_auto_follows_the_slice_spacing(generator, spacing, expected):
     assert _fine(generator, seg) == pytest.approx(expected)
 
 
+def test_auto_for_a_native_model_follows_the_native_table(tmp_path):
+    """A native-resolution model's noise is finer anatomy: its own table, not the fitted frame's."""
+    from test_native import _untrained_native
+
+    native = VolumeGenerator(_untrained_native(tmp_path), device="cpu")
+    (near, near_rho), (far, far_rho) = defaults.NATIVE_FINE_NOISE_BY_SPACING[
+        :: len(defaults.NATIVE_FINE_NOISE_BY_SPACING) - 1
+    ]
+    for spacing, expected in [
+        (near, near_rho),
+        ((near + far) / 2, (near_rho + far_rho) / 2),
+        (far * 2, far_rho),
+    ]:
+        assert _fine(native, make_volume("label", spacing=(0.7, 0.9, spacing))) == pytest.approx(expected)
+    assert far_rho != FAR_RHO  # measured apart: at 2 mm the fitted frame's 0 flickers in a native model
+
+
 def test_the_slice_spacing_is_that_of_the_axis_along_the_slices(generator):
     """Array axes in another order (the first one runs inferior-superior): its spacing is the slices'."""
     permuted = np.array(rotation(0.1, 0.05, -0.1)).reshape(3, 3)[:, [2, 0, 1]]

@@ -36,7 +36,8 @@ NOISE_CORRELATION = 0.995
 #: ρ of the fine scales: in-plane detail of the initial noise finer than ``NOISE_SCALE`` (cycles per pixel of
 #: the model's slices) is correlated between neighbouring slices with this ρ instead; coarse scales keep
 #: ``NOISE_CORRELATION``. A value equal to ρ gives volgen's earlier noise exactly (the same bytes per seed).
-#: ``auto``: from the slice spacing, by ``FINE_NOISE_BY_SPACING``.
+#: ``auto``: from the slice spacing, by ``FINE_NOISE_BY_SPACING`` (``NATIVE_FINE_NOISE_BY_SPACING`` for
+#: native-resolution models).
 AUTO_FINE_NOISE = "auto"
 FINE_NOISE_CORRELATION: float | str = AUTO_FINE_NOISE
 #: ``auto``'s fine ρ against the spacing of the slices (mm), linear in between and constant beyond the ends.
@@ -47,6 +48,13 @@ FINE_NOISE_CORRELATION: float | str = AUTO_FINE_NOISE
 #: 0.92 and 0.98, where one ρ copies texture along the slice axis (0.67, 1.37: streaks in every reslice) and
 #: 0.7 already 0.77 and 1.24.
 FINE_NOISE_BY_SPACING: tuple[tuple[float, float], ...] = ((1.0, 0.95), (2.0, 0.0))
+#: The same for native-resolution models (``data.frame: native``): their pixels are the data's own, finer
+#: than a fitted frame's (about 3.4 mm for a head in 64 px), and their fine noise is finer anatomy, which
+#: stays alike in slices 2 mm apart (benchmarks/README.md, "Fine noise by slice spacing", the native 2 mm
+#: model on the example, 8 seeds): 0.6 gives neighbour step 0.94 and texture 0.94 where 0 flickers (1.24,
+#: 0.34) and 0.8 is already smooth (0.80, 1.18); at 1 mm 0.95 puts every axis in the band on the held-out
+#: slab.
+NATIVE_FINE_NOISE_BY_SPACING: tuple[tuple[float, float], ...] = ((1.0, 0.95), (2.0, 0.6))
 #: The boundary between coarse and fine noise scales, in cycles per pixel of the model's slices (a Gaussian
 #: transition): 0.08 keeps ρ for structure larger than about 12 pixels.
 NOISE_SCALE = 0.08

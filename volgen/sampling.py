@@ -145,15 +145,20 @@ def smooth_x0(eps: Tensor, model_input: Tensor, t: Tensor, sigma: float, schedul
     return (x_t - a * x0) / s
 
 
-def fine_rho_for(value: float | str, slice_spacing: float | None, rho: float) -> float:
-    """The fine-scale ρ of a run: ``value`` itself, or for ``"auto"`` the one
-    :data:`volgen.defaults.FINE_NOISE_BY_SPACING` gives for slices ``slice_spacing`` mm apart (unknown, as
-    for bare tensors: ``rho``, one ρ at every scale)."""
+def fine_rho_for(
+    value: float | str,
+    slice_spacing: float | None,
+    rho: float,
+    by_spacing: Sequence[tuple[float, float]] = defaults.FINE_NOISE_BY_SPACING,
+) -> float:
+    """The fine-scale ρ of a run: ``value`` itself, or for ``"auto"`` the one ``by_spacing`` (the model
+    frame's table, :data:`volgen.defaults.FINE_NOISE_BY_SPACING` or ``NATIVE_FINE_NOISE_BY_SPACING``) gives
+    for slices ``slice_spacing`` mm apart (unknown, as for bare tensors: ``rho``, one ρ at every scale)."""
     if value != defaults.AUTO_FINE_NOISE:
         return float(value)
     if slice_spacing is None:
         return rho
-    spacings, rhos = zip(*defaults.FINE_NOISE_BY_SPACING, strict=True)
+    spacings, rhos = zip(*by_spacing, strict=True)
     return float(np.interp(slice_spacing, spacings, rhos))
 
 
