@@ -42,8 +42,8 @@ StrengthOption = Annotated[
 ModelOption = Annotated[
     str | None,
     typer.Option(
-        help="Model folder, or an embedded model by name ('default', 'colin27-small'; volgen models). "
-        "Default: the embedded model."
+        help="Model folder, or an embedded model by name ('default', 'colin27-native', 'colin27-small'; "
+        f"volgen models). Default: the embedded model ({defaults.MODEL_DIR.name})."
     ),
 ]
 QuietOption = Annotated[

@@ -80,17 +80,22 @@ def test_load_model_and_read_metadata_take_names():
     assert load_model("colin27-small").path == embedded_models()["colin27-small"]
 
 
-def test_generate_with_the_model_by_name(colin_seg, tmp_path):
+@pytest.mark.parametrize("name", sorted(embedded_models()))
+def test_generate_with_the_model_by_name(colin_seg, tmp_path, name):
+    """Every embedded model (the fitted 64 px frame and the native 2 mm one) generates the example by name,
+    on the segmentation's grid."""
     out = tmp_path / "out.nii.gz"
     result = _cli(
-        "generate", colin_seg, "-o", out, "--model", "colin27-small", "--steps", 1, "--guidance-scale", 1,
+        "generate", colin_seg, "-o", out, "--model", name, "--steps", 1, "--guidance-scale", 1,
         "--progress", "none",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     sidecar = json.loads(io.sidecar_path(out).read_text(encoding="utf-8"))
     from volgen.models import weights_hash
 
-    assert sidecar["model"]["weights_sha256"] == weights_hash(defaults.MODEL_DIR)
+    assert sidecar["model"]["weights_sha256"] == weights_hash(embedded_models()[name])
+    written, segmentation = sitk.ReadImage(str(out)), sitk.ReadImage(str(colin_seg))
+    assert written.GetSize() == segmentation.GetSize() and written.GetSpacing() == segmentation.GetSpacing()
 
 
 def test_batch_and_generate_dry_runs_take_default(colin_seg, tmp_path):
@@ -190,7 +195,8 @@ def test_the_embedded_model_note_is_one_line_after_the_checks(colin_seg, tmp_pat
     result = _cli("generate", colin_seg, "-o", tmp_path / "o.nii.gz", "--dry-run", terminal_width=80)
     assert result.exit_code == 0, result.output
     notes = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(notes) == 1 and notes[0].startswith("note: embedded model colin27-small"), result.stderr
+    note = f"note: embedded model {defaults.MODEL_DIR.name}"
+    assert len(notes) == 1 and notes[0].startswith(note), result.stderr
     assert notes[0].endswith("real use needs --model trained on real data")
 
     quiet = _cli("generate", colin_seg, "-o", tmp_path / "o.nii.gz", "--dry-run", "--quiet")
