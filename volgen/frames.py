@@ -279,16 +279,14 @@ class ModelFrame:
         direction = np.asarray(labels.GetDirection(), dtype=float).reshape(3, 3)
         return float(labels.GetSpacing()[int(np.argmax(np.abs(direction[row])))])
 
-    def fine_rho(self, value: float | str, labels: sitk.Image, rho: float) -> float:
-        """The fine-scale noise ρ for ``labels``: ``value``, or for ``auto`` by the spacing of their slices,
-        from this frame's table (:data:`volgen.defaults.FINE_NOISE_BY_SPACING`, or
-        ``NATIVE_FINE_NOISE_BY_SPACING`` for a native frame)."""
+    @property
+    def fine_noise_by_spacing(self) -> tuple[tuple[float, float], ...]:
+        """``--rho-fine auto``'s table for this frame (:data:`volgen.defaults.FINE_NOISE_BY_SPACING`, or
+        ``NATIVE_FINE_NOISE_BY_SPACING`` for a native frame, whose fine noise is finer anatomy)."""
         from volgen import defaults
-        from volgen.sampling import fine_rho_for
 
         native = self.pixel_spacing is not None
-        table = defaults.NATIVE_FINE_NOISE_BY_SPACING if native else defaults.FINE_NOISE_BY_SPACING
-        return fine_rho_for(value, self.slice_spacing(labels), rho, table)
+        return defaults.NATIVE_FINE_NOISE_BY_SPACING if native else defaults.FINE_NOISE_BY_SPACING
 
     def plane(self, labels: sitk.Image) -> int | tuple[int, int]:
         """The size of ``labels``' slices in this frame (``H = W`` or ``(H, W)``; for memory estimates)."""

@@ -303,7 +303,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             num_inference_steps=num_inference_steps,
             strength=strength,
             noise_correlation=noise_correlation,
-            fine_noise_correlation=sampling.fine_rho_for(fine_noise_correlation, None, noise_correlation),
+            fine_noise_correlation=sampling.fine_rho_for(fine_noise_correlation, noise_correlation),
             x0_smoothing=x0_smoothing,
         )
 

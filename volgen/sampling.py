@@ -25,7 +25,7 @@ from torch import Tensor
 from volgen import defaults
 from volgen.denoiser import UNGUIDED, Denoiser, chunks, padded_slices
 from volgen.errors import VolgenError
-from volgen.frames import slices_to_volume, volume_to_slices
+from volgen.frames import ModelFrame, slices_to_volume, volume_to_slices
 from volgen.schedulers import scheduler_step
 
 __all__ = [
@@ -145,21 +145,17 @@ def smooth_x0(eps: Tensor, model_input: Tensor, t: Tensor, sigma: float, schedul
     return (x_t - a * x0) / s
 
 
-def fine_rho_for(
-    value: float | str,
-    slice_spacing: float | None,
-    rho: float,
-    by_spacing: Sequence[tuple[float, float]] = defaults.FINE_NOISE_BY_SPACING,
-) -> float:
-    """The fine-scale ρ of a run: ``value`` itself, or for ``"auto"`` the one ``by_spacing`` (the model
-    frame's table, :data:`volgen.defaults.FINE_NOISE_BY_SPACING` or ``NATIVE_FINE_NOISE_BY_SPACING``) gives
-    for slices ``slice_spacing`` mm apart (unknown, as for bare tensors: ``rho``, one ρ at every scale)."""
+def fine_rho_for(value: float | str, rho: float, frame: ModelFrame | None = None, labels=None) -> float:
+    """The fine-scale ρ of a run: ``value`` itself, or for ``"auto"`` the one the model ``frame``'s table
+    (:attr:`~volgen.frames.ModelFrame.fine_noise_by_spacing`: :data:`volgen.defaults.FINE_NOISE_BY_SPACING`,
+    or ``NATIVE_FINE_NOISE_BY_SPACING`` for a native frame) gives for the spacing of the ``labels``' slices
+    (no frame, as for bare tensors: ``rho``, one ρ at every scale)."""
     if value != defaults.AUTO_FINE_NOISE:
         return float(value)
-    if slice_spacing is None:
+    if frame is None or labels is None:
         return rho
-    spacings, rhos = zip(*by_spacing, strict=True)
-    return float(np.interp(slice_spacing, spacings, rhos))
+    spacings, rhos = zip(*frame.fine_noise_by_spacing, strict=True)
+    return float(np.interp(frame.slice_spacing(labels), spacings, rhos))
 
 
 def correlated_noise(

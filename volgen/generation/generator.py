@@ -332,9 +332,11 @@ class VolumeGenerator:
 
     def _plan(self, slices: int, voxels: int, settings: GenerateSettings, max_memory: int | None, labels):
         """A run's plan: ``slices`` per step, ``voxels`` of ``labels``; settings resolved once, for it."""
+        from volgen.sampling import fine_rho_for  # torch: not imported before the fast checks
+
         plane = max((self.frame.plane(s) for s in labels), key=plane_pixels)
         value, rho = settings.fine_noise_correlation, settings.noise_correlation
-        fine = {self.frame.fine_rho(value, s, rho) for s in labels}  # auto: by the slice spacing
+        fine = {fine_rho_for(value, rho, self.frame, s) for s in labels}  # auto: by the slice spacing
         if len(fine) > 1:
             raise VolgenError(f"slice spacings give fine ρ {sorted(fine)}: generate apart or set one")
         self.pipeline.set_scheduler(settings.scheduler)
