@@ -132,9 +132,8 @@ def estimate_generation(
     plan = generator.plan(grid, settings, volumes=together, max_memory=max_memory)  # the run, resolved once
     forwards = math.ceil(plan.forwards / together)
     voxels = int(np.prod(grid.size, dtype=np.int64))
-    # a native frame's slices are their own size: timed at that size (a fitted frame's are the model's)
-    plane = generator.frame.plane(grid) if generator.metadata.pixel_spacing is not None else None
-    seconds = time_model.seconds(forwards, voxels, plane)
+    # a native frame's slices are their own size, timed at that size (the time model knows which it times)
+    seconds = time_model.seconds(forwards, voxels, generator.frame.plane(grid))
     return GenerationEstimate(
         slices=slices_along(grid, generator.metadata.slice_axis),
         steps=plan.steps,
