@@ -309,8 +309,10 @@ def erase_classes(
 
 #: Kinds of in-plane cut (column 0 of :func:`volgen.training.randomness.step_inplane_cuts`); -1: not cut.
 CUT_HALF_PLANE, CUT_ELLIPSE, CUT_EROSION, CUT_BAND = 0, 1, 2, 3
+#: The kinds' names, in kind order (``data.inplane_cut_kinds`` weighs them by name).
+CUT_KIND_NAMES = ("half_plane", "ellipse", "erosion", "band")
 #: How many kinds there are (the kinds are ``0 .. CUT_KINDS - 1``).
-CUT_KINDS = 4
+CUT_KINDS = len(CUT_KIND_NAMES)
 
 
 def apply_inplane_cuts(

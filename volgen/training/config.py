@@ -30,6 +30,8 @@ RECIPE_EDGE_CUT_P = 0.1
 #: shrink, end or split are followed: held-out skull vault, worst slice 24x -> 2.8x the real image's tissue
 #: outside the mask, faithfulness 0.234 -> 0.265 (1500 steps at 32 px; benchmarks/README.md, "In-plane cuts").
 RECIPE_INPLANE_CUT_P = 0.5
+#: Relative weights of the in-plane cut kinds (names: ``volgen.data.CUT_KIND_NAMES``).
+RECIPE_INPLANE_CUT_KINDS = {"half_plane": 1.0, "ellipse": 1.0, "erosion": 1.0, "band": 1.0}
 #: Dropout in the UNet's ResNet blocks: held-out faithfulness 0.454 -> 0.461 (guided 0.473 -> 0.480).
 RECIPE_DROPOUT = 0.1
 
@@ -63,6 +65,9 @@ class DataConfig(StrictModel):
     #: Teaches that background next to anatomy means air however small the cross-section. Default
     #: ``RECIPE_INPLANE_CUT_P``; 0: off.
     inplane_cut_p: float = Field(RECIPE_INPLANE_CUT_P, ge=0.0, le=1.0)
+    #: How often each kind of in-plane cut is drawn, relative to the others (``half_plane``, ``ellipse``,
+    #: ``erosion``, ``band``; a kind left out is never drawn). Default ``RECIPE_INPLANE_CUT_KINDS``.
+    inplane_cut_kinds: dict[str, float] = Field(default_factory=lambda: dict(RECIPE_INPLANE_CUT_KINDS))
     #: Classes that may be absent around the others (an enclosing class: the head around a brain, the body
     #: around organs) and the share of samples in which they are erased: their voxels become air in the image
     #: and background in the mask (every context slice), still flagged specified
@@ -76,6 +81,26 @@ class DataConfig(StrictModel):
     frame: Literal["fitted", "native"] = "fitted"
     #: In-plane pixel (mm) of a ``native`` model, e.g. the training images' own spacing.
     pixel_spacing: float | None = Field(None, gt=0.0, le=100.0)
+
+    @field_validator("inplane_cut_kinds")
+    @classmethod
+    def _check_cut_kinds(cls, kinds: dict[str, float]) -> dict[str, float]:
+        from volgen.data import CUT_KIND_NAMES
+
+        unknown = sorted(set(kinds) - set(CUT_KIND_NAMES))
+        if unknown:
+            raise ValueError(
+                f"data.inplane_cut_kinds: unknown kind {unknown[0]!r} (kinds: {', '.join(CUT_KIND_NAMES)})"
+            )
+        if any(w < 0 for w in kinds.values()) or sum(kinds.values()) <= 0:
+            raise ValueError("data.inplane_cut_kinds: weights must be >= 0 with a positive sum")
+        return kinds
+
+    def inplane_cut_weights(self) -> list[float]:
+        """The in-plane cut kinds' weights in kind order (``volgen.data.CUT_KIND_NAMES``)."""
+        from volgen.data import CUT_KIND_NAMES
+
+        return [float(self.inplane_cut_kinds.get(name, 0.0)) for name in CUT_KIND_NAMES]
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:

@@ -333,7 +333,11 @@ def _step(run: _Run, batch: dict[str, torch.Tensor], step: int) -> tuple[float, 
         batch["context"].to(device), batch["image"].to(device, non_blocking=True), cuts[local]
     )
     inplane = step_inplane_cuts(
-        step, seed=cfg.seed, batch_size=cfg.batch_size, p=run.config.data.inplane_cut_p
+        step,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        p=run.config.data.inplane_cut_p,
+        weights=run.config.data.inplane_cut_weights(),
     )
     context, x0 = apply_inplane_cuts(context, x0, inplane[local])
     erase = step_erasures(step, seed=cfg.seed, batch_size=cfg.batch_size, p=run.config.data.erase_p)
@@ -424,6 +428,7 @@ def _export(run: _Run, step: int, final_loss: float) -> Path:
             "empty_slices": config.data.empty_slices,
             "edge_cut_p": config.data.edge_cut_p,
             "inplane_cut_p": config.data.inplane_cut_p,
+            "inplane_cut_kinds": dict(config.data.inplane_cut_kinds),
             "erase_classes": list(config.data.erase_classes),
             "erase_p": config.data.erase_p,
             "cases": list(run.data.cases or []),  # every case id (trained_on names the first five)

@@ -6,6 +6,8 @@ iterator: a resumed run repeats an uninterrupted one, and N processes draw the s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -179,11 +181,14 @@ def step_erasures(step: int, *, seed: int, batch_size: int, p: float) -> torch.T
     return torch.rand(batch_size, generator=seeded_generator(seed, STREAM_ERASE, step)) < p
 
 
-def step_inplane_cuts(step: int, *, seed: int, batch_size: int, p: float) -> torch.Tensor:
+def step_inplane_cuts(
+    step: int, *, seed: int, batch_size: int, p: float, weights: Sequence[float] | None = None
+) -> torch.Tensor:
     """The global batch's in-plane cuts ``(B, 7)`` of one step (see :func:`volgen.data.apply_inplane_cuts`).
 
     Each sample is cut with probability ``p``: column 0 is its kind (half-plane, ellipse, erosion or band,
-    each a quarter of the cuts; -1: not cut), columns 1-6 uniforms in [0, 1) that place and size the region.
+    drawn in proportion to ``weights``, one per kind; ``None``: a quarter each; -1: not cut), columns 1-6
+    uniforms in [0, 1) that place and size the region.
     """
     from volgen.data import CUT_KINDS
 
@@ -191,9 +196,10 @@ def step_inplane_cuts(step: int, *, seed: int, batch_size: int, p: float) -> tor
     cuts[:, 0] = -1
     if p <= 0:
         return cuts
+    weights = torch.ones(CUT_KINDS) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
     gen = seeded_generator(seed, STREAM_INPLANE, step)
     chosen = torch.rand(batch_size, generator=gen) < p
-    kinds = torch.randint(0, CUT_KINDS, (batch_size,), generator=gen).float()
+    kinds = torch.multinomial(weights, batch_size, replacement=True, generator=gen).float()
     cuts[:, 0] = torch.where(chosen, kinds, cuts[:, 0])
     cuts[:, 1:] = torch.rand(batch_size, 6, generator=gen)
     return cuts
