@@ -239,3 +239,26 @@ def test_random_crop_takes_image_and_context_together():
         random_crop({"image": image, "context": context}, 16, seed=s)["image"][0, 0, 0] for s in range(8)
     }
     assert len({float(c) for c in corners}) > 1  # positions vary with the seed
+
+
+def test_scale_augmentation_adds_each_case_at_larger_pixels(tmp_path):
+    """``data.pixel_spacing_scales``: every case also at ``pixel_spacing × factor``, its anatomy smaller in
+    pixels by that factor; a fitted frame refuses it in one line."""
+    from volgen.training import TrainConfig
+    from volgen.training.dataset import prepare_training_data
+
+    make_case(tmp_path / "data", "case0", seed=0, size=(30, 26, 9))
+    (tmp_path / "labels.yaml").write_text(LABELS_YAML, encoding="utf-8")
+    native = {"frame": "native", "pixel_spacing": PIXEL}
+    plain = prepare_training_data(TrainConfig.from_yaml(write_config(tmp_path, output_dir="a", data=native)))
+    scaled = prepare_training_data(
+        TrainConfig.from_yaml(
+            write_config(tmp_path, output_dir="b", data={**native, "pixel_spacing_scales": [1.0, 2.0]})
+        )
+    )
+    assert len(scaled.volumes) == 2 * len(plain.volumes) and scaled.cases == plain.cases == ["case0"]
+    assert torch.equal(scaled.volumes[0].labels, plain.volumes[0].labels)
+    anatomy = [int((v.labels > 0).sum()) for v in scaled.volumes]
+    assert anatomy[1] == pytest.approx(anatomy[0] / 4, rel=0.25)  # half the size along both in-plane axes
+    with pytest.raises(Exception, match="pixel_spacing_scales needs data.frame: native"):
+        TrainConfig.from_yaml(write_config(tmp_path, output_dir="c", data={"pixel_spacing_scales": [1.0, 2.0]}))

@@ -81,6 +81,10 @@ class DataConfig(StrictModel):
     frame: Literal["fitted", "native"] = "fitted"
     #: In-plane pixel (mm) of a ``native`` model, e.g. the training images' own spacing.
     pixel_spacing: float | None = Field(None, gt=0.0, le=100.0)
+    #: Scale augmentation of a ``native`` model: every case is also prepared at ``pixel_spacing`` times each
+    #: of these factors in-plane (its slices count once per factor), so anatomy smaller than the training
+    #: subject's (a factor 1.6: 1/1.6 its size in pixels) is seen at the generation pixel. Default ``[1.0]``.
+    pixel_spacing_scales: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
 
     @field_validator("inplane_cut_kinds")
     @classmethod
@@ -112,6 +116,10 @@ class DataConfig(StrictModel):
             raise ValueError("data.ct_window must be [low, high] with high > low")
         if (self.frame == "native") != (self.pixel_spacing is not None):
             raise ValueError("data.frame native needs data.pixel_spacing (mm); only a native frame takes it")
+        if self.pixel_spacing_scales != [1.0] and (
+            self.frame != "native" or any(not 0.25 <= f <= 4.0 for f in self.pixel_spacing_scales)
+        ):
+            raise ValueError("data.pixel_spacing_scales needs data.frame: native, factors in [0.25, 4]")
         if self.frame == "native" and len(self.slice_axes) > 1:
             raise ValueError("data.frame: native trains along data.slice_axis only (no data.slice_axes)")
         axes = self.slice_axes

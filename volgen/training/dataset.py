@@ -66,20 +66,22 @@ def prepare_training_data(config: TrainConfig) -> TrainingData:
         return TrainingData(
             volumes, label_map, intensity, description, axes=axes, cases=[c.case for c in cases]
         )
+    scales = data.pixel_spacing_scales if data.pixel_spacing is not None else [1.0]
     for case in cases:
-        volume = prepare_case(
-            case,
-            label_map=label_map,
-            intensity=provisional,
-            slice_size=slice_size,
-            slice_axis=data.slice_axis,
-            unknown_labels=data.unknown_labels,
-            pixel_spacing=data.pixel_spacing,
-            multiple=2 ** (len(config.model.unet_config().block_out_channels) - 1),
-        )
-        if not bool((volume.labels > 0).any()):
-            logger.warning("case %s has no foreground in label map '%s'", case.case, label_map.name)
-        volumes.append(with_empty_slices(volume, data.empty_slices))
+        for scale in scales:
+            volume = prepare_case(
+                case,
+                label_map=label_map,
+                intensity=provisional,
+                slice_size=slice_size,
+                slice_axis=data.slice_axis,
+                unknown_labels=data.unknown_labels,
+                pixel_spacing=None if data.pixel_spacing is None else data.pixel_spacing * scale,
+                multiple=2 ** (len(config.model.unet_config().block_out_channels) - 1),
+            )
+            if not bool((volume.labels > 0).any()):
+                logger.warning("case %s has no foreground in label map '%s'", case.case, label_map.name)
+            volumes.append(with_empty_slices(volume, data.empty_slices))
     intensity = data.intensity_mapping([v.window for v in volumes])
     names = ", ".join(c.case for c in cases[:5]) + (" ..." if len(cases) > 5 else "")
     description = f"{len(cases)} case(s) from {data.source} ({names})"

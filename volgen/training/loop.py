@@ -429,6 +429,7 @@ def _export(run: _Run, step: int, final_loss: float) -> Path:
             "edge_cut_p": config.data.edge_cut_p,
             "inplane_cut_p": config.data.inplane_cut_p,
             "inplane_cut_kinds": dict(config.data.inplane_cut_kinds),
+            "pixel_spacing_scales": list(config.data.pixel_spacing_scales),
             "erase_classes": list(config.data.erase_classes),
             "erase_p": config.data.erase_p,
             "cases": list(run.data.cases or []),  # every case id (trained_on names the first five)
