@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="the generator (a folder or an embedded model's name; default: the embedded default)",
     )
+    p.add_argument("--steps", type=int, default=None, help="generation steps (default: volgen's)")
     p.add_argument("--data", type=Path, default=ROOT / "data" / "colin27")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "downstream")
     args = p.parse_args(argv)
@@ -137,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     options = DownstreamOptions(
         seeds=args.seeds,
         multiples=tuple(int(k) for k in args.synthetic_multiples.split(",")),
-        settings=GenerateSettings(),
+        settings=GenerateSettings()
+        if args.steps is None
+        else GenerateSettings(num_inference_steps=args.steps),
         steps=args.segmenter_steps,
         batch_size=args.segmenter_batch_size,
         learning_rate=args.learning_rate,
@@ -146,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         model=None if args.model is None else resolve_model(args.model),
     )
     model = "" if args.model is None else f" --model {args.model}"
+    model += "" if args.steps is None else f" --steps {args.steps}"
     command = (
         f"volgen evaluate-downstream {folder / 'train'} {out} --test {folder / 'test'} --seeds {args.seeds} "
         f"--synthetic-multiples {args.synthetic_multiples} --segmenter-steps {args.segmenter_steps} "

@@ -75,6 +75,7 @@ def generate_all(args: argparse.Namespace) -> list[dict]:
                 fine_noise_correlation=fine,
                 x0_smoothing=sigma,
                 num_inference_steps=args.steps,
+                scheduler=args.scheduler,
                 guidance_scale=w,
             )
             started = time.perf_counter()
@@ -109,6 +110,7 @@ def main() -> None:
     parser.add_argument("--x0-smoothing", type=float, nargs="+", default=[0.0, 1.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--scheduler", choices=defaults.SCHEDULERS, default=defaults.SCHEDULER)
     parser.add_argument(
         "--guidance-scale",
         type=float,
@@ -163,7 +165,7 @@ def score_all(args: argparse.Namespace, rows: list[dict], reference: str) -> dic
     where = f"at its own {spacing} mm" if reference == "native" else "through the model's slicing frame"
     print(
         f"\nagainst the real T1 {where}: segmenter on the real image: mean Dice {ceiling:.3f}; "
-        f"{args.steps} steps, DPM-Solver++\n"
+        f"{args.steps} steps, {args.scheduler}\n"
     )
     print(table(groups))
     return {"segmenter_on_real": ceiling, "rows": scored}
