@@ -88,6 +88,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # preset's size (the same UNet work per step as the 64 px frame), generating whole 1 mm slices
     "native": {"data": {"frame": "native", "pixel_spacing": 1.0}},
     "native-2mm": {"data": {"frame": "native", "pixel_spacing": 2.0}},  # 1 mm slices cost ~5x more on a CPU
+    # with scale augmentation: each case also at 2.6 and 3.4 mm pixels (anatomy 1/1.3 and 1/1.7 the size)
+    "native-2mm-scales": {
+        "data": {"frame": "native", "pixel_spacing": 2.0, "pixel_spacing_scales": [1.0, 1.0, 1.3, 1.7]}
+    },
 }
 DEFAULT_VARIANTS = (
     "recipe",

@@ -65,11 +65,13 @@ from heldout_slab import ANATOMY_FRACTION, ANATOMY_LEVEL, CLASSES, background_er
 
 #: ``defaults``: today's training defaults; ``no-inplane-cuts``: the same without in-plane cuts (the defaults
 #: before them); ``inplane-cuts-0.25``: half the default share of them; ``old-defaults``: the training
-#: defaults before they carried the recipe (volgen.training.config.RECIPE_*); ``band-heavy``: half the in-plane
-#: cuts are bands (masks that split), against a quarter by default.
+#: defaults before they carried the recipe (volgen.training.config.RECIPE_*); ``band-heavy``: half the
+#: in-plane cuts are bands (masks that split; the default since it was measured); ``kinds-equal``: a quarter
+#: each (the default before).
 VARIANTS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "band-heavy": {"data": {"inplane_cut_kinds": {"half_plane": 1, "ellipse": 1, "erosion": 1, "band": 3}}},
+    "kinds-equal": {"data": {"inplane_cut_kinds": {"half_plane": 1, "ellipse": 1, "erosion": 1, "band": 1}}},
     "no-inplane-cuts": {"data": {"inplane_cut_p": 0.0}},
     "inplane-cuts-0.25": {"data": {"inplane_cut_p": 0.25}},
     "old-defaults": {
@@ -284,7 +286,10 @@ def run_variant(name: str, args: argparse.Namespace, paths: dict[str, Path], sco
         "variant": name,
         "overrides": VARIANTS[name],
         "model": str(model_dir),
-        "training": {k: training.get(k) for k in ("empty_slices", "edge_cut_p", "inplane_cut_p", "inplane_cut_kinds", "erase_p")},
+        "training": {
+            k: training.get(k)
+            for k in ("empty_slices", "edge_cut_p", "inplane_cut_p", "inplane_cut_kinds", "erase_p")
+        },
         "steps": training.get("steps"),
         "stopped_early": stopped_early,
         "train_seconds": round(train_seconds, 1),

@@ -261,4 +261,6 @@ def test_scale_augmentation_adds_each_case_at_larger_pixels(tmp_path):
     anatomy = [int((v.labels > 0).sum()) for v in scaled.volumes]
     assert anatomy[1] == pytest.approx(anatomy[0] / 4, rel=0.25)  # half the size along both in-plane axes
     with pytest.raises(Exception, match="pixel_spacing_scales needs data.frame: native"):
-        TrainConfig.from_yaml(write_config(tmp_path, output_dir="c", data={"pixel_spacing_scales": [1.0, 2.0]}))
+        TrainConfig.from_yaml(
+            write_config(tmp_path, output_dir="c", data={"pixel_spacing_scales": [1.0, 2.0]})
+        )

@@ -566,7 +566,9 @@ def test_inplane_cuts_are_drawn_per_step_and_reach_training(workdir, monkeypatch
     bands = step_inplane_cuts(3, seed=0, batch_size=64, p=1.0, weights=[0.0, 0.0, 0.0, 1.0])[:, 0]
     assert torch.all(bands == 3)  # a kind's weight is how often it is drawn; weight 0: never
     with pytest.raises(Exception, match="data.inplane_cut_kinds: unknown kind 'stripe'"):
-        TrainConfig.from_yaml(write_config(workdir, output_dir="k", data={"inplane_cut_kinds": {"stripe": 1}}))
+        TrainConfig.from_yaml(
+            write_config(workdir, output_dir="k", data={"inplane_cut_kinds": {"stripe": 1}})
+        )
 
     foreground = []
     for p in (0.0, 1.0):
@@ -641,7 +643,7 @@ def test_a_minimal_config_gets_the_measured_recipe_and_explicit_values_win(tmp_p
     assert config.data.empty_slices == 4
     assert config.data.edge_cut_p == 0.1
     assert config.data.inplane_cut_p == 0.5
-    assert config.data.inplane_cut_weights() == [1.0, 1.0, 1.0, 1.0]
+    assert config.data.inplane_cut_weights() == [1.0, 1.0, 1.0, 3.0]  # half the cuts are bands
     assert config.model.unet_config().dropout == 0.1
     assert config.data.erase_classes == [] and config.data.erase_p == 0.0  # per dataset, never by default
     # the embedded model's config spells the same recipe out (it is the example of enclosing-class erasure)
