@@ -413,6 +413,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("volgen.training").setLevel(logging.INFO)  # training progress: its loss lines
     args.work = args.work or args.out / "work"
     paths = prepare_split(args.data, args.work, tuple(args.slab), args.empty)
     names = [args.variant] if args.variant else args.variants

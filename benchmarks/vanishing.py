@@ -370,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "vanishing")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("volgen.training").setLevel(logging.INFO)  # training progress: its loss lines
     from volgen.models import UNetConfig
 
     paths = prepare_split(args.data, args.out / "work", args.cut)
