@@ -66,9 +66,8 @@ def prepare_training_data(config: TrainConfig) -> TrainingData:
         return TrainingData(
             volumes, label_map, intensity, description, axes=axes, cases=[c.case for c in cases]
         )
-    scales = data.pixel_spacing_scales if data.pixel_spacing is not None else [1.0]
     for case in cases:
-        for scale in scales:
+        for scale in data.pixel_spacing_scales:  # [1.0] unless a native model asks for scale augmentation
             volume = prepare_case(
                 case,
                 label_map=label_map,
