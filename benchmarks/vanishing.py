@@ -67,13 +67,14 @@ from heldout_slab import ANATOMY_FRACTION, ANATOMY_LEVEL, CLASSES, background_er
 #: before them); ``inplane-cuts-0.25``: half the default share of them; ``old-defaults``: the training
 #: defaults before they carried the recipe (volgen.training.config.RECIPE_*); ``band-heavy``: half the
 #: in-plane cuts are bands (masks that split; the default since it was measured); ``kinds-equal``: a quarter
-#: each (the default before).
+#: each (the default before); ``inplane-cuts-0.75``: three samples in four cut (the default kinds).
 VARIANTS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "band-heavy": {"data": {"inplane_cut_kinds": {"half_plane": 1, "ellipse": 1, "erosion": 1, "band": 3}}},
     "kinds-equal": {"data": {"inplane_cut_kinds": {"half_plane": 1, "ellipse": 1, "erosion": 1, "band": 1}}},
     "no-inplane-cuts": {"data": {"inplane_cut_p": 0.0}},
     "inplane-cuts-0.25": {"data": {"inplane_cut_p": 0.25}},
+    "inplane-cuts-0.75": {"data": {"inplane_cut_p": 0.75}},
     "old-defaults": {
         "data": {"empty_slices": 0, "edge_cut_p": 0.0, "inplane_cut_p": 0.0},
         "model": {"dropout": None},
