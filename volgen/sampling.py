@@ -7,13 +7,15 @@ says which axis each step slices along, and a :class:`StackFrame` reslices the s
 
 Per step the network runs over the slices of every volume in chunks (:meth:`volgen.denoiser.Denoiser.predict`)
 and ``scheduler.step`` runs once per volume on the whole volume: multistep schedulers keep one history and
-stochastic ones draw one noise tensor per volume, so the result does not depend on the chunk size, and on the
-CPU each volume of a stack is bitwise the one a run for it alone gives.
+stochastic ones draw one noise tensor per volume (the SDE DPM-Solver's correlated between slices like the
+initial noise; DDPM's step draws its own, independent per slice), so the result does not depend on the chunk
+size, and on the CPU each volume of a stack is bitwise the one a run for it alone gives.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -322,8 +324,18 @@ def denoise(
         ):
             if plan.x0_smoothing > 0:
                 eps = smooth_x0(eps, view, t, plan.x0_smoothing, sched)
-            xs[k] = scheduler_step(sched, frame.back(eps, axis), t, xs[k], gen)
+            noise = functools.partial(_step_noise, plan, xs[k], gen)
+            xs[k] = scheduler_step(sched, frame.back(eps, axis), t, xs[k], gen, noise)
     return [frame.volume(x[:, 0].float().clamp(-1.0, 1.0)).cpu() for x in xs]
+
+
+def _step_noise(plan: SamplingPlan, sample: Tensor, generator: torch.Generator) -> Tensor:
+    """A stochastic sampler's fresh noise for one step, correlated between the slices like the initial noise
+    (independent per slice, SDE DPM-Solver's own noise flickers along the slice axis)."""
+    noise = correlated_noise(
+        sample.shape, plan.noise_correlation, generator, fine_rho=plan.fine_noise_correlation
+    )
+    return noise.to(device=sample.device, dtype=sample.dtype)
 
 
 def _predict(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -89,12 +90,33 @@ def _step_takes_generator(scheduler_class: type) -> bool:
     return "generator" in inspect.signature(scheduler_class.step).parameters
 
 
-def scheduler_step(scheduler: Any, model_output: Tensor, t: Tensor, sample: Tensor, generator: Any) -> Tensor:
+def draws_step_noise(scheduler: Any) -> bool:
+    """Whether each ``step`` adds fresh noise that can be given to it (``variance_noise``): the SDE
+    DPM-Solvers. DDPM adds noise too, but its ``step`` draws it itself; DDIM (η = 0) and the ODE solvers add
+    none."""
+    algorithm = str(getattr(scheduler.config, "algorithm_type", ""))
+    takes = "variance_noise" in inspect.signature(type(scheduler).step).parameters
+    return takes and algorithm.startswith("sde-")
+
+
+def scheduler_step(
+    scheduler: Any,
+    model_output: Tensor,
+    t: Tensor,
+    sample: Tensor,
+    generator: Any,
+    noise: Callable[[], Tensor] | None = None,
+) -> Tensor:
     """One ``scheduler.step``; the generator goes to the samplers that draw noise (DDPM, SDE solvers) and is
-    left out for deterministic ones whose ``step`` takes none (UniPC, DEIS)."""
+    left out for deterministic ones whose ``step`` takes none (UniPC, DEIS). ``noise`` (called only for a
+    sampler that :func:`draws_step_noise`) makes the step's fresh noise, shaped like ``sample``: the sampling
+    loop correlates it between slices as it does the initial noise."""
+    kwargs: dict[str, Any] = {}
     if _step_takes_generator(type(scheduler)):
-        return scheduler.step(model_output, t, sample, generator=generator).prev_sample
-    return scheduler.step(model_output, t, sample).prev_sample
+        kwargs["generator"] = generator
+    if noise is not None and draws_step_noise(scheduler):
+        kwargs["variance_noise"] = noise()
+    return scheduler.step(model_output, t, sample, **kwargs).prev_sample
 
 
 def _zero_snr_betas(config: dict) -> list[float]:
