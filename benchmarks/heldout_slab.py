@@ -92,6 +92,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "native-2mm-scales": {
         "data": {"frame": "native", "pixel_spacing": 2.0, "pixel_spacing_scales": [1.0, 1.0, 1.3, 1.7]}
     },
+    # milder: 2.3 and 2.6 mm (anatomy 1/1.15 and 1/1.3); in-plane cut kinds a quarter each, as the two above
+    "native-2mm-mild": {
+        "data": {
+            "frame": "native",
+            "pixel_spacing": 2.0,
+            "pixel_spacing_scales": [1.0, 1.0, 1.15, 1.3],
+            "inplane_cut_kinds": {"half_plane": 1, "ellipse": 1, "erosion": 1, "band": 1},
+        }
+    },
 }
 DEFAULT_VARIANTS = (
     "recipe",
