@@ -24,7 +24,8 @@ it is then asked to generate exactly that part from its labels.
    without in-plane cuts, ``data.inplane_cut_p: 0``), ``inplane-cuts-0.25`` (half the default share) and
    ``old-defaults`` (the training defaults before they carried the measured recipe: no air slices, no edge
    cuts, no in-plane cuts, no dropout).
-3. Generates each case for ``--seeds`` seeds at the generation defaults and scores every seed:
+3. Generates each case for ``--seeds`` seeds at the generation defaults (or another ``--guidance-scale``) and
+   scores every seed:
 
    - faithfulness: mean Dice over the tissue classes of a fixed segmenter (nearest class median, fitted on
      the real training slices at 1 mm) on the generated part against its mask; the same segmenter on the
@@ -270,12 +271,12 @@ def run_variant(name: str, args: argparse.Namespace, paths: dict[str, Path], sco
     for scorer in scorers:
         seeds = []
         for seed in range(args.seeds):
-            out = work / scorer.case / f"seed-{seed}.nii.gz"
+            folder = scorer.case if args.guidance_scale is None else f"{scorer.case}-w{args.guidance_scale:g}"
+            out = work / folder / f"seed-{seed}.nii.gz"
             if not out.exists():
                 out.parent.mkdir(parents=True, exist_ok=True)
-                generate(
-                    scorer.seg_path, out, model=model_dir, loaded=loaded, settings=GenerateSettings(seed=seed)
-                )
+                settings = GenerateSettings(seed=seed, guidance_scale=args.guidance_scale)
+                generate(scorer.seg_path, out, model=model_dir, loaded=loaded, settings=settings)
             generated = sitk.GetArrayFromImage(read_image(out)).astype(np.float32)
             seeds.append({"seed": seed, **scorer.score(generated)})
             print(
@@ -284,7 +285,7 @@ def run_variant(name: str, args: argparse.Namespace, paths: dict[str, Path], sco
         cases[scorer.case] = seeds
     training = read_metadata(model_dir).training or {}
     return {
-        "variant": name,
+        "variant": name if args.guidance_scale is None else f"{name}, guidance {args.guidance_scale:g}",
         "overrides": VARIANTS[name],
         "model": str(model_dir),
         "training": {
@@ -358,6 +359,12 @@ def main(argv: list[str] | None = None) -> int:
         "fitted frame",
     )
     p.add_argument("--seeds", type=int, default=8)
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="generate at this classifier-free guidance instead of the default (outputs in CASE-wW folders)",
+    )
     p.add_argument("--cut", type=int, default=130, help="first held-out axial slice")
     p.add_argument("--max-minutes", type=float, default=None, help="time cap per training (safety)")
     p.add_argument(
