@@ -47,6 +47,9 @@ def model_card(meta, unet_config=None) -> str:
         edges.append(f"edge cuts p = {meta.training['edge_cut_p']}")
     if meta.training.get("inplane_cut_p"):
         edges.append(f"in-plane cuts p = {meta.training['inplane_cut_p']}")
+    scales = meta.training.get("pixel_spacing_scales") or [1.0]
+    if scales != [1.0]:
+        edges.append("scale augmentation: pixel spacing x " + ", ".join(f"{f:g}" for f in scales))
     if meta.training.get("erase_p"):
         erased = ", ".join(meta.training.get("erase_classes", []))
         edges.append(f"{erased} erased from image and mask p = {meta.training['erase_p']}")
