@@ -68,7 +68,9 @@ from heldout_slab import ANATOMY_FRACTION, ANATOMY_LEVEL, CLASSES, background_er
 #: before them); ``inplane-cuts-0.25``: half the default share of them; ``old-defaults``: the training
 #: defaults before they carried the recipe (volgen.training.config.RECIPE_*); ``band-heavy``: half the
 #: in-plane cuts are bands (masks that split; the default since it was measured); ``kinds-equal``: a quarter
-#: each (the default before); ``inplane-cuts-0.75``: three samples in four cut (the default kinds).
+#: each (the default before); ``inplane-cuts-0.75``: three samples in four cut (the default kinds);
+#: ``band-9``: three in four in-plane cuts are bands (as many bands as ``inplane-cuts-0.75``, as many whole
+#: samples as the default).
 VARIANTS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "band-heavy": {"data": {"inplane_cut_kinds": {"half_plane": 1, "ellipse": 1, "erosion": 1, "band": 3}}},
@@ -76,6 +78,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no-inplane-cuts": {"data": {"inplane_cut_p": 0.0}},
     "inplane-cuts-0.25": {"data": {"inplane_cut_p": 0.25}},
     "inplane-cuts-0.75": {"data": {"inplane_cut_p": 0.75}},
+    "band-9": {"data": {"inplane_cut_kinds": {"half_plane": 1, "ellipse": 1, "erosion": 1, "band": 9}}},
     "old-defaults": {
         "data": {"empty_slices": 0, "edge_cut_p": 0.0, "inplane_cut_p": 0.0},
         "model": {"dropout": None},
