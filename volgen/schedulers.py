@@ -86,8 +86,8 @@ def make_scheduler(name: str, config: dict):
 
 
 @functools.cache
-def _step_takes_generator(scheduler_class: type) -> bool:
-    return "generator" in inspect.signature(scheduler_class.step).parameters
+def _step_takes(scheduler_class: type, argument: str) -> bool:
+    return argument in inspect.signature(scheduler_class.step).parameters
 
 
 def draws_step_noise(scheduler: Any) -> bool:
@@ -95,8 +95,7 @@ def draws_step_noise(scheduler: Any) -> bool:
     DPM-Solvers. DDPM adds noise too, but its ``step`` draws it itself; DDIM (η = 0) and the ODE solvers add
     none."""
     algorithm = str(getattr(scheduler.config, "algorithm_type", ""))
-    takes = "variance_noise" in inspect.signature(type(scheduler).step).parameters
-    return takes and algorithm.startswith("sde-")
+    return _step_takes(type(scheduler), "variance_noise") and algorithm.startswith("sde-")
 
 
 def scheduler_step(
@@ -112,7 +111,7 @@ def scheduler_step(
     sampler that :func:`draws_step_noise`) makes the step's fresh noise, shaped like ``sample``: the sampling
     loop correlates it between slices as it does the initial noise."""
     kwargs: dict[str, Any] = {}
-    if _step_takes_generator(type(scheduler)):
+    if _step_takes(type(scheduler), "generator"):
         kwargs["generator"] = generator
     if noise is not None and draws_step_noise(scheduler):
         kwargs["variance_noise"] = noise()
