@@ -271,11 +271,11 @@ def run_variant(name: str, args: argparse.Namespace, paths: dict[str, Path], sco
     train_seconds = time.monotonic() - started
     loaded = load_model(model_dir)
     cases = {}
+    suffix = "" if args.guidance_scale is None else f"-w{args.guidance_scale:g}"
     for scorer in scorers:
         seeds = []
         for seed in range(args.seeds):
-            folder = scorer.case if args.guidance_scale is None else f"{scorer.case}-w{args.guidance_scale:g}"
-            out = work / folder / f"seed-{seed}.nii.gz"
+            out = work / f"{scorer.case}{suffix}" / f"seed-{seed}.nii.gz"
             if not out.exists():
                 out.parent.mkdir(parents=True, exist_ok=True)
                 settings = GenerateSettings(seed=seed, guidance_scale=args.guidance_scale)
