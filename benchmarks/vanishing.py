@@ -70,7 +70,8 @@ from heldout_slab import ANATOMY_FRACTION, ANATOMY_LEVEL, CLASSES, background_er
 #: in-plane cuts are bands (masks that split; the default since it was measured); ``kinds-equal``: a quarter
 #: each (the default before); ``inplane-cuts-0.75``: three samples in four cut (the default kinds);
 #: ``band-9``: three in four in-plane cuts are bands (as many bands as ``inplane-cuts-0.75``, as many whole
-#: samples as the default).
+#: samples as the default); ``full-mask-0.5``: half the samples spared from mask ablation (every class kept,
+#: as in a generation from a whole mask); ``full-mask-0.5-cuts-0.75``: that with ``inplane-cuts-0.75``.
 VARIANTS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "band-heavy": {"data": {"inplane_cut_kinds": {"half_plane": 1, "ellipse": 1, "erosion": 1, "band": 3}}},
@@ -79,6 +80,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "inplane-cuts-0.25": {"data": {"inplane_cut_p": 0.25}},
     "inplane-cuts-0.75": {"data": {"inplane_cut_p": 0.75}},
     "band-9": {"data": {"inplane_cut_kinds": {"half_plane": 1, "ellipse": 1, "erosion": 1, "band": 9}}},
+    "full-mask-0.5": {"training": {"full_mask_p": 0.5}},
+    "full-mask-0.5-cuts-0.75": {"training": {"full_mask_p": 0.5}, "data": {"inplane_cut_p": 0.75}},
     "old-defaults": {
         "data": {"empty_slices": 0, "edge_cut_p": 0.0, "inplane_cut_p": 0.0},
         "model": {"dropout": None},

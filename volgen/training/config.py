@@ -207,6 +207,10 @@ class TrainingSection(StrictModel):
     grad_clip: float | None = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     ablation_p: float = Field(0.5, ge=0, le=1)
+    #: Share of samples spared from mask ablation: every class kept and flagged specified, as when a whole
+    #: mask is generated. Otherwise almost no sample is whole (each class goes with ``ablation_p``), and
+    #: background inside the anatomy usually means an ablated class, i.e. tissue.
+    full_mask_p: float = Field(0.0, ge=0, le=1)
     #: Offset noise (Guttenberg 2023): this much per-sample constant noise added to the Gaussian noise.
     offset_noise: float = Field(0.0, ge=0, le=1)
     #: Min-SNR-γ loss weighting (Hang et al. 2023); ``None`` weighs every timestep equally.
@@ -280,6 +284,7 @@ def resume_relevant(config: TrainConfig) -> dict[str, Any]:
             "grad_clip",
             "ema_decay",
             "ablation_p",
+            "full_mask_p",
             "offset_noise",
             "snr_gamma",
             "seed",

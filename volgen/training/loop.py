@@ -319,6 +319,7 @@ def _step(run: _Run, batch: dict[str, torch.Tensor], step: int) -> tuple[float, 
         num_classes=num_classes,
         ablation_p=cfg.ablation_p,
         offset_noise=cfg.offset_noise,
+        full_mask_p=cfg.full_mask_p,
     )
     cuts = step_edge_cuts(
         step,
@@ -420,6 +421,7 @@ def _export(run: _Run, step: int, final_loss: float) -> Path:
             "batch_size": cfg.batch_size,
             "learning_rate": cfg.learning_rate,
             "ablation_p": cfg.ablation_p,
+            "full_mask_p": cfg.full_mask_p,
             "prediction_type": config.model.prediction_type,
             "zero_terminal_snr": config.model.zero_terminal_snr,
             "offset_noise": cfg.offset_noise,

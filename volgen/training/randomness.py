@@ -22,6 +22,7 @@ STREAM_EDGE = 4
 STREAM_DROPOUT = 5
 STREAM_ERASE = 6
 STREAM_INPLANE = 7
+STREAM_FULL_MASK = 8
 
 
 def step_seed(seed: int, stream: int, step: int, *more: int) -> int:
@@ -130,10 +131,14 @@ def step_noise(
     num_classes: int,
     ablation_p: float,
     offset_noise: float = 0.0,
+    full_mask_p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The global batch's noise ``(B, *shape)``, timesteps ``(B,)`` and ablation ``(B, C)`` of one step.
 
     ``offset_noise > 0`` adds a per-sample, per-channel constant ``offset_noise * N(0, 1)`` to the noise.
+    ``full_mask_p > 0`` spares that share of the samples from ablation (every class kept and flagged
+    specified, as in a generation from a whole mask), drawn from a stream of its own so that runs without it
+    are unchanged.
     """
     from volgen.conditioning import draw_ablation
 
@@ -145,6 +150,9 @@ def step_noise(
     removed = draw_ablation(
         batch_size, num_classes, ablation_p, generator=seeded_generator(seed, STREAM_ABLATION, step)
     )
+    if full_mask_p > 0:
+        whole = torch.rand(batch_size, generator=seeded_generator(seed, STREAM_FULL_MASK, step)) < full_mask_p
+        removed[whole] = False
     return noise, timesteps, removed
 
 
