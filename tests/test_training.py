@@ -433,6 +433,28 @@ def test_ablated_classes_reach_the_unet_as_unspecified_flags(workdir, monkeypatc
         assert float(masks[unspecified][:, c::2].abs().sum()) == 0.0  # an unspecified class is never drawn
 
 
+def test_full_mask_p_spares_that_share_of_samples_from_ablation(workdir, monkeypatch):
+    """With every class ablated (p = 1), ``training.full_mask_p`` keeps some samples whole: all their classes
+    flagged specified and drawn, as in a generation from a whole mask; without it no sample is whole."""
+    from volgen.training import TrainConfig, train
+
+    specified = {}
+    for p in (0.0, 0.5):
+        seen = record_unet_inputs(monkeypatch)
+        path = write_config(
+            workdir, output_dir=f"whole-{p}", max_steps=4, preview_every=0, ablation_p=1.0, full_mask_p=p
+        )
+        train(TrainConfig.from_yaml(path))
+        inputs = torch.cat([x for x in seen if x.requires_grad is False and x.shape[0] == 4][:4])
+        flags = inputs[:, 7:, 0, 0]
+        assert torch.all(flags == flags[:, :1])  # a sample is either whole or has lost every class
+        specified[p] = flags[:, 0] == 1
+        masks = inputs[:, 1:7]
+        assert float(masks[~specified[p]].abs().sum()) == 0.0
+    assert not specified[0.0].any()
+    assert 0 < int(specified[0.5].sum()) < len(specified[0.5])
+
+
 def test_learning_rate_is_a_function_of_the_step_matching_diffusers_cosine_with_warmup():
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
@@ -645,6 +667,7 @@ def test_a_minimal_config_gets_the_measured_recipe_and_explicit_values_win(tmp_p
     assert config.data.inplane_cut_p == 0.5
     assert config.data.inplane_cut_weights() == [1.0, 1.0, 1.0, 3.0]  # half the cuts are bands
     assert config.model.unet_config().dropout == 0.1
+    assert config.training.full_mask_p == 0.0
     assert config.data.erase_classes == [] and config.data.erase_p == 0.0  # per dataset, never by default
     # the embedded model's config spells the same recipe out (it is the example of enclosing-class erasure)
     shipped = yaml.safe_load((Path(__file__).parents[1] / "configs/train/colin27-small.yaml").read_text())
