@@ -21,7 +21,7 @@
 4. Scores each volume against the real slab passed through the same frame (single-axis frame, or the isotropic
    cube frame for multi-axis sampling): faithfulness (intensity segmenter, nearest class median, fitted on the
    training slices' real image; mean and worst seed), background error, per-plane metrics
-   (volgen.evaluation.planes) with the seeds whose neighbour-difference ratio is in [0.85, 1.2] and whose
+   (volgen.evaluation.planes) with the seeds whose neighbour-difference ratio is in [0.8, 1.25] and whose
    texture-correlation ratio is in [0.8, 1.25] along every axis, each counted alone and together.
 
 Writes at most 4 files to ``--out``: ``results.json``, ``table.md``, ``planes.png`` (seed 0 of every setting
