@@ -101,6 +101,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
             "inplane_cut_kinds": {"half_plane": 1, "ellipse": 1, "erosion": 1, "band": 1},
         }
     },
+    # the same, half the samples spared from mask ablation (training.full_mask_p)
+    "native-2mm-mild-full-mask": {
+        "data": {
+            "frame": "native",
+            "pixel_spacing": 2.0,
+            "pixel_spacing_scales": [1.0, 1.0, 1.15, 1.3],
+            "inplane_cut_kinds": {"half_plane": 1, "ellipse": 1, "erosion": 1, "band": 1},
+        },
+        "training": {"full_mask_p": 0.5},
+    },
 }
 DEFAULT_VARIANTS = (
     "recipe",
