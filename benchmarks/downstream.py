@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the generator (a folder or an embedded model's name; default: the embedded default)",
     )
     p.add_argument("--steps", type=int, default=None, help="generation steps (default: volgen's)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="generation guidance (default: volgen's)")
     p.add_argument("--data", type=Path, default=ROOT / "data" / "colin27")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "downstream")
     args = p.parse_args(argv)
@@ -138,9 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     options = DownstreamOptions(
         seeds=args.seeds,
         multiples=tuple(int(k) for k in args.synthetic_multiples.split(",")),
-        settings=GenerateSettings()
-        if args.steps is None
-        else GenerateSettings(num_inference_steps=args.steps),
+        settings=GenerateSettings(
+            **({} if args.steps is None else {"num_inference_steps": args.steps}),
+            **({} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}),
+        ),
         steps=args.segmenter_steps,
         batch_size=args.segmenter_batch_size,
         learning_rate=args.learning_rate,
@@ -150,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     model = "" if args.model is None else f" --model {args.model}"
     model += "" if args.steps is None else f" --steps {args.steps}"
+    model += "" if args.guidance_scale is None else f" --guidance-scale {args.guidance_scale:g}"
     command = (
         f"volgen evaluate-downstream {folder / 'train'} {out} --test {folder / 'test'} --seeds {args.seeds} "
         f"--synthetic-multiples {args.synthetic_multiples} --segmenter-steps {args.segmenter_steps} "
