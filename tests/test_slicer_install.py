@@ -166,6 +166,10 @@ def test_panel_defaults_are_volgens_defaults():
     slider = ui.find(".//widget[@name='noiseCorrelationSlider']")
     value = slider.find("./property[@name='value']/double").text
     assert float(value) == pytest.approx(library.noise_correlation)
+    guidance = ui.find(".//widget[@name='guidanceScaleSlider']/property[@name='value']/double").text
+    from volgen import defaults
+
+    assert float(guidance) == pytest.approx(defaults.GUIDANCE_SCALE)
 
 
 def test_extension_metadata_has_no_placeholders():

@@ -64,10 +64,12 @@ MAX_X0_SMOOTHING = 10.0
 #: Classifier-free guidance w (Ho & Salimans 2022) towards the condition, away from "nothing specified" (every
 #: class flagged unspecified, a condition mask ablation trains): ε = ε_∅ + w·(ε_c − ε_∅), two UNet passes per
 #: step. Only models with "specified" flags can be guided. In the settings ``None`` means GUIDANCE_SCALE for
-#: such a model and 1 (off, one pass) for older models, whose output stays what it was. 1.25: on held-out
-#: anatomy within 0.003 of the best w measured (1.5), with less background error, and clear of the w (1.75-2
-#: and up) that start putting structure into empty slices (benchmarks/README.md, "Dropout and guidance").
-GUIDANCE_SCALE = 1.25
+#: such a model and 1 (off, one pass) for older models, whose output stays what it was. 1.5 (was 1.25): on the
+#: embedded native model, the example's in-plane high-frequency power 0.77 -> 1.02 of the real image's, every
+#: plane's step ratio nearer 1, held-out slab faithfulness 0.525 -> 0.529, the same macaque faithfulness and
+#: downstream utility; w 2 loses 0.03 faithfulness (benchmarks/README.md, "Guidance 1.5"). From w 1.75-2
+#: structure starts to appear in empty slices (benchmarks/README.md, "Dropout and guidance").
+GUIDANCE_SCALE = 1.5
 #: The steps guidance runs on, as ``(start, stop)`` positions in the schedule (0: the noisiest step, 1: after
 #: the last): a step ``k`` of ``N`` is guided when ``start <= k / N < stop``. The other steps are one unguided
 #: UNet pass each. The last 30 %: guidance's gain in faithfulness is made in the late, low-noise steps (the

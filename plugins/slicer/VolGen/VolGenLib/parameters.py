@@ -31,7 +31,7 @@ SLICE_AXES: tuple[str, ...] = ("axial", "coronal", "sagittal")
 MAX_GUIDANCE_SCALE = 20.0
 #: The panel's guidance: volgen's default ``w`` for models with "specified" flags. At this value the panel
 #: passes no ``--guidance-scale``, so the model decides (older models without flags run unguided).
-GUIDANCE_SCALE = 1.25
+GUIDANCE_SCALE = 1.5
 #: Volumes one run generates (``volgen generate --samples``; sample k has seed + k), and the most it accepts.
 SAMPLES = 1
 MAX_SAMPLES = 10_000
