@@ -129,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         help="the generator (a folder or an embedded model's name; default: the embedded default)",
     )
     p.add_argument("--steps", type=int, default=None, help="generation steps (default: volgen's)")
-    p.add_argument("--guidance-scale", type=float, default=None, help="generation guidance (default: volgen's)")
+    p.add_argument(
+        "--guidance-scale", type=float, default=None, help="generation guidance (default: volgen's)"
+    )
     p.add_argument("--data", type=Path, default=ROOT / "data" / "colin27")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "downstream")
     args = p.parse_args(argv)

@@ -62,6 +62,13 @@ OLDER = {
     "augmentation": {"enabled": False},
     "data": {"empty_slices": 0, "edge_cut_p": 0.0},
 }
+#: The embedded model's data settings (configs/train/colin27-native.yaml) over the 64 px recipe's.
+NATIVE_2MM_MILD = {
+    "frame": "native",
+    "pixel_spacing": 2.0,
+    "pixel_spacing_scales": [1.0, 1.0, 1.15, 1.3],
+    "inplane_cut_kinds": {"half_plane": 1, "ellipse": 1, "erosion": 1, "band": 1},
+}
 #: Recipe variants (overrides of configs/train/colin27-small.yaml): each part of the recipe off in turn.
 VARIANTS: dict[str, dict[str, Any]] = {
     "recipe": {},
@@ -93,24 +100,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "data": {"frame": "native", "pixel_spacing": 2.0, "pixel_spacing_scales": [1.0, 1.0, 1.3, 1.7]}
     },
     # milder: 2.3 and 2.6 mm (anatomy 1/1.15 and 1/1.3); in-plane cut kinds a quarter each, as the two above
-    "native-2mm-mild": {
-        "data": {
-            "frame": "native",
-            "pixel_spacing": 2.0,
-            "pixel_spacing_scales": [1.0, 1.0, 1.15, 1.3],
-            "inplane_cut_kinds": {"half_plane": 1, "ellipse": 1, "erosion": 1, "band": 1},
-        }
-    },
+    "native-2mm-mild": {"data": NATIVE_2MM_MILD},
     # the same, half the samples spared from mask ablation (training.full_mask_p)
-    "native-2mm-mild-full-mask": {
-        "data": {
-            "frame": "native",
-            "pixel_spacing": 2.0,
-            "pixel_spacing_scales": [1.0, 1.0, 1.15, 1.3],
-            "inplane_cut_kinds": {"half_plane": 1, "ellipse": 1, "erosion": 1, "band": 1},
-        },
-        "training": {"full_mask_p": 0.5},
-    },
+    "native-2mm-mild-full-mask": {"data": NATIVE_2MM_MILD, "training": {"full_mask_p": 0.5}},
 }
 DEFAULT_VARIANTS = (
     "recipe",

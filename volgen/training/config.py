@@ -210,8 +210,8 @@ class TrainingSection(StrictModel):
     #: Share of samples spared from mask ablation: every class kept and flagged specified, as when a whole
     #: mask is generated. Otherwise almost no sample is whole (each class goes with ``ablation_p``), and
     #: background inside the anatomy usually means an ablated class, i.e. tissue. Default 0: at 0.5 a head
-    #: split by an air band is bridged half as much, but faithfulness falls by 0.04-0.05 (benchmarks/README.md,
-    #: "Whole masks in training").
+    #: split by an air band is bridged half as much, but faithfulness falls by 0.04-0.05
+    #: (benchmarks/README.md, "Whole masks in training").
     full_mask_p: float = Field(0.0, ge=0, le=1)
     #: Offset noise (Guttenberg 2023): this much per-sample constant noise added to the Gaussian noise.
     offset_noise: float = Field(0.0, ge=0, le=1)
