@@ -26,13 +26,18 @@ def slice_frame_round_trip(
     slice_size: int,
     slice_axis: str = "axial",
     pixel_spacing: float | None = None,
+    resampling: str = "linear",
 ) -> sitk.Image:
     """The real image through a model's slicing frame and back: what a perfect generator of that frame
     returns (the ceiling of a comparison at the model's resolution). ``pixel_spacing``: a native-resolution
-    model's frame (:class:`volgen.frames.ModelFrame`)."""
+    model's frame (:class:`volgen.frames.ModelFrame`); ``resampling``: back as ``volgen generate
+    --resampling`` brings a volume (``mask``: each voxel from its own class's frame pixels)."""
     frame = ModelFrame(slice_size, slice_axis, pixel_spacing).to_frame(labels, real)
     assert frame.image is not None
-    return resample_to_grid(frame.to_sitk(frame.image), sitk.Cast(real, sitk.sitkFloat32))
+    grid = sitk.Cast(real, sitk.sitkFloat32)
+    if resampling == "mask":
+        return frame.to_grid(frame.image, grid, classes=labels)
+    return resample_to_grid(frame.to_sitk(frame.image), grid)
 
 
 #: The "done" ranges of issue #22 (through-plane texture), per axis: neighbour-difference ratio and

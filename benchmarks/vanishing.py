@@ -214,7 +214,13 @@ class Scorer:
             None  # the real image through the model's frame (see through_frame)
         )
 
-    def through_frame(self, size: int, paths: dict[str, Path], pixel_spacing: float | None = None) -> None:
+    def through_frame(
+        self,
+        size: int,
+        paths: dict[str, Path],
+        pixel_spacing: float | None = None,
+        resampling: str = "linear",
+    ) -> None:
         """Score the real image sent through the model's ``size`` px frame (a native model's
         ``pixel_spacing`` frame) and back: what a perfect generator at the model's resolution scores (the
         in-plane blur alone costs faithfulness and adds tissue outside the mask next to its edge)."""
@@ -224,9 +230,14 @@ class Scorer:
 
         prefix = "" if self.case == "vault" else f"{self.case}-"
         real = slice_frame_round_trip(
-            read_label(self.seg_path), read_image(paths[f"{prefix}real"]), size, pixel_spacing=pixel_spacing
+            read_label(self.seg_path),
+            read_image(paths[f"{prefix}real"]),
+            size,
+            pixel_spacing=pixel_spacing,
+            resampling=resampling,
         )
         name = f"{size} px" if pixel_spacing is None else f"{pixel_spacing:g} mm native"
+        name += f", {resampling} resampling"
         scores = self.score(sitk.GetArrayFromImage(real).astype(np.float32))
         self.frame = {"size": size, "name": name, **scores}
 
@@ -275,13 +286,16 @@ def run_variant(name: str, args: argparse.Namespace, paths: dict[str, Path], sco
     loaded = load_model(model_dir)
     cases = {}
     suffix = "" if args.guidance_scale is None else f"-w{args.guidance_scale:g}"
+    suffix += "" if args.resampling == "linear" else f"-{args.resampling}"
     for scorer in scorers:
         seeds = []
         for seed in range(args.seeds):
             out = work / f"{scorer.case}{suffix}" / f"seed-{seed}.nii.gz"
             if not out.exists():
                 out.parent.mkdir(parents=True, exist_ok=True)
-                settings = GenerateSettings(seed=seed, guidance_scale=args.guidance_scale)
+                settings = GenerateSettings(
+                    seed=seed, guidance_scale=args.guidance_scale, resampling=args.resampling
+                )
                 generate(scorer.seg_path, out, model=model_dir, loaded=loaded, settings=settings)
             generated = sitk.GetArrayFromImage(read_image(out)).astype(np.float32)
             seeds.append({"seed": seed, **scorer.score(generated)})
@@ -291,7 +305,9 @@ def run_variant(name: str, args: argparse.Namespace, paths: dict[str, Path], sco
         cases[scorer.case] = seeds
     training = read_metadata(model_dir).training or {}
     return {
-        "variant": name if args.guidance_scale is None else f"{name}, guidance {args.guidance_scale:g}",
+        "variant": name
+        + ("" if args.guidance_scale is None else f", guidance {args.guidance_scale:g}")
+        + ("" if args.resampling == "linear" else f", {args.resampling} resampling"),
         "overrides": VARIANTS[name],
         "model": str(model_dir),
         "training": {
@@ -366,6 +382,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument(
+        "--resampling",
+        choices=("linear", "mask"),
+        default="linear",
+        help="how volumes come back from the model's frame (volgen generate --resampling); the generated "
+        "volumes of the earlier runs are linear",
+    )
+    p.add_argument(
         "--guidance-scale",
         type=float,
         default=None,
@@ -391,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     scorers = [Scorer(paths, case) for case in args.cases]
     size = args.size or UNetConfig.preset(args.preset).sample_size
     for scorer in scorers:
-        scorer.through_frame(size, paths, args.pixel_spacing)
+        scorer.through_frame(size, paths, args.pixel_spacing, args.resampling)
     records = [run_variant(name, args, paths, scorers) for name in args.variants]
     command = "python benchmarks/vanishing.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = f"`{command}`\n\n" + "\n".join(table(records, scorer) for scorer in scorers)

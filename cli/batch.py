@@ -15,6 +15,7 @@ from volgen.cli.generate import (
     FineRhoOption,
     GuidanceOption,
     LateFractionOption,
+    ResamplingOption,
     ModelOption,
     ProgressMode,
     QuietOption,
@@ -67,6 +68,7 @@ def batch(
     slice_axes: SliceAxesOption = defaults.SLICE_AXES,  # type: ignore[assignment]
     axis_schedule: AxisScheduleOption = defaults.AXIS_SCHEDULE,
     late_fraction: LateFractionOption = defaults.LATE_FRACTION,
+    resampling: ResamplingOption = defaults.RESAMPLING,
     slice_batch_size: SliceBatchOption = defaults.SLICE_BATCH_SIZE,
     unknown_labels: UnknownLabelsOption = defaults.UNKNOWN_LABELS,
     samples_per_case: Annotated[

@@ -16,6 +16,7 @@ from volgen.cli.options import (  # noqa: F401 - re-exported for volgen.cli.batc
     FineRhoOption,
     GuidanceOption,
     LateFractionOption,
+    ResamplingOption,
     ModelOption,
     PrecisionOption,
     ProgressMode,
@@ -89,6 +90,7 @@ def generate(
     slice_axes: SliceAxesOption = defaults.SLICE_AXES,  # type: ignore[assignment]
     axis_schedule: AxisScheduleOption = defaults.AXIS_SCHEDULE,
     late_fraction: LateFractionOption = defaults.LATE_FRACTION,
+    resampling: ResamplingOption = defaults.RESAMPLING,
     x0_smoothing: X0SmoothingOption = defaults.X0_SMOOTHING,
     slice_batch_size: SliceBatchOption = defaults.SLICE_BATCH_SIZE,
     unknown_labels: UnknownLabelsOption = defaults.UNKNOWN_LABELS,

@@ -112,6 +112,14 @@ GuidanceOption = Annotated[
         f"{defaults.GUIDANCE_SCALE:g} for models with 'specified' flags, off for older models."
     ),
 ]
+ResamplingOption = Annotated[
+    str,
+    typer.Option(
+        help="How the volume comes back from the model's frame onto the segmentation's grid: 'mask' "
+        "interpolates each voxel from its own class only (boundaries sharp at the segmentation's "
+        "resolution), 'linear' across classes."
+    ),
+]
 X0SmoothingOption = Annotated[
     float, typer.Option(help="σ in slices of through-plane smoothing of the x0 prediction (0: off).")
 ]
@@ -148,6 +156,7 @@ def build_settings(
     slice_axes: str | None = None,
     axis_schedule: str = defaults.AXIS_SCHEDULE,
     late_fraction: float = defaults.LATE_FRACTION,
+    resampling: str = defaults.RESAMPLING,
 ) -> GenerateSettings:
     """The generation settings of ``generate`` and ``batch`` from their command-line values, validated once
     (a :class:`volgen.generation.SettingsError` naming the option)."""
@@ -175,6 +184,7 @@ def build_settings(
         slice_axes=None if slice_axes is None else [a.lower() for a in split_names(slice_axes) or []],
         axis_schedule=axis_schedule,
         late_fraction=late_fraction,
+        resampling=resampling.lower(),
     )
 
 

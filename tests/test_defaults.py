@@ -194,6 +194,7 @@ PANEL_LEAVES = {
     **NOT_IN_PANEL,
     "x0_smoothing": "--x0-smoothing (off by default; an expert knob)",
     "slice_batch_size": "--slice-batch-size (auto; it never changes the result)",
+    "resampling": "--resampling (mask-guided by default; linear reproduces volumes of older volgen)",
 }
 #: ``GenerateSettings`` field -> the Slicer helper's ``GenerationParameters`` field, where the names differ.
 PANEL_NAMES = {"num_inference_steps": "steps"}

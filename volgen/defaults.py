@@ -95,6 +95,13 @@ SLICE_AXES: tuple[str, ...] | None = None
 AXIS_SCHEDULES: tuple[str, ...] = ("cycle", "late")
 AXIS_SCHEDULE = "cycle"
 LATE_FRACTION = 0.5
+#: How a volume generated in the model's frame comes back onto the segmentation's grid (a native frame at
+#: the segmentation's own spacing is copied either way): ``mask`` interpolates each voxel only from the
+#: frame pixels of its own class (:func:`volgen.frames.mask_guided_resample`: class boundaries where the
+#: segmentation puts them at its resolution, background next to anatomy stays background); ``linear``
+#: interpolates across classes (volgen before 0.x: boundaries blurred over a frame pixel).
+RESAMPLINGS: tuple[str, ...] = ("mask", "linear")
+RESAMPLING = "mask"
 #: Slices per UNet forward (does not change the result: chunks are padded, see volgen.pipeline.BATCH_GRANULE).
 #: ``"auto"`` chooses it from the free memory of the device (volgen.memory.fit_slice_batch_size), at
 #: most ``AUTO_SLICE_BATCH_CPU`` on the CPU (which runs every chunk as forwards of 8 slices anyway, so

@@ -40,7 +40,7 @@ from torch import Tensor
 from volgen import defaults
 from volgen.conditioning import ConditionLayout, model_axes
 from volgen.errors import VolgenError
-from volgen.frames import resample_to_grid, sitk_to_torchio, volume_to_slices
+from volgen.frames import mask_guided_resample, resample_to_grid, sitk_to_torchio, volume_to_slices
 
 if TYPE_CHECKING:
     from volgen.pipeline import VolumeGenerationOutput
@@ -258,6 +258,7 @@ def generate_in_cube(
     reference: sitk.Image | None = None,
     max_spacing_ratio: float = MAX_SPACING_RATIO,
     plan: SamplingPlan | None = None,
+    resampling: str = defaults.RESAMPLING,
     **sampling,
 ) -> MultiAxisResult:
     """Class indices on any grid -> cube frame -> :func:`sample_multiaxis` -> physical values on that grid.
@@ -281,6 +282,8 @@ def generate_in_cube(
         plan: A :class:`~volgen.sampling.SamplingPlan` resolved for a cube (its axes are filled in here from
             the schedule; ``num_inference_steps`` and the settings in ``sampling`` but ``seed``, ``keep``
             and ``callback`` are then the plan's).
+        resampling: ``mask`` or ``linear``: how the cube comes back onto ``classes``' grid
+            (:data:`volgen.defaults.RESAMPLINGS`).
         sampling: Keyword arguments of :func:`sample_multiaxis` (seed, scheduler, ρ, λ, keep, ...).
     """
     if plan is not None:
@@ -310,7 +313,11 @@ def generate_in_cube(
         )
     physical = intensity.from_model(out.volume.numpy(), window).astype(np.float32)
     background = float(physical.min()) if physical.size else 0.0
-    image = resample_to_grid(frame.to_sitk(physical), classes, default=background)
+    if resampling == "mask":
+        labels = frame.to_sitk(frame.labels)
+        image = mask_guided_resample(frame.to_sitk(physical), labels, classes, default=background)
+    else:
+        image = resample_to_grid(frame.to_sitk(physical), classes, default=background)
     return MultiAxisResult(
         image=image,
         axes=used,
@@ -338,6 +345,7 @@ def generate_multiaxis(
     slice_batch_size: int | str = defaults.SLICE_BATCH_SIZE,
     keep: Sequence[int] | None = None,
     max_spacing_ratio: float = MAX_SPACING_RATIO,
+    resampling: str = defaults.RESAMPLING,
     device: torch.device | str = "cpu",
 ) -> MultiAxisResult:
     """Generate a volume on the exact grid of a class-index image, slicing along several axes in turn.
@@ -357,6 +365,7 @@ def generate_multiaxis(
         axis_schedule_kind: ``cycle`` or ``late`` (:func:`axis_schedule`).
         late_fraction: See :func:`axis_schedule`.
         max_spacing_ratio: See :func:`usable_axes`.
+        resampling: See :func:`generate_in_cube`.
 
     Returns:
         :class:`MultiAxisResult`: stored intensities (CT: int16 HU) with the input's geometry.
@@ -376,6 +385,7 @@ def generate_multiaxis(
         schedule=schedule,
         num_inference_steps=num_inference_steps,
         max_spacing_ratio=max_spacing_ratio,
+        resampling=resampling,
         seed=seed,
         scheduler=scheduler,
         slice_batch_size=slice_batch_size,

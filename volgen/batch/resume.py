@@ -19,13 +19,17 @@ from volgen.io.paths import check_readable
 logger = logging.getLogger("volgen.batch")
 
 
+#: Settings added with a default that changes the output: what a sidecar without them was made with.
+_BEFORE_THEM = {"resampling": "linear"}
+
+
 def _comparable_settings(settings: Any) -> Any:
     """Settings as JSON data, without ``slice_batch_size`` (it does not change the result). A setting an
-    older sidecar lacks was made with its default (a setting is added with a default that keeps the output),
-    so it is filled in: ``slice_axes`` and the axis schedule came after the first sidecars."""
+    older sidecar lacks was made with its default where that keeps the output (``slice_axes`` and the axis
+    schedule came after the first sidecars), else with what volgen did before it (:data:`_BEFORE_THEM`)."""
     if not isinstance(settings, dict):
         return settings
-    data = {**_DEFAULTS, **json.loads(json.dumps(settings))}
+    data = {**_DEFAULTS, **_BEFORE_THEM, **json.loads(json.dumps(settings))}
     data.pop("slice_batch_size", None)
     return data
 

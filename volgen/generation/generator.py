@@ -539,7 +539,8 @@ class VolumeGenerator:
             frame, window, _ = frames[key]
             physical = meta.intensity.from_model(volume.numpy(), window)
             background = float(physical.min()) if physical.size else 0.0
-            generated = frame.to_grid(physical, request.segmentation, default=background)
+            guide = prepared[key][0] if request.settings.resampling == "mask" else None
+            generated = frame.to_grid(physical, request.segmentation, default=background, classes=guide)
             images.append(self._stored(generated, request.segmentation))
         return images, result
 
@@ -555,6 +556,7 @@ class VolumeGenerator:
             axes=axes,
             axis_schedule_kind=settings.axis_schedule,
             late_fraction=settings.late_fraction,
+            resampling=settings.resampling,
             reference=request.reference,
             plan=plan,
             seed=settings.seed,

@@ -56,6 +56,9 @@ class GenerateSettings:
         axis_schedule: ``cycle`` (the axis changes every step) or ``late`` (the first axis, then the axes
             cycled in the last ``late_fraction`` of the steps); see :func:`volgen.multiaxis.axis_schedule`.
         late_fraction: ``late``: the fraction of the steps, the last ones, that cycle the axes, in [0, 1].
+        resampling: How the volume comes back from the model's frame onto the segmentation's grid:
+            ``mask`` (each voxel from its own class's frame pixels) or ``linear``
+            (:data:`volgen.defaults.RESAMPLINGS`).
     """
 
     seed: int = defaults.SEED
@@ -73,6 +76,7 @@ class GenerateSettings:
     slice_axes: list[str] | None = defaults.SLICE_AXES  # type: ignore[assignment]
     axis_schedule: str = defaults.AXIS_SCHEDULE
     late_fraction: float = defaults.LATE_FRACTION
+    resampling: str = defaults.RESAMPLING
 
     def __post_init__(self) -> None:
         if isinstance(self.slice_axes, tuple):  # one form in the sidecar and in comparisons
@@ -124,6 +128,8 @@ class GenerateSettings:
             yield f"--axis-schedule must be one of {choices}, got {self.axis_schedule!r}"
         if not _is_number(self.late_fraction) or not 0.0 <= self.late_fraction <= 1.0:
             yield f"--late-fraction must be in [0, 1], got {self.late_fraction!r}"
+        if self.resampling not in defaults.RESAMPLINGS:
+            yield f"--resampling must be one of {', '.join(defaults.RESAMPLINGS)}, got {self.resampling!r}"
         for name in ("keep", "drop"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, str) or not all(isinstance(v, str) for v in value)):
