@@ -95,11 +95,10 @@ def test_resampling_option_in_the_cli_and_the_sidecar(tmp_path):
     runner = CliRunner()
     seg = tmp_path / "seg.nii.gz"
     io.write_volume(_segmentation(), seg)
-    bad = runner.invoke(
-        app, ["generate", str(seg), "-o", str(tmp_path / "out.nii.gz"), "--resampling", "cubic"]
-    )
+    bad_out = tmp_path / "out.nii.gz"
+    bad = runner.invoke(app, ["generate", str(seg), "-o", str(bad_out), "--resampling", "cubic"])
     assert bad.exit_code != 0 and "--resampling must be one of mask, linear" in bad.output
-    assert not (tmp_path / "out.nii.gz").exists()
+    assert not bad_out.exists()
     out = tmp_path / "linear.nii.gz"
     ok = runner.invoke(
         app,
