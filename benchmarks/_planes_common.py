@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # volgen from this source tree when it is not installed (a GPU box)
     sys.path.insert(0, str(ROOT))
 
+from volgen import defaults  # noqa: E402
 from volgen.evaluation import IntensitySegmenter, dice, plane_consistency  # noqa: E402
 from volgen.frames import ModelFrame, resample_to_grid  # noqa: E402
 
@@ -26,7 +27,7 @@ def slice_frame_round_trip(
     slice_size: int,
     slice_axis: str = "axial",
     pixel_spacing: float | None = None,
-    resampling: str = "linear",
+    resampling: str = defaults.RESAMPLING,
 ) -> sitk.Image:
     """The real image through a model's slicing frame and back: what a perfect generator of that frame
     returns (the ceiling of a comparison at the model's resolution). ``pixel_spacing``: a native-resolution

@@ -103,6 +103,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "native-2mm-mild": {"data": NATIVE_2MM_MILD},
     # the same, half the samples spared from mask ablation (training.full_mask_p)
     "native-2mm-mild-full-mask": {"data": NATIVE_2MM_MILD, "training": {"full_mask_p": 0.5}},
+    # and three samples in four cut in-plane: the training defaults chosen on the vanishing cases
+    "native-2mm-mild-cuts-0.75-full-mask": {
+        "data": {**NATIVE_2MM_MILD, "inplane_cut_p": 0.75},
+        "training": {"full_mask_p": 0.5},
+    },
 }
 DEFAULT_VARIANTS = (
     "recipe",

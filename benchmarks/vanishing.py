@@ -64,27 +64,38 @@ if str(ROOT) not in sys.path:  # volgen from this source tree when it is not ins
     sys.path.insert(0, str(ROOT))
 from heldout_slab import ANATOMY_FRACTION, ANATOMY_LEVEL, CLASSES, background_error, crop  # noqa: E402
 
-#: ``defaults``: today's training defaults; ``no-inplane-cuts``: the same without in-plane cuts (the defaults
-#: before them); ``inplane-cuts-0.25``: half the default share of them; ``old-defaults``: the training
-#: defaults before they carried the recipe (volgen.training.config.RECIPE_*); ``band-heavy``: half the
-#: in-plane cuts are bands (masks that split; the default since it was measured); ``kinds-equal``: a quarter
-#: each (the default before); ``inplane-cuts-0.75``: three samples in four cut (the default kinds);
-#: ``band-9``: three in four in-plane cuts are bands (as many bands as ``inplane-cuts-0.75``, as many whole
-#: samples as the default); ``full-mask-0.5``: half the samples spared from mask ablation (every class kept,
-#: as in a generation from a whole mask); ``full-mask-0.5-cuts-0.75``: that with ``inplane-cuts-0.75``.
+#: Training variants, each spelled out against today's defaults (so that a variant stays the model it was
+#: when the defaults move). ``defaults``: today's training defaults (three samples in four cut in-plane, half
+#: of them bands; half the samples spared from mask ablation); ``band-heavy``: the defaults before (one
+#: sample in two cut, no whole masks); ``kinds-equal``: that with a quarter of the cuts of each kind (the
+#: defaults before it); ``no-inplane-cuts``, ``inplane-cuts-0.25``, ``inplane-cuts-0.75``: ``band-heavy``
+#: with no cuts, a quarter or three quarters of the samples cut; ``band-9``: ``band-heavy`` with three in four
+#: cuts bands; ``full-mask-0.5``: ``band-heavy`` with half the samples spared from mask ablation (every class
+#: kept, as in a generation from a whole mask); ``full-mask-0.5-cuts-0.75``: that with three samples in four
+#: cut (today's defaults); ``old-defaults``: the training defaults before they carried the recipe
+#: (volgen.training.config.RECIPE_*).
+_BANDS_3 = {"half_plane": 1, "ellipse": 1, "erosion": 1, "band": 3}
+_BEFORE = {"inplane_cut_p": 0.5, "inplane_cut_kinds": _BANDS_3}
 VARIANTS: dict[str, dict[str, Any]] = {
     "defaults": {},
-    "band-heavy": {"data": {"inplane_cut_kinds": {"half_plane": 1, "ellipse": 1, "erosion": 1, "band": 3}}},
-    "kinds-equal": {"data": {"inplane_cut_kinds": {"half_plane": 1, "ellipse": 1, "erosion": 1, "band": 1}}},
-    "no-inplane-cuts": {"data": {"inplane_cut_p": 0.0}},
-    "inplane-cuts-0.25": {"data": {"inplane_cut_p": 0.25}},
-    "inplane-cuts-0.75": {"data": {"inplane_cut_p": 0.75}},
-    "band-9": {"data": {"inplane_cut_kinds": {"half_plane": 1, "ellipse": 1, "erosion": 1, "band": 9}}},
-    "full-mask-0.5": {"training": {"full_mask_p": 0.5}},
-    "full-mask-0.5-cuts-0.75": {"training": {"full_mask_p": 0.5}, "data": {"inplane_cut_p": 0.75}},
+    "band-heavy": {"data": _BEFORE, "training": {"full_mask_p": 0.0}},
+    "kinds-equal": {
+        "data": {**_BEFORE, "inplane_cut_kinds": {"half_plane": 1, "ellipse": 1, "erosion": 1, "band": 1}},
+        "training": {"full_mask_p": 0.0},
+    },
+    "no-inplane-cuts": {"data": {**_BEFORE, "inplane_cut_p": 0.0}, "training": {"full_mask_p": 0.0}},
+    "inplane-cuts-0.25": {"data": {**_BEFORE, "inplane_cut_p": 0.25}, "training": {"full_mask_p": 0.0}},
+    "inplane-cuts-0.75": {"data": {**_BEFORE, "inplane_cut_p": 0.75}, "training": {"full_mask_p": 0.0}},
+    "band-9": {
+        "data": {**_BEFORE, "inplane_cut_kinds": {"half_plane": 1, "ellipse": 1, "erosion": 1, "band": 9}},
+        "training": {"full_mask_p": 0.0},
+    },
+    "full-mask-0.5": {"data": _BEFORE, "training": {"full_mask_p": 0.5}},
+    "full-mask-0.5-cuts-0.75": {"data": {**_BEFORE, "inplane_cut_p": 0.75}, "training": {"full_mask_p": 0.5}},
     "old-defaults": {
         "data": {"empty_slices": 0, "edge_cut_p": 0.0, "inplane_cut_p": 0.0},
         "model": {"dropout": None},
+        "training": {"full_mask_p": 0.0},
     },
 }
 #: Held-out cases: ``vault`` the top of the head as it is; ``cut`` the same with its mask eroded and split at
@@ -219,7 +230,7 @@ class Scorer:
         size: int,
         paths: dict[str, Path],
         pixel_spacing: float | None = None,
-        resampling: str = "linear",
+        resampling: str = "mask",
     ) -> None:
         """Score the real image sent through the model's ``size`` px frame (a native model's
         ``pixel_spacing`` frame) and back: what a perfect generator at the model's resolution scores (the
@@ -286,7 +297,8 @@ def run_variant(name: str, args: argparse.Namespace, paths: dict[str, Path], sco
     loaded = load_model(model_dir)
     cases = {}
     suffix = "" if args.guidance_scale is None else f"-w{args.guidance_scale:g}"
-    suffix += "" if args.resampling == "linear" else f"-{args.resampling}"
+    suffix += "-mask" if args.resampling == "mask" else ""  # linear: the folders of the runs before
+    suffix += "" if args.edge_sigma is None else f"-sigma{args.edge_sigma:g}"
     for scorer in scorers:
         seeds = []
         for seed in range(args.seeds):
@@ -307,7 +319,8 @@ def run_variant(name: str, args: argparse.Namespace, paths: dict[str, Path], sco
     return {
         "variant": name
         + ("" if args.guidance_scale is None else f", guidance {args.guidance_scale:g}")
-        + ("" if args.resampling == "linear" else f", {args.resampling} resampling"),
+        + f", {args.resampling} resampling"
+        + ("" if args.edge_sigma is None else f" (edge σ {args.edge_sigma:g})"),
         "overrides": VARIANTS[name],
         "model": str(model_dir),
         "training": {
@@ -383,16 +396,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument(
         "--resampling",
-        choices=("linear", "mask"),
-        default="linear",
-        help="how volumes come back from the model's frame (volgen generate --resampling); the generated "
-        "volumes of the earlier runs are linear",
+        choices=("mask", "linear"),
+        default="mask",
+        help="how volumes come back from the model's frame (volgen generate --resampling); the real image "
+        "through the frame comes back the same way. Runs before mask resampling were linear",
     )
     p.add_argument(
         "--guidance-scale",
         type=float,
         default=None,
         help="generate at this classifier-free guidance instead of the default (outputs in CASE-wW folders)",
+    )
+    p.add_argument(
+        "--edge-sigma",
+        type=float,
+        default=None,
+        help="mask resampling: σ in voxels of the blend at class boundaries (volgen.frames.EDGE_SIGMA)",
     )
     p.add_argument("--cut", type=int, default=130, help="first held-out axial slice")
     p.add_argument("--max-minutes", type=float, default=None, help="time cap per training (safety)")
@@ -406,6 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=ROOT / "data" / "colin27")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "vanishing")
     args = p.parse_args(argv)
+    if args.edge_sigma is not None:
+        import volgen.frames
+
+        volgen.frames.EDGE_SIGMA = args.edge_sigma
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("volgen.training").setLevel(logging.INFO)  # training progress: its loss lines
     from volgen.models import UNetConfig

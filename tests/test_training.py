@@ -664,18 +664,22 @@ def test_a_minimal_config_gets_the_measured_recipe_and_explicit_values_win(tmp_p
     config = TrainConfig.from_yaml(tmp_path / "minimal.yaml")
     assert config.data.empty_slices == 4
     assert config.data.edge_cut_p == 0.1
-    assert config.data.inplane_cut_p == 0.5
+    assert config.data.inplane_cut_p == 0.75
     assert config.data.inplane_cut_weights() == [1.0, 1.0, 1.0, 3.0]  # half the cuts are bands
     assert config.model.unet_config().dropout == 0.1
-    assert config.training.full_mask_p == 0.0
+    assert config.training.full_mask_p == 0.5
     assert config.data.erase_classes == [] and config.data.erase_p == 0.0  # per dataset, never by default
-    # the embedded model's config spells the same recipe out (it is the example of enclosing-class erasure)
-    shipped = yaml.safe_load((Path(__file__).parents[1] / "configs/train/colin27-small.yaml").read_text())
+    # the embedded models' configs spell the recipe out (they are the example of enclosing-class erasure),
+    # with the in-plane cuts and whole masks their models were trained with, not today's defaults
+    configs = Path(__file__).parents[1] / "configs/train"
+    shipped = yaml.safe_load((configs / "colin27-small.yaml").read_text())
     assert shipped["data"]["empty_slices"] == config.data.empty_slices
     assert shipped["data"]["edge_cut_p"] == config.data.edge_cut_p
-    assert shipped["data"]["inplane_cut_p"] == config.data.inplane_cut_p
     assert shipped["model"]["dropout"] == config.model.dropout
     assert shipped["data"]["erase_classes"] == ["head"]
+    for name in ("colin27-small", "colin27-native"):
+        pinned = TrainConfig.from_yaml(configs / f"{name}.yaml")
+        assert pinned.data.inplane_cut_p == 0.5 and pinned.training.full_mask_p == 0.0, name
 
     older = {
         "output_dir": "run",

@@ -142,42 +142,69 @@ def resample_to_grid(
 #: Below this share of a class among the frame pixels that interpolate a grid voxel, the voxel takes the
 #: plain linear value (the class is too thin for the frame: nothing of it to interpolate from).
 MIN_CLASS_WEIGHT = 1e-3
+#: σ, in voxels of the segmentation's grid, of the partial-volume blend at class boundaries in
+#: :func:`mask_guided_resample` (0: hard boundaries, the label map's own voxel steps).
+EDGE_SIGMA = 0.5
 
 
 def mask_guided_resample(
-    image: sitk.Image, labels: sitk.Image, classes: sitk.Image, *, default: float = 0.0
+    image: sitk.Image,
+    labels: sitk.Image,
+    classes: sitk.Image,
+    *,
+    default: float = 0.0,
+    edge_sigma: float | None = None,
 ) -> sitk.Image:
-    """Resample a generated ``image`` from its frame onto the grid of ``classes``, each voxel interpolated
-    only from the frame pixels of its own class.
+    """Resample a generated ``image`` from its frame onto the grid of ``classes``, each class interpolated
+    only from the frame pixels of that class.
 
     ``labels`` are the class indices in the frame (``image``'s geometry), ``classes`` the class indices on
     the target grid. For each class ``c`` the frame's ``image * [labels == c]`` and ``[labels == c]`` are
-    resampled linearly onto the voxels of class ``c`` (within the class's bounding box) and divided: a
-    normalised interpolation that never mixes classes, so class boundaries are where the segmentation puts
-    them at its own resolution, not blurred over a frame pixel (background stays background next to the
-    anatomy, where the mask shrinks or splits). Voxels with less than :data:`MIN_CLASS_WEIGHT` of their
-    class among their frame neighbours (a structure thinner than a frame pixel) take the linear value.
+    resampled linearly onto the grid and divided: a normalised interpolation that never mixes classes. A
+    voxel takes its class's value, blended at class boundaries with its neighbours' over a Gaussian of
+    ``edge_sigma`` voxels (default :data:`EDGE_SIGMA`; the segmentation's own resolution, as a scanner's
+    partial volume), so boundaries
+    are where the segmentation puts them, not blurred over a frame pixel: background next to the anatomy stays
+    background where the mask shrinks or splits. A class with less than :data:`MIN_CLASS_WEIGHT` among a
+    voxel's frame neighbours (thinner than a frame pixel) contributes the linear value there.
     """
+    edge_sigma = EDGE_SIGMA if edge_sigma is None else edge_sigma
     plain = resample_to_grid(image, classes, default=default)
-    out = sitk.GetArrayFromImage(plain)
+    linear = sitk.GetArrayFromImage(plain).astype(np.float32)
     target = sitk.GetArrayFromImage(classes)
-    frame_labels = sitk.GetArrayFromImage(labels)
+    frame_labels = np.rint(sitk.GetArrayFromImage(labels))
     frame_image = sitk.GetArrayFromImage(image).astype(np.float32)
+    margin = int(np.ceil(3 * edge_sigma))
+    total = np.zeros(target.shape, np.float32)
+    share = np.zeros(target.shape, np.float32)
     for c in np.unique(target).tolist():
         region = target == c
         box = [np.flatnonzero(region.any(axis=tuple(a for a in range(3) if a != d))) for d in range(3)]
-        lo, hi = [int(b[0]) for b in box], [int(b[-1]) + 1 for b in box]  # array order (z, y, x)
+        lo = [max(0, int(b[0]) - margin) for b in box]  # array order (z, y, x)
+        hi = [min(n, int(b[-1]) + 1 + margin) for b, n in zip(box, target.shape, strict=True)]
+        sub = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
         ref = sitk.RegionOfInterest(classes, [hi[2] - lo[2], hi[1] - lo[1], hi[0] - lo[0]], lo[::-1])
-        member = (np.rint(frame_labels) == c).astype(np.float32)
+        member = (frame_labels == c).astype(np.float32)
         weight = _resampled_like(member, labels, ref)
         value = _resampled_like(frame_image * member, labels, ref)
-        sub = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
-        use = region[sub] & (weight >= MIN_CLASS_WEIGHT)
-        view = out[sub]
-        view[use] = value[use] / weight[use]
+        own = np.where(weight >= MIN_CLASS_WEIGHT, value / np.maximum(weight, MIN_CLASS_WEIGHT), linear[sub])
+        soft = region[sub].astype(np.float32)
+        if edge_sigma > 0:
+            soft = _gaussian(soft, edge_sigma)
+        total[sub] += soft * own
+        share[sub] += soft
+    out = np.where(share > 1e-6, total / np.maximum(share, 1e-6), linear)
     result = sitk.GetImageFromArray(out.astype(sitk.GetArrayViewFromImage(plain).dtype, copy=False))
     result.CopyInformation(plain)
     return result
+
+
+def _gaussian(array: np.ndarray, sigma: float) -> np.ndarray:
+    """``array`` smoothed by a Gaussian of ``sigma`` voxels along every axis (zero outside)."""
+    smoothed = sitk.DiscreteGaussian(
+        sitk.GetImageFromArray(array), variance=sigma**2, maximumKernelWidth=64, useImageSpacing=False
+    )
+    return sitk.GetArrayFromImage(smoothed)
 
 
 def _resampled_like(array: np.ndarray, geometry: sitk.Image, ref: sitk.Image) -> np.ndarray:

@@ -29,7 +29,10 @@ RECIPE_EDGE_CUT_P = 0.1
 #: less a band; growing or shrinking along the slice axis) is erased to air in image and mask: masks that
 #: shrink, end or split are followed: held-out skull vault, worst slice 24x -> 2.8x the real image's tissue
 #: outside the mask, faithfulness 0.234 -> 0.265 (1500 steps at 32 px; benchmarks/README.md, "In-plane cuts").
-RECIPE_INPLANE_CUT_P = 0.5
+#: Three in four (with ``RECIPE_FULL_MASK_P``) rather than one in two: a head split by an air band 3.3x ->
+#: 0.25x [worst seed 5.6x -> 0.55x] the real image's tissue outside the mask, faithfulness within 0.02 of
+#: the real image's (64 px, 3000 steps, mask-guided resampling; benchmarks/README.md, "Masks that split").
+RECIPE_INPLANE_CUT_P = 0.75
 #: Relative weights of the in-plane cut kinds (names: ``volgen.data.CUT_KIND_NAMES``): half the cuts are bands
 #: (masks that split into islands). Against a quarter each, at 64 px and 3000 steps (benchmarks/README.md,
 #: "Bands weighted"): a head split by an air band 6.7x -> 4.2x the real image's tissue outside the mask in its
@@ -37,6 +40,11 @@ RECIPE_INPLANE_CUT_P = 0.5
 RECIPE_INPLANE_CUT_KINDS = {"half_plane": 1.0, "ellipse": 1.0, "erosion": 1.0, "band": 3.0}
 #: Dropout in the UNet's ResNet blocks: held-out faithfulness 0.454 -> 0.461 (guided 0.473 -> 0.480).
 RECIPE_DROPOUT = 0.1
+#: Share of samples spared from mask ablation (every class kept and flagged specified, as when a whole mask
+#: is generated): with ablation alone almost no sample is whole, so background next to anatomy usually
+#: means an ablated class, i.e. tissue, and an air band through a whole mask gets bridged. With
+#: ``RECIPE_INPLANE_CUT_P`` (benchmarks/README.md, "Masks that split").
+RECIPE_FULL_MASK_P = 0.5
 
 
 class DataConfig(StrictModel):
@@ -209,10 +217,9 @@ class TrainingSection(StrictModel):
     ablation_p: float = Field(0.5, ge=0, le=1)
     #: Share of samples spared from mask ablation: every class kept and flagged specified, as when a whole
     #: mask is generated. Otherwise almost no sample is whole (each class goes with ``ablation_p``), and
-    #: background inside the anatomy usually means an ablated class, i.e. tissue. Default 0: at 0.5 a head
-    #: split by an air band is bridged half as much, but faithfulness falls by 0.04-0.05
-    #: (benchmarks/README.md, "Whole masks in training").
-    full_mask_p: float = Field(0.0, ge=0, le=1)
+    #: background inside the anatomy usually means an ablated class, i.e. tissue. Default
+    #: ``RECIPE_FULL_MASK_P``; 0: ablation only (volgen before; the embedded models).
+    full_mask_p: float = Field(RECIPE_FULL_MASK_P, ge=0, le=1)
     #: Offset noise (Guttenberg 2023): this much per-sample constant noise added to the Gaussian noise.
     offset_noise: float = Field(0.0, ge=0, le=1)
     #: Min-SNR-γ loss weighting (Hang et al. 2023); ``None`` weighs every timestep equally.
