@@ -497,8 +497,7 @@ class VolumeGenerator:
         return volumes
 
     def _prepare(self, request: GenerationRequest, kept: list[int]) -> tuple[Any, Any]:
-        """A request's class image and its condition (dropped classes as background), with the reference's
-        grid checked."""
+        """A request's class image and condition (dropped classes as background); its reference checked."""
         settings, source = request.settings, request.source
         classes = self.classes(request.segmentation, unknown_labels=settings.unknown_labels, source=source)
         if request.reference is not None and (
@@ -517,8 +516,7 @@ class VolumeGenerator:
             key = (id(r.segmentation), id(r.reference))
             if key in frames:
                 continue
-            classes = prepared[key][0]
-            frame = self.frame.to_frame(classes, r.reference)
+            frame = self.frame.to_frame(prepared[key][0], r.reference)
             window, ref_model = None, None
             if r.reference is not None:
                 ref_model, window = meta.intensity.image_to_model(r.reference, frame.image)
@@ -538,8 +536,8 @@ class VolumeGenerator:
         for volume, key, request in zip(result.volumes, keys, requests, strict=True):
             frame, window, _ = frames[key]
             physical = meta.intensity.from_model(volume.numpy(), window)
+            guide = prepared[key][0] if request.settings.resampling == "mask" else None  # by class
             background = float(physical.min()) if physical.size else 0.0
-            guide = prepared[key][0] if request.settings.resampling == "mask" else None
             generated = frame.to_grid(physical, request.segmentation, default=background, classes=guide)
             images.append(self._stored(generated, request.segmentation))
         return images, result
