@@ -222,6 +222,25 @@ def timing(args: argparse.Namespace) -> None:
         print(done.stdout.strip().splitlines()[-1], flush=True)
 
 
+def generate_slab(args: argparse.Namespace) -> None:
+    """``--seeds`` volumes of the held-out slab's labels from ``--model`` into ``--out`` (with ``train/model``
+    linked, as ``score`` expects), at ``--resampling`` and, for ``mask``, ``--edge-sigma``."""
+    import volgen.frames
+    from volgen.api import GenerateSettings, generate
+
+    if args.edge_sigma is not None:
+        volgen.frames.EDGE_SIGMA = args.edge_sigma
+    link = args.out / "train" / "model"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+        link.symlink_to(args.model.resolve())
+    for seed in range(args.seeds):
+        settings = GenerateSettings(seed=seed, resampling=args.resampling)
+        out = args.out / f"seed-{seed}.nii.gz"
+        generate(args.work / "slab_labels.nii.gz", out, model=args.model, settings=settings, overwrite=True)
+        print(f"wrote {out}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -239,6 +258,13 @@ def main() -> None:
     f.add_argument("--crop", type=int, nargs=3, default=[110, 60, 64], help="y0 x0 size (voxels)")
     f.add_argument("--zoom", type=int, default=3)
     f.add_argument("--out", type=Path, default=ROOT / "docs" / "images" / "native-resolution.png")
+    g = sub.add_parser("generate", help="generate the held-out slab from a model (for score and figure)")
+    g.add_argument("--work", type=Path, required=True, help="heldout_slab.py's work folder")
+    g.add_argument("--model", type=Path, required=True, help="the model folder")
+    g.add_argument("--out", type=Path, required=True)
+    g.add_argument("--seeds", type=int, default=8)
+    g.add_argument("--resampling", choices=("mask", "linear"), default="mask")
+    g.add_argument("--edge-sigma", type=float, default=None, help="volgen.frames.EDGE_SIGMA (mask)")
     t = sub.add_parser("timing", help="time and memory per in-plane size")
     t.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     t.add_argument("--slices", type=int, default=8)
@@ -247,7 +273,7 @@ def main() -> None:
     if args.child is not None:
         print(json.dumps(child(*args.child)))
         return
-    {"score": score, "figure": figure, "timing": timing}[args.command](args)
+    {"score": score, "figure": figure, "generate": generate_slab, "timing": timing}[args.command](args)
 
 
 if __name__ == "__main__":

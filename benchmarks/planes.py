@@ -38,7 +38,9 @@ EXAMPLE = ROOT / "examples" / "colin27_tissues_2mm.nii.gz"
 T1 = Path("/usr/share/mricron/templates/ch2.nii.gz")
 
 
-def real_on_grid(segmentation: Path, out: Path, model: Path, *, frame: bool) -> Path:
+def real_on_grid(
+    segmentation: Path, out: Path, model: Path, *, frame: bool, resampling: str = defaults.RESAMPLING
+) -> Path:
     """The real T1 on the segmentation's grid; with ``frame``, after the model's slicing-frame round trip (the
     resampling every generated volume goes through: into the model's slices and back)."""
     if out.exists():
@@ -53,7 +55,9 @@ def real_on_grid(segmentation: Path, out: Path, model: Path, *, frame: bool) -> 
     if not frame:
         write_volume(t1, out, overwrite=True)
         return out
-    back = slice_frame_round_trip(classes, t1, meta.slice_size, meta.slice_axis, meta.pixel_spacing)
+    back = slice_frame_round_trip(
+        classes, t1, meta.slice_size, meta.slice_axis, meta.pixel_spacing, resampling=resampling
+    )
     write_volume(resample_to_grid(back, grid), out, overwrite=True)
     return out
 
@@ -67,6 +71,7 @@ def generate_all(args: argparse.Namespace) -> list[dict]:
     for w, rho, fine, sigma, seed in combos:
         tag = "" if w is None else f"w{w:g}-"
         fine_tag = "" if fine == rho else f"-fine{fine}"  # one ρ at every scale: the earlier names
+        fine_tag += "" if args.resampling == defaults.RESAMPLING else f"-{args.resampling}"
         path = volumes / f"{tag}rho{rho}{fine_tag}-s{sigma}-seed{seed}.nii.gz"
         if not path.exists():
             settings = GenerateSettings(
@@ -77,6 +82,7 @@ def generate_all(args: argparse.Namespace) -> list[dict]:
                 num_inference_steps=args.steps,
                 scheduler=args.scheduler,
                 guidance_scale=w,
+                resampling=args.resampling,
             )
             started = time.perf_counter()
             generate(args.segmentation, path, model=args.model, overwrite=True, settings=settings)
@@ -118,6 +124,12 @@ def main() -> None:
         default=[],
         help="each value a set of rows (default: the model's)",
     )
+    parser.add_argument(
+        "--resampling",
+        choices=defaults.RESAMPLINGS,
+        default=defaults.RESAMPLING,
+        help="back from the model's frame (volgen generate --resampling); --real frame too",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "planes")
     parser.add_argument("--generate-only", action="store_true")
     parser.add_argument(
@@ -143,7 +155,11 @@ def score_all(args: argparse.Namespace, rows: list[dict], reference: str) -> dic
     from volgen.evaluation import IntensitySegmenter
 
     real_path = real_on_grid(
-        args.segmentation, args.out / f"real-{reference}.nii.gz", args.model, frame=reference == "frame"
+        args.segmentation,
+        args.out / f"real-{reference}.nii.gz",
+        args.model,
+        frame=reference == "frame",
+        resampling=args.resampling,
     )
     segmentation = read_label(args.segmentation)
     mask = sitk.GetArrayFromImage(segmentation)
