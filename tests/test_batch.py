@@ -293,6 +293,17 @@ def test_resume_redoes_only_unfinished_cases(full_run, cases_dir, tiny_model_dir
     assert run_batch_cli(cases_dir, out, tiny_model_dir, "--seed", "3").exit_code == 0
     assert [k for k, s in statuses(out).items() if s == "done"] == [("c", 0), ("e", 0)]
 
+    # a sidecar from before --resampling was made with linear resampling: current only for --resampling linear
+    sidecar = json.loads((out / "a.nii.gz.json").read_text())
+    del sidecar["settings"]["resampling"]
+    (out / "a.nii.gz.json").write_text(json.dumps(sidecar))
+    linear = run_batch_cli(cases_dir, out, tiny_model_dir, "--seed", "3", "--resampling", "linear")
+    assert linear.exit_code == 0 and statuses(out)[("a", 0)] == "skipped"
+    assert all(s == "done" for k, s in statuses(out).items() if k != ("a", 0))
+    assert run_batch_cli(cases_dir, out, tiny_model_dir, "--seed", "3").exit_code == 0
+    assert set(statuses(out).values()) == {"done"}
+    assert json.loads((out / "a.nii.gz.json").read_text())["settings"]["resampling"] == "mask"
+
 
 def test_failing_cases_are_recorded_and_the_run_goes_on(cases_dir, bad_dir, tiny_model_dir, tmp_path):
     manifest = write_csv(
