@@ -669,17 +669,18 @@ def test_a_minimal_config_gets_the_measured_recipe_and_explicit_values_win(tmp_p
     assert config.model.unet_config().dropout == 0.1
     assert config.training.full_mask_p == 0.5
     assert config.data.erase_classes == [] and config.data.erase_p == 0.0  # per dataset, never by default
-    # the embedded models' configs spell the recipe out (they are the example of enclosing-class erasure),
-    # with the in-plane cuts and whole masks their models were trained with, not today's defaults
+    # the embedded models' configs spell the recipe out (they are the example of enclosing-class erasure);
+    # colin27-small keeps the in-plane cuts and whole masks it was trained with, colin27-native has today's
     configs = Path(__file__).parents[1] / "configs/train"
     shipped = yaml.safe_load((configs / "colin27-small.yaml").read_text())
     assert shipped["data"]["empty_slices"] == config.data.empty_slices
     assert shipped["data"]["edge_cut_p"] == config.data.edge_cut_p
     assert shipped["model"]["dropout"] == config.model.dropout
     assert shipped["data"]["erase_classes"] == ["head"]
-    for name in ("colin27-small", "colin27-native"):
-        pinned = TrainConfig.from_yaml(configs / f"{name}.yaml")
-        assert pinned.data.inplane_cut_p == 0.5 and pinned.training.full_mask_p == 0.0, name
+    small = TrainConfig.from_yaml(configs / "colin27-small.yaml")
+    assert small.data.inplane_cut_p == 0.5 and small.training.full_mask_p == 0.0
+    native = TrainConfig.from_yaml(configs / "colin27-native.yaml")
+    assert native.data.inplane_cut_p == 0.75 and native.training.full_mask_p == 0.5
 
     older = {
         "output_dir": "run",

@@ -45,9 +45,9 @@ def chunk_slice_bytes(
 
 
 #: float32 copies of the input grid held at once: the labels, the output and its physical copy, and at the
-#: peak of mask-guided resampling (:func:`volgen.frames.mask_guided_resample`) its linear fallback, the running
-#: blend and its weights and one class's interpolated value, weight and share (8.5 copies measured on
-#: 512 x 512 x 64 with 11 classes).
+#: peak of mask-guided resampling (:func:`volgen.frames.mask_guided_resample`) its linear fallback, the
+#: running blend and its weights and one class's interpolated value, weight and share (8.5 copies measured
+#: on 512 x 512 x 64 with 11 classes).
 INPUT_GRID_COPIES = 10
 
 
