@@ -177,18 +177,17 @@ def mask_guided_resample(
     margin = int(np.ceil(3 * edge_sigma))
     total = np.zeros(target.shape, np.float32)
     share = np.zeros(target.shape, np.float32)
-    for c in np.unique(target).tolist():
-        region = target == c
-        box = [np.flatnonzero(region.any(axis=tuple(a for a in range(3) if a != d))) for d in range(3)]
-        lo = [max(0, int(b[0]) - margin) for b in box]  # array order (z, y, x)
-        hi = [min(n, int(b[-1]) + 1 + margin) for b, n in zip(box, target.shape, strict=True)]
+    for c, (start, size) in _class_boxes(classes, target).items():
+        lo = [max(0, a - margin) for a in start[::-1]]  # array order (z, y, x)
+        hi = [min(n, a + b + margin) for a, b, n in zip(start[::-1], size[::-1], target.shape, strict=True)]
         sub = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+        region = target[sub] == c
         ref = sitk.RegionOfInterest(classes, [hi[2] - lo[2], hi[1] - lo[1], hi[0] - lo[0]], lo[::-1])
         member = (frame_labels == c).astype(np.float32)
         weight = _resampled_like(member, labels, ref)
         value = _resampled_like(frame_image * member, labels, ref)
         own = np.where(weight >= MIN_CLASS_WEIGHT, value / np.maximum(weight, MIN_CLASS_WEIGHT), linear[sub])
-        soft = region[sub].astype(np.float32)
+        soft = region.astype(np.float32)
         if edge_sigma > 0:
             soft = _gaussian(soft, edge_sigma)
         total[sub] += soft * own
@@ -197,6 +196,20 @@ def mask_guided_resample(
     result = sitk.GetImageFromArray(out.astype(sitk.GetArrayViewFromImage(plain).dtype, copy=False))
     result.CopyInformation(plain)
     return result
+
+
+def _class_boxes(classes: sitk.Image, target: np.ndarray) -> dict[int, tuple[list[int], list[int]]]:
+    """Each class's bounding box on the grid, ``{class: (start, size)}`` in SimpleITK's (x, y, z) index
+    order, found in one pass; background (0), when present, gets the whole grid."""
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(sitk.Cast(classes, sitk.sitkUInt32) if classes.GetPixelID() != sitk.sitkUInt32 else classes)
+    boxes = {}
+    if bool((target == 0).any()):
+        boxes[0] = ([0, 0, 0], list(classes.GetSize()))
+    for label in stats.GetLabels():
+        box = stats.GetBoundingBox(label)
+        boxes[int(label)] = (list(box[:3]), list(box[3:]))
+    return boxes
 
 
 def _gaussian(array: np.ndarray, sigma: float) -> np.ndarray:
