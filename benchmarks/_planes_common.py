@@ -35,10 +35,9 @@ def slice_frame_round_trip(
     --resampling`` brings a volume (``mask``: each voxel from its own class's frame pixels)."""
     frame = ModelFrame(slice_size, slice_axis, pixel_spacing).to_frame(labels, real)
     assert frame.image is not None
-    grid = sitk.Cast(real, sitk.sitkFloat32)
-    if resampling == "mask":
-        return frame.to_grid(frame.image, grid, classes=labels)
-    return resample_to_grid(frame.to_sitk(frame.image), grid)
+    if frame.exact:  # a copy either way
+        return resample_to_grid(frame.to_sitk(frame.image), sitk.Cast(real, sitk.sitkFloat32))
+    return frame.to_grid(frame.image, labels, resampling=resampling)
 
 
 #: The "done" ranges of issue #22 (through-plane texture), per axis: neighbour-difference ratio and

@@ -52,7 +52,7 @@ def test_each_voxel_is_interpolated_from_its_own_class_only():
     labels, image = frame.to_sitk(frame.labels), frame.to_sitk(values)
     hard = sitk.GetArrayFromImage(mask_guided_resample(image, labels, seg, edge_sigma=0))
     np.testing.assert_allclose(hard, truth, atol=1e-3)
-    guided = sitk.GetArrayFromImage(frame.to_grid(values, seg, classes=seg))  # the default blend
+    guided = sitk.GetArrayFromImage(frame.to_grid(values, seg, resampling="mask"))  # the default blend
     linear = sitk.GetArrayFromImage(frame.to_grid(values, seg))
     inner = _far_from_other_classes(seg, 2.0 * max(seg.GetSpacing()), in_plane=False)
     np.testing.assert_allclose(guided[inner], truth[inner], atol=1e-3)
@@ -70,7 +70,7 @@ def test_a_native_frame_at_the_segmentations_spacing_is_copied_either_way():
     frame = to_native_frame(seg, image, pixel_spacing=1.1, slice_axis="axial", multiple=8)
     assert frame.exact and frame.image is not None
     noisy = frame.image.numpy() + np.random.default_rng(0).normal(0, 3, frame.image.shape).astype(np.float32)
-    a = sitk.GetArrayFromImage(frame.to_grid(noisy, seg, classes=seg))
+    a = sitk.GetArrayFromImage(frame.to_grid(noisy, seg, resampling="mask"))
     b = sitk.GetArrayFromImage(frame.to_grid(noisy, seg))
     assert np.array_equal(a, b)
 

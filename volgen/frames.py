@@ -84,19 +84,18 @@ class SliceFrame:
     def to_grid(
         self,
         slices: Tensor | np.ndarray,
-        grid: sitk.Image,
+        classes: sitk.Image,
         *,
         default: float = 0.0,
-        classes: sitk.Image | None = None,
+        resampling: str = "linear",
     ) -> sitk.Image:
-        """Slices ``(N, H, W)`` of this frame put on ``grid``'s exact geometry: a copy of coinciding voxels
-        where the frame is ``exact``; else linear interpolation (:func:`resample_to_grid`) or, given the
-        class image ``classes`` on ``grid``, mask-guided interpolation (:func:`mask_guided_resample`)."""
-        if classes is not None and not self.exact:
-            return mask_guided_resample(
-                self.to_sitk(slices), self.to_sitk(self.labels), classes, default=default
-            )
-        return resample_to_grid(self.to_sitk(slices), grid, label=self.exact, default=default)
+        """Slices ``(N, H, W)`` of this frame put on the exact geometry of ``classes`` (the class image the
+        frame was made from): a copy of coinciding voxels where the frame is ``exact``, else
+        :func:`back_to_grid`."""
+        if self.exact:
+            return resample_to_grid(self.to_sitk(slices), classes, label=True, default=default)
+        labels = self.to_sitk(self.labels) if resampling == "mask" else None
+        return back_to_grid(self.to_sitk(slices), labels, classes, resampling=resampling, default=default)
 
 
 def to_slice_frame(
@@ -137,6 +136,23 @@ def resample_to_grid(
     """Resample ``image`` onto ``grid``'s exact size, spacing, origin and direction (linear or nearest)."""
     interpolator = sitk.sitkNearestNeighbor if label else sitk.sitkLinear
     return sitk.Resample(image, grid, sitk.Transform(), interpolator, float(default), image.GetPixelID())
+
+
+def back_to_grid(
+    image: sitk.Image,
+    labels: sitk.Image | None,
+    classes: sitk.Image,
+    *,
+    resampling: str,
+    default: float = 0.0,
+) -> sitk.Image:
+    """A generated ``image`` from its frame onto the grid of the class image ``classes``, as ``volgen generate
+    --resampling`` says: ``mask`` (:func:`mask_guided_resample`, ``labels`` the class indices in the frame)
+    or ``linear`` (:func:`resample_to_grid`)."""
+    if resampling == "mask":
+        assert labels is not None, "mask-guided resampling needs the frame's class indices"
+        return mask_guided_resample(image, labels, classes, default=default)
+    return resample_to_grid(image, classes, default=default)
 
 
 #: Below this share of a class among the frame pixels that interpolate a grid voxel, the voxel takes the

@@ -40,7 +40,7 @@ from torch import Tensor
 from volgen import defaults
 from volgen.conditioning import ConditionLayout, model_axes
 from volgen.errors import VolgenError
-from volgen.frames import mask_guided_resample, resample_to_grid, sitk_to_torchio, volume_to_slices
+from volgen.frames import back_to_grid, resample_to_grid, sitk_to_torchio, volume_to_slices
 
 if TYPE_CHECKING:
     from volgen.pipeline import VolumeGenerationOutput
@@ -313,11 +313,8 @@ def generate_in_cube(
         )
     physical = intensity.from_model(out.volume.numpy(), window).astype(np.float32)
     background = float(physical.min()) if physical.size else 0.0
-    if resampling == "mask":
-        labels = frame.to_sitk(frame.labels)
-        image = mask_guided_resample(frame.to_sitk(physical), labels, classes, default=background)
-    else:
-        image = resample_to_grid(frame.to_sitk(physical), classes, default=background)
+    labels = frame.to_sitk(frame.labels) if resampling == "mask" else None
+    image = back_to_grid(frame.to_sitk(physical), labels, classes, resampling=resampling, default=background)
     return MultiAxisResult(
         image=image,
         axes=used,

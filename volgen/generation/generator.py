@@ -536,9 +536,9 @@ class VolumeGenerator:
         for volume, key, request in zip(result.volumes, keys, requests, strict=True):
             frame, window, _ = frames[key]
             physical = meta.intensity.from_model(volume.numpy(), window)
-            guide = prepared[key][0] if request.settings.resampling == "mask" else None  # by class
             background = float(physical.min()) if physical.size else 0.0
-            generated = frame.to_grid(physical, request.segmentation, default=background, classes=guide)
+            resampling = request.settings.resampling
+            generated = frame.to_grid(physical, prepared[key][0], default=background, resampling=resampling)
             images.append(self._stored(generated, request.segmentation))
         return images, result
 
