@@ -108,6 +108,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "data": {**NATIVE_2MM_MILD, "inplane_cut_p": 0.75},
         "training": {"full_mask_p": 0.5},
     },
+    # the same recipe at Colin27's own 1 mm (configs/train/colin27-native-1mm.yaml): whole 1 mm slices
+    "native-1mm-mild-cuts-0.75-full-mask": {
+        "data": {**NATIVE_2MM_MILD, "pixel_spacing": 1.0, "inplane_cut_p": 0.75},
+        "training": {"full_mask_p": 0.5},
+    },
 }
 DEFAULT_VARIANTS = (
     "recipe",

@@ -34,6 +34,7 @@ from volgen.cli.options import (  # noqa: F401 - re-exported for volgen.cli.batc
     command_settings,
     emit_json,
     notify_model,
+    notify_resolution,
     split_names,
     warn,
 )
@@ -152,6 +153,7 @@ def generate(
     mode = ProgressMode.none if quiet and progress == ProgressMode.rich else progress
     if not quiet:
         notify_model(checked.model, mode)
+        notify_resolution(checked.metadata, checked.grid, mode)
     if dry_run:
         from volgen.cli.plan import generation_plan
 

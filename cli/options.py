@@ -205,10 +205,26 @@ def notify_model(folder: Path, progress: ProgressMode) -> None:
 
     if not is_embedded(folder):
         return
-    note = (
+    notice(
         f"embedded model {folder.name}, trained on {read_metadata(folder).trained_on}; "
-        "real use needs --model trained on real data"
+        "real use needs --model trained on real data",
+        progress,
     )
+
+
+def notify_resolution(metadata: Any, grid: Any, progress: ProgressMode) -> None:
+    """Say, on one line, when the model's pixels are coarser than the segmentation's in-plane spacing
+    (:meth:`volgen.frames.ModelFrame.resolution_note`; from the header alone)."""
+    from volgen.frames import ModelFrame
+
+    frame = ModelFrame(metadata.slice_size, metadata.slice_axis, metadata.pixel_spacing)
+    note = frame.resolution_note(grid)
+    if note is not None:
+        notice(note, progress)
+
+
+def notice(note: str, progress: ProgressMode) -> None:
+    """A ``note:`` line on stderr (a ``notice`` event with ``--progress json``; nothing with ``none``)."""
     if progress == ProgressMode.json:
         emit_json(event="notice", message=note)
     elif progress == ProgressMode.rich:

@@ -202,6 +202,27 @@ def test_info_names_the_native_frame(native_model):
     assert result.exit_code == 0 and "native: whole slices at 1.1 mm" in " ".join(result.output.split())
 
 
+def test_generate_notes_a_model_pixel_coarser_than_the_segmentation(native_model, tmp_path):
+    """A native model at 1.1 mm on a segmentation of 0.7 mm in-plane: one note naming both spacings (its
+    detail between comes from resampling); none where the segmentation has the model's own spacing."""
+    from typer.testing import CliRunner
+
+    from volgen import io
+    from volgen.cli.app import _register, app
+
+    _register()
+    fine, own = tmp_path / "fine.nii.gz", tmp_path / "own.nii.gz"
+    io.write_volume(_segmentation(), fine)
+    io.write_volume(_segmentation(spacing=(PIXEL, PIXEL, 2.2)), own)
+    said = {}
+    for path in (fine, own):
+        result = CliRunner().invoke(app, ["generate", str(path), "--model", str(native_model), "--dry-run"])
+        assert result.exit_code == 0, result.output
+        said[path] = " ".join(result.output.split())
+    assert "model makes 1.1 mm pixels (native frame)" in said[fine] and "slices have 0.7 mm" in said[fine]
+    assert "mm pixels" not in said[own]
+
+
 def test_native_training_resumes_exactly(native_model):
     """Crop positions come from the run's seed per step: an interrupted run resumed repeats it exactly."""
     from volgen.training import TrainConfig, train

@@ -346,14 +346,7 @@ def native_plane(
     labels: sitk.Image, *, pixel_spacing: float, slice_axis: str, multiple: int = 1, min_size: int = 0
 ) -> tuple[int, int]:
     """``(H, W)`` of the slices :func:`to_native_frame` makes of ``labels``, from its geometry alone."""
-    affine = tio.io.get_ras_affine_from_sitk(labels)
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    closeness = np.abs(affine[:3, :3] / spacing)  # (world axis, voxel axis)
-    shape, world_spacing = [0, 0, 0], [0.0, 0.0, 0.0]
-    for _ in range(3):  # each voxel axis to its closest RAS axis, the clearest first (as reorienting does)
-        w, j = np.unravel_index(int(np.argmax(closeness)), closeness.shape)
-        shape[w], world_spacing[w] = int(labels.GetSize()[j]), float(spacing[j])
-        closeness[w, :], closeness[:, j] = -1.0, -1.0
+    shape, world_spacing = _world_grid(labels)
     grid, _, _ = native_grid(
         (shape[0], shape[1], shape[2]),
         np.diag([*world_spacing, 1.0]),
@@ -364,6 +357,25 @@ def native_plane(
     )
     _, rows, columns = _permutation(slice_axis)
     return grid[rows], grid[columns]
+
+
+def _world_grid(labels: sitk.Image) -> tuple[list[int], list[float]]:
+    """Size and spacing (mm) of ``labels`` along each RAS axis, from its geometry alone: each voxel axis to
+    its closest RAS axis, the clearest first (as reorienting does)."""
+    affine = tio.io.get_ras_affine_from_sitk(labels)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    closeness = np.abs(affine[:3, :3] / spacing)  # (world axis, voxel axis)
+    shape, world_spacing = [0, 0, 0], [0.0, 0.0, 0.0]
+    for _ in range(3):
+        w, j = np.unravel_index(int(np.argmax(closeness)), closeness.shape)
+        shape[w], world_spacing[w] = int(labels.GetSize()[j]), float(spacing[j])
+        closeness[w, :], closeness[:, j] = -1.0, -1.0
+    return shape, world_spacing
+
+
+#: A frame pixel more than this factor coarser than a segmentation's finest in-plane spacing earns a note
+#: (:meth:`ModelFrame.resolution_note`): its finest detail then comes from resampling, not from the model.
+COARSER_PIXEL = 1.25
 
 
 @dataclass(frozen=True)
@@ -404,6 +416,30 @@ class ModelFrame:
 
         native = self.pixel_spacing is not None
         return defaults.NATIVE_FINE_NOISE_BY_SPACING if native else defaults.FINE_NOISE_BY_SPACING
+
+    def pixel(self, labels: sitk.Image) -> tuple[float, float]:
+        """``(frame pixel, finest in-plane spacing of labels)`` in mm: the model's pixel spacing, or for the
+        fitted frame the field of view over ``slice_size`` (as :func:`to_slice_frame` resamples)."""
+        shape, spacing = _world_grid(labels)
+        in_plane = [d for d in range(3) if d != _permutation(self.slice_axis)[0]]
+        finest = min(spacing[d] for d in in_plane)
+        if self.pixel_spacing is not None:
+            return float(self.pixel_spacing), finest
+        return max(shape[d] * spacing[d] for d in in_plane) / self.slice_size, finest
+
+    def resolution_note(self, labels: sitk.Image) -> str | None:
+        """One line when this frame's pixels are coarser than ``labels``' in-plane spacing (more than
+        :data:`COARSER_PIXEL` times): the detail between comes from resampling back onto the grid."""
+        pixel, finest = self.pixel(labels)
+        if pixel <= COARSER_PIXEL * finest:
+            return None
+        made = "native" if self.pixel_spacing is not None else f"fitted {self.slice_size} px"
+        return (
+            f"the model makes {pixel:.3g} mm pixels ({made} frame) and the segmentation's slices have "
+            f"{finest:.3g} mm: detail finer than {pixel:.3g} mm comes from resampling onto its grid "
+            f"(--resampling), not from the model; a native model trained at {finest:.3g} mm makes it "
+            "(docs/resolution.md)"
+        )
 
     def plane(self, labels: sitk.Image) -> int | tuple[int, int]:
         """The size of ``labels``' slices in this frame (``H = W`` or ``(H, W)``; for memory estimates)."""
