@@ -110,10 +110,10 @@ def to_slice_frame(
         slice_axis: ``axial``, ``coronal`` or ``sagittal``.
     """
     permutation = _permutation(slice_axis)
-    in_plane = [d for d in range(3) if d != permutation[0]]
     label_img = tio.ToCanonical()(sitk_to_torchio(labels, label=True))
-    fov = np.array(label_img.spatial_shape) * np.array(label_img.spacing)
-    pixel = float(max(fov[in_plane])) / slice_size
+    pixel = fitted_pixel(
+        label_img.spatial_shape, label_img.spacing, slice_axis=slice_axis, slice_size=slice_size
+    )
     spacing = [pixel] * 3
     spacing[permutation[0]] = float(label_img.spacing[permutation[0]])
     target_shape = [slice_size] * 3
@@ -128,6 +128,13 @@ def to_slice_frame(
         image_slices = volume_to_slices(image_img.data[0].float(), slice_axis).contiguous()
     label_slices = volume_to_slices(label_img.data[0].to(torch.uint8), slice_axis).contiguous()
     return SliceFrame(labels=label_slices, image=image_slices, affine=label_img.affine, slice_axis=slice_axis)
+
+
+def fitted_pixel(shape, spacing, *, slice_axis: str, slice_size: int) -> float:
+    """The fitted frame's pixel (mm): the larger in-plane field of view of a RAS volume of ``shape`` voxels
+    of ``spacing`` mm, over ``slice_size``."""
+    in_plane = [d for d in range(3) if d != _permutation(slice_axis)[0]]
+    return max(float(shape[d]) * float(spacing[d]) for d in in_plane) / slice_size
 
 
 def resample_to_grid(
@@ -421,11 +428,10 @@ class ModelFrame:
         """``(frame pixel, finest in-plane spacing of labels)`` in mm: the model's pixel spacing, or for the
         fitted frame the field of view over ``slice_size`` (as :func:`to_slice_frame` resamples)."""
         shape, spacing = _world_grid(labels)
-        in_plane = [d for d in range(3) if d != _permutation(self.slice_axis)[0]]
-        finest = min(spacing[d] for d in in_plane)
+        finest = min(spacing[d] for d in range(3) if d != _permutation(self.slice_axis)[0])
         if self.pixel_spacing is not None:
             return float(self.pixel_spacing), finest
-        return max(shape[d] * spacing[d] for d in in_plane) / self.slice_size, finest
+        return fitted_pixel(shape, spacing, slice_axis=self.slice_axis, slice_size=self.slice_size), finest
 
     def resolution_note(self, labels: sitk.Image) -> str | None:
         """One line when this frame's pixels are coarser than ``labels``' in-plane spacing (more than
