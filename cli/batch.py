@@ -28,6 +28,7 @@ from volgen.cli.generate import (
     command_settings,
     emit_json,
     notify_model,
+    notify_sampling,
 )
 from volgen.cli.plan import duration as _duration
 
@@ -61,7 +62,7 @@ def batch(
         int, typer.Option(help="Base seed; each case's seed derives from it and the case id.")
     ] = defaults.SEED,
     scheduler: SchedulerOption = defaults.SCHEDULER,
-    steps: StepsOption = defaults.STEPS,
+    steps: StepsOption = None,
     noise_correlation: RhoOption = defaults.NOISE_CORRELATION,
     fine_noise_correlation: FineRhoOption = defaults.FINE_NOISE_CORRELATION,
     guidance_scale: GuidanceOption = None,
@@ -143,12 +144,13 @@ def batch(
     )
     options.check()
     shard_spec = parse_shard(shard) if shard is not None else (0, 1)
-    read_metadata(model_dir)
+    metadata = read_metadata(model_dir)
     resolve_device(device)  # a device this machine has, before any case is read
     if quiet:
         progress = ProgressMode.none if progress == ProgressMode.rich else progress
     else:
         notify_model(model_dir, progress)
+        notify_sampling(metadata, options.settings, progress)
     logging.getLogger("volgen.api").setLevel(logging.ERROR)
 
     if dry_run:

@@ -58,7 +58,8 @@ def copy_example(destination: Path, *, overwrite: bool = False) -> Path:
 
 @dataclass
 class CheckedGeneration:
-    """A generation whose inputs, settings and outputs passed the checks: what the run and the dry run use."""
+    """A generation whose inputs, settings and outputs passed the checks: what the run and the dry run use
+    (``settings`` as they run: what the options leave open decided by the model's ``sampling``)."""
 
     segmentation: Path
     grid: Geometry
@@ -119,4 +120,5 @@ def check_generation(
             overwrite=overwrite,
             protected=protected,
         )
+    settings = settings.for_model(metadata)  # the model's sampling defaults, decided once for the run
     return CheckedGeneration(segmentation, grid, model_dir, metadata, settings, samples, reference)

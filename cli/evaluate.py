@@ -389,7 +389,7 @@ def evaluate_downstream(
     nnunet_epochs: Annotated[
         int, typer.Option(min=1, help="nnU-Net epochs (a trainer nnUNetTrainer_<N>epochs must exist).")
     ] = 50,
-    steps: StepsOption = defaults.STEPS,
+    steps: StepsOption = None,
     scheduler: SchedulerOption = defaults.SCHEDULER,
     noise_correlation: RhoOption = defaults.NOISE_CORRELATION,
     guidance_scale: GuidanceOption = None,

@@ -35,6 +35,7 @@ from volgen.cli.options import (  # noqa: F401 - re-exported for volgen.cli.batc
     emit_json,
     notify_model,
     notify_resolution,
+    notify_sampling,
     split_names,
     warn,
 )
@@ -84,7 +85,7 @@ def generate(
         ),
     ] = defaults.SAMPLES,
     scheduler: SchedulerOption = defaults.SCHEDULER,
-    steps: StepsOption = defaults.STEPS,
+    steps: StepsOption = None,
     noise_correlation: RhoOption = defaults.NOISE_CORRELATION,
     fine_noise_correlation: FineRhoOption = defaults.FINE_NOISE_CORRELATION,
     guidance_scale: GuidanceOption = None,
@@ -137,6 +138,7 @@ def generate(
     from volgen.generation.files import output_identities
 
     segmentation, output = example_or(segmentation, output)
+    asked = command_settings(locals())
     checked = check_generation(
         segmentation,
         output,
@@ -147,12 +149,13 @@ def generate(
         output_format=output_format,
         overwrite=overwrite,
         precision=precision,
-        settings=command_settings(locals()),
+        settings=asked,
     )
     limit = parse_memory(max_memory)
     mode = ProgressMode.none if quiet and progress == ProgressMode.rich else progress
     if not quiet:
         notify_model(checked.model, mode)
+        notify_sampling(checked.metadata, asked, mode)
         notify_resolution(checked.metadata, checked.grid, mode)
     if dry_run:
         from volgen.cli.plan import generation_plan

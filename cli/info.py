@@ -160,6 +160,7 @@ def _model_info(path: Path, as_json: bool) -> None:
             f"{meta.intensity.modality} {meta.intensity.low:g} .. {meta.intensity.high:g}"
             + (f" (percentiles {meta.intensity.percentiles})" if meta.intensity.modality == "MR" else " HU"),
         ),
+        ("sampling", meta.sampling.options() or "volgen's defaults (volgen generate --help)"),
         ("UNet", f"{params:,} parameters, blocks {tuple(unet.block_out_channels)}, in {unet.in_channels} ch"),
         (
             "schedule",

@@ -25,11 +25,12 @@ if TYPE_CHECKING:
 
 SchedulerOption = Annotated[str, typer.Option(help="Sampler: " + ", ".join(defaults.SCHEDULERS) + ".")]
 StepsOption = Annotated[
-    int,
+    int | None,
     typer.Option(
-        help="Denoising steps over the whole schedule (at most the model's training timesteps). With "
-        "--strength λ < 1 only the steps at or below λ run, about λ × STEPS (λ 0.4 --steps 5: 2 steps); "
-        "the run says how many on stderr."
+        help="Denoising steps over the whole schedule (at most the model's training timesteps). Default: "
+        f"the model's own (sampling.steps in its volgen.json, see volgen info MODEL), else {defaults.STEPS}. "
+        "With --strength λ < 1 only the steps at or below λ run, about λ × STEPS (λ 0.4 --steps 5: 2 "
+        "steps); the run says how many on stderr."
     ),
 ]
 StrengthOption = Annotated[
@@ -108,8 +109,9 @@ LateFractionOption = Annotated[
 GuidanceOption = Annotated[
     float | None,
     typer.Option(
-        help="Classifier-free guidance w towards the mask (1: off, half the UNet passes). Default: "
-        f"{defaults.GUIDANCE_SCALE:g} for models with 'specified' flags, off for older models."
+        help="Classifier-free guidance w towards the mask (1: off, half the UNet passes). Default: the "
+        f"model's own (sampling.guidance_scale), else {defaults.GUIDANCE_SCALE:g} for models with "
+        "'specified' flags and off for older models."
     ),
 ]
 ResamplingOption = Annotated[
@@ -142,7 +144,7 @@ def build_settings(
     *,
     seed: int = defaults.SEED,
     scheduler: str = defaults.SCHEDULER,
-    steps: int = defaults.STEPS,
+    steps: int | None = None,
     noise_correlation: float = defaults.NOISE_CORRELATION,
     fine_noise_correlation: float | str = defaults.FINE_NOISE_CORRELATION,
     strength: float = defaults.STRENGTH,
@@ -210,6 +212,19 @@ def notify_model(folder: Path, progress: ProgressMode) -> None:
         "real use needs --model trained on real data",
         progress,
     )
+
+
+def notify_sampling(metadata: Any, asked: GenerateSettings, progress: ProgressMode) -> None:
+    """Say, on one line, which of the model's own sampling defaults (``sampling`` in its ``volgen.json``)
+    a run takes because its options leave them open (nothing when the options say them all)."""
+    taken = metadata.sampling.model_copy(
+        update={
+            "steps": None if asked.num_inference_steps is not None else metadata.sampling.steps,
+            "guidance_scale": None if asked.guidance_scale is not None else metadata.sampling.guidance_scale,
+        }
+    )
+    if taken.options():
+        notice(f"model {metadata.name}'s own sampling defaults: {taken.options()}", progress)
 
 
 def notify_resolution(metadata: Any, grid: Any, progress: ProgressMode) -> None:

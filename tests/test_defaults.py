@@ -25,7 +25,7 @@ PLUGIN = Path(__file__).resolve().parents[1] / "plugins" / "slicer" / "VolGen"
 EXPECTED = {
     "seed": defaults.SEED,
     "scheduler": defaults.SCHEDULER,
-    "steps": defaults.STEPS,
+    "steps": None,  # the model's own sampling.steps, else defaults.STEPS (GenerateSettings.for_model)
     "noise_correlation": defaults.NOISE_CORRELATION,
     "fine_noise_correlation": defaults.FINE_NOISE_CORRELATION,
     "x0_smoothing": defaults.X0_SMOOTHING,
@@ -101,6 +101,7 @@ def _plugin_node_defaults() -> dict[str, object]:
     which the panel takes its defaults from); the latter is resolved through the helper."""
     sys.path.insert(0, str(PLUGIN))
     try:
+        from VolGenLib import parameters
         from VolGenLib.parameters import GenerationParameters
     finally:
         sys.path.remove(str(PLUGIN))
@@ -109,6 +110,8 @@ def _plugin_node_defaults() -> dict[str, object]:
     def value(node: ast.expr) -> object:
         if isinstance(node, ast.Attribute) and getattr(node.value, "id", "") == "GenerationParameters":
             return getattr(helper, node.attr)
+        if isinstance(node, ast.Name):  # a constant of the helper's (MODEL_STEPS)
+            return getattr(parameters, node.id)
         return ast.literal_eval(node)
 
     tree = ast.parse((PLUGIN / "VolGen.py").read_text(encoding="utf-8"))
@@ -123,7 +126,7 @@ def _plugin_node_defaults() -> dict[str, object]:
                 if isinstance(s, ast.AnnAssign)
                 and s.value is not None
                 and isinstance(s.target, ast.Name)
-                and isinstance(s.value, (ast.Constant, ast.Attribute))
+                and isinstance(s.value, (ast.Constant, ast.Attribute, ast.Name))
             }
     raise AssertionError("no parameter node class with noiseCorrelation in VolGen.py")
 
@@ -131,7 +134,6 @@ def _plugin_node_defaults() -> dict[str, object]:
 def test_slicer_module_defaults():
     node = _plugin_node_defaults()
     assert node["noiseCorrelation"] == defaults.NOISE_CORRELATION, "Slicer panel ρ"
-    assert node["steps"] == defaults.STEPS
     assert node["scheduler"] == defaults.SCHEDULER
     assert node["seed"] == defaults.SEED
     assert node["strength"] == defaults.STRENGTH
@@ -139,12 +141,14 @@ def test_slicer_module_defaults():
 
     sys.path.insert(0, str(PLUGIN))
     try:
-        from VolGenLib.parameters import SCHEDULERS, GenerationParameters
+        from VolGenLib.parameters import SCHEDULERS, GenerationParameters, steps_option
     finally:
         sys.path.remove(str(PLUGIN))
     params = GenerationParameters()
+    # steps: the panel passes none, so the model decides (its own sampling.steps, else defaults.STEPS)
+    assert steps_option(node["steps"]) is None and params.steps is None
     assert params.noise_correlation == defaults.NOISE_CORRELATION
-    assert params.steps == defaults.STEPS and params.scheduler == defaults.SCHEDULER
+    assert params.scheduler == defaults.SCHEDULER
     assert params.seed == defaults.SEED and params.strength == defaults.STRENGTH
     assert params.device == defaults.DEVICE and params.unknown_labels == defaults.UNKNOWN_LABELS
     assert set(SCHEDULERS) == set(defaults.SCHEDULERS)

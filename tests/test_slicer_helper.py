@@ -54,7 +54,7 @@ PYTHON = sys.executable
 
 def test_parameters_defaults_are_valid():
     params = GenerationParameters()
-    assert params.scheduler == "dpmsolver++" and params.steps >= 1 and not params.needs_reference
+    assert params.scheduler == "dpmsolver++" and params.steps is None and not params.needs_reference
 
 
 @pytest.mark.parametrize(
@@ -132,6 +132,8 @@ def test_build_command_defaults_and_keep(tmp_path):
     assert command[0] == PYTHON  # outside Slicer the default Python is this one
     assert "--model" not in command and "--reference" not in command and "--strength" not in command
     assert command[command.index("--keep") + 1] == "liver"
+    # steps and guidance left to the model: its own sampling defaults, else volgen's
+    assert "--steps" not in command and "--guidance-scale" not in command
 
 
 def test_build_command_needs_reference_below_lambda_one(tmp_path):

@@ -22,11 +22,13 @@ if str(MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(MODULE_DIR))
 
 from VolGenLib import (  # noqa: E402
+    MODEL_STEPS,
     GenerationParameters,
     InstallSource,
     InstallSourceError,
     install_source,
     pip_arguments,
+    steps_option,
 )
 
 
@@ -151,9 +153,9 @@ def test_panel_defaults_are_volgens_defaults():
         n.target.id: n.value for n in node_class.body if isinstance(n, ast.AnnAssign) and n.value is not None
     }
     names = {f.name for f in dataclasses.fields(GenerationParameters)}
+    assert ast.unparse(defaults["steps"]) == "MODEL_STEPS" and steps_option(MODEL_STEPS) is None  # no --steps
     for attr, param in [
         ("strength", "strength"),
-        ("steps", "steps"),
         ("scheduler", "scheduler"),
         ("seed", "seed"),
         ("noiseCorrelation", "noise_correlation"),
@@ -166,6 +168,9 @@ def test_panel_defaults_are_volgens_defaults():
     slider = ui.find(".//widget[@name='noiseCorrelationSlider']")
     value = slider.find("./property[@name='value']/double").text
     assert float(value) == pytest.approx(library.noise_correlation)
+    steps = ui.find(".//widget[@name='stepsSpinBox']")
+    assert int(steps.find("./property[@name='value']/number").text) == MODEL_STEPS
+    assert int(steps.find("./property[@name='minimum']/number").text) == MODEL_STEPS
     guidance = ui.find(".//widget[@name='guidanceScaleSlider']/property[@name='value']/double").text
     from volgen import defaults
 

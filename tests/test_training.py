@@ -398,6 +398,31 @@ def test_cli_config_value_out_of_range(workdir):
     assert "training.ablation_p" in line
 
 
+def test_config_sampling_reaches_the_model_and_guidance_needs_flags(workdir):
+    """``sampling:`` in a training config is what the exported model asks ``volgen generate`` for (its
+    ``volgen.json``); guidance for a model trained without "specified" flags is refused before training."""
+    import json
+
+    cfg = write_config(workdir, output_dir="sampling", max_steps=1, preview_every=0)
+    config = yaml.safe_load(cfg.read_text(encoding="utf-8"))
+    config["sampling"] = {"steps": 12, "guidance_scale": 1.25}
+    cfg.write_text(yaml.safe_dump(config), encoding="utf-8")
+    result = _invoke("train", str(cfg))
+    assert result.exit_code == 0, result.output
+    meta = json.loads((workdir / "sampling" / "model" / "volgen.json").read_text())
+    assert meta["sampling"] == {"steps": 12, "guidance_scale": 1.25}
+    assert "--steps 12 --guidance-scale 1.25" in " ".join(
+        _invoke("info", str(workdir / "sampling" / "model")).output.split()
+    )
+
+    config["model"]["specified_flags"] = False
+    config["output_dir"] = "sampling-unflagged"
+    cfg.write_text(yaml.safe_dump(config), encoding="utf-8")
+    line = _one_line_error(_invoke("train", str(cfg)))
+    assert "sampling.guidance_scale 1.25" in line and "specified_flags" in line
+    assert not (workdir / "sampling-unflagged").exists()
+
+
 def record_unet_inputs(monkeypatch) -> list[torch.Tensor]:
     """A list that receives the input of every forward of every UNet built from now on."""
     import volgen.models

@@ -26,6 +26,7 @@ from pydantic import Field, model_validator
 
 from volgen.conditioning import ConditionLayout
 from volgen.config import StrictModel, load_yaml, preset_path, validate
+from volgen.defaults import MAX_GUIDANCE_SCALE
 from volgen.errors import ConfigError, ModelError
 from volgen.io.checks import check_finite_weights, check_model_files
 from volgen.io.naming import MODEL_METADATA_FILE
@@ -149,6 +150,27 @@ class IntensityMapping(StrictModel):
         return np.asarray(values, dtype=np.float32)
 
 
+class SamplingDefaults(StrictModel):
+    """How a model asks to be sampled when the user does not say: ``volgen.json``'s ``sampling``.
+
+    A setting left ``None`` is volgen's default (:mod:`volgen.defaults`, chosen on the embedded 2 mm model);
+    an option given on the command line (or in :class:`volgen.generation.GenerateSettings`) always wins.
+    A model measured to need other settings carries them here (training config ``sampling:``, or an edit of
+    ``volgen.json``): e.g. the native 1 mm model, 12 steps at guidance 1.25 (docs/resolution.md).
+    """
+
+    #: Denoising steps over the whole schedule (``--steps``).
+    steps: int | None = Field(None, ge=1)
+    #: Classifier-free guidance ``w`` (``--guidance-scale``; other than 1 needs "specified" flags).
+    guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE_SCALE)
+
+    def options(self) -> str:
+        """The command-line options these defaults stand for (``"--steps 12 --guidance-scale 1.25"``);
+        empty when the model leaves everything to volgen."""
+        shown = [("--steps", self.steps), ("--guidance-scale", self.guidance_scale)]
+        return " ".join(f"{flag} {value:g}" for flag, value in shown if value is not None)
+
+
 class ModelMetadata(StrictModel):
     """Everything volgen knows about a model beyond its weights and noise schedule.
 
@@ -173,6 +195,8 @@ class ModelMetadata(StrictModel):
     training: dict[str, Any] = Field(default_factory=dict)
     #: The condition vector ("specified" flags, slice axis) and context padding; ``None``: older models.
     condition: ConditionLayout | None = None
+    #: How the model asks to be sampled where the user does not say (:class:`SamplingDefaults`).
+    sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
 
     @property
     def num_classes(self) -> int:
@@ -190,6 +214,12 @@ class ModelMetadata(StrictModel):
     def _check(self) -> ModelMetadata:
         if self.encoding == "seed" and self.num_classes > 256:
             raise ValueError("the seed encoding holds at most 255 foreground classes")
+        w = self.sampling.guidance_scale
+        if w is not None and w != 1.0 and (self.condition is None or not self.condition.specified_flags):
+            raise ValueError(
+                f"sampling.guidance_scale {w:g}: a model without 'specified' flags cannot be guided; use 1 "
+                "or leave it out"
+            )
         return self
 
 

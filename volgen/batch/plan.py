@@ -169,7 +169,8 @@ def plan_batch(
         cases: The cases.
         out_dir: The output folder.
         options: Model, settings, samples, format, layout.
-        metadata: The model's metadata (label map for class selections).
+        metadata: The model's metadata (label map for class selections; its ``sampling`` decides what the
+            settings leave to the model, so sidecars and resume see the settings that run).
         protected: ``(what, path)`` pairs besides the cases' inputs and references that no output may be,
             contain or lie inside: the source folder or manifest, the model folder.
 
@@ -197,7 +198,7 @@ def plan_batch(
                 f"above the largest seed {top}; give this case a seed of at most {top - last}"
             )
         for sample in range(options.samples_per_case):
-            settings = item_settings(options.settings, case, sample)
+            settings = item_settings(options.settings, case, sample).for_model(metadata)  # its sampling
             try:
                 metadata.label_map.selection(keep=settings.keep, drop=settings.drop)
             except VolgenError as e:

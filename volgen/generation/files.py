@@ -205,6 +205,8 @@ def generate_samples(
         logger.info(
             "using the embedded default model (%s); real use needs --model", generator.metadata.trained_on
         )
+    settings = generator.settings_for(settings)  # the model's sampling defaults, once: run and sidecars
+    seeds = sample_settings(settings, samples)
     case = CaseWorkflow.read(
         generator,
         segmentation,

@@ -191,11 +191,15 @@ class VolumeGenerator:
             )
         return tuple(settings.slice_axes) if len(trained) > 1 else None
 
+    def settings_for(self, settings: GenerateSettings) -> GenerateSettings:
+        """``settings`` with what they leave to the model decided (:meth:`GenerateSettings.for_model`)."""
+        return settings.for_model(self.metadata)
+
     def guidance_scale(self, settings: GenerateSettings) -> float:
-        """The classifier-free guidance a run uses (``None`` in the settings: the model's default, see
-        :meth:`volgen.pipeline.SegmentationToVolumePipeline.resolve_guidance_scale`)."""
+        """The classifier-free guidance a run uses (``None`` in the settings: the model's own, else its
+        default by flags, :meth:`volgen.pipeline.SegmentationToVolumePipeline.resolve_guidance_scale`)."""
         try:
-            return self.pipeline.resolve_guidance_scale(settings.guidance_scale)
+            return self.pipeline.resolve_guidance_scale(self.settings_for(settings).guidance_scale)
         except VolgenError as exc:
             raise SettingsError(f"--guidance-scale: {exc} (model {self.metadata.name!r})") from None
 
@@ -206,8 +210,9 @@ class VolumeGenerator:
         return slices_along(segmentation, self.metadata.slice_axis)
 
     def check(self, settings: GenerateSettings, *, reference: bool) -> None:
-        """Check the settings against this model before any work: steps up to its training timesteps, the
-        class names, the slice axes, and that λ < 1 has a reference."""
+        """Check the settings (as :meth:`settings_for` decides them) against this model before any work: steps
+        up to its training timesteps, the class names, the slice axes, and that λ < 1 has a reference."""
+        settings = self.settings_for(settings)
         self.cube_axes(settings)
         self.guidance_scale(settings)
         if settings.strength < 1.0 and not reference:
@@ -334,6 +339,7 @@ class VolumeGenerator:
         """A run's plan: ``slices`` per step, ``voxels`` of ``labels``; settings resolved once, for it."""
         from volgen.sampling import fine_rho_for  # torch: not imported before the fast checks
 
+        settings = self.settings_for(settings)
         plane = max((self.frame.plane(s) for s in labels), key=plane_pixels)
         value, rho = settings.fine_noise_correlation, settings.noise_correlation
         fine = {fine_rho_for(value, rho, self.frame, s) for s in labels}  # auto: by the slice spacing
@@ -353,15 +359,10 @@ class VolumeGenerator:
         )
 
     def slice_forwards(
-        self,
-        segmentation: Any,
-        settings: GenerateSettings,
-        *,
-        volumes: int = 1,
-        max_memory: int | None = None,
+        self, segmentation: Any, settings: GenerateSettings, *, volumes=1, max_memory=None
     ) -> int:
-        """UNet slice-forwards of ``volumes`` volumes of this segmentation generated together (they share
-        padded chunks; time estimates): :attr:`volgen.sampling.SamplingPlan.forwards` of :meth:`plan`."""
+        """UNet slice-forwards of ``volumes`` volumes of this segmentation generated together: the
+        :attr:`volgen.sampling.SamplingPlan.forwards` of :meth:`plan`."""
         return self.plan(segmentation, settings, volumes=volumes, max_memory=max_memory).forwards
 
     def generate(
@@ -460,7 +461,7 @@ class VolumeGenerator:
             seconds = time.perf_counter() - started
             return [
                 GeneratedVolume(
-                    self._stored(self._physical(r.reference), r.segmentation),
+                    self._stored(r.reference, r.segmentation),
                     prepared[id(r.segmentation), id(r.reference)][1],
                     names,
                     seconds=seconds,
@@ -570,11 +571,6 @@ class VolumeGenerator:
             axis_schedule=result.schedule,
             cube_voxel=result.voxel,
         )
-
-    def _physical(self, reference: Any) -> Any:
-        import SimpleITK as sitk
-
-        return sitk.Cast(reference, sitk.sitkFloat32)
 
     def _stored(self, physical: Any, grid: Any) -> Any:
         """Physical float values -> the stored type (CT rounded once to int16), with ``grid``'s geometry."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 from volgen import defaults
 from volgen.errors import VolgenError
@@ -33,15 +34,16 @@ class GenerateSettings:
     Attributes:
         seed: Seed of all randomness, ``0 .. 2**63 - 1``.
         scheduler: Sampler name (:data:`volgen.defaults.SCHEDULERS`).
-        num_inference_steps: Denoising steps over the full schedule (``>= 1``).
+        num_inference_steps: Denoising steps over the full schedule (``>= 1``); ``None``: the model's own
+            (``sampling.steps`` in its ``volgen.json``), else :data:`volgen.defaults.STEPS`.
         noise_correlation: ρ of the initial noise between slices, in [0, 1) (its coarse scales).
         fine_noise_correlation: ρ of the initial noise's fine scales between slices, in [0, 1), or
             ``"auto"`` (the default: by the slice spacing, :data:`volgen.defaults.FINE_NOISE_BY_SPACING`);
             equal to ``noise_correlation``: one ρ at every scale, volgen's earlier noise.
         x0_smoothing: σ in slices of the through-plane smoothing of the x0 prediction, in [0, 10].
-        guidance_scale: Classifier-free guidance ``w`` in [0, 20] (1: off); ``None``: the model's default
-            (:data:`volgen.defaults.GUIDANCE_SCALE` for a model with "specified" flags, off for older models,
-            which cannot be guided).
+        guidance_scale: Classifier-free guidance ``w`` in [0, 20] (1: off); ``None``: the model's own
+            (``sampling.guidance_scale``), else :data:`volgen.defaults.GUIDANCE_SCALE` for a model with
+            "specified" flags and off for older models, which cannot be guided.
         strength: λ in [0, 1] (below 1 needs a reference).
         keep: Class names kept in the condition (the rest become background); ``None``: all.
         drop: Class names dropped (become background).
@@ -63,7 +65,7 @@ class GenerateSettings:
 
     seed: int = defaults.SEED
     scheduler: str = defaults.SCHEDULER
-    num_inference_steps: int = defaults.STEPS
+    num_inference_steps: int | None = None
     noise_correlation: float = defaults.NOISE_CORRELATION
     fine_noise_correlation: float | str = defaults.FINE_NOISE_CORRELATION
     x0_smoothing: float = defaults.X0_SMOOTHING
@@ -84,12 +86,31 @@ class GenerateSettings:
         for problem in self._problems():
             raise SettingsError(problem)
 
+    def for_model(self, metadata: Any) -> GenerateSettings:
+        """These settings with what they leave to the model decided by it: ``num_inference_steps`` ``None``
+        becomes the model's ``sampling.steps`` or :data:`volgen.defaults.STEPS`, ``guidance_scale`` ``None``
+        the model's ``sampling.guidance_scale`` where it has one (otherwise it stays ``None``: the
+        pipeline's default by the model's flags, :meth:`volgen.pipeline.SegmentationToVolumePipeline.
+        resolve_guidance_scale`). What the settings say wins; resolving twice changes nothing.
+
+        Args:
+            metadata: The model's :class:`volgen.models.ModelMetadata` (its ``sampling``).
+        """
+        sampling = metadata.sampling
+        steps, guidance = self.num_inference_steps, self.guidance_scale
+        if steps is None:
+            steps = sampling.steps if sampling.steps is not None else defaults.STEPS
+        if guidance is None:
+            guidance = sampling.guidance_scale
+        return replace(self, num_inference_steps=steps, guidance_scale=guidance)
+
     def _problems(self):
         if not _is_int(self.seed) or not 0 <= self.seed <= defaults.MAX_SEED:
             yield f"--seed must be an integer in 0..{defaults.MAX_SEED}, got {self.seed!r}"
         if self.scheduler not in defaults.SCHEDULERS:
             yield f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(defaults.SCHEDULERS)}"
-        if not _is_int(self.num_inference_steps) or self.num_inference_steps < 1:
+        steps = self.num_inference_steps
+        if steps is not None and (not _is_int(steps) or steps < 1):
             yield f"--steps must be an integer >= 1, got {self.num_inference_steps!r}"
         if not _is_number(self.noise_correlation) or not 0.0 <= self.noise_correlation < 1.0:
             yield f"--noise-correlation (ρ) must be in [0, 1), got {self.noise_correlation!r}"

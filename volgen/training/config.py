@@ -11,7 +11,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from volgen.augmentation import AugmentationConfig
 from volgen.config import StrictModel, load_yaml
-from volgen.models import IntensityMapping, UNetConfig
+from volgen.models import IntensityMapping, SamplingDefaults, UNetConfig
 from volgen.types import Encoding, Modality, PathLike, UnknownLabels
 
 # The measured training recipe: what a minimal config (data, label map, modality) gets without asking. Each
@@ -246,7 +246,20 @@ class TrainConfig(StrictModel):
     model: ModelSection = Field(default_factory=ModelSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
     augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
+    #: How the trained model asks to be sampled where ``volgen generate`` is not told (its ``volgen.json``
+    #: ``sampling``: ``steps``, ``guidance_scale``); empty: volgen's defaults. Does not change training.
+    sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
     _source_file: Path | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _check_sampling(self) -> TrainConfig:
+        w = self.sampling.guidance_scale
+        if w is not None and w != 1.0 and not self.model.specified_flags:
+            raise ValueError(
+                f"sampling.guidance_scale {w:g} needs model.specified_flags: true (a model without them "
+                "cannot be guided)"
+            )
+        return self
 
     @classmethod
     def from_yaml(cls, path: PathLike) -> TrainConfig:

@@ -196,6 +196,7 @@ def _metadata(config: TrainConfig, data: TrainingData):
         intensity=data.intensity,
         trained_on=data.description,
         condition=layout_with_axes(config.model.condition_layout(), config.data.slice_axes),
+        sampling=config.sampling,
     )
 
 

@@ -47,6 +47,7 @@ from VolGenLib import (  # noqa: E402
     GUIDANCE_SCALE,
     MAX_GUIDANCE_SCALE,
     MAX_SAMPLES,
+    MODEL_STEPS,
     SCHEDULERS,
     EnvironmentStatus,
     GenerationParameters,
@@ -66,6 +67,7 @@ from VolGenLib import (  # noqa: E402
     model_label_map,
     model_summary,
     pip_arguments,
+    steps_option,
 )
 from VolGenMRML import InputError, NodeGeneration, Outcome, dimensions, ijk_to_ras, labelmap_node_from_array  # noqa: E402
 
@@ -111,7 +113,8 @@ class VolGenParameterNode:
         "" : volgen's embedded default model.
     droppedClasses: comma-separated classes unchecked in the panel.
     strength: λ in [0, 1] (used only with a reference).
-    steps, scheduler, seed, noiseCorrelation (ρ), device: as ``volgen generate``.
+    steps, scheduler, seed, noiseCorrelation (ρ), device: as ``volgen generate``; steps 0 (shown "model's"):
+        the model decides (no ``--steps``: its own steps, else volgen's default).
     guidanceScale: classifier-free guidance ``w``; at its default the model decides (no ``--guidance-scale``).
     sliceAxes: comma-separated slice axes of a multi-axis model ("" : the model's own axis).
     samples: volumes to generate (``--samples``; seeds seed, seed + 1, ...), each into its own node.
@@ -129,7 +132,7 @@ class VolGenParameterNode:
     # Defaults: those of GenerationParameters, which a test compares with volgen's own (the library may not
     # be installed in Slicer's Python yet, so it cannot be imported here).
     strength: Annotated[float, WithinRange(0.0, 1.0)] = GenerationParameters.strength
-    steps: Annotated[int, WithinRange(1, 1000)] = GenerationParameters.steps
+    steps: Annotated[int, WithinRange(MODEL_STEPS, 1000)] = MODEL_STEPS
     scheduler: Annotated[str, Choice(list(SCHEDULERS))] = GenerationParameters.scheduler
     seed: Annotated[int, WithinRange(0, 2**31 - 1)] = GenerationParameters.seed
     noiseCorrelation: Annotated[float, WithinRange(0.0, 0.999)] = GenerationParameters.noise_correlation
@@ -597,7 +600,7 @@ class VolGenLogic(ScriptedLoadableModuleLogic):
         return GenerationParameters(
             model_dir=node.modelDirectory or None,
             strength=float(node.strength) if node.referenceVolume is not None else 1.0,
-            steps=int(node.steps),
+            steps=steps_option(int(node.steps)),
             scheduler=node.scheduler,
             seed=int(node.seed),
             noise_correlation=float(node.noiseCorrelation),

@@ -258,7 +258,7 @@ def run_downstream(
     config = _segmenter_config(metadata, options)
     intensity = config.intensity_mapping()
     conditions = condition_names(options.multiples)
-    settings = asdict(options.settings)
+    settings = asdict(options.settings.for_model(metadata))  # as it runs: the model's sampling decided
     settings.pop("seed")
     base_key = {
         "train": [[c.case, str(c.image.resolve()), str(c.label.resolve())] for c in split.train],

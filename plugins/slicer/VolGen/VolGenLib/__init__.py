@@ -51,6 +51,7 @@ from .parameters import (
     GUIDANCE_SCALE,
     MAX_GUIDANCE_SCALE,
     MAX_SAMPLES,
+    MODEL_STEPS,
     SAMPLES,
     SCHEDULERS,
     SLICE_AXES,
@@ -58,6 +59,7 @@ from .parameters import (
     GenerationParameters,
     ParameterError,
     guidance_option,
+    steps_option,
 )
 from .progress import ProgressEvent, parse_progress_line
 from .runner import TERMINATE_TIMEOUT, GenerationRunner, Runner, RunResult, error_message, panel_error
@@ -68,9 +70,11 @@ __all__ = [
     "GUIDANCE_SCALE",
     "MAX_GUIDANCE_SCALE",
     "MAX_SAMPLES",
+    "MODEL_STEPS",
     "SAMPLES",
     "SLICE_AXES",
     "guidance_option",
+    "steps_option",
     "SCHEDULERS",
     "TERMINATE_TIMEOUT",
     "UNKNOWN_LABELS",

@@ -61,12 +61,13 @@ def build_command(
     command += [
         "--seed", str(params.seed),
         "--scheduler", params.scheduler,
-        "--steps", str(params.steps),
         "--noise-correlation", _number(params.noise_correlation),
         "--device", params.device,
         "--unknown-labels", params.unknown_labels,
         "--progress", "json",
     ]  # fmt: skip
+    if params.steps is not None:
+        command += ["--steps", str(params.steps)]
     if params.guidance_scale is not None:
         command += ["--guidance-scale", _number(params.guidance_scale)]
     if params.slice_axes:

@@ -76,14 +76,20 @@ def model_classes(model_dir: str | Path) -> list[str]:
 
 
 def model_summary(model_dir: str | Path) -> str:
-    """One line about a model for the panel: name, modality, what it was trained on."""
+    """One line about a model for the panel: name, modality, what it was trained on, and the sampling it
+    asks for where it has its own (what "model's" steps and the default guidance run)."""
     data = read_model_metadata(model_dir)
     name = data.get("name", Path(model_dir).name)
     modality = (data.get("intensity") or {}).get("modality", "")
     trained_on = data.get("trained_on") or "unknown data"
-    return (
-        f"{name} ({modality}, trained on {trained_on})" if modality else f"{name} (trained on {trained_on})"
-    )
+    line = f"{name} ({modality + ', ' if modality else ''}trained on {trained_on})"
+    sampling = data.get("sampling") if isinstance(data.get("sampling"), dict) else {}
+    own = [
+        f"{label} {sampling[key]:g}"
+        for key, label in (("steps", "steps"), ("guidance_scale", "guidance"))
+        if isinstance(sampling.get(key), int | float) and not isinstance(sampling.get(key), bool)
+    ]
+    return f"{line}; its own sampling: {', '.join(own)}" if own else line
 
 
 def normalize_name(name: str) -> str:

@@ -32,6 +32,9 @@ MAX_GUIDANCE_SCALE = 20.0
 #: The panel's guidance: volgen's default ``w`` for models with "specified" flags. At this value the panel
 #: passes no ``--guidance-scale``, so the model decides (older models without flags run unguided).
 GUIDANCE_SCALE = 1.5
+#: The panel's steps at this value (the spin box shows "model's"): it passes no ``--steps``, so the model
+#: decides (its own ``sampling.steps``, else volgen's default).
+MODEL_STEPS = 0
 #: Volumes one run generates (``volgen generate --samples``; sample k has seed + k), and the most it accepts.
 SAMPLES = 1
 MAX_SAMPLES = 10_000
@@ -48,7 +51,7 @@ class GenerationParameters:
     Attributes:
         model_dir: A volgen model folder; ``None`` or ``""`` uses volgen's embedded default model.
         strength: λ in [0, 1]: 0 returns the reference image, 1 generates freely. Below 1 needs a reference.
-        steps: Denoising steps (>= 1).
+        steps: Denoising steps (>= 1); ``None``: the model's own, else volgen's default (no ``--steps``).
         scheduler: One of :data:`SCHEDULERS`.
         seed: Random seed (>= 0).
         noise_correlation: ρ in [0, 1): correlation of the initial noise between neighbouring slices.
@@ -63,7 +66,7 @@ class GenerationParameters:
 
     model_dir: str | None = None
     strength: float = 1.0
-    steps: int = 6
+    steps: int | None = None
     scheduler: str = "dpmsolver++"
     seed: int = 0
     noise_correlation: float = 0.995
@@ -92,7 +95,8 @@ class GenerationParameters:
             raise ParameterError(f"λ (strength) must be a number, got {self.strength!r}")
         if not math.isfinite(self.strength) or not 0.0 <= self.strength <= 1.0:
             raise ParameterError(f"λ (strength) must be in [0, 1], got {self.strength}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+        steps = self.steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise ParameterError(f"steps must be an integer >= 1, got {self.steps!r}")
         if self.scheduler not in SCHEDULERS:
             raise ParameterError(
@@ -145,6 +149,12 @@ class GenerationParameters:
         """
         dropped = [name for name, on in checked.items() if not on]
         return cls(drop=dropped or None, **kwargs)  # type: ignore[arg-type]
+
+
+def steps_option(value: int) -> int | None:
+    """The panel's steps as :attr:`GenerationParameters.steps`: ``None`` (the model's own) at
+    :data:`MODEL_STEPS`, else the value."""
+    return None if value == MODEL_STEPS else int(value)
 
 
 def guidance_option(value: float) -> float | None:
