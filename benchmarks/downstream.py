@@ -128,9 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="the generator (a folder or an embedded model's name; default: the embedded default)",
     )
-    p.add_argument("--steps", type=int, default=None, help="generation steps (default: volgen's)")
+    p.add_argument("--steps", type=int, default=None, help="generation steps (default: the model's)")
     p.add_argument(
-        "--guidance-scale", type=float, default=None, help="generation guidance (default: volgen's)"
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="generation guidance (default: the model's, else volgen's)",
     )
     p.add_argument("--data", type=Path, default=ROOT / "data" / "colin27")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "downstream")

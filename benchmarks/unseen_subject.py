@@ -137,7 +137,9 @@ def main() -> None:
     parser.add_argument("--models", type=Path, nargs="+", default=[default_model_dir()])
     parser.add_argument("--guidance-scale", type=float, nargs="*", default=[], help="default: the model's")
     parser.add_argument("--seeds", type=int, default=8)
-    parser.add_argument("--steps", type=int, nargs="*", default=[], help="default: volgen's")
+    parser.add_argument(
+        "--steps", type=int, nargs="*", default=[], help="default: the model's (else volgen's)"
+    )
     parser.add_argument(
         "--rho-fine", nargs="*", default=[], help="fine-scale noise ρ values, or auto (default: volgen's)"
     )
@@ -164,16 +166,14 @@ def main() -> None:
         ceilings[f"frame {k}"] = scorer.faithfulness(back)
         variants = itertools.product(
             args.guidance_scale or [None],
-            args.steps or [defaults.STEPS],
+            args.steps or [None],
             [v if v == "auto" else float(v) for v in args.rho_fine] or [defaults.FINE_NOISE_CORRELATION],
         )
         for w, steps, fine in variants:
             seeds = []
             for seed in range(args.seeds):
                 tag = (
-                    ""
-                    if (steps, fine) == (defaults.STEPS, defaults.FINE_NOISE_CORRELATION)
-                    else f"-{steps}-{fine}"
+                    "" if (steps, fine) == (None, defaults.FINE_NOISE_CORRELATION) else f"-{steps}-{fine}"
                 ) + ("" if args.resampling == defaults.RESAMPLING else f"-{args.resampling}")
                 out = args.out / "volumes" / f"m{k}-w{w}{tag}-seed{seed}.nii.gz"
                 out.parent.mkdir(parents=True, exist_ok=True)
@@ -185,7 +185,8 @@ def main() -> None:
                     resampling=args.resampling,
                 )
                 generate(label_path, out, model=model, settings=settings, overwrite=True, device="cpu")
-                ran = json.loads(Path(f"{out}.json").read_text())["guidance_scale"]
+                record = json.loads(Path(f"{out}.json").read_text())
+                ran, steps_ran = record["guidance_scale"], record["settings"]["num_inference_steps"]
                 volume = sitk.GetArrayFromImage(read_image(out)).astype(np.float64)
                 seeds.append({"seed": seed, **scorer.score(volume)})
                 print(f"{model} w {ran:g} seed {seed}: {seeds[-1]}", flush=True)
@@ -195,7 +196,7 @@ def main() -> None:
                     "model": str(model),
                     "frame_ceiling": ceilings[f"frame {k}"],
                     "guidance_scale": ran,
-                    "steps": steps,
+                    "steps": steps_ran,
                     "fine_noise_correlation": fine,
                     "resampling": args.resampling,
                     "faithfulness_mean": float(np.mean(faith)),

@@ -156,7 +156,7 @@ def generate(
     if not quiet:
         notify_model(checked.model, mode)
         notify_sampling(checked.metadata, asked, mode)
-        notify_resolution(checked.metadata, checked.grid, mode)
+        notify_resolution(checked.metadata, checked.grid, mode, checked.model)
     if dry_run:
         from volgen.cli.plan import generation_plan
 

@@ -227,15 +227,34 @@ def notify_sampling(metadata: Any, asked: GenerateSettings, progress: ProgressMo
         notice(f"model {metadata.name}'s own sampling defaults: {taken.options()}", progress)
 
 
-def notify_resolution(metadata: Any, grid: Any, progress: ProgressMode) -> None:
+def notify_resolution(metadata: Any, grid: Any, progress: ProgressMode, folder: Path | None = None) -> None:
     """Say, on one line, when the model's pixels are coarser than the segmentation's in-plane spacing
-    (:meth:`volgen.frames.ModelFrame.resolution_note`; from the header alone)."""
+    (:meth:`volgen.frames.ModelFrame.resolution_note`; from the header alone). For an embedded model
+    (``folder``) the line names the embedded model of the same labels whose pixels fit, if there is one."""
     from volgen.frames import ModelFrame
 
-    frame = ModelFrame(metadata.slice_size, metadata.slice_axis, metadata.pixel_spacing)
-    note = frame.resolution_note(grid)
-    if note is not None:
-        notice(note, progress)
+    note = ModelFrame(metadata.slice_size, metadata.slice_axis, metadata.pixel_spacing).resolution_note(grid)
+    if note is None:
+        return
+    finer = _finer_embedded_model(metadata, grid, folder)
+    notice(note if finer is None else f"{note}; the embedded model {finer} does: --model {finer}", progress)
+
+
+def _finer_embedded_model(metadata: Any, grid: Any, folder: Path | None) -> str | None:
+    """The name of an embedded model with ``metadata``'s label map whose pixels are not coarser than the
+    segmentation's (the first by name), when ``folder`` is an embedded model; else ``None``."""
+    from volgen.default_model import embedded_models, is_embedded
+    from volgen.frames import ModelFrame
+    from volgen.models import read_metadata
+
+    if folder is None or not is_embedded(folder):
+        return None
+    for name, other in embedded_models().items():
+        meta = read_metadata(other)
+        frame = ModelFrame(meta.slice_size, meta.slice_axis, meta.pixel_spacing)
+        if meta.label_map.name == metadata.label_map.name and frame.resolution_note(grid) is None:
+            return name
+    return None
 
 
 def notice(note: str, progress: ProgressMode) -> None:

@@ -63,6 +63,12 @@ def model_card(meta, unet_config=None) -> str:
         )
     else:
         frame = f"fitted frame: the field of view in {meta.slice_size} px {meta.slice_axis} slices"
+    own = meta.sampling.options()
+    sampling = (
+        f"- Sampling: runs `{own}` unless told otherwise (`sampling` in volgen.json; an option wins).\n"
+        if own
+        else ""
+    )
     return f"""# {meta.name}: one of volgen's embedded models
 
 {meta.description}
@@ -74,7 +80,7 @@ def model_card(meta, unet_config=None) -> str:
   steps of batch {meta.training.get("batch_size", "?")}; EMA weights stored as float16.
 - Classes: {", ".join(meta.label_map.class_names)}.
 - Intensities: MR, percentile mapping, written as float32 on the T1 scale of Colin27 (0..255 uint8 source).
-
+{sampling}
 Recipe: `python examples/colin27/prepare.py data/colin27`, `volgen train configs/train/{meta.name}.yaml`,
 `python examples/colin27/export_default_model.py runs/{meta.name}/model`.
 
