@@ -80,6 +80,25 @@ def test_load_model_and_read_metadata_take_names():
     assert load_model("colin27-small").path == embedded_models()["colin27-small"]
 
 
+def test_a_1mm_segmentation_is_pointed_to_the_embedded_1mm_model(tmp_path):
+    """The embedded 2 mm default on a 1 mm segmentation says so and names the embedded 1 mm model, which
+    makes its pixels and runs the sampling it asks for (12 steps, guidance 1.25) without options."""
+    image = sitk.GetImageFromArray(_labels(3, 20, 20))
+    image.SetSpacing((1.0, 1.0, 1.5))
+    seg = tmp_path / "colin_1mm.nii.gz"
+    io.write_volume(image, seg)
+    said = {}
+    for model in (None, "colin27-native-1mm"):
+        extra = [] if model is None else ["--model", model]
+        result = _cli("generate", seg, *extra, "--dry-run", "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        said[model] = " ".join(result.output.split())
+    assert "makes 2 mm pixels" in said[None] and "--model colin27-native-1mm" in said[None]
+    assert "own sampling defaults" not in said[None]
+    assert "mm pixels" not in said["colin27-native-1mm"]
+    assert "own sampling defaults: --steps 12 --guidance-scale 1.25" in said["colin27-native-1mm"]
+
+
 @pytest.mark.parametrize("name", sorted(embedded_models()))
 def test_generate_with_the_model_by_name(colin_seg, tmp_path, name):
     """Every embedded model (the fitted 64 px frame and the native 2 mm one) generates the example by name,

@@ -156,3 +156,17 @@ def test_a_bad_sampling_entry_is_one_line_naming_the_file(model, sampling, messa
     line = " ".join(result.output.split())
     assert message in line and "volgen.json" in line, line
     assert not out.exists()
+
+
+def test_slicer_panel_leaves_steps_to_the_model_and_names_its_own_sampling(own_model, flagged_model_dir):
+    import sys
+
+    plugin = str(Path(__file__).resolve().parents[1] / "plugins" / "slicer" / "VolGen")
+    sys.path.insert(0, plugin)
+    try:
+        from VolGenLib import MODEL_STEPS, model_summary, steps_option
+    finally:
+        sys.path.remove(plugin)
+    assert model_summary(own_model).endswith("; its own sampling: steps 4, guidance 1.25")
+    assert "own sampling" not in model_summary(flagged_model_dir)
+    assert steps_option(MODEL_STEPS) is None and steps_option(9) == 9
