@@ -113,8 +113,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "data": {**NATIVE_2MM_MILD, "pixel_spacing": 1.0, "inplane_cut_p": 0.75},
         "training": {"full_mask_p": 0.5},
     },
-    # the same model asking for the sampling measured for it (configs/train/colin27-native-1mm.yaml): its seeds
-    # are generated with no options, as `volgen generate` does
+    # the same model asking for the sampling measured for it (configs/train/colin27-native-1mm.yaml): its
+    # seeds are generated with no options, as `volgen generate` does
     "native-1mm-own-sampling": {
         "data": {**NATIVE_2MM_MILD, "pixel_spacing": 1.0, "inplane_cut_p": 0.75},
         "training": {"full_mask_p": 0.5},

@@ -32,6 +32,14 @@ def main() -> None:
     parser.add_argument("--names", nargs="+", help="row names (default: the file names)")
     parser.add_argument("--labels", default="colin27", help="label map naming the classes")
     parser.add_argument("--title", default="")
+    parser.add_argument(
+        "--window",
+        type=float,
+        nargs=2,
+        default=(0.0, 1.0),
+        metavar=("LOW", "HIGH"),
+        help="grey window as fractions of the volumes' 0.5-99.5 percentile range (0 0.1: a dark window)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     names = args.names or [p.name for p in args.volumes]
@@ -43,7 +51,7 @@ def main() -> None:
     rows = [("segmentation", class_image)] + [
         (name, read_image(path)) for name, path in zip(names, args.volumes, strict=True)
     ]
-    fig = rows_figure(rows, title=args.title, class_names=label_map.class_names)
+    fig = rows_figure(rows, title=args.title, class_names=label_map.class_names, window=tuple(args.window))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=80)
     plt.close(fig)

@@ -145,10 +145,12 @@ def rows_figure(
     *,
     title: str = "",
     class_names: Sequence[str] | None = None,
+    window: tuple[float, float] = (0.0, 1.0),
 ) -> Any:
     """A figure of middle axial, coronal and sagittal views, one row per image: the first row is the
     segmentation (class colours, with a legend), the others intensity images on one shared grey window
-    (e.g. several seeds side by side). Close it with ``plt.close`` when done."""
+    (e.g. several seeds side by side): ``window`` is its part of the images' 0.5-99.5 percentile range
+    (``(0, 0.1)``: the darkest 10 %, where grey air and ghost anatomy show). Close it with ``plt.close``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,6 +160,7 @@ def rows_figure(
     values = np.concatenate([sitk.GetArrayViewFromImage(image).ravel() for _, image in images])
     vmin, vmax = np.percentile(values, [0.5, 99.5]) if values.size else (0.0, 1.0)
     vmax = vmax if vmax > vmin else vmin + 1
+    vmin, vmax = vmin + window[0] * (vmax - vmin), vmin + window[1] * (vmax - vmin)
     present = np.unique(sitk.GetArrayViewFromImage(segmentation))
     views = [(seg_name, _orthogonal_views(segmentation, label=True), True)]
     views += [(name, _orthogonal_views(image, label=False), False) for name, image in images]

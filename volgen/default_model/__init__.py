@@ -38,8 +38,8 @@ def resolve_model(model: PathLike | None) -> Path:
     """The model folder that ``model`` means, wherever a model is taken (``--model`` of generate, batch,
     evaluate, the Slicer module; :func:`volgen.models.load_model`): ``None`` is the embedded default; a path
     that exists is itself (a folder called ``default`` in the working folder wins over the name); otherwise
-    the name of an embedded model (``default``, ``colin27-native``, ``colin27-small``; ``volgen models`` lists
-    them).
+    the name of an embedded model (``default``, ``colin27-native``, ``colin27-native-1mm``,
+    ``colin27-small``; ``volgen models`` lists them).
 
     Light (no torch): the command line calls it while checking its arguments.
 

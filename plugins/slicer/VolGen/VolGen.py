@@ -109,7 +109,7 @@ class VolGenParameterNode:
     inputNode: segmentation or labelmap volume to generate from.
     referenceVolume: optional real image on the segmentation's grid (enables λ).
     outputVolume: volume receiving the result (``None``: a new one is created).
-    modelDirectory: volgen model folder, or an embedded model by name ("default", "colin27-small");
+    modelDirectory: volgen model folder, or an embedded model by name ("default", "colin27-native-1mm", ...);
         "" : volgen's embedded default model.
     droppedClasses: comma-separated classes unchecked in the panel.
     strength: λ in [0, 1] (used only with a reference).
