@@ -217,11 +217,10 @@ def notify_model(folder: Path, progress: ProgressMode) -> None:
 def notify_sampling(metadata: Any, asked: GenerateSettings, progress: ProgressMode) -> None:
     """Say, on one line, which of the model's own sampling defaults (``sampling`` in its ``volgen.json``)
     a run takes because its options leave them open (nothing when the options say them all)."""
-    taken = metadata.sampling.model_copy(
-        update={
-            "steps": None if asked.num_inference_steps is not None else metadata.sampling.steps,
-            "guidance_scale": None if asked.guidance_scale is not None else metadata.sampling.guidance_scale,
-        }
+    own = metadata.sampling
+    taken = type(own)(
+        steps=own.steps if asked.num_inference_steps is None else None,
+        guidance_scale=own.guidance_scale if asked.guidance_scale is None else None,
     )
     if taken.options():
         notice(f"model {metadata.name}'s own sampling defaults: {taken.options()}", progress)
