@@ -142,6 +142,23 @@ def test_presets_load():
         UNetConfig.preset("huge")
 
 
+def test_small_native_preset_is_small_with_attention_in_the_middle_only_and_runs_whole_slices():
+    """``small-native`` differs from ``small`` only in its blocks (no attention at 1/4 of the slice), and as a
+    native model's UNet it takes a whole slice of any size that is a multiple of its downsampling."""
+    small, native = UNetConfig.preset("small"), UNetConfig.preset("small-native")
+    assert native.model_copy(update={"down_block_types": small.down_block_types,
+                                     "up_block_types": small.up_block_types}) == small  # fmt: skip
+    assert not any("Attn" in b for b in native.down_block_types + native.up_block_types)
+    metadata = ModelMetadata(
+        label_map=LabelMap(name="t", classes={"a": [1]}), slice_size=64, pixel_spacing=1.0
+    )
+    unet = build_unet(native, metadata).eval()
+    assert unet.mid_block.attentions[0] is not None  # self-attention stays, at 1/8 of the slice
+    with torch.no_grad():
+        out = unet(torch.zeros(1, unet.config.in_channels, 40, 24), 10).sample
+    assert out.shape == (1, 1, 40, 24)
+
+
 def test_paper_preset_is_the_reference_architecture():
     paper = UNetConfig.preset("paper")
     assert tuple(paper.block_out_channels) == (128, 128, 256, 256, 512, 512)
