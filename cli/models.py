@@ -32,9 +32,10 @@ def models(
         console.print((folder / CARD_FILE).read_text(encoding="utf-8"), markup=False, highlight=False)
         return
     default = default_model_dir().resolve()
-    rows = []
+    rows, metas = [], []
     for name, folder in embedded_models().items():
         meta = read_metadata(folder)
+        metas.append(meta)
         rows.append(
             {
                 "name": name,
@@ -42,6 +43,9 @@ def models(
                 "description": meta.description,
                 "trained_on": meta.trained_on,
                 "classes": meta.label_map.class_names,
+                "pixel_spacing": meta.pixel_spacing,
+                "slice_size": meta.slice_size,
+                "sampling": meta.sampling.model_dump(mode="json"),
                 "path": str(folder),
                 "card": str(folder / CARD_FILE) if (folder / CARD_FILE).is_file() else None,
             }
@@ -50,12 +54,19 @@ def models(
         console.print_json(json.dumps(rows))
         return
     table = Table(title="embedded models", title_justify="left")
-    for column in ("name", "classes", "trained on", "folder"):
+    for column in ("name", "slices", "sampling", "classes", "trained on", "folder"):
         table.add_column(column, overflow="fold")
-    for row in rows:
+    for row, meta in zip(rows, metas, strict=True):
         name = row["name"] + (f" ({DEFAULT_NAME})" if row["default"] else "")
+        pixel = meta.pixel_spacing
+        slices = f"{meta.slice_size} px, fitted" if pixel is None else f"native, {pixel:g} mm"
         table.add_row(
-            shown(name), shown(", ".join(row["classes"])), shown(row["trained_on"]), shown(row["path"])
+            shown(name),
+            slices,
+            shown(meta.sampling.options() or "volgen's"),
+            shown(", ".join(row["classes"])),
+            shown(row["trained_on"]),
+            shown(row["path"]),
         )
     console.print(table)
     console.print(

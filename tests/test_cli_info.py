@@ -105,6 +105,12 @@ def test_models_lists_the_embedded_model_with_its_card():
     (row,) = [r for r in json.loads(result.output) if r["default"]]
     assert row["name"] == default_model_dir().name
     assert row["classes"][0] == "background"
+    # each model's slices and own sampling: what tells the embedded models apart
+    fine = next(r for r in json.loads(result.output) if r["name"] == "colin27-native-1mm")
+    assert (row["pixel_spacing"], fine["pixel_spacing"]) == (2.0, 1.0)
+    assert fine["sampling"] == {"steps": 12, "guidance_scale": 1.25} and row["sampling"]["steps"] is None
+    table = runner.invoke(app, ["models"]).output
+    assert "slices" in table and "sampling" in table and "--steps 12" in table
     card = runner.invoke(app, ["models", "--card", "default"], terminal_width=200)
     assert card.exit_code == 0
     assert (default_model_dir() / "README.md").read_text(encoding="utf-8").splitlines()[0] in card.output
