@@ -232,7 +232,7 @@ def notify_resolution(metadata: Any, grid: Any, progress: ProgressMode, folder: 
     (``folder``) the line names the embedded model of the same labels whose pixels fit, if there is one."""
     from volgen.frames import ModelFrame
 
-    note = ModelFrame(metadata.slice_size, metadata.slice_axis, metadata.pixel_spacing).resolution_note(grid)
+    note = ModelFrame.of(metadata).resolution_note(grid)
     if note is None:
         return
     finer = _finer_embedded_model(metadata, grid, folder)
@@ -250,8 +250,8 @@ def _finer_embedded_model(metadata: Any, grid: Any, folder: Path | None) -> str 
         return None
     for name, other in embedded_models().items():
         meta = read_metadata(other)
-        frame = ModelFrame(meta.slice_size, meta.slice_axis, meta.pixel_spacing)
-        if meta.label_map.name == metadata.label_map.name and frame.resolution_note(grid) is None:
+        fits = ModelFrame.of(meta).resolution_note(grid) is None
+        if fits and meta.label_map.name == metadata.label_map.name:
             return name
     return None
 

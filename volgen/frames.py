@@ -396,9 +396,10 @@ class ModelFrame:
     multiple: int = 1
 
     @classmethod
-    def of(cls, metadata, unet_config) -> ModelFrame:
-        """The frame of a model: its :class:`~volgen.models.ModelMetadata` and its UNet's config."""
-        factor = 2 ** (len(unet_config.block_out_channels) - 1)
+    def of(cls, metadata, unet_config=None) -> ModelFrame:
+        """The frame of a model: its :class:`~volgen.models.ModelMetadata` and its UNet's config (``None``:
+        from the metadata alone, without the padding multiple: enough for the pixel and the notes)."""
+        factor = 1 if unet_config is None else 2 ** (len(unet_config.block_out_channels) - 1)
         return cls(metadata.slice_size, metadata.slice_axis, metadata.pixel_spacing, factor)
 
     def to_frame(self, labels: sitk.Image, image: sitk.Image | None = None) -> SliceFrame:
