@@ -164,6 +164,17 @@ class SamplingDefaults(StrictModel):
     #: Classifier-free guidance ``w`` (``--guidance-scale``; other than 1 needs "specified" flags).
     guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE_SCALE)
 
+    def guidance_problem(self, flagged: bool) -> str | None:
+        """Why this guidance cannot run on a model with (``flagged``) or without "specified" flags, or
+        ``None``: guidance other than 1 needs the flags (the one rule of training configs and folders)."""
+        w = self.guidance_scale
+        if w is None or w == 1.0 or flagged:
+            return None
+        return (
+            f"sampling.guidance_scale {w:g}: a model without 'specified' flags cannot be guided; use 1 or "
+            "leave it out"
+        )
+
     def options(self) -> str:
         """The command-line options these defaults stand for (``"--steps 12 --guidance-scale 1.25"``);
         empty when the model leaves everything to volgen."""
@@ -214,12 +225,11 @@ class ModelMetadata(StrictModel):
     def _check(self) -> ModelMetadata:
         if self.encoding == "seed" and self.num_classes > 256:
             raise ValueError("the seed encoding holds at most 255 foreground classes")
-        w = self.sampling.guidance_scale
-        if w is not None and w != 1.0 and (self.condition is None or not self.condition.specified_flags):
-            raise ValueError(
-                f"sampling.guidance_scale {w:g}: a model without 'specified' flags cannot be guided; use 1 "
-                "or leave it out"
-            )
+        problem = self.sampling.guidance_problem(
+            self.condition is not None and self.condition.specified_flags
+        )
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
 

@@ -253,12 +253,9 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_sampling(self) -> TrainConfig:
-        w = self.sampling.guidance_scale
-        if w is not None and w != 1.0 and not self.model.specified_flags:
-            raise ValueError(
-                f"sampling.guidance_scale {w:g} needs model.specified_flags: true (a model without them "
-                "cannot be guided)"
-            )
+        problem = self.sampling.guidance_problem(self.model.specified_flags)
+        if problem is not None:
+            raise ValueError(f"{problem} (or set model.specified_flags: true)")
         return self
 
     @classmethod
