@@ -52,6 +52,8 @@ def _planes(generated: np.ndarray, real: np.ndarray, mask: np.ndarray) -> dict[s
 
 def _row(name: str, volumes: list[np.ndarray], scorer) -> str:
     """One table row: mean [worst] over ``volumes`` (scored on the slab's mask slices)."""
+    from _planes_common import air_grain
+
     rows = []
     for volume in volumes:
         s = scorer.slab
@@ -59,6 +61,7 @@ def _row(name: str, volumes: list[np.ndarray], scorer) -> str:
             {
                 **scorer.score(volume),
                 "planes": _planes(volume[s], scorer.real[s], scorer.mask[s]),
+                **air_grain(volume, scorer.mask),
             }
         )
     faith = [r["faithfulness"] for r in rows]
@@ -73,10 +76,13 @@ def _row(name: str, volumes: list[np.ndarray], scorer) -> str:
         return " / ".join(cells)
 
     hf = [r["planes"]["z"]["high_frequency_ratio"] for r in rows]
+    grain = [np.nanmean([r[k] for r in rows]) for k in ("grain_corr_z", "grain_corr_inplane")]
     return (
         f"| {name} | {len(rows)} | {np.mean(faith):.3f} [{min(faith):.3f}] | {np.mean(background):.1f} "
         f"[{max(background):.1f}] | {axes('step_ratio_body')} | {axes('texture_ratio')} | "
-        f"{np.mean(hf):.2f} [{min(hf):.2f}–{max(hf):.2f}] |"
+        f"{np.mean(hf):.2f} [{min(hf):.2f}–{max(hf):.2f}] | "
+        + " / ".join("-" if np.isnan(g) else f"{g:.2f}" for g in grain)
+        + " |"
     )
 
 
@@ -104,8 +110,9 @@ def score(args: argparse.Namespace) -> None:
         f"Segmenter on the real slab at 1 mm: {scorer.ceiling:.3f}.",
         "",
         "| volumes | seeds | faithfulness mean [worst] | background error % mean [worst] "
-        "| step ratio z / y / x | texture ratio z / y / x | high-frequency ratio (axial) mean [range] |",
-        "|---|---|---|---|---|---|---|",
+        "| step ratio z / y / x | texture ratio z / y / x | high-frequency ratio (axial) mean [range] "
+        "| air grain corr. z / in-plane |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, spacing in frames.items():
         round_trip = slice_frame_round_trip(scorer.mask_image, real, 64, pixel_spacing=spacing)
@@ -227,6 +234,7 @@ def generate_slab(args: argparse.Namespace) -> None:
     linked, as ``score`` expects), at ``--resampling`` and, for ``mask``, ``--edge-sigma``."""
     import volgen.frames
     from volgen.api import GenerateSettings, generate
+    from volgen.generation.settings import parse_background_noise_correlation
 
     if args.edge_sigma is not None:
         volgen.frames.EDGE_SIGMA = args.edge_sigma
@@ -235,7 +243,11 @@ def generate_slab(args: argparse.Namespace) -> None:
     if not link.exists():
         link.symlink_to(args.model.resolve())
     for seed in range(args.seeds):
-        settings = GenerateSettings(seed=seed, resampling=args.resampling)
+        settings = GenerateSettings(
+            seed=seed,
+            resampling=args.resampling,
+            background_fine_noise_correlation=parse_background_noise_correlation(args.rho_fine_background),
+        )
         out = args.out / f"seed-{seed}.nii.gz"
         generate(args.work / "slab_labels.nii.gz", out, model=args.model, settings=settings, overwrite=True)
         print(f"wrote {out}", flush=True)
@@ -265,6 +277,7 @@ def main() -> None:
     g.add_argument("--seeds", type=int, default=8)
     g.add_argument("--resampling", choices=("mask", "linear"), default="mask")
     g.add_argument("--edge-sigma", type=float, default=None, help="volgen.frames.EDGE_SIGMA (mask)")
+    g.add_argument("--rho-fine-background", default=None, help="a number or same (default: the model's)")
     t = sub.add_parser("timing", help="time and memory per in-plane size")
     t.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     t.add_argument("--slices", type=int, default=8)

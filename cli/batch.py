@@ -12,6 +12,7 @@ from volgen import defaults
 from volgen.cli.app import app, console, err_console, handle_errors, print_table, shown
 from volgen.cli.generate import (
     AxisScheduleOption,
+    BackgroundRhoOption,
     FineRhoOption,
     GuidanceOption,
     LateFractionOption,
@@ -65,6 +66,7 @@ def batch(
     steps: StepsOption = None,
     noise_correlation: RhoOption = defaults.NOISE_CORRELATION,
     fine_noise_correlation: FineRhoOption = defaults.FINE_NOISE_CORRELATION,
+    background_fine_noise_correlation: BackgroundRhoOption = None,
     guidance_scale: GuidanceOption = None,
     slice_axes: SliceAxesOption = defaults.SLICE_AXES,  # type: ignore[assignment]
     axis_schedule: AxisScheduleOption = defaults.AXIS_SCHEDULE,

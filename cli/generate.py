@@ -13,6 +13,7 @@ from volgen.cli.app import all_or_nothing, app, console, err_console, handle_err
 from volgen.cli.checks import check_generation, example_or
 from volgen.cli.options import (  # noqa: F401 - re-exported for volgen.cli.batch
     AxisScheduleOption,
+    BackgroundRhoOption,
     FineRhoOption,
     GuidanceOption,
     LateFractionOption,
@@ -88,6 +89,7 @@ def generate(
     steps: StepsOption = None,
     noise_correlation: RhoOption = defaults.NOISE_CORRELATION,
     fine_noise_correlation: FineRhoOption = defaults.FINE_NOISE_CORRELATION,
+    background_fine_noise_correlation: BackgroundRhoOption = None,
     guidance_scale: GuidanceOption = None,
     slice_axes: SliceAxesOption = defaults.SLICE_AXES,  # type: ignore[assignment]
     axis_schedule: AxisScheduleOption = defaults.AXIS_SCHEDULE,

@@ -72,6 +72,15 @@ FineRhoOption = Annotated[
         "--rho: one ρ at every scale, volgen's earlier noise.",
     ),
 ]
+BackgroundRhoOption = Annotated[
+    str | None,
+    typer.Option(
+        "--rho-fine-background",
+        help="ρ in [0, 1) of the fine noise in the background, away from every labelled class (0: grain in "
+        "air independent between slices, no streaks in reslices), or same: the fine ρ everywhere. "
+        "Default: the model's own, else same.",
+    ),
+]
 SliceBatchOption = Annotated[
     str,
     typer.Option(
@@ -147,6 +156,7 @@ def build_settings(
     steps: int | None = None,
     noise_correlation: float = defaults.NOISE_CORRELATION,
     fine_noise_correlation: float | str = defaults.FINE_NOISE_CORRELATION,
+    background_fine_noise_correlation: str | float | None = None,
     strength: float = defaults.STRENGTH,
     keep: str | None = None,
     drop: str | None = None,
@@ -165,6 +175,7 @@ def build_settings(
     from volgen.generation import GenerateSettings
     from volgen.generation.settings import (
         check_precision,
+        parse_background_noise_correlation,
         parse_fine_noise_correlation,
         parse_slice_batch_size,
     )
@@ -176,6 +187,9 @@ def build_settings(
         num_inference_steps=steps,
         noise_correlation=noise_correlation,
         fine_noise_correlation=parse_fine_noise_correlation(fine_noise_correlation),
+        background_fine_noise_correlation=parse_background_noise_correlation(
+            background_fine_noise_correlation
+        ),
         x0_smoothing=x0_smoothing,
         guidance_scale=guidance_scale,
         strength=strength,
@@ -221,6 +235,9 @@ def notify_sampling(metadata: Any, asked: GenerateSettings, progress: ProgressMo
     taken = type(own)(
         steps=own.steps if asked.num_inference_steps is None else None,
         guidance_scale=own.guidance_scale if asked.guidance_scale is None else None,
+        background_fine_noise_correlation=(
+            own.background_fine_noise_correlation if asked.background_fine_noise_correlation is None else None
+        ),
     )
     if taken.options():
         notice(f"model {metadata.name}'s own sampling defaults: {taken.options()}", progress)

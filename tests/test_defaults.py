@@ -41,6 +41,7 @@ EXPECTED = {
 #: Settings the Slicer panel does not expose: it never passes them, so ``volgen generate``'s defaults apply.
 NOT_IN_PANEL = {
     "fine_noise_correlation": "--fine-noise-correlation",
+    "background_fine_noise_correlation": "--rho-fine-background (the model's own, else the fine ρ)",
     "axis_schedule": "--axis-schedule",
     "late_fraction": "--late-fraction",
 }
@@ -78,7 +79,9 @@ def test_pipeline_call_defaults():
     assert params["strength"].default == defaults.STRENGTH
     plan = inspect.signature(SegmentationToVolumePipeline.plan).parameters
     assert plan["guidance_interval"].default == defaults.GUIDANCE_INTERVAL
-    for key in ("num_inference_steps", "noise_correlation", "x0_smoothing", "slice_batch_size"):
+    assert params["background_fine_noise_correlation"].default == defaults.BACKGROUND_FINE_NOISE_CORRELATION
+    keys = ("num_inference_steps", "noise_correlation", "x0_smoothing", "slice_batch_size")
+    for key in (*keys, "background_fine_noise_correlation"):
         assert plan[key].default == params[key].default, f"plan {key}"
 
 

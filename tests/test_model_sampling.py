@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
 from typer.testing import CliRunner
@@ -146,6 +147,7 @@ def test_info_shows_the_models_own_sampling(own_model, flagged_model_dir):
         ("tiny_model_dir", {"guidance_scale": 2}, "cannot be guided"),  # no 'specified' flags
         ("flagged_model_dir", {"steps": 0}, "sampling.steps"),
         ("flagged_model_dir", {"steps": 4, "eta": 1}, "sampling.eta"),
+        ("flagged_model_dir", {"background_fine_noise_correlation": 1}, "background_fine_noise_correlation"),
     ],
 )
 def test_a_bad_sampling_entry_is_one_line_naming_the_file(model, sampling, message, seg, tmp_path, request):
@@ -156,6 +158,44 @@ def test_a_bad_sampling_entry_is_one_line_naming_the_file(model, sampling, messa
     line = " ".join(result.output.split())
     assert message in line and "volgen.json" in line, line
     assert not out.exists()
+
+
+def test_a_models_background_noise_rho_runs_unless_an_option_says_otherwise(flagged_model_dir, tmp_path):
+    """A model whose background is air asks for independent grain there (``--rho-fine-background 0``)."""
+    # 1 mm slices (fine ρ 0.95, not 0 as at 2 mm) and a small labelled block in plenty of air
+    array = np.zeros((8, 32, 32), dtype=np.uint8)
+    array[:, 13:19, 12:16], array[:, 13:19, 16:20] = 1, 2
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.8, 0.8, 1.0))
+    image.SetDirection(rotation(0.1, 0.2, -0.1))
+    seg = tmp_path / "block.nii.gz"
+    io.write_volume(image, seg)
+    air = with_sampling(flagged_model_dir, tmp_path / "air", {"background_fine_noise_correlation": 0})
+    own, spelled, same = (tmp_path / f"{n}.nii.gz" for n in ("own", "spelled", "same"))
+    result = cli("generate", seg, "-o", own, "--model", air, *CPU)
+    assert result.exit_code == 0, result.output
+    assert "own sampling defaults: --rho-fine-background 0" in " ".join(result.output.split())
+    assert sidecar(own)["settings"]["background_fine_noise_correlation"] == 0
+    options = ["--progress", "none", *CPU]
+    assert cli(
+        "generate", seg, "-o", spelled, "--model", flagged_model_dir, "--rho-fine-background", 0, *options
+    )
+    assert (
+        cli("generate", seg, "-o", same, "--model", air, "--rho-fine-background", "same", *options).exit_code
+        == 0
+    )
+
+    def voxels(path: Path) -> bytes:
+        return sitk.GetArrayFromImage(io.read_volume(path, kind="image")).tobytes()
+
+    assert voxels(own) == voxels(spelled) != voxels(same)
+    assert sidecar(same)["settings"]["background_fine_noise_correlation"] == "same"
+
+    bad = cli(
+        "generate", seg, "-o", tmp_path / "bad.nii.gz", "--model", air, "--rho-fine-background", "often"
+    )
+    assert bad.exit_code != 0 and "--rho-fine-background must be" in " ".join(bad.output.split())
+    assert "Traceback" not in bad.output and not (tmp_path / "bad.nii.gz").exists()
 
 
 def test_slicer_panel_leaves_steps_to_the_model_and_names_its_own_sampling(own_model, flagged_model_dir):

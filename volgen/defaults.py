@@ -55,6 +55,20 @@ FINE_NOISE_BY_SPACING: tuple[tuple[float, float], ...] = ((1.0, 0.95), (2.0, 0.0
 #: 0.34) and 0.8 is already smooth (0.80, 1.18); at 1 mm 0.95 puts every axis in the band on the held-out
 #: slab.
 NATIVE_FINE_NOISE_BY_SPACING: tuple[tuple[float, float], ...] = ((1.0, 0.95), (2.0, 0.6))
+#: ρ of the fine scales in the background, away from every labelled class (label 0 and the classes
+#: dropped from the condition): ``None``, the fine ρ everywhere. Where the background is air with no texture
+#: (the Colin27 models), the fine noise that ρ carries from slice to slice becomes grain copied along the
+#: slice axis (a neighbour correlation of 0.8 along it against 0.05 in-plane: vertical streaks in every
+#: reslice); 0 there makes the grain independent between slices, as it is in-plane. A model asks for it in
+#: its ``sampling``.
+BACKGROUND_FINE_NOISE_CORRELATION: float | None = None
+#: ``--rho-fine-background same``: the fine ρ everywhere, whatever the model asks.
+SAME_FINE_NOISE = "same"
+#: Where the background's own fine ρ takes over: within ``BACKGROUND_MARGIN`` voxels (pixels of the model's
+#: slices, and slices) of a labelled voxel the noise is the usual one; ``BACKGROUND_RAMP`` voxels further out
+#: it is the background's, blended in between (each voxel keeps unit variance).
+BACKGROUND_MARGIN = 2
+BACKGROUND_RAMP = 4
 #: The boundary between coarse and fine noise scales, in cycles per pixel of the model's slices (a Gaussian
 #: transition): 0.08 keeps ρ for structure larger than about 12 pixels.
 NOISE_SCALE = 0.08

@@ -163,6 +163,9 @@ class SamplingDefaults(StrictModel):
     steps: int | None = Field(None, ge=1)
     #: Classifier-free guidance ``w`` (``--guidance-scale``; other than 1 needs "specified" flags).
     guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE_SCALE)
+    #: ρ of the fine noise scales in the background, away from every labelled class
+    #: (``--rho-fine-background``): 0 for a model whose background is air with no texture.
+    background_fine_noise_correlation: float | None = Field(None, ge=0.0, lt=1.0)
 
     def guidance_problem(self, flagged: bool) -> str | None:
         """Why this guidance cannot run on a model with (``flagged``) or without "specified" flags, or
@@ -178,7 +181,11 @@ class SamplingDefaults(StrictModel):
     def options(self) -> str:
         """The command-line options these defaults stand for (``"--steps 12 --guidance-scale 1.25"``);
         empty when the model leaves everything to volgen."""
-        shown = [("--steps", self.steps), ("--guidance-scale", self.guidance_scale)]
+        shown = [
+            ("--steps", self.steps),
+            ("--guidance-scale", self.guidance_scale),
+            ("--rho-fine-background", self.background_fine_noise_correlation),
+        ]
         return " ".join(f"{flag} {value:g}" for flag, value in shown if value is not None)
 
 
@@ -482,6 +489,8 @@ def save_model(
         )
     own = metadata.model_dump(mode="json", exclude={*PIPELINE_KEYS, "slice_size"})
     own["format_version"] = FORMAT_VERSION
+    # only what the model asks for: a volgen that knows fewer sampling settings still reads the folder
+    own["sampling"] = {k: v for k, v in own["sampling"].items() if v is not None}
     with atomic_directory(folder, overwrite=overwrite) as tmp:
         _save_pipeline_layout(Path(tmp), unet, scheduler, metadata)
         Path(tmp, METADATA_FILE).write_text(json.dumps(own, indent=2) + "\n")

@@ -32,13 +32,7 @@ from volgen import defaults, sampling
 from volgen.conditioning import ConditionLayout, model_axes, selection_to_removed
 from volgen.denoiser import BATCH_GRANULE, UNGUIDED, Denoiser, uses_channels_last
 from volgen.errors import VolgenError
-from volgen.sampling import (
-    Progress,
-    SamplingPlan,
-    correlated_noise,
-    denoise,
-    smooth_through_plane,
-)
+from volgen.sampling import Progress, SamplingPlan, correlated_noise, denoise, smooth_through_plane
 from volgen.schedulers import NOISE_SCHEDULE_KEYS, make_scheduler, scheduler_step
 
 __all__ = [
@@ -258,6 +252,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         slice_axes: Sequence[str] | None = None,
         noise_correlation: float = DEFAULT_NOISE_CORRELATION,
         fine_noise_correlation: float | str = defaults.FINE_NOISE_CORRELATION,
+        background_fine_noise_correlation: float | None = defaults.BACKGROUND_FINE_NOISE_CORRELATION,
         x0_smoothing: float = DEFAULT_X0_SMOOTHING,
         autocast_dtype: torch.dtype | None = None,
         budget_bytes: int | None = None,
@@ -305,6 +300,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             noise_correlation=noise_correlation,
             fine_noise_correlation=sampling.fine_rho_for(fine_noise_correlation, noise_correlation),
             x0_smoothing=x0_smoothing,
+            background_fine_noise_correlation=background_fine_noise_correlation,
         )
 
     def slice_forwards(self, num_slices: int, **settings) -> int:
@@ -390,6 +386,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
         slice_batch_size: int | str = defaults.SLICE_BATCH_SIZE,
         noise_correlation: float = DEFAULT_NOISE_CORRELATION,
         fine_noise_correlation: float | str = defaults.FINE_NOISE_CORRELATION,
+        background_fine_noise_correlation: float | None = defaults.BACKGROUND_FINE_NOISE_CORRELATION,
         x0_smoothing: float = DEFAULT_X0_SMOOTHING,
         keep: Sequence[int] | None = None,
         reference: Tensor | np.ndarray | Sequence[Tensor | np.ndarray] | None = None,
@@ -422,6 +419,8 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
                 slices of all volumes count); does not change the result.
             noise_correlation: ρ of the initial noise along the (first) slice axis (its coarse scales).
             fine_noise_correlation: ρ of its fine in-plane scales (:func:`volgen.sampling.correlated_noise`).
+            background_fine_noise_correlation: The fine ρ in the background, away from every kept class
+                (:func:`volgen.sampling.background_weight`); ``None``: ``fine_noise_correlation`` everywhere.
             x0_smoothing: σ (in slices) of a Gaussian applied along each step's slice axis to the clean-image
                 (x0) prediction, before the scheduler uses it; 0 turns it off.
             keep: Foreground class indices kept in the condition (the rest become background); ``None``: all.
@@ -457,6 +456,7 @@ class SegmentationToVolumePipeline(DiffusionPipeline):
             slice_axes=slice_axes,
             noise_correlation=noise_correlation,
             fine_noise_correlation=fine_noise_correlation,
+            background_fine_noise_correlation=background_fine_noise_correlation,
             x0_smoothing=x0_smoothing,
             autocast_dtype=autocast_dtype,
         )

@@ -34,10 +34,12 @@ __all__ = [
     "Progress",
     "SamplingPlan",
     "StackFrame",
+    "background_weight",
     "correlated_noise",
     "denoise",
     "smooth_through_plane",
     "smooth_x0",
+    "volume_noise",
 ]
 
 
@@ -70,6 +72,8 @@ class SamplingPlan:
         noise_correlation: ρ of the initial noise along the primary axis (its coarse scales).
         fine_noise_correlation: ρ of the initial noise's fine in-plane scales (:func:`correlated_noise`).
         x0_smoothing: σ (slices) of the through-plane smoothing of the x0 prediction (0: off).
+        background_fine_noise_correlation: The fine ρ in the background, away from every labelled class
+            (:func:`background_weight`); ``None``: ``fine_noise_correlation`` everywhere.
     """
 
     timesteps: tuple[int, ...]
@@ -85,6 +89,7 @@ class SamplingPlan:
     noise_correlation: float
     fine_noise_correlation: float
     x0_smoothing: float
+    background_fine_noise_correlation: float | None = None
 
     @property
     def steps(self) -> int:
@@ -209,6 +214,48 @@ def correlated_noise(
     return torch.fft.ifft2(spectrum).real.to(dtype).contiguous()
 
 
+def background_weight(
+    labels: Tensor,
+    removed: Tensor | None = None,
+    *,
+    margin: int = defaults.BACKGROUND_MARGIN,
+    ramp: int = defaults.BACKGROUND_RAMP,
+) -> Tensor:
+    """How far each voxel of ``(Z, H, W)`` class indices is into the background, ``(Z, 1, H, W)`` in [0, 1]:
+    0 within ``margin`` voxels (pixels, and slices) of a labelled voxel, 1 from ``margin + ramp`` voxels on,
+    smooth in between. Background is class 0 and the ``removed`` classes (shown as background)."""
+    labelled = labels != 0
+    if removed is not None and removed.numel():
+        labelled &= ~torch.isin(labels, removed.to(labels.device))
+    near = labelled.float()[None, None]
+    half = ramp // 2
+    reach = margin + half
+    if reach:
+        near = torch.nn.functional.max_pool3d(near, 2 * reach + 1, stride=1, padding=reach)
+    if half:  # the edges replicated: a volume may have fewer slices than the kernel
+        near = torch.nn.functional.pad(near, (half,) * 6, mode="replicate")
+        near = torch.nn.functional.avg_pool3d(near, 2 * half + 1, stride=1)
+    return (1.0 - near[0, 0]).clamp(0.0, 1.0)[:, None]
+
+
+def volume_noise(
+    plan: SamplingPlan, shape: Sequence[int], generator: torch.Generator, background: Tensor | None
+) -> Tensor:
+    """The noise of a whole volume ``(Z, C, H, W)`` along the plan's primary axis (the initial noise, and a
+    stochastic sampler's fresh noise of each step): :func:`correlated_noise` with the plan's ρ,
+    and where ``background`` (:func:`background_weight`) is above 0 blended with noise of the background's
+    fine ρ, drawn after it (``sqrt(1 - b)·n + sqrt(b)·n_bg``: unit variance everywhere; where ``b`` is 0
+    the values the plan gives without a background)."""
+    noise = correlated_noise(shape, plan.noise_correlation, generator, fine_rho=plan.fine_noise_correlation)
+    if background is None or plan.background_fine_noise_correlation in (None, plan.fine_noise_correlation):
+        return noise
+    other = correlated_noise(
+        shape, plan.noise_correlation, generator, fine_rho=plan.background_fine_noise_correlation
+    )
+    b = background.to(noise.dtype)
+    return torch.where(b > 0, (1.0 - b).sqrt() * noise + b.sqrt() * other, noise)
+
+
 @dataclass(frozen=True)
 class StackFrame:
     """How the loop's state - each volume as ``(N, 1, H, W)`` slices along ``primary`` - is seen by a step.
@@ -279,15 +326,14 @@ def denoise(
     if len(timesteps) != plan.steps:
         raise VolgenError(f"the scheduler holds {len(timesteps)} timesteps, the plan {plan.steps}")
     schedulers = [scheduler] + [copy.deepcopy(scheduler) for _ in labels[1:]]
-    xs = []
+    xs, backgrounds = [], []
     for volume, ref, gen, sched in zip(labels, references, generators, schedulers, strict=True):
         first = frame.slices(volume, plan.primary)
-        noise = correlated_noise(
-            (first.shape[0], out_channels, *first.shape[1:]),
-            plan.noise_correlation,
-            gen,
-            fine_rho=plan.fine_noise_correlation,
-        )
+        background = None
+        if plan.background_fine_noise_correlation not in (None, plan.fine_noise_correlation):
+            background = background_weight(first, removed).cpu()
+        backgrounds.append(background)
+        noise = volume_noise(plan, (first.shape[0], out_channels, *first.shape[1:]), gen, background)
         noise = noise.to(device)
         if plan.strength < 1.0:
             ref = frame.slices(ref.to(device=device, dtype=torch.float32), plan.primary)[:, None]
@@ -324,17 +370,17 @@ def denoise(
         ):
             if plan.x0_smoothing > 0:
                 eps = smooth_x0(eps, view, t, plan.x0_smoothing, sched)
-            noise = functools.partial(_step_noise, plan, xs[k], gen)
+            noise = functools.partial(_step_noise, plan, xs[k], gen, backgrounds[k])
             xs[k] = scheduler_step(sched, frame.back(eps, axis), t, xs[k], gen, noise)
     return [frame.volume(x[:, 0].float().clamp(-1.0, 1.0)).cpu() for x in xs]
 
 
-def _step_noise(plan: SamplingPlan, sample: Tensor, generator: torch.Generator) -> Tensor:
+def _step_noise(
+    plan: SamplingPlan, sample: Tensor, generator: torch.Generator, background: Tensor | None
+) -> Tensor:
     """A stochastic sampler's fresh noise for one step, correlated between the slices like the initial noise
     (independent per slice, SDE DPM-Solver's own noise flickers along the slice axis)."""
-    noise = correlated_noise(
-        sample.shape, plan.noise_correlation, generator, fine_rho=plan.fine_noise_correlation
-    )
+    noise = volume_noise(plan, sample.shape, generator, background)
     return noise.to(device=sample.device, dtype=sample.dtype)
 
 

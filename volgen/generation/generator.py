@@ -354,6 +354,7 @@ class VolumeGenerator:
             guidance_scale=self.guidance_scale(settings),
             noise_correlation=settings.noise_correlation,
             fine_noise_correlation=fine.pop(),
+            background_fine_noise_correlation=settings.background_rho,
             x0_smoothing=settings.x0_smoothing,
             autocast_dtype=self.autocast_dtype,
         )

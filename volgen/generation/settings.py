@@ -40,6 +40,10 @@ class GenerateSettings:
         fine_noise_correlation: ρ of the initial noise's fine scales between slices, in [0, 1), or
             ``"auto"`` (the default: by the slice spacing, :data:`volgen.defaults.FINE_NOISE_BY_SPACING`);
             equal to ``noise_correlation``: one ρ at every scale, volgen's earlier noise.
+        background_fine_noise_correlation: ρ of the fine scales in the background, away from every
+            labelled class (:func:`volgen.sampling.background_weight`), in [0, 1); ``None``: the model's own
+            (``sampling.background_fine_noise_correlation``), else the fine ρ everywhere; ``"same"``: the fine
+            ρ everywhere, whatever the model asks.
         x0_smoothing: σ in slices of the through-plane smoothing of the x0 prediction, in [0, 10].
         guidance_scale: Classifier-free guidance ``w`` in [0, 20] (1: off); ``None``: the model's own
             (``sampling.guidance_scale``), else :data:`volgen.defaults.GUIDANCE_SCALE` for a model with
@@ -68,6 +72,7 @@ class GenerateSettings:
     num_inference_steps: int | None = None
     noise_correlation: float = defaults.NOISE_CORRELATION
     fine_noise_correlation: float | str = defaults.FINE_NOISE_CORRELATION
+    background_fine_noise_correlation: float | str | None = None
     x0_smoothing: float = defaults.X0_SMOOTHING
     guidance_scale: float | None = None
     strength: float = defaults.STRENGTH
@@ -88,21 +93,36 @@ class GenerateSettings:
 
     def for_model(self, metadata: Any) -> GenerateSettings:
         """These settings with what they leave to the model decided by it: ``num_inference_steps`` ``None``
-        becomes the model's ``sampling.steps`` or :data:`volgen.defaults.STEPS`, ``guidance_scale`` ``None``
-        the model's ``sampling.guidance_scale`` where it has one (otherwise it stays ``None``: the
-        pipeline's default by the model's flags, :meth:`volgen.pipeline.SegmentationToVolumePipeline.
-        resolve_guidance_scale`). What the settings say wins; resolving twice changes nothing.
+        becomes the model's ``sampling.steps`` or :data:`volgen.defaults.STEPS`, ``guidance_scale`` and
+        ``background_fine_noise_correlation`` ``None`` the model's ``sampling`` entry where it has one
+        (otherwise it stays ``None``: for guidance the pipeline's default by the model's flags,
+        :meth:`volgen.pipeline.SegmentationToVolumePipeline.resolve_guidance_scale`; for the background the
+        fine ρ everywhere). What the settings say wins; resolving twice changes nothing.
 
         Args:
             metadata: The model's :class:`volgen.models.ModelMetadata` (its ``sampling``).
         """
         sampling = metadata.sampling
         steps, guidance = self.num_inference_steps, self.guidance_scale
+        background = self.background_fine_noise_correlation
         if steps is None:
             steps = sampling.steps if sampling.steps is not None else defaults.STEPS
         if guidance is None:
             guidance = sampling.guidance_scale
-        return replace(self, num_inference_steps=steps, guidance_scale=guidance)
+        if background is None:
+            background = sampling.background_fine_noise_correlation
+        return replace(
+            self,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            background_fine_noise_correlation=background,
+        )
+
+    @property
+    def background_rho(self) -> float | None:
+        """The background's own fine ρ that runs (``None``: the fine ρ everywhere)."""
+        value = self.background_fine_noise_correlation
+        return None if value in (None, defaults.SAME_FINE_NOISE) else float(value)
 
     def _problems(self):
         if not _is_int(self.seed) or not 0 <= self.seed <= defaults.MAX_SEED:
@@ -117,6 +137,11 @@ class GenerateSettings:
         fine = self.fine_noise_correlation
         if fine != defaults.AUTO_FINE_NOISE and (not _is_number(fine) or not 0.0 <= fine < 1.0):
             yield f"--fine-noise-correlation must be in [0, 1) or auto, got {fine!r}"
+        background = self.background_fine_noise_correlation
+        if background not in (None, defaults.SAME_FINE_NOISE) and (
+            not _is_number(background) or not 0.0 <= background < 1.0
+        ):
+            yield f"--rho-fine-background must be in [0, 1) or same, got {background!r}"
         if not _is_number(self.x0_smoothing) or not 0.0 <= self.x0_smoothing <= defaults.MAX_X0_SMOOTHING:
             top = defaults.MAX_X0_SMOOTHING
             yield f"--x0-smoothing must be in [0, {top:g}] slices, got {self.x0_smoothing!r}"
@@ -169,6 +194,21 @@ def parse_fine_noise_correlation(text: str | float) -> float | str:
         raise SettingsError(
             f"--fine-noise-correlation must be a number in [0, 1) or auto, got {text!r}"
         ) from None
+
+
+def parse_background_noise_correlation(text: str | float | None) -> float | str | None:
+    """``None`` (the model's own), ``"same"`` or a number as given on the command line; anything else is a
+    :class:`SettingsError`."""
+    if text is None:
+        return None
+    value = str(text).strip().lower()
+    if value == defaults.SAME_FINE_NOISE:
+        return defaults.SAME_FINE_NOISE
+    try:
+        return float(value)
+    except ValueError:
+        problem = f"--rho-fine-background must be a number in [0, 1) or same, got {text!r}"
+        raise SettingsError(problem) from None
 
 
 def parse_slice_batch_size(text: str | int) -> int | str:

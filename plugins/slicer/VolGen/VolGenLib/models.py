@@ -86,7 +86,11 @@ def model_summary(model_dir: str | Path) -> str:
     sampling = data.get("sampling") if isinstance(data.get("sampling"), dict) else {}
     own = [
         f"{label} {sampling[key]:g}"
-        for key, label in (("steps", "steps"), ("guidance_scale", "guidance"))
+        for key, label in (
+            ("steps", "steps"),
+            ("guidance_scale", "guidance"),
+            ("background_fine_noise_correlation", "background fine ρ"),
+        )
         if isinstance(sampling.get(key), int | float) and not isinstance(sampling.get(key), bool)
     ]
     return f"{line}; its own sampling: {', '.join(own)}" if own else line
