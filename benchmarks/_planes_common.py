@@ -21,6 +21,7 @@ from volgen.frames import ModelFrame, resample_to_grid  # noqa: E402
 AXES = ("z", "y", "x")
 #: Air at least this far (voxels) from every labelled voxel is where :func:`air_grain` looks.
 AIR_DISTANCE = 6
+GRAIN_KEYS = ("grain_corr_z", "grain_corr_inplane")
 
 
 def air_grain(volume: np.ndarray, labels: np.ndarray, distance: float = AIR_DISTANCE) -> dict[str, float]:
@@ -88,6 +89,7 @@ def score(
         "mean_dice": float(np.nanmean(list(d.values()))),
         "background_error": background,
         "planes": {a: m.summary() | {"feature_floor": m.feature_floor} for a, m in planes.items()},
+        **air_grain(generated, mask),
     }
     row["step_in_range"] = all(
         STEP_RANGE[0] <= row["planes"][a]["step_ratio_body"] <= STEP_RANGE[1] for a in AXES
@@ -113,9 +115,9 @@ def table(groups: dict[str, list[dict]], *, split_ranges: bool = False) -> str:
         "| setting | seeds | Dice mean [worst] | bg error mean [worst] | step ratio z / y / x "
         "| step ratio bg z / y / x | texture ratio z / y / x | feature dist. z / y / x | "
         + ("step in range | texture in range | " if split_ranges else "")
-        + "seeds in range |"
+        + "seeds in range | air grain corr. z / in-plane |"
     )
-    lines = [header, "|---" * (11 if split_ranges else 9) + "|"]
+    lines = [header, "|---" * (12 if split_ranges else 10) + "|"]
     for name, rows in groups.items():
 
         def per_axis(key: str, worst: bool = True, rows=rows) -> str:
@@ -139,6 +141,8 @@ def table(groups: dict[str, list[dict]], *, split_ranges: bool = False) -> str:
                 if split_ranges
                 else ""
             )
-            + f"{sum(r['in_range'] for r in rows)}/{len(rows)} |"
+            + f"{sum(r['in_range'] for r in rows)}/{len(rows)} | "
+            + " / ".join(f"{np.nanmean([r[k] for r in rows]):.2f}" for k in GRAIN_KEYS)
+            + " |"
         )
     return "\n".join(lines)

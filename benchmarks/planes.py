@@ -31,6 +31,7 @@ from _planes_common import score, slice_frame_round_trip, table
 
 from volgen import defaults
 from volgen.api import GenerateSettings, default_model_dir, generate
+from volgen.generation.settings import parse_background_noise_correlation
 from volgen.io import read_image, read_label, write_volume
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,12 +73,16 @@ def generate_all(args: argparse.Namespace) -> list[dict]:
         tag = "" if w is None else f"w{w:g}-"
         fine_tag = "" if fine == rho else f"-fine{fine}"  # one ρ at every scale: the earlier names
         fine_tag += "" if args.resampling == defaults.RESAMPLING else f"-{args.resampling}"
+        fine_tag += "" if args.rho_fine_background is None else f"-bg{args.rho_fine_background}"
         path = volumes / f"{tag}rho{rho}{fine_tag}-s{sigma}-seed{seed}.nii.gz"
         if not path.exists():
             settings = GenerateSettings(
                 seed=seed,
                 noise_correlation=rho,
                 fine_noise_correlation=fine,
+                background_fine_noise_correlation=parse_background_noise_correlation(
+                    args.rho_fine_background
+                ),
                 x0_smoothing=sigma,
                 num_inference_steps=args.steps,
                 scheduler=args.scheduler,
@@ -112,6 +117,9 @@ def main() -> None:
         nargs="+",
         default=[defaults.FINE_NOISE_CORRELATION],
         help="ρ of the noise's fine scales (a value equal to --rho: one ρ at every scale)",
+    )
+    parser.add_argument(
+        "--rho-fine-background", default=None, help="a number, auto or same (default: the model's)"
     )
     parser.add_argument("--x0-smoothing", type=float, nargs="+", default=[0.0, 1.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
@@ -174,7 +182,8 @@ def score_all(args: argparse.Namespace, rows: list[dict], reference: str) -> dic
         scored.append({**row, **result, "path": str(row["path"])})
         guided = "" if row["guidance"] is None else f"guidance {row['guidance']:g}, "
         fine = "" if row["fine"] == row["rho"] else f", fine ρ {row['fine']}"
-        name = f"{guided}ρ {row['rho']}{fine}, x0 σ {row['x0_smoothing']}"
+        air = "" if args.rho_fine_background is None else f", background ρ {args.rho_fine_background}"
+        name = f"{guided}ρ {row['rho']}{fine}{air}, x0 σ {row['x0_smoothing']}"
         groups.setdefault(name, []).append(scored[-1])
         print(f"{row['path']}: Dice {result['mean_dice']:.3f}, in range {result['in_range']}", flush=True)
     spacing = "×".join(f"{v:g}" for v in segmentation.GetSpacing())

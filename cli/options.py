@@ -77,8 +77,9 @@ BackgroundRhoOption = Annotated[
     typer.Option(
         "--rho-fine-background",
         help="ρ in [0, 1) of the fine noise in the background, away from every labelled class (0: grain in "
-        "air independent between slices, no streaks in reslices), or same: the fine ρ everywhere. "
-        "Default: the model's own, else same.",
+        "air independent between slices, no streaks in reslices); auto: 0 for slices a model pixel or more "
+        "apart, the fine ρ for slices half a pixel apart or less; same: the fine ρ everywhere. Default: the "
+        "model's own, else same.",
     ),
 ]
 SliceBatchOption = Annotated[
@@ -229,15 +230,14 @@ def notify_model(folder: Path, progress: ProgressMode) -> None:
 
 
 def notify_sampling(metadata: Any, asked: GenerateSettings, progress: ProgressMode) -> None:
-    """Say, on one line, which of the model's own sampling defaults (``sampling`` in its ``volgen.json``)
-    a run takes because its options leave them open (nothing when the options say them all)."""
+    """Say, on one line, which of the model's own steps and guidance (``sampling`` in its ``volgen.json``) a
+    run takes because its options leave them open: what changes its time and its faithfulness (nothing when
+    the options say them all). Its background noise ρ changes the grain of the air only: ``volgen info`` and
+    the sidecar name it."""
     own = metadata.sampling
     taken = type(own)(
         steps=own.steps if asked.num_inference_steps is None else None,
         guidance_scale=own.guidance_scale if asked.guidance_scale is None else None,
-        background_fine_noise_correlation=(
-            own.background_fine_noise_correlation if asked.background_fine_noise_correlation is None else None
-        ),
     )
     if taken.options():
         notice(f"model {metadata.name}'s own sampling defaults: {taken.options()}", progress)

@@ -4,10 +4,18 @@
 from __future__ import annotations
 
 import pytest
+import SimpleITK as sitk
 import torch
 
+from volgen.frames import ModelFrame
 from volgen.generation import GenerateSettings, SettingsError
-from volgen.sampling import SamplingPlan, background_weight, correlated_noise, volume_noise
+from volgen.sampling import (
+    SamplingPlan,
+    background_rho_for,
+    background_weight,
+    correlated_noise,
+    volume_noise,
+)
 
 RHO, FINE = 0.995, 0.95
 
@@ -57,7 +65,7 @@ def test_background_weight_is_zero_near_labels_one_far_away_and_dropped_classes_
     ramp = weight[5, 16, 20:26]
     assert (ramp[1:] >= ramp[:-1]).all() and 0 < ramp[2] < 1  # smooth, rising outwards
 
-    dropped = background_weight(labels(), torch.tensor([2]), margin=2, ramp=4)[:, 0]
+    dropped = background_weight(labels(), torch.tensor([False, False, True]), margin=2, ramp=4)[:, 0]
     assert (dropped[:, 12:20, 14] == 0).all()  # class 1 and its margin
     assert (dropped[:, 12:20, 19] > 0).all()  # class 2 shown as background: away from class 1, it is air
 
@@ -84,15 +92,34 @@ def test_noise_near_labels_is_unchanged_and_grain_far_away_is_independent_betwee
 
 def test_settings_take_the_models_background_rho_unless_told_and_refuse_bad_values():
     class Sampling:
-        steps, guidance_scale, background_fine_noise_correlation = None, None, 0.0
+        steps, guidance_scale, background_fine_noise_correlation = None, None, "auto"
 
     class Model:
         sampling = Sampling()
 
-    assert GenerateSettings().for_model(Model()).background_rho == 0.0
-    assert GenerateSettings(background_fine_noise_correlation=0.5).for_model(Model()).background_rho == 0.5
+    assert GenerateSettings().for_model(Model()).background_fine_noise_correlation == "auto"
+    told = GenerateSettings(background_fine_noise_correlation=0.5).for_model(Model())
+    assert told.background_fine_noise_correlation == 0.5
     same = GenerateSettings(background_fine_noise_correlation="same").for_model(Model())
-    assert same.background_rho is None and same.for_model(Model()) == same
+    assert same.background_fine_noise_correlation == "same" and same.for_model(Model()) == same
     for bad in (1.0, -0.1, "often", float("nan")):
         with pytest.raises(SettingsError, match="--rho-fine-background"):
             GenerateSettings(background_fine_noise_correlation=bad)
+
+
+def grid(spacing: tuple[float, float, float]) -> sitk.Image:
+    image = sitk.Image([20, 20, 10], sitk.sitkUInt8)
+    image.SetSpacing(spacing)
+    return image
+
+
+def test_auto_is_zero_for_slices_a_pixel_apart_and_the_fine_rho_for_slices_half_a_pixel_apart():
+    frame = ModelFrame(64, "axial", pixel_spacing=2.0)
+    assert background_rho_for("auto", FINE, frame, grid((2.0, 2.0, 2.0))) == 0.0
+    assert background_rho_for("auto", FINE, frame, grid((1.0, 1.0, 3.0))) == 0.0
+    assert background_rho_for("auto", FINE, frame, grid((1.0, 1.0, 1.0))) == pytest.approx(FINE)
+    assert background_rho_for("auto", FINE, frame, grid((1.0, 1.0, 1.5))) == pytest.approx(FINE / 2)
+    assert background_rho_for(0.3, FINE, frame, grid((1.0, 1.0, 1.0))) == 0.3
+    for none in (None, "same"):
+        assert background_rho_for(none, FINE, frame, grid((2.0, 2.0, 2.0))) is None
+    assert background_rho_for("auto", FINE) is None  # bare tensors: no frame, no spacing

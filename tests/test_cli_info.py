@@ -108,7 +108,7 @@ def test_models_lists_the_embedded_model_with_its_card():
     # each model's slices and own sampling: what tells the embedded models apart
     fine = next(r for r in json.loads(result.output) if r["name"] == "colin27-native-1mm")
     assert (row["pixel_spacing"], fine["pixel_spacing"]) == (2.0, 1.0)
-    own = {"steps": 12, "guidance_scale": 1.25, "background_fine_noise_correlation": 0.0}
+    own = {"steps": 12, "guidance_scale": 1.25, "background_fine_noise_correlation": "auto"}
     assert fine["sampling"] == own and row["sampling"]["steps"] is None
     table = runner.invoke(app, ["models"]).output
     assert "slices" in table and "sampling" in table and "--steps 12" in table

@@ -64,6 +64,12 @@ NATIVE_FINE_NOISE_BY_SPACING: tuple[tuple[float, float], ...] = ((1.0, 0.95), (2
 BACKGROUND_FINE_NOISE_CORRELATION: float | None = None
 #: ``--rho-fine-background same``: the fine ρ everywhere, whatever the model asks.
 SAME_FINE_NOISE = "same"
+#: ``--rho-fine-background auto``: by the ratio of the slice spacing to the model's in-plane pixel (mm/mm),
+#: linear between these ends: at or below the first the fine ρ itself, from the second on 0. Grain is
+#: independent between the model's pixels in-plane; slices a pixel or more apart want it independent too,
+#: where slices half a pixel apart see in-plane grain spread over two voxels and want it alike (measured at
+#: the ends: benchmarks/README.md, "Air without streaks").
+BACKGROUND_AUTO_RATIOS = (0.5, 1.0)
 #: Where the background's own fine ρ takes over: within ``BACKGROUND_MARGIN`` voxels (pixels of the model's
 #: slices, and slices) of a labelled voxel the noise is the usual one; ``BACKGROUND_RAMP`` voxels further out
 #: it is the background's, blended in between (each voxel keeps unit variance).

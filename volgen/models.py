@@ -19,7 +19,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -164,8 +164,9 @@ class SamplingDefaults(StrictModel):
     #: Classifier-free guidance ``w`` (``--guidance-scale``; other than 1 needs "specified" flags).
     guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE_SCALE)
     #: ρ of the fine noise scales in the background, away from every labelled class
-    #: (``--rho-fine-background``): 0 for a model whose background is air with no texture.
-    background_fine_noise_correlation: float | None = Field(None, ge=0.0, lt=1.0)
+    #: (``--rho-fine-background``), or ``"auto"`` (by the slice spacing over the model's pixel): for a model
+    #: whose background is air with no texture.
+    background_fine_noise_correlation: Annotated[float, Field(ge=0.0, lt=1.0)] | Literal["auto"] | None = None
 
     def guidance_problem(self, flagged: bool) -> str | None:
         """Why this guidance cannot run on a model with (``flagged``) or without "specified" flags, or
@@ -186,7 +187,11 @@ class SamplingDefaults(StrictModel):
             ("--guidance-scale", self.guidance_scale),
             ("--rho-fine-background", self.background_fine_noise_correlation),
         ]
-        return " ".join(f"{flag} {value:g}" for flag, value in shown if value is not None)
+        return " ".join(
+            f"{flag} {value if isinstance(value, str) else format(value, 'g')}"
+            for flag, value in shown
+            if value is not None
+        )
 
 
 class ModelMetadata(StrictModel):

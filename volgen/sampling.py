@@ -34,9 +34,11 @@ __all__ = [
     "Progress",
     "SamplingPlan",
     "StackFrame",
+    "background_rho_for",
     "background_weight",
     "correlated_noise",
     "denoise",
+    "noise_rhos",
     "smooth_through_plane",
     "smooth_x0",
     "volume_noise",
@@ -165,6 +167,41 @@ def fine_rho_for(value: float | str, rho: float, frame: ModelFrame | None = None
     return float(np.interp(frame.slice_spacing(labels), spacings, rhos))
 
 
+def background_rho_for(
+    value: float | str | None, fine: float, frame: ModelFrame | None = None, labels=None
+) -> float | None:
+    """The background's own fine ρ of a run (:func:`background_weight`), ``None`` for none (the fine ρ
+    everywhere): ``value`` itself, or for ``"auto"`` by the ratio of the ``labels``' slice spacing to the
+    model ``frame``'s in-plane pixel (:data:`volgen.defaults.BACKGROUND_AUTO_RATIOS`: ``fine`` at half a
+    pixel or less, 0 from a pixel on; no frame, as for bare tensors: ``None``)."""
+    if value is None or value == defaults.SAME_FINE_NOISE:
+        return None
+    if value != defaults.AUTO_FINE_NOISE:
+        return float(value)
+    if frame is None or labels is None:
+        return None
+    ratio = frame.slice_spacing(labels) / frame.pixel(labels)[0]
+    return float(np.interp(ratio, defaults.BACKGROUND_AUTO_RATIOS, (fine, 0.0)))
+
+
+def noise_rhos(settings, frame: ModelFrame, labels) -> tuple[float, float | None]:
+    """The fine ρ and the background's own fine ρ (:func:`fine_rho_for`, :func:`background_rho_for`) of a run
+    of ``settings`` (:class:`volgen.generation.GenerateSettings`) over the segmentations ``labels``, which
+    must agree (``auto`` follows each one's slice spacing)."""
+    found = set()
+    for segmentation in labels:
+        fine = fine_rho_for(settings.fine_noise_correlation, settings.noise_correlation, frame, segmentation)
+        air = background_rho_for(settings.background_fine_noise_correlation, fine, frame, segmentation)
+        found.add((fine, air))
+    if len(found) > 1:
+        given = ", ".join(f"{fine:g} / {'same' if air is None else format(air, 'g')}" for fine, air in found)
+        raise VolgenError(
+            f"slice spacings give other fine ρ (fine / background: {given}): generate them apart, or "
+            "set --rho-fine and --rho-fine-background"
+        )
+    return found.pop()
+
+
 def correlated_noise(
     shape: Sequence[int],
     rho: float,
@@ -223,10 +260,11 @@ def background_weight(
 ) -> Tensor:
     """How far each voxel of ``(Z, H, W)`` class indices is into the background, ``(Z, 1, H, W)`` in [0, 1]:
     0 within ``margin`` voxels (pixels, and slices) of a labelled voxel, 1 from ``margin + ramp`` voxels on,
-    smooth in between. Background is class 0 and the ``removed`` classes (shown as background)."""
+    smooth in between. Background is class 0 and the ``removed`` classes (``(C,)`` bool, as
+    :func:`volgen.conditioning.selection_to_removed` gives: shown as background)."""
     labelled = labels != 0
-    if removed is not None and removed.numel():
-        labelled &= ~torch.isin(labels, removed.to(labels.device))
+    if removed is not None:  # (C,) bool, True for the classes shown as background
+        labelled &= ~removed.to(labels.device)[labels]
     near = labelled.float()[None, None]
     half = ramp // 2
     reach = margin + half

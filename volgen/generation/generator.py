@@ -337,14 +337,11 @@ class VolumeGenerator:
 
     def _plan(self, slices: int, voxels: int, settings: GenerateSettings, max_memory: int | None, labels):
         """A run's plan: ``slices`` per step, ``voxels`` of ``labels``; settings resolved once, for it."""
-        from volgen.sampling import fine_rho_for  # torch: not imported before the fast checks
+        from volgen.sampling import noise_rhos  # torch: not imported before the fast checks
 
         settings = self.settings_for(settings)
         plane = max((self.frame.plane(s) for s in labels), key=plane_pixels)
-        value, rho = settings.fine_noise_correlation, settings.noise_correlation
-        fine = {fine_rho_for(value, rho, self.frame, s) for s in labels}  # auto: by the slice spacing
-        if len(fine) > 1:
-            raise VolgenError(f"slice spacings give fine ρ {sorted(fine)}: generate apart or set one")
+        fine_rho, background_rho = noise_rhos(settings, self.frame, labels)  # auto: by the slice spacing
         self.pipeline.set_scheduler(settings.scheduler)
         return self.pipeline.plan(
             slices,
@@ -353,8 +350,8 @@ class VolumeGenerator:
             slice_batch_size=self._slice_batch(slices, voxels, settings, max_memory, plane),
             guidance_scale=self.guidance_scale(settings),
             noise_correlation=settings.noise_correlation,
-            fine_noise_correlation=fine.pop(),
-            background_fine_noise_correlation=settings.background_rho,
+            fine_noise_correlation=fine_rho,
+            background_fine_noise_correlation=background_rho,
             x0_smoothing=settings.x0_smoothing,
             autocast_dtype=self.autocast_dtype,
         )

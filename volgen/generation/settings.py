@@ -41,9 +41,10 @@ class GenerateSettings:
             ``"auto"`` (the default: by the slice spacing, :data:`volgen.defaults.FINE_NOISE_BY_SPACING`);
             equal to ``noise_correlation``: one ρ at every scale, volgen's earlier noise.
         background_fine_noise_correlation: ρ of the fine scales in the background, away from every
-            labelled class (:func:`volgen.sampling.background_weight`), in [0, 1); ``None``: the model's own
-            (``sampling.background_fine_noise_correlation``), else the fine ρ everywhere; ``"same"``: the fine
-            ρ everywhere, whatever the model asks.
+            labelled class (:func:`volgen.sampling.background_weight`), in [0, 1); ``"auto"``: by the slice
+            spacing over the model's pixel (:func:`volgen.sampling.background_rho_for`); ``None``: the model's
+            own (``sampling.background_fine_noise_correlation``), else the fine ρ everywhere; ``"same"``: the
+            fine ρ everywhere, whatever the model asks.
         x0_smoothing: σ in slices of the through-plane smoothing of the x0 prediction, in [0, 10].
         guidance_scale: Classifier-free guidance ``w`` in [0, 20] (1: off); ``None``: the model's own
             (``sampling.guidance_scale``), else :data:`volgen.defaults.GUIDANCE_SCALE` for a model with
@@ -118,12 +119,6 @@ class GenerateSettings:
             background_fine_noise_correlation=background,
         )
 
-    @property
-    def background_rho(self) -> float | None:
-        """The background's own fine ρ that runs (``None``: the fine ρ everywhere)."""
-        value = self.background_fine_noise_correlation
-        return None if value in (None, defaults.SAME_FINE_NOISE) else float(value)
-
     def _problems(self):
         if not _is_int(self.seed) or not 0 <= self.seed <= defaults.MAX_SEED:
             yield f"--seed must be an integer in 0..{defaults.MAX_SEED}, got {self.seed!r}"
@@ -138,10 +133,10 @@ class GenerateSettings:
         if fine != defaults.AUTO_FINE_NOISE and (not _is_number(fine) or not 0.0 <= fine < 1.0):
             yield f"--fine-noise-correlation must be in [0, 1) or auto, got {fine!r}"
         background = self.background_fine_noise_correlation
-        if background not in (None, defaults.SAME_FINE_NOISE) and (
+        if background not in (None, defaults.SAME_FINE_NOISE, defaults.AUTO_FINE_NOISE) and (
             not _is_number(background) or not 0.0 <= background < 1.0
         ):
-            yield f"--rho-fine-background must be in [0, 1) or same, got {background!r}"
+            yield f"--rho-fine-background must be in [0, 1), auto or same, got {background!r}"
         if not _is_number(self.x0_smoothing) or not 0.0 <= self.x0_smoothing <= defaults.MAX_X0_SMOOTHING:
             top = defaults.MAX_X0_SMOOTHING
             yield f"--x0-smoothing must be in [0, {top:g}] slices, got {self.x0_smoothing!r}"
@@ -197,17 +192,17 @@ def parse_fine_noise_correlation(text: str | float) -> float | str:
 
 
 def parse_background_noise_correlation(text: str | float | None) -> float | str | None:
-    """``None`` (the model's own), ``"same"`` or a number as given on the command line; anything else is a
-    :class:`SettingsError`."""
+    """``None`` (the model's own), ``"auto"``, ``"same"`` or a number as given on the command line; anything
+    else is a :class:`SettingsError`."""
     if text is None:
         return None
     value = str(text).strip().lower()
-    if value == defaults.SAME_FINE_NOISE:
-        return defaults.SAME_FINE_NOISE
+    if value in (defaults.SAME_FINE_NOISE, defaults.AUTO_FINE_NOISE):
+        return value
     try:
         return float(value)
     except ValueError:
-        problem = f"--rho-fine-background must be a number in [0, 1) or same, got {text!r}"
+        problem = f"--rho-fine-background must be a number in [0, 1), auto or same, got {text!r}"
         raise SettingsError(problem) from None
 
 

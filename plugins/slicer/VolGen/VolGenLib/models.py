@@ -85,13 +85,13 @@ def model_summary(model_dir: str | Path) -> str:
     line = f"{name} ({modality + ', ' if modality else ''}trained on {trained_on})"
     sampling = data.get("sampling") if isinstance(data.get("sampling"), dict) else {}
     own = [
-        f"{label} {sampling[key]:g}"
+        f"{label} {sampling[key]}" if isinstance(sampling.get(key), str) else f"{label} {sampling[key]:g}"
         for key, label in (
             ("steps", "steps"),
             ("guidance_scale", "guidance"),
             ("background_fine_noise_correlation", "background fine ρ"),
         )
-        if isinstance(sampling.get(key), int | float) and not isinstance(sampling.get(key), bool)
+        if isinstance(sampling.get(key), int | float | str) and not isinstance(sampling.get(key), bool)
     ]
     return f"{line}; its own sampling: {', '.join(own)}" if own else line
 
