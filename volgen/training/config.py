@@ -247,7 +247,8 @@ class TrainConfig(StrictModel):
     training: TrainingSection = Field(default_factory=TrainingSection)
     augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
     #: How the trained model asks to be sampled where ``volgen generate`` is not told (its ``volgen.json``
-    #: ``sampling``: ``steps``, ``guidance_scale``); empty: volgen's defaults. Does not change training.
+    #: ``sampling``: ``steps``, ``guidance_scale``, ``background_fine_noise_correlation``); empty: volgen's
+    #: defaults. Does not change training.
     sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
     _source_file: Path | None = PrivateAttr(None)
 
