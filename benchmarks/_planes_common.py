@@ -24,25 +24,31 @@ AIR_DISTANCE = 6
 GRAIN_KEYS = ("grain_corr_z", "grain_corr_inplane")
 
 
-def air_grain(volume: np.ndarray, labels: np.ndarray, distance: float = AIR_DISTANCE) -> dict[str, float]:
-    """How alike the fine detail of ``volume`` (minus its 5-voxel box mean) is between neighbouring voxels in
-    the air over ``distance`` voxels from every labelled voxel: the correlation along the slice axis (the
-    array's first axis, z) and in-plane (mean over y and x). Grain alike along z and not in-plane is a streak
-    in every reslice; NaN where the air is flat (a real skull-stripped image) or absent."""
+def detail_correlation(volume: np.ndarray, where: np.ndarray) -> list[float]:
+    """How alike the fine detail of ``volume`` (minus its 5-voxel box mean) is between neighbouring voxels
+    that are both ``where``: the correlation along each array axis (z, y, x); NaN where the detail is flat
+    (a real skull-stripped image's air) or absent."""
     v = volume.astype(np.float64)
     detail = v - sitk.GetArrayFromImage(sitk.BoxMean(sitk.GetImageFromArray(v), [2, 2, 2]))
-    far = sitk.SignedMaurerDistanceMap(
-        sitk.GetImageFromArray((labels > 0).astype(np.uint8)), insideIsPositive=False, useImageSpacing=False
-    )
-    air = sitk.GetArrayFromImage(far) > distance
     corr = []
     for axis in range(3):
         head, tail = [slice(None)] * 3, [slice(None)] * 3
         head[axis], tail[axis] = slice(None, -1), slice(1, None)
-        both = air[tuple(head)] & air[tuple(tail)]
+        both = where[tuple(head)] & where[tuple(tail)]
         a, b = detail[tuple(head)][both], detail[tuple(tail)][both]
         ok = a.size > 1 and a.std() > 0 and b.std() > 0
         corr.append(float(np.corrcoef(a, b)[0, 1]) if ok else float("nan"))
+    return corr
+
+
+def air_grain(volume: np.ndarray, labels: np.ndarray, distance: float = AIR_DISTANCE) -> dict[str, float]:
+    """:func:`detail_correlation` in the air over ``distance`` voxels from every labelled voxel, along the
+    slice axis (the array's first axis, z) and in-plane (mean over y and x). Grain alike along z and not
+    in-plane is a streak in every reslice."""
+    far = sitk.SignedMaurerDistanceMap(
+        sitk.GetImageFromArray((labels > 0).astype(np.uint8)), insideIsPositive=False, useImageSpacing=False
+    )
+    corr = detail_correlation(volume, sitk.GetArrayFromImage(far) > distance)
     return {"grain_corr_z": corr[0], "grain_corr_inplane": float(np.mean(corr[1:]))}
 
 

@@ -121,7 +121,39 @@ def score(args: argparse.Namespace) -> None:
         seeds = sorted(Path(folder).glob("seed-*.nii.gz"))
         volumes = [sitk.GetArrayFromImage(sitk.ReadImage(str(p))).astype(np.float32) for p in seeds]
         lines.append(_row(name, volumes, scorer))
+    lines += ["", *_class_detail(models, scorer)]
     print("\n".join(lines))
+
+
+def _class_detail(models: dict[str, str], scorer) -> list[str]:
+    """A second table: per class, inside the slab (its mask slices), how alike the fine detail is between
+    neighbouring voxels along z / y / x, the real slab beside each model (mean over its seeds): texture
+    copied along the slice axis reads higher along z than the real image's."""
+    from _planes_common import detail_correlation
+
+    s = scorer.slab
+    classes = [int(c) for c in np.unique(scorer.mask[s]) if c > 0]
+    volumes = {"real": [scorer.real]}
+    for name, folder in models.items():
+        volumes[name] = [
+            sitk.GetArrayFromImage(sitk.ReadImage(str(p))).astype(np.float32)
+            for p in sorted(Path(folder).glob("seed-*.nii.gz"))
+        ]
+    lines = [
+        "Fine detail alike between neighbours, z / y / x, per class (inside the slab):",
+        "",
+        "| class | " + " | ".join(volumes) + " |",
+        "|---" * (len(volumes) + 1) + "|",
+    ]
+    for c in classes:
+        where = np.zeros(scorer.mask.shape, dtype=bool)
+        where[s] = scorer.mask[s] == c
+        cells = []
+        for group in volumes.values():
+            corr = np.nanmean([detail_correlation(v, where) for v in group], axis=0)
+            cells.append(" / ".join(f"{x:.2f}" for x in corr))
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def figure(args: argparse.Namespace) -> None:

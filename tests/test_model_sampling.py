@@ -176,6 +176,7 @@ def test_a_models_background_noise_rho_runs_unless_an_option_says_otherwise(flag
     assert result.exit_code == 0, result.output
     assert "own sampling defaults" not in result.output  # the note names what changes time and guidance
     assert sidecar(own)["settings"]["background_fine_noise_correlation"] == 0
+    assert sidecar(own)["background_fine_noise_correlation"] == 0  # what ran
     options = ["--progress", "none", *CPU]
     assert cli(
         "generate", seg, "-o", spelled, "--model", flagged_model_dir, "--rho-fine-background", 0, *options
@@ -190,6 +191,17 @@ def test_a_models_background_noise_rho_runs_unless_an_option_says_otherwise(flag
 
     assert voxels(own) == voxels(spelled) != voxels(same)
     assert sidecar(same)["settings"]["background_fine_noise_correlation"] == "same"
+    assert sidecar(same)["background_fine_noise_correlation"] is None
+
+    # auto: resolved by the slice spacing over the model's pixel, the value that ran in the sidecar
+    auto = tmp_path / "auto.nii.gz"
+    assert (
+        cli("generate", seg, "-o", auto, "--model", air, "--rho-fine-background", "auto", *options).exit_code
+        == 0
+    )
+    record = sidecar(auto)
+    assert record["settings"]["background_fine_noise_correlation"] == "auto"
+    assert 0.0 <= record["background_fine_noise_correlation"] <= record["fine_noise_correlation"]
 
     bad = cli(
         "generate", seg, "-o", tmp_path / "bad.nii.gz", "--model", air, "--rho-fine-background", "often"

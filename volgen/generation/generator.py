@@ -53,6 +53,7 @@ class GeneratedVolume:
         guidance_scale: The classifier-free guidance that ran (1: unguided).
         guided_steps: How many of the denoised steps ran guided (:data:`volgen.defaults.GUIDANCE_INTERVAL`).
         fine_noise_correlation: The fine-scale ρ of the initial noise that ran (``auto`` resolved).
+        background_fine_noise_correlation: The background's own fine ρ that ran (``None``: the fine ρ).
     """
 
     image: Any
@@ -67,6 +68,7 @@ class GeneratedVolume:
     guidance_scale: float = 1.0
     guided_steps: int = 0
     fine_noise_correlation: float = 0.0
+    background_fine_noise_correlation: float | None = None
 
 
 @dataclass
@@ -493,6 +495,7 @@ class VolumeGenerator:
             volume.condition = prepared[id(r.segmentation), id(r.reference)][1]
             volume.classes_kept, volume.seconds, volume.guidance_scale = names, seconds, guidance
             volume.guided_steps, volume.fine_noise_correlation = guided, plan.fine_noise_correlation
+            volume.background_fine_noise_correlation = plan.background_fine_noise_correlation
         return volumes
 
     def _prepare(self, request: GenerationRequest, kept: list[int]) -> tuple[Any, Any]:

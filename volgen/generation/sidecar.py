@@ -62,6 +62,7 @@ class Sidecar(BaseModel):
     guidance_scale: float = 1.0
     guided_steps: int = 0
     fine_noise_correlation: float = 0.0
+    background_fine_noise_correlation: float | None = None
     device: str = "cpu"
     precision: str = "fp32"
     seconds: float = 0.0
@@ -109,6 +110,7 @@ class Sidecar(BaseModel):
             guidance_scale=volume.guidance_scale,
             guided_steps=volume.guided_steps,
             fine_noise_correlation=volume.fine_noise_correlation,
+            background_fine_noise_correlation=volume.background_fine_noise_correlation,
             device=str(generator.device),
             precision=generator.precision,
         )
