@@ -94,6 +94,12 @@ class SamplingPlan:
     background_fine_noise_correlation: float | None = None
 
     @property
+    def background_rho(self) -> float | None:
+        """The background's own fine ρ where it differs from the fine ρ, else ``None`` (one noise)."""
+        value = self.background_fine_noise_correlation
+        return None if value == self.fine_noise_correlation else value
+
+    @property
     def steps(self) -> int:
         """Steps that run."""
         return len(self.timesteps)
@@ -285,11 +291,9 @@ def volume_noise(
     fine ρ, drawn after it (``sqrt(1 - b)·n + sqrt(b)·n_bg``: unit variance everywhere; where ``b`` is 0
     the values the plan gives without a background)."""
     noise = correlated_noise(shape, plan.noise_correlation, generator, fine_rho=plan.fine_noise_correlation)
-    if background is None or plan.background_fine_noise_correlation in (None, plan.fine_noise_correlation):
+    if background is None or plan.background_rho is None:
         return noise
-    other = correlated_noise(
-        shape, plan.noise_correlation, generator, fine_rho=plan.background_fine_noise_correlation
-    )
+    other = correlated_noise(shape, plan.noise_correlation, generator, fine_rho=plan.background_rho)
     b = background.to(noise.dtype)
     return torch.where(b > 0, (1.0 - b).sqrt() * noise + b.sqrt() * other, noise)
 
@@ -368,7 +372,7 @@ def denoise(
     for volume, ref, gen, sched in zip(labels, references, generators, schedulers, strict=True):
         first = frame.slices(volume, plan.primary)
         background = None
-        if plan.background_fine_noise_correlation not in (None, plan.fine_noise_correlation):
+        if plan.background_rho is not None:
             background = background_weight(first, removed).cpu()
         backgrounds.append(background)
         noise = volume_noise(plan, (first.shape[0], out_channels, *first.shape[1:]), gen, background)
