@@ -177,18 +177,23 @@ class GenerateSettings:
                 yield f"--{name} must be a list of class names, got {value!r}"
 
 
-def parse_fine_noise_correlation(text: str | float) -> float | str:
-    """``"auto"`` or a number as given on the command line (``"0.5"`` -> 0.5); anything else is a
-    :class:`SettingsError`."""
+def _number_or_word(text: str | float, words: tuple[str, ...], problem: str) -> float | str:
+    """A command-line value that is one of ``words`` or a number (``"0.5"`` -> 0.5); anything else is a
+    :class:`SettingsError` saying ``problem`` and what was given."""
     value = str(text).strip().lower()
-    if value == defaults.AUTO_FINE_NOISE:
-        return defaults.AUTO_FINE_NOISE
+    if value in words:
+        return value
     try:
         return float(value)
     except ValueError:
-        raise SettingsError(
-            f"--fine-noise-correlation must be a number in [0, 1) or auto, got {text!r}"
-        ) from None
+        raise SettingsError(f"{problem}, got {text!r}") from None
+
+
+def parse_fine_noise_correlation(text: str | float) -> float | str:
+    """``"auto"`` or a number as given on the command line (``"0.5"`` -> 0.5); anything else is a
+    :class:`SettingsError`."""
+    problem = "--fine-noise-correlation must be a number in [0, 1) or auto"
+    return _number_or_word(text, (defaults.AUTO_FINE_NOISE,), problem)
 
 
 def parse_background_noise_correlation(text: str | float | None) -> float | str | None:
@@ -196,14 +201,8 @@ def parse_background_noise_correlation(text: str | float | None) -> float | str 
     else is a :class:`SettingsError`."""
     if text is None:
         return None
-    value = str(text).strip().lower()
-    if value in (defaults.SAME_FINE_NOISE, defaults.AUTO_FINE_NOISE):
-        return value
-    try:
-        return float(value)
-    except ValueError:
-        problem = f"--rho-fine-background must be a number in [0, 1), auto or same, got {text!r}"
-        raise SettingsError(problem) from None
+    words = (defaults.SAME_FINE_NOISE, defaults.AUTO_FINE_NOISE)
+    return _number_or_word(text, words, "--rho-fine-background must be a number in [0, 1), auto or same")
 
 
 def parse_slice_batch_size(text: str | int) -> int | str:
